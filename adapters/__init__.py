@@ -1,0 +1,1 @@
+"""Base-model loading, the adapter registry on disk, adapter residency and the batched generator."""

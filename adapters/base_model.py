@@ -1,0 +1,199 @@
+"""Resolve and load the shared base model.
+
+``--base`` takes the built-in offline default (``smollm2-135m-instruct``), a local model folder, or a hub
+id such as ``microsoft/Phi-3-mini-4k-instruct``. On CUDA the base loads in 4-bit NF4 with double
+quantisation through bitsandbytes (the QLoRA path). On CPU it loads in float32 by default: bitsandbytes'
+CPU NF4 kernels work but are several times slower than float32 for a model this small, and CPU float32
+keeps greedy outputs exactly reproducible; the choice is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from adapters.errors import BaseModelError, ConfigError, choices
+from adapters.fingerprint import fingerprint_folder
+from adapters.offline_default import DEFAULT_BASE, ensure_offline_default
+
+log = logging.getLogger(__name__)
+
+Quantization = Literal["auto", "nf4", "bf16", "fp16", "fp32"]
+Device = Literal["auto", "cpu", "cuda"]
+QUANTIZATIONS: tuple[str, ...] = ("auto", "nf4", "bf16", "fp16", "fp32")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    """How to load the base: which model, on which device, at which precision."""
+
+    base: str = DEFAULT_BASE
+    device: str = "auto"
+    quantization: str = "auto"
+    double_quant: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.base or not self.base.strip():
+            raise ConfigError("must name a model", field="base")
+        if self.device not in DEVICES:
+            raise ConfigError(f"{self.device!r} is not one of {choices(DEVICES)}", field="device")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"{self.quantization!r} is not one of {choices(QUANTIZATIONS)}", field="quantization")
+
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    """A base model located on disk."""
+
+    name: str  # what the user asked for: alias, path or hub id
+    folder: Path
+    fingerprint: str
+
+
+@dataclass
+class LoadedBase:
+    """A base model in memory with its tokenizer and identity."""
+
+    model: Any
+    tokenizer: Any
+    resolved: ResolvedBase
+    device: str
+    precision: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.resolved.name
+
+    @property
+    def fingerprint(self) -> str:
+        return self.resolved.fingerprint
+
+
+def resolve_base(base: str) -> ResolvedBase:
+    """Find the base on disk: build the offline default, use a local folder, or fetch a hub snapshot."""
+    if base == DEFAULT_BASE:
+        folder = ensure_offline_default()
+    else:
+        path = Path(base).expanduser()
+        if path.is_dir():
+            folder = path.resolve()
+        elif _HUB_ID.match(base) and not path.exists():
+            folder = _hub_snapshot(base)
+        else:
+            raise BaseModelError(
+                f"no such model folder, and not a hub id (owner/name); the offline default is {DEFAULT_BASE!r}",
+                path=base,
+                field="base",
+            )
+    if not (folder / "config.json").is_file():
+        raise BaseModelError("not a model folder: config.json is missing", path=folder, field="base")
+    return ResolvedBase(name=base, folder=folder, fingerprint=fingerprint_folder(folder))
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - transformers depends on it
+        raise BaseModelError("loading from the hub needs huggingface_hub: pip install huggingface_hub") from exc
+    try:
+        local = snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+        )
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many unrelated types
+        raise BaseModelError(
+            f"could not fetch {repo_id!r} from the model hub ({type(exc).__name__}: {exc}); "
+            "offline, pass a local folder or the default 'smollm2-135m-instruct'",
+            field="base",
+        ) from exc
+    return Path(local)
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        if device == "cuda" and not _cuda_available():
+            raise ConfigError("CUDA was requested but torch sees no GPU", field="device")
+        return device
+    return "cuda" if _cuda_available() else "cpu"
+
+
+def pick_precision(quantization: str, device: str) -> str:
+    if quantization != "auto":
+        return quantization
+    return "nf4" if device == "cuda" else "fp32"
+
+
+def load_base(config: BaseModelConfig, *, for_training: bool = False) -> LoadedBase:
+    """Load model and tokenizer once; the caller shares them across adapters."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_base(config.base)
+    device = pick_device(config.device)
+    precision = pick_precision(config.quantization, device)
+    kwargs: dict[str, Any] = {}
+    if precision == "nf4":
+        kwargs["quantization_config"] = nf4_config(double_quant=config.double_quant)
+        kwargs["dtype"] = torch.bfloat16 if device == "cuda" else torch.float32
+        if device == "cuda":
+            kwargs["device_map"] = {"": 0}
+    else:
+        kwargs["dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    if device == "cpu" and config.quantization == "auto":
+        log.info(
+            "CPU: loading %s in float32 (bitsandbytes NF4 runs on CPU but slower, and fp32 keeps greedy "
+            "decoding exact); pass --quantization nf4 to use 4-bit anyway",
+            resolved.name,
+        )
+    else:
+        log.info("loading %s on %s at %s", resolved.name, device, precision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.folder)
+        model = AutoModelForCausalLM.from_pretrained(resolved.folder, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"could not load the model: {exc}", path=resolved.folder, field="base") from exc
+    if precision != "nf4":
+        model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not for_training:
+        model.eval()
+    return LoadedBase(model=model, tokenizer=tokenizer, resolved=resolved, device=device, precision=precision)
+
+
+def nf4_config(*, double_quant: bool = True, compute_dtype: str = "bfloat16") -> Any:
+    """The QLoRA quantisation config: NF4, double quantisation, bf16 compute."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise BaseModelError("4-bit loading needs bitsandbytes: pip install bitsandbytes==0.50.2") from exc
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def configure_threads(default: int | None = None) -> int:
+    """Use the cores we have once; two busy torch pools on 2 cores collapse throughput."""
+    import torch
+
+    wanted = int(os.environ.get("PERSONA_ROUTER_THREADS", default or (os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, wanted))
+    return wanted

@@ -1,0 +1,84 @@
+"""Every domain error of persona-router, in one place.
+
+Library code raises these; the CLI prints their message and exits non-zero, and the HTTP layer maps
+each class to one status code (``router/http_errors.py``). They live in ``adapters/`` because it is the
+bottom layer that every other package may import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class PersonaRouterError(Exception):
+    """Base class: a message a user can act on, optionally naming the file and field at fault."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, field: str | None = None) -> None:
+        self.path = str(path) if path is not None else None
+        self.field = field
+        where = []
+        if self.path:
+            where.append(self.path)
+        if field:
+            where.append(f"field {field!r}")
+        prefix = f"{': '.join(where)}: " if where else ""
+        super().__init__(f"{prefix}{message}")
+
+
+class ConfigError(PersonaRouterError):
+    """An invalid configuration value (names the field and the valid choices)."""
+
+
+class PackError(PersonaRouterError):
+    """A persona pack file that does not validate."""
+
+
+class DataError(PersonaRouterError):
+    """A dataset row or file that does not validate."""
+
+
+class BaseModelError(PersonaRouterError):
+    """A base model that cannot be found or loaded."""
+
+
+class CacheError(PersonaRouterError):
+    """The offline model cache cannot be built."""
+
+
+class AdapterError(PersonaRouterError):
+    """An adapter folder that is missing, corrupt or unusable."""
+
+
+class AdapterIncompatibleError(AdapterError):
+    """An adapter trained on another base model (fingerprint mismatch)."""
+
+
+class UnknownPersonaError(PersonaRouterError):
+    """A persona name that the pack does not define."""
+
+    def __init__(self, name: str, valid: Iterable[str]) -> None:
+        self.name = name
+        self.valid = sorted(valid)
+        super().__init__(f"unknown persona {name!r}; valid personas: {', '.join(self.valid)}", field="persona")
+
+
+class RouterModelError(PersonaRouterError):
+    """A fitted router that is missing, corrupt or was fitted with another embedder."""
+
+
+class InvalidRequestError(PersonaRouterError):
+    """A request that fails validation (empty question, out-of-range parameter)."""
+
+
+class QueueFullError(PersonaRouterError):
+    """The generation queue is full; the client should retry later."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+def choices(valid: Iterable[str]) -> str:
+    """Format valid choices for an error message."""
+    return ", ".join(repr(v) for v in valid)

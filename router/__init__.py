@@ -1,0 +1,1 @@
+"""Persona inference (encoder, classifier, thresholds) and the HTTP service."""

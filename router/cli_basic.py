@@ -1,0 +1,95 @@
+"""``personas``, ``generate`` and ``prepare``: the pack, one answer from the base model, the offline set-up."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from adapters.offline_default import DEFAULT_BASE
+
+
+def add_base_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default=DEFAULT_BASE,
+                        help=f"base model: {DEFAULT_BASE!r} (offline default), a local folder, or a hub id such "
+                        "as microsoft/Phi-3-mini-4k-instruct (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where to run (default: %(default)s: cuda if available)")
+    parser.add_argument("--quantization", default="auto", choices=("auto", "nf4", "bf16", "fp16", "fp32"),
+                        help="weights precision (default: %(default)s: nf4 on CUDA, fp32 on CPU)")
+
+
+def add_pack_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pack", default="demo", help="persona pack: 'demo' or a TOML/YAML file (default: demo)")
+
+
+def register(subparsers: Any) -> None:
+    personas = subparsers.add_parser("personas", help="list the personas of a pack")
+    add_pack_argument(personas)
+    personas.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    personas.set_defaults(handler=cmd_personas)
+
+    generate = subparsers.add_parser(
+        "generate", help="answer one question with the base model and a persona's system prompt",
+        description="Answer one question with the base model and the persona's system prompt (no adapter).")
+    generate.add_argument("question", help="the question to answer")
+    generate.add_argument("--persona", required=True, help="persona name from the pack")
+    generate.add_argument("--context", default=None, help="optional context passage")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s")
+    generate.add_argument("--seed", type=int, default=None, help="sampling seed")
+    add_pack_argument(generate)
+    add_base_arguments(generate)
+    generate.set_defaults(handler=cmd_generate)
+
+    prepare = subparsers.add_parser("prepare", help="build the offline default base model cache")
+    prepare.add_argument("--rebuild", action="store_true", help="rebuild the cache even if it is valid")
+    prepare.set_defaults(handler=cmd_prepare)
+
+
+def cmd_personas(args: argparse.Namespace) -> int:
+    from router.pack import load_pack
+
+    pack = load_pack(args.pack)
+    if args.json:
+        json.dump([p.to_json() for p in pack.personas], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"persona pack {pack.name!r} ({pack.source})")
+    for column in ("name", "fallback", "description"):
+        table.add_column(column)
+    for persona in pack.personas:
+        table.add_row(persona.name, "yes" if persona.fallback else "", persona.description)
+    Console().print(table)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from adapters.base_model import BaseModelConfig, configure_threads, load_base
+    from adapters.generation import SamplingConfig, generate_one
+    from adapters.prompts import build_messages
+    from router.pack import load_pack
+
+    pack = load_pack(args.pack)
+    persona = pack.get(args.persona)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed)
+    configure_threads()
+    base = load_base(BaseModelConfig(base=args.base, device=args.device, quantization=args.quantization))
+    messages = build_messages(args.question, system_prompt=persona.system_prompt, context=args.context)
+    completion = generate_one(base.model, base.tokenizer, messages, sampling)
+    print(completion.text)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from adapters.offline_default import ensure_offline_default
+
+    folder = ensure_offline_default(rebuild=args.rebuild)
+    print(folder)
+    return 0

@@ -1,0 +1,1 @@
+"""Data loading and formatting, QLoRA training with TRL, adapter manifests."""

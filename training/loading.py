@@ -1,0 +1,197 @@
+"""Load question/answer data: JSONL, JSON, CSV and Parquet files, or a hub dataset by name.
+
+Rows in our schema (``persona, question, answer, context?, domain?``) must name a persona of the pack:
+anything else is an error naming the file, row and field. Rows in the Webscale-RL schema
+(``pretrain_text, domain, persona, question, answer``, or the pipeline's ``original_material``) carry
+free-text audiences; a ``PersonaMapping`` maps them and the rows it cannot map are counted in the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import DataError
+from router.pack import PersonaPack
+from training.persona_mapping import PersonaMapping
+from training.records import QARecord, RoutingRecord, qa_from_row, routing_from_row
+
+log = logging.getLogger(__name__)
+
+FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+WEBSCALE_CONTEXT_KEYS = ("pretrain_text", "original_material")
+DEMO_SPLITS = ("train", "test")
+
+
+@dataclass
+class LoadReport:
+    source: str
+    rows: int = 0
+    kept: int = 0
+    mapped_exact: int = 0
+    mapped_similarity: int = 0
+    unmapped: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def unmapped_rows(self) -> int:
+        return sum(self.unmapped.values())
+
+    def summary(self) -> str:
+        text = f"{self.source}: {self.rows} rows, {self.kept} kept"
+        if self.unmapped:
+            top = ", ".join(f"{label!r} x{n}" for label, n in self.unmapped.most_common(5))
+            text += f", {self.unmapped_rows} unmapped (e.g. {top})"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "rows": self.rows, "kept": self.kept, "mapped_exact": self.mapped_exact,
+                "mapped_similarity": self.mapped_similarity, "unmapped_rows": self.unmapped_rows,
+                "unmapped_labels": dict(self.unmapped)}
+
+
+@dataclass
+class LoadedQA:
+    records: list[QARecord]
+    report: LoadReport
+
+
+def demo_data_dir() -> Path:
+    return Path(str(resources.files("training") / "demo_data"))
+
+
+def demo_qa(split: str) -> list[QARecord]:
+    """The demo dataset's QA records for ``train`` or ``test`` (the test split is never trained on)."""
+    if split not in DEMO_SPLITS:
+        raise DataError(f"unknown split {split!r}; valid: {', '.join(DEMO_SPLITS)}", field="split")
+    records: list[QARecord] = []
+    for path in sorted(demo_data_dir().glob(f"*/qa_{split}.jsonl")):
+        records.extend(qa_from_row(row, where=where) for where, row in iter_rows(path))
+    return records
+
+
+def demo_routing(split: str) -> list[RoutingRecord]:
+    """Routing utterances: ``train`` from each persona's folder, ``test`` from a separately written file."""
+    if split not in DEMO_SPLITS:
+        raise DataError(f"unknown split {split!r}; valid: {', '.join(DEMO_SPLITS)}", field="split")
+    paths = sorted(demo_data_dir().glob("*/routing_train.jsonl")) if split == "train" else [
+        demo_data_dir() / "routing_test.jsonl"]
+    return [routing_from_row(row, where=where) for path in paths for where, row in iter_rows(path)]
+
+
+def load_qa(source: str | Path, pack: PersonaPack, *, mapping: PersonaMapping | None = None,
+            split: str = "train") -> LoadedQA:
+    """Load QA records from a file or hub dataset, validated against ``pack``."""
+    report = LoadReport(source=str(source))
+    records: list[QARecord] = []
+    for where, row in iter_source_rows(source, split=split):
+        report.rows += 1
+        if is_webscale_row(row):
+            record = _webscale_record(row, where=where, mapping=mapping or PersonaMapping.from_pack(pack),
+                                      report=report)
+            if record is None:
+                continue
+        else:
+            record = qa_from_row(row, where=where)
+            if record.persona not in pack:
+                raise DataError(f"unknown persona {record.persona!r}; valid personas: {', '.join(sorted(pack.names))}",
+                                path=where, field="persona")
+        records.append(record)
+        report.kept += 1
+    if report.rows == 0:
+        raise DataError("contains no rows", path=str(source))
+    if report.unmapped:
+        log.warning("%s", report.summary())
+    return LoadedQA(records=records, report=report)
+
+
+def is_webscale_row(row: dict[str, Any]) -> bool:
+    return any(key in row for key in WEBSCALE_CONTEXT_KEYS)
+
+
+def _webscale_record(row: dict[str, Any], *, where: str, mapping: PersonaMapping,
+                     report: LoadReport) -> QARecord | None:
+    label = row.get("persona")
+    if not isinstance(label, str) or not label.strip():
+        raise DataError("must be a non-empty string", path=where, field="persona")
+    persona, how = mapping.map_label(label)
+    if persona is None:
+        report.unmapped[label.strip()] += 1
+        return None
+    if how == "exact":
+        report.mapped_exact += 1
+    else:
+        report.mapped_similarity += 1
+    context = next((row[k] for k in WEBSCALE_CONTEXT_KEYS if isinstance(row.get(k), str)), None)
+    return qa_from_row({**row, "persona": persona, "context": context}, where=where)
+
+
+def iter_source_rows(source: str | Path, *, split: str = "train") -> Iterator[tuple[str, dict[str, Any]]]:
+    path = Path(source)
+    if path.is_file():
+        yield from iter_rows(path)
+        return
+    if path.suffix in FILE_FORMATS or path.exists() or str(source).startswith((".", "/")):
+        raise DataError("no such data file", path=str(source))
+    yield from _iter_hub_rows(str(source), split=split)
+
+
+def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (``file:line``, row) pairs from a JSONL, JSON, CSV or Parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{number}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"invalid JSON ({exc.msg})", path=f"{path}:{number}") from exc
+    elif suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON ({exc.msg})", path=path) from exc
+        if not isinstance(rows, list):
+            raise DataError("a .json data file must hold a list of objects", path=path)
+        for number, row in enumerate(rows):
+            yield f"{path}[{number}]", row
+    elif suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as handle:
+            for number, row in enumerate(csv.DictReader(handle), start=2):
+                yield f"{path}:{number}", {k: (v if v != "" else None) for k, v in row.items()}
+    elif suffix == ".parquet":
+        yield from _iter_parquet(path)
+    else:
+        raise DataError(f"unsupported file type {suffix!r}; valid: {', '.join(FILE_FORMATS)}", path=path)
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DataError("reading Parquet needs pyarrow: pip install pyarrow", path=path) from exc
+    table = pq.read_table(path)
+    for number, row in enumerate(table.to_pylist()):
+        yield f"{path}[row {number}]", row
+
+
+def _iter_hub_rows(name: str, *, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError("hub datasets need the datasets package: pip install datasets") from exc
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many unrelated types
+        raise DataError(f"could not load hub dataset {name!r} split {split!r} ({type(exc).__name__}: {exc})",
+                        path=name) from exc
+    for number, row in enumerate(dataset):
+        yield f"{name}[{split}][{number}]", dict(row)
