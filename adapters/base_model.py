@@ -106,7 +106,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         local = snapshot_download(
             repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
         )
-    except Exception as exc:  # noqa: BLE001 - the hub client raises many unrelated types
+    except Exception as exc:
         raise BaseModelError(
             f"could not fetch {repo_id!r} from the model hub ({type(exc).__name__}: {exc}); "
             "offline, pass a local folder or the default 'smollm2-135m-instruct'",
@@ -159,7 +159,7 @@ def load_base(config: BaseModelConfig, *, for_training: bool = False) -> LoadedB
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"could not load the model: {exc}", path=resolved.folder, field="base") from exc
     if precision != "nf4":
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not for_training:

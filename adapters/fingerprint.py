@@ -48,7 +48,7 @@ def fingerprint_folder(folder: Path, *, use_cache: bool = True) -> str:
     files = weight_files(folder)
     if not files:
         raise BaseModelError("no *.safetensors or *.bin weight files", path=folder)
-    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files + [config_path]]
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in [*files, config_path]]
     cache = _cache_path()
     cached = _read_cache(cache) if use_cache else {}
     entry = cached.get(str(folder))

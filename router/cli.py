@@ -15,6 +15,7 @@ from adapters.errors import PersonaRouterError
 # Modules that define ``register(subparsers)``; each adds its own sub-commands.
 COMMAND_MODULES = (
     "router.cli_basic",
+    "router.cli_route",
 )
 
 log = logging.getLogger("persona_router")

@@ -190,7 +190,7 @@ def _iter_hub_rows(name: str, *, split: str) -> Iterator[tuple[str, dict[str, An
         raise DataError("hub datasets need the datasets package: pip install datasets") from exc
     try:
         dataset = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # noqa: BLE001 - the hub client raises many unrelated types
+    except Exception as exc:
         raise DataError(f"could not load hub dataset {name!r} split {split!r} ({type(exc).__name__}: {exc})",
                         path=name) from exc
     for number, row in enumerate(dataset):

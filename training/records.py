@@ -51,7 +51,9 @@ def qa_from_row(row: dict[str, Any], *, where: str) -> QARecord:
             raise DataError(f"must be a string, got {type(value).__name__}", path=where, field=key)
         else:
             optional[key] = value.strip() or None
-    return QARecord(**values, **optional)
+    return QARecord(persona=values["persona"], question=values["question"], answer=values["answer"],
+                    context=optional["context"], domain=optional["domain"], id=optional["id"],
+                    parallel_id=optional["parallel_id"])
 
 
 def routing_from_row(row: dict[str, Any], *, where: str) -> RoutingRecord:

@@ -1,0 +1,61 @@
+"""Engine settings, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapters.errors import ConfigError, choices
+
+NF4_MODES: tuple[str, ...] = ("dequantize", "kernel")
+GRAPH_MODES: tuple[str, ...] = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How big the engine's static buffers are and how it runs.
+
+    ``max_batch`` sequences run at once, each with a KV cache of ``max_len`` tokens (prompt plus answer).
+    ``max_adapters`` LoRA adapters are resident at once, each of rank at most ``max_rank``. ``max_queue``
+    requests may wait for a free sequence slot before ``submit`` raises ``QueueFullError``.
+
+    ``nf4_mode`` applies to a base loaded in 4-bit: ``dequantize`` unpacks each NF4 weight once to the compute
+    dtype (the same values bitsandbytes computes with, 4x the memory, plain matrix products: fastest
+    whenever more than one row is decoded); ``kernel`` keeps the 4-bit weights and calls
+    ``bitsandbytes.matmul_4bit`` (least memory). ``cuda_graphs`` captures the decode step per batch-size
+    bucket on CUDA (``auto``: on when the device is CUDA).
+
+    ``stop_token_ids`` end every request in addition to its own; ``None`` takes the tokenizer's and the
+    generation config's end-of-sequence ids (what ``generate`` stops on).
+    """
+
+    max_batch: int = 16
+    max_len: int = 2048
+    max_queue: int = 256
+    max_adapters: int = 8
+    max_rank: int = 16
+    max_prefill_tokens: int = 4096
+    nf4_mode: str = "dequantize"
+    cuda_graphs: str = "auto"
+    kv_block: int = 128
+    stop_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self.max_batch, "max_batch", upper=1024)
+        _positive(self.max_len, "max_len", upper=1 << 20)
+        _positive(self.max_queue, "max_queue", upper=1 << 20)
+        _positive(self.max_adapters, "max_adapters", upper=1024)
+        _positive(self.max_rank, "max_rank", upper=1024)
+        _positive(self.kv_block, "kv_block", upper=self.max_len)
+        if self.max_prefill_tokens < 1:
+            raise ConfigError(f"{self.max_prefill_tokens} must be at least 1", field="max_prefill_tokens")
+        if self.nf4_mode not in NF4_MODES:
+            raise ConfigError(f"{self.nf4_mode!r} is not one of {choices(NF4_MODES)}", field="nf4_mode")
+        if self.cuda_graphs not in GRAPH_MODES:
+            raise ConfigError(f"{self.cuda_graphs!r} is not one of {choices(GRAPH_MODES)}", field="cuda_graphs")
+        if self.stop_token_ids is not None and any(t < 0 for t in self.stop_token_ids):
+            raise ConfigError("token ids must be non-negative", field="stop_token_ids")
+
+
+def _positive(value: int, name: str, *, upper: int) -> None:
+    if not 1 <= value <= upper:
+        raise ConfigError(f"{value} must be between 1 and {upper}", field=name)

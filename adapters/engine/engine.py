@@ -1,0 +1,240 @@
+"""``BatchedEngine``: the service's ``Engine`` on a worker thread, streaming into asyncio.
+
+``submit`` (any thread, normally the event loop) validates the request, binds it to its adapter's
+current slot, and queues it; the worker thread runs the scheduler's steps and hands each step's events
+back to the request's event loop in one ``call_soon_threadsafe`` per loop. Adapters are loaded on the
+caller's thread (file reading and checks) and written into a free bank slot; requests already running
+keep the weights they started with (see ``lora_bank``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from adapters.engine.config import EngineConfig
+from adapters.engine.detok import Detokenizer
+from adapters.engine.lora_bank import LoraBank
+from adapters.engine.peft_adapter import GroupShape, load_adapter
+from adapters.engine.runner import ModelRunner
+from adapters.engine.sampling import RowSampler
+from adapters.engine.scheduler import Emitted, Scheduler, Sequence
+from adapters.engine.weights import extract_weights
+from adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
+from adapters.errors import ConfigError, InvalidRequestError, PersonaRouterError, QueueFullError
+
+log = logging.getLogger(__name__)
+
+
+class EngineHandle:
+    """One request's stream: ``async for event in handle`` until an event has ``finish_reason``."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, engine: BatchedEngine) -> None:
+        self.request_id = request_id
+        self.loop = loop
+        self._engine = engine
+        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._seq: Sequence | None = None
+        self.done = False
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            event = await self._queue.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); the stream ends with a ``cancelled`` event."""
+        if self._seq is not None and not self._seq.finished:
+            self._seq.cancelled = True
+            self._engine._wake()
+
+    def _deliver(self, event: TokenEvent) -> None:
+        if event.finish_reason is not None:
+            self.done = True
+        self._queue.put_nowait(event)
+
+
+class BatchedEngine:
+    """Continuous-batching multi-adapter generation over a loaded base model (see the package docstring)."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None) -> None:
+        import torch
+
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        weights = extract_weights(model, nf4_mode=self.config.nf4_mode)
+        self.vocab_size = weights.vocab_size
+        self.group_shapes = {name: GroupShape(tuple(group.parts), group.in_features)
+                             for name, group in weights.layers[0].groups.items()}
+        self.num_layers = len(weights.layers)
+        self.bank = LoraBank(self.group_shapes, num_layers=self.num_layers, capacity=self.config.max_adapters,
+                             max_rank=self.config.max_rank, dtype=weights.dtype, device=weights.device)
+        self.runner = ModelRunner(weights, self.bank, self.config)
+        on_cuda = torch.device(weights.device).type == "cuda"
+        use_graphs = self.config.cuda_graphs == "on" or (self.config.cuda_graphs == "auto" and on_cuda)
+        if use_graphs and not on_cuda:
+            raise ConfigError("CUDA graphs need a CUDA device", field="cuda_graphs")
+        decoder = None
+        if use_graphs:
+            from adapters.engine.graphs import DecodeGraphs
+
+            decoder = DecodeGraphs(self.runner)
+        self.graphs = decoder
+        self.scheduler = Scheduler(self.runner, self.bank, self.config, decoder=decoder,
+                                   on_dequeue=self._dequeued, bucket_rows=use_graphs)
+        self.stop_ids = frozenset(self.config.stop_token_ids if self.config.stop_token_ids is not None
+                                  else default_stop_ids(model, tokenizer))
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._inbox: list[Sequence] = []
+        self._pending = 0  # submitted, not yet admitted to a cache row
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._seed = random.Random()
+        log.info("engine ready: %d rows x %d tokens (KV cache %.1f MiB), %d adapter slots of rank %d, graphs %s",
+                 self.config.max_batch, self.config.max_len, self.runner.kv_bytes() / 2**20,
+                 self.config.max_adapters, self.config.max_rank, "on" if use_graphs else "off")
+
+    # -- Engine protocol ---------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._thread is not None:
+            return
+        self._loop = loop
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for seq in inbox:
+            self.scheduler.add(seq)
+        self._dispatch(self.scheduler.fail_all("the engine stopped"))
+
+    def submit(self, request: GenerationRequest) -> EngineHandle:
+        self._validate(request)
+        loop = self._loop or _running_loop()
+        with self._lock:
+            if self._pending >= self.config.max_queue:
+                raise QueueFullError(f"the generation queue holds {self.config.max_queue} requests; retry shortly")
+            slot = self.bank.acquire(request.adapter)
+            self._pending += 1
+        handle = EngineHandle(request.request_id, loop, self)
+        seq = Sequence(request=request, slot=slot, sampler=RowSampler.create(request.sampling, self._seed.getrandbits(63)),
+                       detok=Detokenizer(self.tokenizer), stop_ids=self.stop_ids | frozenset(request.stop_token_ids),
+                       sink=handle)
+        handle._seq = seq
+        with self._lock:
+            self._inbox.append(seq)
+            self._wakeup.notify_all()
+        return handle
+
+    def add_adapter(self, name: str, folder: Path) -> None:
+        weights = load_adapter(Path(folder), groups=self.group_shapes, num_layers=self.num_layers,
+                               max_rank=self.config.max_rank)
+        self.bank.install(name, weights)
+
+    def remove_adapter(self, name: str) -> None:
+        self.bank.remove(name)
+
+    def adapter_names(self) -> list[str]:
+        return self.bank.names()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            queued = self._pending
+        return EngineStats(queued=queued, running=len(self.scheduler.running),
+                           resident_adapters=self.bank.names(), steps=self.scheduler.steps,
+                           generated_tokens=self.scheduler.generated_tokens)
+
+    # -- worker ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._inbox and not self.scheduler.has_work():
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+                inbox, self._inbox = self._inbox, []
+            for seq in inbox:
+                self.scheduler.add(seq)
+            try:
+                emitted = self.scheduler.step()
+            except Exception as exc:  # noqa: BLE001 - any failure ends the affected requests, not the engine
+                log.exception("generation step failed")
+                emitted = self.scheduler.fail_all(f"{type(exc).__name__}: {exc}")
+            self._dispatch(emitted)
+
+    def _dispatch(self, emitted: Emitted) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[EngineHandle, TokenEvent]]] = defaultdict(list)
+        for seq, event in emitted:
+            handle: EngineHandle = seq.sink
+            by_loop[handle.loop].append((handle, event))
+        for loop, items in by_loop.items():
+            if loop.is_closed():
+                continue
+            loop.call_soon_threadsafe(_deliver_all, items)
+
+    def _dequeued(self, seq: Sequence) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wakeup.notify_all()
+
+    def _validate(self, request: GenerationRequest) -> None:
+        ids = request.prompt_ids
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", field="prompt_ids")
+        if len(ids) >= self.config.max_len:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; the engine's limit is "
+                                      f"{self.config.max_len - 1}", field="prompt_ids")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size})", field="prompt_ids")
+
+
+def _deliver_all(items: list[tuple[EngineHandle, TokenEvent]]) -> None:
+    for handle, event in items:
+        handle._deliver(event)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError as exc:
+        raise PersonaRouterError("submit from the event loop, or call start(loop) first") from exc
+
+
+def default_stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    """What ``generate`` stops on: the generation config's eos ids, plus the tokenizer's eos."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list | tuple):
+        ids.update(int(e) for e in eos)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

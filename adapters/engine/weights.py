@@ -1,0 +1,186 @@
+"""Read a Hugging Face causal LM's weights into the engine's own fused layout.
+
+Every decoder layer has four linear groups, named as in Phi-3: ``qkv`` (query, key, value in one product),
+``o``, ``gate_up`` and ``down``. Phi-3 stores them fused already; Llama stores q/k/v and gate/up apart,
+and dense parts are concatenated here once so the forward pass runs one product per group either way.
+The weight tensors are the model's own (no copy) wherever the layout allows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapters.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GROUPS: tuple[str, ...] = ("qkv", "o", "gate_up", "down")
+# Module paths inside one decoder layer, per group, per supported architecture.
+LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "phi3": {
+        "qkv": ("self_attn.qkv_proj",),
+        "o": ("self_attn.o_proj",),
+        "gate_up": ("mlp.gate_up_proj",),
+        "down": ("mlp.down_proj",),
+    },
+    "llama": {
+        "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "o": ("self_attn.o_proj",),
+        "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+        "down": ("mlp.down_proj",),
+    },
+}
+
+
+@dataclass
+class LinearGroup:
+    """One fused linear map ``x -> x W^T (+ b)``; ``parts`` lists (module path, out_features) in order."""
+
+    parts: list[tuple[str, int]]
+    in_features: int
+    weight: Any = None  # dense [out, in] in the compute dtype
+    bias: Any = None
+    modules: list[Any] = field(default_factory=list)  # bitsandbytes Linear4bit modules (kernel mode)
+
+    @property
+    def out_features(self) -> int:
+        return sum(n for _, n in self.parts)
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+        import torch.nn.functional as F  # noqa: N812
+
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
+        outs = [module(x) for module in self.modules]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+@dataclass
+class LayerWeights:
+    input_norm: Any
+    post_attention_norm: Any
+    groups: dict[str, LinearGroup]
+
+
+@dataclass
+class ModelWeights:
+    """Everything the forward pass reads, plus the shape facts it needs."""
+
+    arch: str
+    embed: Any
+    layers: list[LayerWeights]
+    final_norm: Any
+    lm_head: Any
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    rms_eps: float
+    sliding_window: int | None
+    activation: Callable[[Any], Any]
+    dtype: Any
+    device: Any
+    rotary: Any  # the model's own rotary embedding module: its cos/sin are reused bit for bit
+    rope_type: str
+    original_max_position: int | None
+
+
+def architecture(config: Any) -> str:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LAYOUTS:
+        raise ConfigError(
+            f"the engine runs Phi-3 and Llama layouts; this model is {model_type!r}", field="base"
+        )
+    return str(model_type)
+
+
+def extract_weights(model: Any, *, nf4_mode: str) -> ModelWeights:
+    """Collect the weights of a loaded ``*ForCausalLM`` (dense or bitsandbytes 4-bit)."""
+    from transformers.activations import ACT2FN
+
+    config = model.config
+    arch = architecture(config)
+    inner = model.model
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    embed = inner.embed_tokens.weight
+    layers = [_layer(layer, LAYOUTS[arch], nf4_mode=nf4_mode, dtype=embed.dtype) for layer in inner.layers]
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    return ModelWeights(
+        arch=arch,
+        embed=embed,
+        layers=layers,
+        final_norm=inner.norm.weight,
+        lm_head=model.lm_head.weight,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        hidden_size=config.hidden_size,
+        vocab_size=model.lm_head.weight.shape[0],
+        rms_eps=float(config.rms_norm_eps),
+        sliding_window=getattr(config, "sliding_window", None),
+        activation=ACT2FN[config.hidden_act],
+        dtype=embed.dtype,
+        device=embed.device,
+        rotary=inner.rotary_emb,
+        rope_type=str(rope.get("rope_type", "default")),
+        original_max_position=getattr(config, "original_max_position_embeddings", None),
+    )
+
+
+def _layer(layer: Any, layout: dict[str, tuple[str, ...]], *, nf4_mode: str, dtype: Any) -> LayerWeights:
+    groups = {name: _group(layer, paths, nf4_mode=nf4_mode, dtype=dtype) for name, paths in layout.items()}
+    return LayerWeights(
+        input_norm=layer.input_layernorm.weight,
+        post_attention_norm=layer.post_attention_layernorm.weight,
+        groups=groups,
+    )
+
+
+def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any) -> LinearGroup:
+    import torch
+
+    modules = [layer.get_submodule(path) for path in paths]
+    parts = [(path, int(module.out_features)) for path, module in zip(paths, modules, strict=True)]
+    group = LinearGroup(parts=parts, in_features=int(modules[0].in_features))
+    quantized = [_is_4bit(module) for module in modules]
+    if any(quantized) and not all(quantized):
+        raise ConfigError("a layer mixes 4-bit and dense weights in one group", field="base")
+    if all(quantized) and nf4_mode == "kernel":
+        group.modules = modules
+        return group
+    weights = [_dense_weight(module, dtype) for module in modules]
+    biases = [module.bias for module in modules]
+    group.weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+    if any(b is not None for b in biases):
+        if not all(b is not None for b in biases):
+            raise ConfigError("a fused group has a bias on some parts only", field="base")
+        group.bias = biases[0] if len(biases) == 1 else torch.cat(biases, dim=0)
+        group.bias = group.bias.to(group.weight.dtype)
+    return group
+
+
+def _is_4bit(module: Any) -> bool:
+    return hasattr(module.weight, "quant_state") and module.weight.quant_state is not None
+
+
+def _dense_weight(module: Any, dtype: Any) -> Any:
+    """The module's weight as a dense [out, in] tensor in the activations' dtype; 4-bit weights are unpacked."""
+    if not _is_4bit(module):
+        return module.weight.detach()
+    state = module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        raise ConfigError(
+            "this 4-bit model was already run on CPU and repacked; build the engine before the first forward "
+            "pass, or use nf4_mode='kernel'",
+            field="nf4_mode",
+        )
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError as exc:  # pragma: no cover - a 4-bit model cannot load without it
+        raise ConfigError("4-bit weights need bitsandbytes: pip install bitsandbytes==0.50.2") from exc
+    return bnbf.dequantize_4bit(module.weight.data, state).to(dtype)

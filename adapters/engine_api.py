@@ -1,0 +1,75 @@
+"""The contract between the HTTP service and the generation engine.
+
+The service builds a ``GenerationRequest`` per HTTP request and submits it; the engine batches requests of
+different adapters into shared forward passes and streams ``TokenEvent``s back. Adapters are registered
+under opaque names (the service uses ``"<persona>@<version>"``); ``adapter=None`` means the bare base.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from adapters.generation import SamplingConfig
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    adapter: str | None
+    sampling: SamplingConfig
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token; the last event of a request has ``finish_reason`` set."""
+
+    request_id: str
+    token_id: int | None
+    text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    queued: int = 0
+    running: int = 0
+    resident_adapters: list[str] = field(default_factory=list)
+    steps: int = 0
+    generated_tokens: int = 0
+
+
+class GenerationHandle(Protocol):
+    """What ``Engine.submit`` returns: iterate to stream, ``cancel`` to stop (e.g. client disconnect)."""
+
+    request_id: str
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Engine(Protocol):
+    def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        """Queue a request; raises QueueFullError when the queue is at its bound."""
+        ...
+
+    def add_adapter(self, name: str, folder: Path) -> None:
+        """Load a PEFT adapter folder under ``name`` (replacing one of the same name atomically)."""
+        ...
+
+    def remove_adapter(self, name: str) -> None: ...
+
+    def adapter_names(self) -> list[str]: ...
+
+    def stats(self) -> EngineStats: ...

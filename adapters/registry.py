@@ -1,0 +1,244 @@
+"""The adapter registry on disk, shared by ``persona-router train`` (writer) and the HTTP service (reader).
+
+Layout::
+
+    <root>/<persona>/<version>/adapter_config.json      standard PEFT files
+                              /adapter_model.safetensors
+                              /manifest.json            adapters/manifest.py
+    <root>/<persona>/LATEST                              the published version number, e.g. "3\\n"
+
+Versions are integers 1, 2, 3, ... A version folder appears only complete: the trainer builds it under a
+``.tmp-*`` name and :meth:`AdapterRegistry.publish` renames it into place, then rewrites ``LATEST`` atomically.
+Readers therefore never see a half-written adapter, and a crash between the rename and the pointer update
+leaves the old ``LATEST`` in force. Names starting with ``.`` (temp folders, checkpoints, locks) are never
+listed.
+
+Reader API (what the service needs)::
+
+    registry = AdapterRegistry(default_adapters_dir())
+    registry.personas()                      # ["clinician", "student"]
+    registry.versions("student")             # [1, 2]
+    registry.latest("student")               # 2, or None when nothing is published
+    registry.path("student", 2)              # Path, validated to stay inside the root
+    registry.read_manifest("student", 2)     # AdapterManifest
+    registry.verify_compatible("student", 2, base.fingerprint)   # raises AdapterIncompatibleError
+    registry.resolve("student", "latest")    # -> 2; accepts an int, "3" or "latest"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from adapters.atomic import TMP_PREFIX, atomic_write_text, remove_stale_temps
+from adapters.errors import AdapterError, AdapterIncompatibleError, ConfigError
+from adapters.home import home_dir
+from adapters.manifest import MANIFEST_FILE, AdapterManifest, read_manifest_file, write_manifest
+
+log = logging.getLogger(__name__)
+
+ADAPTERS_ENV = "PERSONA_ROUTER_ADAPTERS"
+LATEST_FILE = "LATEST"
+LATEST = "latest"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST_FILE)
+_PERSONA = re.compile(r"^[a-z][a-z0-9-]{0,39}$")  # the pack's persona-name rule
+_VERSION_DIR = re.compile(r"^[1-9][0-9]*$")
+
+
+def default_adapters_dir() -> Path:
+    """``$PERSONA_ROUTER_ADAPTERS`` or ``$PERSONA_ROUTER_HOME/adapters`` (``~/.cache/persona-router/adapters``)."""
+    raw = os.environ.get(ADAPTERS_ENV)
+    return Path(raw).expanduser() if raw else home_dir() / "adapters"
+
+
+def check_persona_name(persona: str) -> str:
+    """Reject names that could leave the registry folder (``..``, ``/``, absolute paths) or are not persona names."""
+    if not isinstance(persona, str) or not _PERSONA.match(persona):
+        raise ConfigError(f"{persona!r} is not a persona name (lowercase letters, digits and '-', starting with a "
+                          "letter, max 40)", field="persona")
+    return persona
+
+
+def check_version(version: object) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ConfigError(f"{version!r} is not a version (an integer >= 1)", field="version")
+    return version
+
+
+class AdapterRegistry:
+    """Versioned adapters under one root folder. Cheap to construct; every call reads the disk."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_adapters_dir()
+
+    def __repr__(self) -> str:
+        return f"AdapterRegistry({str(self.root)!r})"
+
+    # --- reading -------------------------------------------------------------------------------------------
+
+    def personas(self) -> list[str]:
+        """Personas with at least one published version (a ``LATEST`` pointer)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and _PERSONA.match(p.name) and (p / LATEST_FILE).is_file())
+
+    def versions(self, persona: str) -> list[int]:
+        """Complete version folders of ``persona``, ascending (unpublished leftovers included only if complete)."""
+        folder = self.persona_dir(persona)
+        if not folder.is_dir():
+            return []
+        found = [int(p.name) for p in folder.iterdir() if p.is_dir() and _VERSION_DIR.match(p.name)
+                 and all((p / name).is_file() for name in ADAPTER_FILES)]
+        return sorted(found)
+
+    def latest(self, persona: str) -> int | None:
+        """The published version, or None when ``persona`` has none."""
+        pointer = self.persona_dir(persona) / LATEST_FILE
+        try:
+            text = pointer.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        if not _VERSION_DIR.match(text):
+            raise AdapterError(f"LATEST holds {text!r}, not a version number", path=pointer)
+        version = int(text)
+        if not self._is_complete(persona, version):
+            raise AdapterError(f"LATEST points at version {version}, which is missing or incomplete", path=pointer)
+        return version
+
+    def resolve(self, persona: str, version: int | str = LATEST) -> int:
+        """Turn ``"latest"``, ``"3"`` or ``3`` into an existing version number, or raise AdapterError."""
+        if version == LATEST:
+            latest = self.latest(persona)
+            if latest is None:
+                raise AdapterError(f"no trained adapter for persona {persona!r}; run: persona-router train "
+                                   f"--persona {persona}", path=self.root)
+            return latest
+        if isinstance(version, str):
+            if not _VERSION_DIR.match(version):
+                raise ConfigError(f"{version!r} is not a version (an integer >= 1 or 'latest')", field="version")
+            version = int(version)
+        check_version(version)
+        if not self._is_complete(persona, version):
+            have = ", ".join(map(str, self.versions(persona))) or "none"
+            raise AdapterError(f"persona {persona!r} has no version {version} (versions: {have})", path=self.root)
+        return version
+
+    def persona_dir(self, persona: str) -> Path:
+        return self._inside(self.root / check_persona_name(persona))
+
+    def path(self, persona: str, version: int) -> Path:
+        """The folder of one version (it may not exist); never outside the root."""
+        return self._inside(self.persona_dir(persona) / str(check_version(version)))
+
+    def read_manifest(self, persona: str, version: int) -> AdapterManifest:
+        manifest = read_manifest_file(self.path(persona, version))
+        if manifest.persona != persona or manifest.version != version:
+            raise AdapterError(f"manifest says {manifest.persona!r} version {manifest.version}, but the folder is "
+                               f"{persona!r} version {version}", path=self.path(persona, version))
+        return manifest
+
+    def verify_compatible(self, persona: str, version: int, base_fingerprint: str) -> AdapterManifest:
+        """Return the manifest, or raise AdapterIncompatibleError if the adapter was trained on another base."""
+        manifest = self.read_manifest(persona, version)
+        check_fingerprint(manifest, base_fingerprint, where=self.path(persona, version))
+        return manifest
+
+    # --- writing -------------------------------------------------------------------------------------------
+
+    def next_version(self, persona: str) -> int:
+        folder = self.persona_dir(persona)
+        taken = [int(p.name) for p in folder.iterdir() if _VERSION_DIR.match(p.name)] if folder.is_dir() else []
+        return max(taken, default=0) + 1
+
+    def publish(self, persona: str, staged: Path) -> int:
+        """Move a complete staged folder into the next free version, then point ``LATEST`` at it.
+
+        ``staged`` must sit inside ``<root>/<persona>/`` (same filesystem, so the rename is atomic). Two
+        publishers racing for the same number cannot both win: ``rename`` onto an existing non-empty folder
+        fails and the loser takes the next number.
+        """
+        staged = Path(staged)
+        if staged.parent.resolve() != self.persona_dir(persona).resolve():
+            raise AdapterError("a staged adapter must sit in the persona's folder", path=staged)
+        missing = [name for name in ADAPTER_FILES if not (staged / name).is_file()]
+        if missing:
+            raise AdapterError(f"staged adapter is incomplete: missing {missing}", path=staged)
+        manifest = read_manifest_file(staged)
+        for _ in range(100):
+            version = self.next_version(persona)
+            if manifest.version != version:
+                manifest = manifest.with_version(version)
+                write_manifest(staged, manifest)
+            target = self.path(persona, version)
+            try:
+                staged.rename(target)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    continue
+                raise
+            self.set_latest(persona, version)
+            log.info("published %s version %d at %s", persona, version, target)
+            return version
+        raise AdapterError("could not find a free version number after 100 tries", path=self.persona_dir(persona))
+
+    def set_latest(self, persona: str, version: int) -> None:
+        if not self._is_complete(persona, version):
+            raise AdapterError(f"version {version} of {persona!r} is missing or incomplete",
+                               path=self.persona_dir(persona))
+        atomic_write_text(self.persona_dir(persona) / LATEST_FILE, f"{version}\n")
+
+    def staging_dir(self, persona: str) -> Path:
+        """A fresh temp folder inside the persona's folder for building a new version."""
+        import tempfile
+
+        folder = self.persona_dir(persona)
+        folder.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}stage-", dir=folder))
+
+    @contextlib.contextmanager
+    def lock(self, persona: str) -> Iterator[None]:
+        """Hold an exclusive lock on the persona's folder (one trainer per persona at a time)."""
+        import fcntl
+
+        folder = self.persona_dir(persona)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "a+", encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise AdapterError(f"another process is training persona {persona!r}", path=folder) from exc
+            try:
+                # Under the lock nobody else is writing, so any temp folder is a crashed writer's leftover.
+                remove_stale_temps(folder)
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    # --- helpers -------------------------------------------------------------------------------------------
+
+    def _is_complete(self, persona: str, version: int) -> bool:
+        folder = self.path(persona, version)
+        return all((folder / name).is_file() for name in ADAPTER_FILES)
+
+    def _inside(self, path: Path) -> Path:
+        root = self.root.resolve()
+        resolved = path.resolve()
+        if resolved != root and root not in resolved.parents:
+            raise ConfigError(f"{path} leaves the adapters folder {root}", field="persona")
+        return path
+
+
+def check_fingerprint(manifest: AdapterManifest, base_fingerprint: str, *, where: Path | str) -> None:
+    if manifest.base_fingerprint != base_fingerprint:
+        raise AdapterIncompatibleError(
+            f"adapter {manifest.persona!r} v{manifest.version} was trained on base {manifest.base_model!r} "
+            f"({manifest.base_fingerprint[:19]}...), but the loaded base has fingerprint {base_fingerprint[:19]}...; "
+            "retrain it on this base or load the base it was trained on",
+            path=where,
+        )

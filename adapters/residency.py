@@ -1,0 +1,403 @@
+"""Which adapter versions are resident in the engine, and which one serves each persona.
+
+The registry (``adapters/registry.py``) says what exists on disk; this module decides what is loaded:
+
+- The *live* version of a persona is its ``LATEST``, unless that version is refused (other base
+  fingerprint, corrupt files) or disabled by an admin, in which case the newest usable older version
+  serves; with none, the persona is prompt-only (base model plus its system prompt).
+- At most ``max_resident`` adapters are resident. Loading one more evicts the least recently used adapter
+  that is neither live (pinned) nor serving a request; if every slot is pinned or busy the load fails.
+- Each version is registered in the engine under its own name, ``persona@version``. A new version is
+  loaded beside the old one and only then becomes live, and an adapter that requests are using is removed
+  only after the last of them finishes: a hot swap never drops a request in flight.
+- A refused version is remembered with the stamp of its files so a periodic reload does not retry it
+  until its files change; the other adapters keep serving.
+
+All methods run on the event loop; disk reads and engine loads run in worker threads. One asyncio lock
+serialises loads and unloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.engine_api import Engine
+from adapters.errors import (
+    AdapterError,
+    AdapterIncompatibleError,
+    ConfigError,
+    PersonaRouterError,
+    UnknownPersonaError,
+)
+from adapters.registry import LATEST_FILE, AdapterRegistry
+
+log = logging.getLogger(__name__)
+
+EventHook = Callable[[str, str, int], None]  # (event, persona, version)
+Stamp = tuple[tuple[str, int, int], ...]
+
+
+def engine_name(persona: str, version: int) -> str:
+    return f"{persona}@{version}"
+
+
+class AdapterNotFoundError(AdapterError):
+    """A persona/version pair that the adapters folder does not hold."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An adapter held by one request; ``release`` it when the request ends."""
+
+    persona: str
+    version: int
+    name: str
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    stamp: Stamp
+    error: str
+    kind: str  # "incompatible" or "broken"
+
+
+class AdapterResidency:
+    """Keeps the engine's adapters in step with the registry within a residency bound."""
+
+    def __init__(self, engine: Engine, registry: AdapterRegistry, *, base_fingerprint: str,
+                 personas: Sequence[str], max_resident: int, on_event: EventHook | None = None) -> None:
+        if max_resident < 1:
+            raise ConfigError(f"{max_resident} must be at least 1", field="max_resident_adapters")
+        self.engine = engine
+        self.registry = registry
+        self.base_fingerprint = base_fingerprint
+        self.personas = tuple(personas)
+        self.max_resident = max_resident
+        self._on_event = on_event
+        self._versions: dict[str, list[int]] = {p: [] for p in self.personas}
+        self._latest: dict[str, int | None] = {p: None for p in self.personas}
+        self._persona_errors: dict[str, str] = {}
+        self._resident: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
+        self._inflight: collections.Counter[str] = collections.Counter()
+        self._disabled: set[tuple[str, int]] = set()
+        self._refused: dict[tuple[str, int], _Refusal] = {}
+        self._remove_when_idle: set[str] = set()
+        self._lock = asyncio.Lock()
+        self._folder_stamp: tuple[Any, ...] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- what serves ------------------------------------------------------------------------------------
+    def live(self, persona: str) -> int | None:
+        """The version that answers ``persona`` now, or None for prompt-only."""
+        latest = self._latest.get(persona)
+        if latest is None:
+            return None
+        for version in sorted((v for v in self._versions.get(persona, []) if v <= latest), reverse=True):
+            if self._usable(persona, version):
+                return version
+        return None
+
+    def _usable(self, persona: str, version: int) -> bool:
+        return (persona, version) not in self._disabled and (persona, version) not in self._refused
+
+    def _pinned(self, name: str) -> bool:
+        persona, version = self._resident[name]
+        return self.live(persona) == version
+
+    async def acquire(self, persona: str, version: int | None = None) -> Lease | None:
+        """Hold the adapter for one request: ``version`` or else the live one (None when prompt-only).
+
+        Without an explicit version a refused live version is skipped for the next usable one.
+        """
+        while True:
+            wanted = version if version is not None else self.live(persona)
+            if wanted is None:
+                return None
+            name = engine_name(persona, wanted)
+            try:
+                if name not in self._resident:
+                    async with self._lock:
+                        if name not in self._resident:
+                            await self._load(persona, wanted)
+            except AdapterError:
+                if version is not None:
+                    raise
+                continue  # the refusal is recorded, so live() now names an older version or None
+            self._inflight[name] += 1
+            self._resident.move_to_end(name)
+            return Lease(persona, wanted, name)
+
+    def release(self, lease: Lease) -> None:
+        self._inflight[lease.name] -= 1
+        if self._inflight[lease.name] <= 0:
+            del self._inflight[lease.name]
+            if lease.name in self._remove_when_idle:
+                self._spawn(self._remove_idle(lease.name))
+
+    # -- loading ----------------------------------------------------------------------------------------
+    async def _load(self, persona: str, version: int) -> None:
+        """Validate and load one version; the caller holds the lock. Refusals are recorded and raised."""
+        if (persona, version) in self._disabled:
+            raise AdapterError(f"{engine_name(persona, version)} is disabled; POST it to enable it again")
+        refusal = self._refused.get((persona, version))
+        if refusal is not None:
+            stamp = await asyncio.to_thread(self._file_stamp, persona, version)
+            if stamp == refusal.stamp:
+                raise _rebuild_error(refusal)
+            del self._refused[(persona, version)]
+        name = engine_name(persona, version)
+        folder = self.registry.path(persona, version)
+        try:
+            await asyncio.to_thread(self._validate, persona, version)
+            await self._make_room()
+            await asyncio.to_thread(self._engine_add, name, folder)
+        except AdapterError as exc:
+            stamp = await asyncio.to_thread(self._file_stamp, persona, version)
+            kind = "incompatible" if isinstance(exc, AdapterIncompatibleError) else "broken"
+            self._refused[(persona, version)] = _Refusal(stamp, str(exc), kind)
+            log.warning("refused adapter %s: %s", name, exc)
+            self._event("refused", persona, version)
+            raise
+        self._resident[name] = (persona, version)
+        self._remove_when_idle.discard(name)
+        self._event("loaded", persona, version)
+
+    def _validate(self, persona: str, version: int) -> None:
+        """Manifest, base fingerprint, config and weights header: cheap checks before the engine loads."""
+        self.registry.verify_compatible(persona, version, self.base_fingerprint)
+        folder = self.registry.path(persona, version)
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise AdapterError(f"unreadable adapter_config.json ({exc})", path=folder) from exc
+        if not isinstance(config, dict) or "r" not in config:
+            raise AdapterError("adapter_config.json is not a LoRA config (no 'r')", path=folder)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
+                if not list(handle.keys()):
+                    raise AdapterError("adapter_model.safetensors holds no tensors", path=folder)
+        except AdapterError:
+            raise
+        except Exception as exc:  # safetensors raises its own error type for a corrupt header
+            raise AdapterError(f"corrupt adapter_model.safetensors ({exc})", path=folder) from exc
+
+    def _engine_add(self, name: str, folder: Path) -> None:
+        try:
+            self.engine.add_adapter(name, folder)
+        except AdapterError:
+            raise
+        except Exception as exc:  # any engine failure refuses this adapter, not the server
+            raise AdapterError(f"the engine could not load it ({type(exc).__name__}: {exc})", path=folder) from exc
+
+    async def _make_room(self) -> None:
+        while len(self._resident) >= self.max_resident:
+            victim = next((n for n in self._resident if not self._pinned(n) and not self._inflight.get(n)), None)
+            if victim is None:
+                raise AdapterError(f"all {self.max_resident} resident adapter slots are live or serving requests; "
+                                   "raise --max-resident-adapters")
+            await self._unload(victim)
+
+    async def _unload(self, name: str) -> None:
+        persona, version = self._resident.pop(name)
+        self._remove_when_idle.discard(name)
+        await asyncio.to_thread(self.engine.remove_adapter, name)
+        self._event("unloaded", persona, version)
+
+    async def _remove_idle(self, name: str) -> None:
+        async with self._lock:
+            if name in self._resident and not self._inflight.get(name) and name in self._remove_when_idle:
+                await self._unload(name)
+
+    # -- reloading from disk ----------------------------------------------------------------------------
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the registry, load every persona's live version, retire what is gone or disabled."""
+        async with self._lock:
+            scanned = await asyncio.to_thread(self._scan)
+            for persona, (versions, latest, error) in scanned.items():
+                self._versions[persona] = versions
+                if error is None:
+                    self._latest[persona] = latest
+                    self._persona_errors.pop(persona, None)
+                else:
+                    self._persona_errors[persona] = error  # keep serving what it served
+            self._folder_stamp = await asyncio.to_thread(self.folder_stamp)
+            for persona in self.personas:
+                await self._load_live(persona)
+            await self._retire()
+        return self.report()
+
+    async def _load_live(self, persona: str) -> None:
+        while (version := self.live(persona)) is not None:
+            if engine_name(persona, version) in self._resident:
+                return
+            try:
+                await self._load(persona, version)
+                return
+            except AdapterError:
+                continue  # recorded as refused; try the next older version
+
+    async def _retire(self) -> None:
+        """Unload versions that vanished from disk or were disabled (after their requests finish)."""
+        for name, (persona, version) in list(self._resident.items()):
+            gone = version not in self._versions.get(persona, []) or (persona, version) in self._disabled
+            if not gone:
+                continue
+            if self._inflight.get(name):
+                self._remove_when_idle.add(name)
+            else:
+                await self._unload(name)
+
+    def _scan(self) -> dict[str, tuple[list[int], int | None, str | None]]:
+        found: dict[str, tuple[list[int], int | None, str | None]] = {}
+        on_disk = set(self.registry.personas())
+        unknown = on_disk - set(self.personas)
+        if unknown:
+            log.warning("adapters folder has personas not in the pack (ignored): %s", ", ".join(sorted(unknown)))
+        for persona in self.personas:
+            try:
+                versions = self.registry.versions(persona)
+                latest = self.registry.latest(persona)
+            except PersonaRouterError as exc:
+                found[persona] = (self._versions.get(persona, []), None, str(exc))
+                continue
+            found[persona] = (versions, latest, None)
+        return found
+
+    def folder_stamp(self) -> tuple[Any, ...]:
+        """A cheap summary of the adapters folder: persona folders, their versions and LATEST pointers."""
+        root = self.registry.root
+        if not root.is_dir():
+            return ()
+        entries = []
+        for persona in self.personas:
+            folder = root / persona
+            if not folder.is_dir():
+                continue
+            pointer = folder / LATEST_FILE
+            latest = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+            versions = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+            entries.append((persona, latest, tuple(versions)))
+        return tuple(entries)
+
+    async def watch(self, interval_s: float) -> None:
+        """Reload whenever the folder summary changes; runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                stamp = await asyncio.to_thread(self.folder_stamp)
+                if stamp != self._folder_stamp:
+                    log.info("adapters folder changed; reloading")
+                    await self.reload()
+            except (OSError, PersonaRouterError) as exc:
+                log.warning("watching the adapters folder failed: %s", exc)
+
+    def _file_stamp(self, persona: str, version: int) -> Stamp:
+        folder = self.registry.path(persona, version)
+        stamp = []
+        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            if path.is_file():
+                info = path.stat()
+                stamp.append((path.name, info.st_size, info.st_mtime_ns))
+        return tuple(stamp)
+
+    # -- admin ------------------------------------------------------------------------------------------
+    def _check_exists(self, persona: str, version: int) -> None:
+        if persona not in self.personas:
+            raise UnknownPersonaError(persona, self.personas)
+        if version not in self.registry.versions(persona):
+            have = ", ".join(map(str, self.registry.versions(persona))) or "none"
+            raise AdapterNotFoundError(f"persona {persona!r} has no version {version} (versions: {have})",
+                                       field="version")
+
+    async def load(self, persona: str, version: int) -> dict[str, Any]:
+        """Admin: enable a version and make it resident (forgetting an earlier refusal to retry it)."""
+        await asyncio.to_thread(self._check_exists, persona, version)
+        async with self._lock:
+            self._disabled.discard((persona, version))
+            self._refused.pop((persona, version), None)
+            if version not in self._versions[persona]:
+                self._versions[persona] = sorted([*self._versions[persona], version])
+            if engine_name(persona, version) not in self._resident:
+                await self._load(persona, version)
+            self._resident.move_to_end(engine_name(persona, version))
+        return self.describe_persona(persona)
+
+    async def unload(self, persona: str, version: int) -> dict[str, Any]:
+        """Admin: disable a version and unload it once idle; the persona falls back to an older version."""
+        if persona not in self.personas:
+            raise UnknownPersonaError(persona, self.personas)
+        name = engine_name(persona, version)
+        if name not in self._resident and version not in self._versions.get(persona, []):
+            await asyncio.to_thread(self._check_exists, persona, version)
+        async with self._lock:
+            self._disabled.add((persona, version))
+            await self._retire()
+            await self._load_live(persona)
+        return self.describe_persona(persona)
+
+    # -- reporting --------------------------------------------------------------------------------------
+    def _event(self, event: str, persona: str, version: int) -> None:
+        if self._on_event is not None:
+            self._on_event(event, persona, version)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def resident(self) -> list[str]:
+        return list(self._resident)
+
+    def describe_persona(self, persona: str) -> dict[str, Any]:
+        live = self.live(persona)
+        versions = []
+        for version in self._versions.get(persona, []):
+            name = engine_name(persona, version)
+            entry: dict[str, Any] = {"version": version, "state": self._state(persona, version),
+                                     "live": version == live, "in_flight": self._inflight.get(name, 0)}
+            refusal = self._refused.get((persona, version))
+            if refusal is not None:
+                entry["error"] = refusal.error
+            versions.append(entry)
+        described: dict[str, Any] = {"name": persona, "status": "adapter" if live is not None else "prompt-only",
+                                     "live_version": live, "latest": self._latest.get(persona),
+                                     "versions": versions}
+        if persona in self._persona_errors:
+            described["error"] = self._persona_errors[persona]
+        return described
+
+    def _state(self, persona: str, version: int) -> str:
+        if (persona, version) in self._disabled:
+            return "disabled"
+        refusal = self._refused.get((persona, version))
+        if refusal is not None:
+            return refusal.kind
+        return "resident" if engine_name(persona, version) in self._resident else "available"
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "live": {p: self.live(p) for p in self.personas},
+            "resident": self.resident(),
+            "refused": [{"persona": p, "version": v, "error": r.error, "kind": r.kind}
+                        for (p, v), r in sorted(self._refused.items())],
+            "disabled": [{"persona": p, "version": v} for p, v in sorted(self._disabled)],
+        }
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _rebuild_error(refusal: _Refusal) -> AdapterError:
+    if refusal.kind == "incompatible":
+        return AdapterIncompatibleError(refusal.error)
+    return AdapterError(refusal.error)

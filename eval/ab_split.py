@@ -1,0 +1,91 @@
+"""Live A/B assignment for the service: a share of a persona's traffic goes to a candidate adapter version.
+
+The arm is a pure function of ``(experiment salt, persona, user)``: a SHA-256 hash maps each user to a
+bucket in [0, 1) and buckets below ``share`` get the candidate. The same user therefore always gets the
+same arm, raising the share only moves users from control to candidate (never back), and a new salt
+reshuffles everyone for a fresh experiment. Requests without a ``user`` cannot be kept sticky, so they get
+the control arm and the assignment says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from adapters.errors import ConfigError
+
+CONTROL, CANDIDATE = "control", "candidate"
+_SALT = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """One persona's experiment: ``share`` of users go to ``candidate``, the rest stay on ``control``."""
+
+    persona: str
+    control: str  # adapter version, e.g. "3", or "latest"
+    candidate: str
+    share: float
+    salt: str = "exp-1"
+
+    def __post_init__(self) -> None:
+        if not self.persona:
+            raise ConfigError("must name a persona", field="persona")
+        if not self.control or not self.candidate:
+            raise ConfigError("control and candidate must name adapter versions", field="control/candidate")
+        if self.control == self.candidate:
+            raise ConfigError(f"candidate {self.candidate!r} equals control; an A/B needs two versions",
+                              field="candidate")
+        if not 0.0 <= self.share <= 1.0:
+            raise ConfigError(f"{self.share} must be between 0 and 1 (fraction of users sent to the candidate)",
+                              field="share")
+        if not _SALT.match(self.salt):
+            raise ConfigError(f"{self.salt!r} must be 1-64 letters, digits or . _ : -", field="salt")
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> SplitConfig:
+        known = {"persona", "control", "candidate", "share", "salt"}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"unknown keys {sorted(unknown)}; valid keys: {sorted(known)}", field="ab_split")
+        try:
+            return cls(persona=str(raw["persona"]), control=str(raw["control"]), candidate=str(raw["candidate"]),
+                       share=float(raw["share"]), salt=str(raw.get("salt", "exp-1")))
+        except KeyError as exc:
+            raise ConfigError("is missing", field=str(exc.args[0])) from exc
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"must be a number ({exc})", field="share") from exc
+
+    def to_json(self) -> dict[str, Any]:
+        return {"persona": self.persona, "control": self.control, "candidate": self.candidate,
+                "share": self.share, "salt": self.salt}
+
+
+@dataclass(frozen=True)
+class Assignment:
+    arm: str  # "control" or "candidate"
+    version: str
+    bucket: float | None  # the user's position in [0, 1); None without a user
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"arm": self.arm, "version": self.version, "bucket": self.bucket, "reason": self.reason}
+
+
+def bucket(salt: str, persona: str, user: str) -> float:
+    """A uniform position in [0, 1) from the first 8 bytes of SHA-256 over the NUL-joined fields."""
+    digest = hashlib.sha256("\x00".join((salt, persona, user)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign(config: SplitConfig, user: str | None) -> Assignment:
+    """The arm for one request; deterministic in (salt, persona, user)."""
+    if not user:
+        return Assignment(CONTROL, config.control, None, "no user given: control (assignment needs a user)")
+    position = bucket(config.salt, config.persona, user)
+    if position < config.share:
+        return Assignment(CANDIDATE, config.candidate, position, f"bucket {position:.4f} < share {config.share}")
+    return Assignment(CONTROL, config.control, position, f"bucket {position:.4f} >= share {config.share}")

@@ -1,0 +1,320 @@
+"""One answer, from request to tokens: validate, route, pick the adapter, build the prompt, generate.
+
+Both HTTP APIs (``/v1/answer`` and the OpenAI-compatible one) go through ``Answerer``: ``start`` does
+everything that can fail with a clean HTTP status (bad input, unknown persona, full queue) before any
+byte of the response is sent, and returns a ``Running`` generation that streams ``TokenEvent``s and then
+a ``Finished`` summary. A request that outlives the timeout is cancelled in the engine; so is one whose
+client went away (the stream's consumer closes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapters.engine_api import Engine, GenerationHandle, GenerationRequest, TokenEvent
+from adapters.errors import ConfigError, InvalidRequestError, PersonaRouterError
+from adapters.generation import SamplingConfig
+from adapters.prompts import build_messages, prompt_ids
+from adapters.residency import AdapterResidency, Lease
+from eval.ab_split import Assignment, SplitConfig, assign
+from router.decision import Decision
+from router.metrics import ServiceMetrics
+from router.pack import PersonaPack
+from router.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+Decide = Callable[[str, str | None], Decision]
+
+
+@dataclass(frozen=True)
+class AnswerInput:
+    """One validated request, whichever API it came from."""
+
+    question: str
+    persona: str | None = None
+    context: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    user: str | None = None
+    endpoint: str = "answer"
+
+
+@dataclass
+class Finished:
+    """What a generation produced, for the final response or event."""
+
+    answer: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float]
+
+
+@dataclass
+class Running:
+    """A submitted generation: iterate ``tokens()``, then read ``finished``; ``close`` is idempotent."""
+
+    request_id: str
+    decision: Decision
+    lease: Lease | None
+    assignment: Assignment | None
+    prompt_tokens: int
+    handle: GenerationHandle
+    answerer: Answerer
+    endpoint: str
+    started: float
+    deadline: float
+    routing_ms: float
+    pieces: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+    finished: Finished | None = None
+    _closed: bool = False
+    _timer: asyncio.TimerHandle | None = None
+
+    @property
+    def adapter(self) -> dict[str, Any] | None:
+        return {"persona": self.lease.persona, "version": str(self.lease.version)} if self.lease else None
+
+    @property
+    def adapter_version(self) -> str:
+        return str(self.lease.version) if self.lease else "prompt-only"
+
+    async def tokens(self) -> AsyncIterator[str]:
+        """Yield text pieces; raises TimeoutError past the deadline and GenerationFailedError on engine errors.
+
+        The deadline is applied per event with ``wait_for`` rather than one ``asyncio.timeout`` around the
+        loop: a timeout scope must not stay open across a ``yield`` of an async generator.
+        """
+        loop = asyncio.get_running_loop()
+        events = aiter(self.handle)
+        try:
+            while True:
+                remaining = self.deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError
+                try:
+                    event = await asyncio.wait_for(anext(events), remaining)
+                except StopAsyncIteration:
+                    self.finish_reason = self.finish_reason or "stop"
+                    return
+                piece = self._take(event)
+                if piece:
+                    yield piece
+                if event.finish_reason is not None:
+                    return
+        except TimeoutError:
+            self.finish_reason = "timeout"
+            self.close(cancel=True)
+            raise TimeoutError(f"no answer within the {self.answerer.settings.request_timeout_s:g} s "
+                               "request timeout") from None
+        finally:
+            if self.finish_reason is None:
+                self.finish_reason = "cancelled"  # the consumer stopped early (client disconnected)
+            self.close(cancel=self.finish_reason == "cancelled")
+
+    def _take(self, event: TokenEvent) -> str:
+        if event.token_id is not None:
+            self.completion_tokens += 1
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+            if event.finish_reason == "error":
+                self.close(cancel=False)
+                raise GenerationFailedError(event.error or "the engine failed")
+        if event.text:
+            self.pieces.append(event.text)
+        return event.text
+
+    async def collect(self) -> Finished:
+        async for _ in self.tokens():
+            pass
+        assert self.finished is not None
+        return self.finished
+
+    def close(self, *, cancel: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if cancel:
+            self.handle.cancel()
+        self.answerer.finish(self)
+
+    def expire(self) -> None:
+        """The safety timer: free a request nobody consumed (its client left before the stream began)."""
+        if not self._closed:
+            self.finish_reason = self.finish_reason or "cancelled"
+            self.close(cancel=True)
+
+    def summary(self) -> Finished:
+        now = time.perf_counter()
+        total_ms = (now - self.started) * 1000
+        timings = {"total_ms": round(total_ms, 2), "routing_ms": round(self.routing_ms, 2)}
+        if self.first_token_at is not None:
+            timings["first_token_ms"] = round((self.first_token_at - self.started) * 1000, 2)
+            decode_s = now - self.first_token_at
+            if self.completion_tokens > 1 and decode_s > 0:
+                timings["tokens_per_s"] = round((self.completion_tokens - 1) / decode_s, 2)
+        return Finished(answer="".join(self.pieces).strip(), finish_reason=self.finish_reason or "cancelled",
+                        prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, timings=timings)
+
+
+class GenerationFailedError(PersonaRouterError):
+    """The engine reported an error for this request."""
+
+
+class Answerer:
+    """Turns ``AnswerInput`` into a running generation; shared by every request of the app."""
+
+    def __init__(self, *, settings: ServiceSettings, pack: PersonaPack, decide: Decide, engine: Engine,
+                 residency: AdapterResidency, tokenizer: Any, metrics: ServiceMetrics,
+                 max_positions: int | None = None, generation_config: Any = None) -> None:
+        self.settings = settings
+        self.pack = pack
+        self.decide = decide
+        self.engine = engine
+        self.residency = residency
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.max_positions = max_positions
+        self.splits: dict[str, SplitConfig] = {split.persona: split for split in settings.ab_splits}
+        self.stop_token_ids = stop_tokens(tokenizer, generation_config)
+        self.in_flight = 0
+
+    def sampling(self, inp: AnswerInput) -> SamplingConfig:
+        limit = self.settings.max_new_tokens_limit
+        max_new = self.settings.default_max_new_tokens if inp.max_new_tokens is None else inp.max_new_tokens
+        if not 1 <= max_new <= limit:
+            raise InvalidRequestError(f"{max_new} must be between 1 and {limit}", field="max_new_tokens")
+        try:
+            return SamplingConfig(max_new_tokens=max_new, temperature=inp.temperature, top_p=inp.top_p,
+                                  seed=inp.seed)
+        except ConfigError as exc:
+            raise InvalidRequestError(str(exc).split(": ", 1)[-1], field=exc.field) from exc
+
+    def validate(self, inp: AnswerInput) -> SamplingConfig:
+        if not inp.question.strip():
+            raise InvalidRequestError("must not be empty or only whitespace", field="question")
+        if len(inp.question) > self.settings.max_question_chars:
+            raise InvalidRequestError(f"is {len(inp.question)} characters; the limit is "
+                                      f"{self.settings.max_question_chars}", field="question")
+        if inp.context is not None and len(inp.context) > self.settings.max_context_chars:
+            raise InvalidRequestError(f"is {len(inp.context)} characters; the limit is "
+                                      f"{self.settings.max_context_chars}", field="context")
+        if inp.persona is not None and not inp.persona.strip():
+            raise InvalidRequestError("must be a persona name or omitted", field="persona")
+        if inp.user is not None and len(inp.user) > 256:
+            raise InvalidRequestError("must be at most 256 characters", field="user")
+        if inp.seed is not None and not 0 <= inp.seed < 2**63:
+            raise InvalidRequestError(f"{inp.seed} must be between 0 and 2**63 - 1", field="seed")
+        return self.sampling(inp)
+
+    async def start(self, inp: AnswerInput) -> Running:
+        """Validate, route, lease the adapter and submit; every failure here maps to a clean status."""
+        started = time.perf_counter()
+        sampling = self.validate(inp)
+        decision = await asyncio.to_thread(self.decide, inp.question, inp.persona)
+        routing_ms = (time.perf_counter() - started) * 1000
+        self.metrics.decisions.inc(source=decision.source, persona=decision.persona)
+        persona = self.pack.get(decision.persona)
+        assignment, lease = await self._lease(persona.name, inp.user)
+        try:
+            messages = build_messages(inp.question, system_prompt=persona.system_prompt, context=inp.context)
+            ids = prompt_ids(self.tokenizer, messages)
+            self._check_length(len(ids), sampling.max_new_tokens, has_context=bool(inp.context))
+            request_id = f"ans-{uuid.uuid4().hex[:24]}"
+            request = GenerationRequest(request_id=request_id, prompt_ids=tuple(ids),
+                                        adapter=lease.name if lease else None, sampling=sampling,
+                                        stop_token_ids=self.stop_token_ids)
+            handle = self.engine.submit(request)
+        except BaseException:
+            if lease is not None:
+                self.residency.release(lease)
+            raise
+        running = Running(request_id=request_id, decision=decision, lease=lease, assignment=assignment,
+                          prompt_tokens=len(ids), handle=handle, answerer=self, endpoint=inp.endpoint,
+                          started=started, deadline=asyncio.get_running_loop().time() + self.settings.request_timeout_s,
+                          routing_ms=routing_ms)
+        # If nobody consumes the stream (the client left before it began), the deadline still frees it.
+        running._timer = asyncio.get_running_loop().call_at(running.deadline + 1.0, running.expire)
+        self.in_flight += 1
+        return running
+
+    async def _lease(self, persona: str, user: str | None) -> tuple[Assignment | None, Lease | None]:
+        split = self.splits.get(persona)
+        if split is None:
+            return None, await self.residency.acquire(persona)
+        assignment = assign(split, user)
+        version = None if assignment.version == "latest" else int(assignment.version)
+        lease = await self.residency.acquire(persona, version)
+        served = str(lease.version) if lease else "prompt-only"
+        self.metrics.ab.inc(persona=persona, arm=assignment.arm, adapter_version=served)
+        return assignment, lease
+
+    def _check_length(self, prompt_tokens: int, max_new_tokens: int, *, has_context: bool) -> None:
+        if self.max_positions is None or prompt_tokens + max_new_tokens <= self.max_positions:
+            return
+        field_name = "context" if has_context else "question"
+        raise InvalidRequestError(
+            f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it exceeds the model's "
+            f"{self.max_positions}-token window", field=field_name)
+
+    def finish(self, running: Running) -> None:
+        """Release the adapter and record metrics, once per request."""
+        self.in_flight -= 1
+        if running.lease is not None:
+            self.residency.release(running.lease)
+        running.finished = running.summary()
+        labels = {"endpoint": running.endpoint, "persona": running.decision.persona,
+                  "adapter_version": running.adapter_version}
+        status = {"stop": "200", "length": "200", "timeout": "504", "error": "500"}.get(
+            running.finished.finish_reason, "499")
+        self.metrics.requests.inc(status=status, **labels)
+        self.metrics.latency.observe(running.finished.timings["total_ms"] / 1000, **labels)
+        if running.first_token_at is not None:
+            self.metrics.first_token.observe(running.first_token_at - running.started, **labels)
+        version = {"persona": running.decision.persona, "adapter_version": running.adapter_version}
+        self.metrics.tokens.inc(running.prompt_tokens, kind="prompt", **version)
+        self.metrics.tokens.inc(running.completion_tokens, kind="completion", **version)
+        self.metrics.completion_tokens.observe(running.completion_tokens, **version)
+
+
+def stop_tokens(tokenizer: Any, generation_config: Any = None) -> tuple[int, ...]:
+    """End-of-sequence ids: the tokenizer's and the generation config's, what ``generate`` stops on."""
+    ids: set[int] = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list | tuple):
+        ids.update(int(t) for t in configured)
+    return tuple(sorted(ids))
+
+
+def fallback_decider(pack: PersonaPack) -> Decide:
+    """Routing without a classifier (``--router fallback``): a named persona, else the fallback, saying so."""
+    from router.decision import explicit
+
+    def decide(question: str, persona: str | None = None) -> Decision:
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidRequestError("must not be empty or only whitespace", field="question")
+        if persona is not None:
+            return explicit(pack.get(persona).name)
+        return Decision(persona=pack.fallback.name, source="fallback", confidence=0.0,
+                        reason="the service runs without a persona classifier (--router fallback)")
+
+    return decide

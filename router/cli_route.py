@@ -1,0 +1,190 @@
+"""``fit-router`` and ``route``: fit the persona router and report on it; route questions with it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import DataError, InvalidRequestError
+from router.cli_basic import add_pack_argument
+
+ROUTE_CHUNK = 256
+
+
+def register(subparsers: Any) -> None:
+    fit = subparsers.add_parser(
+        "fit-router", help="fit the persona router (embeddings + classifier + calibrated thresholds)",
+        description="Fit the router on labelled utterances (JSONL/CSV/JSON/Parquet rows with persona and "
+        "question), calibrate per-persona thresholds by cross-validation, save it and report on it.")
+    add_pack_argument(fit)
+    fit.add_argument("--data", action="append", default=None, metavar="FILE",
+                     help="training utterances (repeatable); default: the demo training split for the demo pack, "
+                     "else only the pack's examples")
+    fit.add_argument("--test", default=None, metavar="FILE",
+                     help="held-out utterances to score, never fitted on; default: the demo test split for the demo "
+                     "pack; 'none' to skip")
+    fit.add_argument("--out", default=None, help="router folder (default: $PERSONA_ROUTER_HOME/router/<pack>)")
+    fit.add_argument("--embedder", default=None,
+                     help="sentence-transformers id or folder (default: offline all-MiniLM-L6-v2)")
+    fit.add_argument("--target-precision", type=float, default=0.9,
+                     help="precision each persona must reach before it is inferred (default: %(default)s)")
+    fit.add_argument("--classifier", default="logreg", choices=("logreg", "centroid", "knn"),
+                     help="default: %(default)s (chosen by measurement, see README)")
+    fit.add_argument("--compare", action="store_true",
+                     help="also fit every classifier kind and print cross-validation and held-out metrics side by side")
+    fit.set_defaults(handler=cmd_fit_router)
+
+    route = subparsers.add_parser(
+        "route", help="decide the persona of questions",
+        description="Print one decision per question, in input order. Questions come from the arguments or a "
+        "JSONL file with one object per line holding 'question' (and optionally 'persona').")
+    route.add_argument("questions", nargs="*", metavar="QUESTION", help="questions to route")
+    route.add_argument("--input", default=None, metavar="FILE.jsonl", help="JSONL questions ('-' for stdin)")
+    route.add_argument("--persona", default=None, help="name a persona for the QUESTION arguments (skips inference)")
+    route.add_argument("--router", default=None,
+                       help="fitted router folder (default: the pack's router, fitted first if missing)")
+    add_pack_argument(route)
+    route.add_argument("--json", action="store_true", help="one JSON object per line")
+    route.add_argument("--batch-size", type=int, default=64, help="questions per encoder batch (default: %(default)s)")
+    route.set_defaults(handler=cmd_route)
+
+
+def cmd_fit_router(args: argparse.Namespace) -> int:
+    from router.encoder import load_encoder
+    from router.fitting import (
+        FitConfig,
+        compare_classifiers,
+        comparison_markdown,
+        default_training_records,
+        evaluate,
+        fit_router,
+        load_routing_records,
+    )
+    from router.pack import load_pack
+    from router.persona_router import default_router_dir, pack_reference
+
+    pack = load_pack(args.pack)
+    config = FitConfig(classifier=args.classifier, target_precision=args.target_precision)
+    train = load_routing_records(args.data, pack) if args.data else default_training_records(pack)
+    test = _test_records(args.test, pack, is_demo=pack_reference(pack) == "demo")
+    encoder = load_encoder(args.embedder)
+    result = fit_router(pack, train, encoder=encoder, config=config)
+    reports = [r for r in (result.cv_report,) if r is not None]
+    if test:
+        reports.append(evaluate(result.router, test, title="held-out test"))
+    comparison = compare_classifiers(pack, train, test, encoder=encoder, config=config) if args.compare else None
+    markdown = _report_markdown(result.router, reports, comparison, comparison_markdown)
+
+    def write_report(folder: Path) -> None:
+        (folder / "report.md").write_text(markdown, encoding="utf-8")
+        payload = {"reports": [r.to_json() for r in reports], "comparison": comparison,
+                   "fit_seconds": round(result.seconds, 2), "selection": result.selection}
+        (folder / "report.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        if reports:
+            reports[-1].save_confusion_png(folder / "confusion.png")
+
+    out = Path(args.out) if args.out else default_router_dir(pack.name)
+    result.router.save(out, extra=write_report)
+    print(markdown)
+    print(f"router saved to {out} (report.md, report.json, confusion.png beside it)")
+    return 0
+
+
+def _test_records(option: str | None, pack: Any, *, is_demo: bool) -> list[Any]:
+    from router.fitting import load_routing_records
+
+    if option is not None and option.lower() == "none":
+        return []
+    if option is not None:
+        return load_routing_records([option], pack)
+    if not is_demo:
+        return []
+    from training.loading import demo_routing
+
+    return [r for r in demo_routing("test") if r.persona in pack]
+
+
+def _report_markdown(router: Any, reports: list[Any], comparison: list[dict[str, Any]] | None,
+                     comparison_markdown: Any) -> str:
+    chosen = router.info["classifier"]
+    thresholds = ", ".join(f"{name} {value:.2f}" for name, value in router.calibration.thresholds.items())
+    parts = [f"# Router for pack {router.pack.name!r}\n",
+             f"Embedder {router.encoder.model_id} ({router.encoder.fingerprint[:19]}…); classifier {chosen['kind']} "
+             f"{chosen}; temperature {router.calibration.temperature:.3g}; target precision "
+             f"{router.calibration.target_precision:.2f}; thresholds: {thresholds}.\n"]
+    parts += [report.to_markdown() for report in reports]
+    if comparison:
+        parts += ["## Classifiers compared\n", comparison_markdown(comparison)]
+    return "\n".join(parts)
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from router.pack import load_pack
+    from router.persona_router import PersonaRouter, ensure_router
+
+    if args.batch_size < 1:
+        raise InvalidRequestError(f"{args.batch_size} must be at least 1", field="--batch-size")
+    items = [(q, args.persona) for q in args.questions]
+    if args.input:
+        items += list(_read_questions(args.input))
+    if not items:
+        raise InvalidRequestError("give questions as arguments or with --input FILE.jsonl", field="questions")
+    pack = load_pack(args.pack)
+    router = PersonaRouter.load(args.router, pack=pack) if args.router else ensure_router(pack)
+    from tqdm import tqdm
+
+    with tqdm(total=len(items), desc="routing", unit="q", file=sys.stderr,
+              disable=len(items) <= ROUTE_CHUNK) as progress:
+        for start in range(0, len(items), ROUTE_CHUNK):
+            chunk = items[start:start + ROUTE_CHUNK]
+            decisions = router.decide_batch([q for q, _ in chunk], [p for _, p in chunk], batch_size=args.batch_size)
+            for (question, _), decision in zip(chunk, decisions, strict=True):
+                _print_decision(question, decision.to_json(), as_json=args.json)
+            progress.update(len(chunk))
+    return 0
+
+
+def _print_decision(question: str, decision: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps({"question": question, **decision}, ensure_ascii=False) + "\n")
+        return
+    runner = f" (runner-up {decision['runner_up']} {decision['runner_up_score']:.2f})" if decision["runner_up"] else ""
+    why = f" [{decision['reason']}]" if decision["reason"] else ""
+    sys.stdout.write(f"{decision['persona']}\t{decision['source']}\t{decision['confidence']:.2f}{runner}\t"
+                     f"{question}{why}\n")
+
+
+def _read_questions(source: str) -> Iterator[tuple[str, str | None]]:
+    """(question, persona or None) from each non-blank JSONL line, validated up front by line number."""
+    handle = sys.stdin if source == "-" else _open(source)
+    try:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{source}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"invalid JSON ({exc.msg})", path=where) from exc
+            if not isinstance(row, dict):
+                raise DataError("each line must be a JSON object", path=where)
+            question, persona = row.get("question"), row.get("persona")
+            if not isinstance(question, str) or not question.strip():
+                raise DataError("must be a non-empty string", path=where, field="question")
+            if persona is not None and not isinstance(persona, str):
+                raise DataError("must be a string or absent", path=where, field="persona")
+            yield question, persona or None
+    finally:
+        if handle is not sys.stdin:
+            handle.close()
+
+
+def _open(path: str) -> Any:
+    try:
+        return open(path, encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc.strerror}", path=path) from exc

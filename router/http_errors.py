@@ -1,0 +1,116 @@
+"""The one place that maps domain errors (``adapters/errors.py``) to HTTP statuses and error bodies.
+
+Every error response has the shape ``{"error": {"message", "type", "field"?, "param"?, "valid"?}}``;
+OpenAI clients read ``error.message`` from it too.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, NotAuthorizedException
+from litestar.exceptions import ValidationException as LitestarValidationException
+
+from adapters.errors import (
+    AdapterError,
+    AdapterIncompatibleError,
+    ConfigError,
+    InvalidRequestError,
+    PersonaRouterError,
+    QueueFullError,
+    UnknownPersonaError,
+)
+from adapters.residency import AdapterNotFoundError
+from router.schemas import ErrorBody, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+
+class NotReadyError(PersonaRouterError):
+    """The service is still loading its models."""
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status for a domain error; the order matters because the classes nest."""
+    if isinstance(exc, UnknownPersonaError | AdapterNotFoundError):
+        return 404
+    if isinstance(exc, InvalidRequestError | ConfigError):
+        return 400
+    if isinstance(exc, QueueFullError):
+        return 429
+    if isinstance(exc, TimeoutError):
+        return 504
+    if isinstance(exc, AdapterIncompatibleError):
+        return 409
+    if isinstance(exc, AdapterError):
+        return 422
+    if isinstance(exc, NotReadyError):
+        return 503
+    return 500
+
+
+def error_type(exc: BaseException) -> str:
+    return {400: "invalid_request_error", 404: "not_found_error", 409: "adapter_conflict_error",
+            422: "adapter_error", 429: "rate_limit_error", 503: "unavailable_error",
+            504: "timeout_error"}.get(status_of(exc), "server_error")
+
+
+def error_body(exc: BaseException) -> ErrorBody:
+    """The JSON error for ``exc`` (also used for errors sent inside an event stream)."""
+    field = getattr(exc, "field", None)
+    body = ErrorBody(message=str(exc) or type(exc).__name__, type=error_type(exc), field=field, param=field)
+    if isinstance(exc, UnknownPersonaError):
+        body.valid = list(exc.valid)
+    if isinstance(exc, QueueFullError):
+        body.retry_after_s = exc.retry_after_s
+    if isinstance(exc, TimeoutError) and not str(exc):
+        body.message = "the request timed out"
+    return body
+
+
+def error_response(exc: BaseException) -> Response[Any]:
+    status = status_of(exc)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFullError) else {}
+    if isinstance(exc, NotReadyError):
+        headers["Retry-After"] = "1"
+    if status >= 500 and status not in (503, 504):
+        log.error("request failed: %s", exc)
+    return Response(ErrorResponse(error=error_body(exc)), status_code=status, headers=headers)
+
+
+def _domain_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    return error_response(exc)
+
+
+def _http_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    """Litestar's own errors (no route, wrong method, bad path parameter, auth) in the same shape."""
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = exc.detail
+    field = None
+    if isinstance(exc, LitestarValidationException) and isinstance(exc.extra, list) and exc.extra:
+        first = exc.extra[0]
+        if isinstance(first, dict):
+            field = first.get("key")
+            message = f"{exc.detail}: {first.get('message', '')}".rstrip(": ")
+    headers = dict(exc.headers or {})
+    if isinstance(exc, NotAuthorizedException):
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    body = ErrorBody(message=message, type=kind, field=field, param=field)
+    return Response(ErrorResponse(error=body), status_code=exc.status_code, headers=headers)
+
+
+def _unexpected_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    body = ErrorBody(message=f"internal error ({type(exc).__name__})", type="server_error")
+    return Response(ErrorResponse(error=body), status_code=500)
+
+
+EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
+    PersonaRouterError: _domain_handler,
+    TimeoutError: _domain_handler,
+    HTTPException: _http_handler,
+    Exception: _unexpected_handler,
+}

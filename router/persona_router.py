@@ -1,0 +1,234 @@
+"""The persona router: a question (and optionally a named persona) in, a ``Decision`` out.
+
+A named persona is checked against the pack and used as is. Otherwise the question is embedded, scored by
+the classifier, turned into calibrated probabilities, and the top persona is accepted only if its
+probability clears that persona's threshold; else the pack's fallback persona answers and the decision
+says why. A fitted router is a folder: ``router.json`` (embedder id and fingerprint, pack name and hash,
+labels, classifier description, calibration) and ``classifier.safetensors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapters.atomic import atomic_dir, remove_stale_temps
+from adapters.errors import InvalidRequestError, RouterModelError
+from adapters.home import home_dir
+from router.calibration import Calibration
+from router.classifier import Classifier, load_classifier, save_classifier
+from router.decision import Decision, explicit
+from router.encoder import Encoder, load_encoder
+from router.pack import DEMO_PACK, PersonaPack, demo_pack_path, load_pack
+
+log = logging.getLogger(__name__)
+
+ROUTER_FILE = "router.json"
+FORMAT_VERSION = 1
+BATCH_SIZE = 64
+
+
+def default_router_dir(pack_name: str) -> Path:
+    return home_dir() / "router" / pack_name
+
+
+def pack_hash(pack: PersonaPack) -> str:
+    """Hash what routing depends on: names, fallback, descriptions and examples (not system prompts)."""
+    personas = sorted(({"name": p.name, "fallback": p.fallback, "description": p.description,
+                        "examples": list(p.examples)} for p in pack.personas), key=lambda p: str(p["name"]))
+    return "sha256:" + hashlib.sha256(json.dumps(personas, sort_keys=True).encode()).hexdigest()
+
+
+def pack_reference(pack: PersonaPack) -> str:
+    """How to find the pack again: ``demo`` for the bundled one, else its file."""
+    try:
+        if Path(pack.source).resolve() == demo_pack_path().resolve():
+            return DEMO_PACK
+    except OSError:
+        pass
+    return pack.source
+
+
+class PersonaRouter:
+    """Routes questions to personas of one pack. Decisions are deterministic for a given question."""
+
+    def __init__(self, *, pack: PersonaPack, encoder: Encoder, classifier: Classifier, calibration: Calibration,
+                 labels: Sequence[str], info: dict[str, Any] | None = None) -> None:
+        if sorted(labels) != sorted(pack.names):
+            raise RouterModelError(f"the router's personas {sorted(labels)} differ from the pack's "
+                                   f"{sorted(pack.names)}", field="labels")
+        missing = set(labels) - set(calibration.thresholds)
+        if missing:
+            raise RouterModelError(f"no threshold for personas {sorted(missing)}", field="thresholds")
+        self.pack = pack
+        self.encoder = encoder
+        self.classifier = classifier
+        self.calibration = calibration
+        self.labels = tuple(labels)
+        self.info = dict(info or {})
+        self._fallback = pack.fallback.name
+        self._thresholds = np.array([calibration.thresholds[name] for name in self.labels])
+
+    # ---- deciding -------------------------------------------------------------------------------------
+
+    def decide(self, question: str, persona: str | None = None) -> Decision:
+        """Route one question; ``persona`` (a name from the pack) skips inference."""
+        if persona is not None:
+            _check_question(question, field="question")
+            return explicit(self.pack.get(persona).name)
+        return self.decide_from_probabilities(self.probabilities([_check_question(question, field="question")])[0])
+
+    def decide_batch(self, questions: Sequence[str], personas: Sequence[str | None] | None = None, *,
+                     batch_size: int = BATCH_SIZE) -> list[Decision]:
+        """Route many questions in input order; only those without a named persona are embedded."""
+        if personas is not None and len(personas) != len(questions):
+            raise InvalidRequestError(f"{len(personas)} personas for {len(questions)} questions", field="personas")
+        named = list(personas) if personas is not None else [None] * len(questions)
+        texts = [_check_question(q, field=f"questions[{i}]") for i, q in enumerate(questions)]
+        for name in named:
+            if name is not None:
+                self.pack.get(name)
+        to_infer = [i for i, name in enumerate(named) if name is None]
+        probs = self.probabilities([texts[i] for i in to_infer], batch_size=batch_size)
+        inferred = dict(zip(to_infer, (self.decide_from_probabilities(row) for row in probs), strict=True))
+        return [inferred[i] if name is None else explicit(name) for i, name in enumerate(named)]
+
+    def probabilities(self, questions: Sequence[str], *, batch_size: int = BATCH_SIZE) -> np.ndarray:
+        """Calibrated probabilities, one row per question, columns in ``self.labels`` order."""
+        if not questions:
+            return np.zeros((0, len(self.labels)))
+        embeddings = self.encoder.encode(list(questions), batch_size=batch_size)
+        return self.calibration.probabilities(self.classifier.scores(embeddings))
+
+    def decide_from_probabilities(self, probs: np.ndarray) -> Decision:
+        # argmax takes the first of equal maxima, so ties resolve by label order, always the same way.
+        order = np.argsort(-probs, kind="stable")
+        top = int(order[0])
+        name, confidence, threshold = self.labels[top], float(probs[top]), float(self._thresholds[top])
+        if confidence >= threshold:
+            second = int(order[1]) if len(order) > 1 else None
+            return Decision(persona=name, source="inferred", confidence=confidence,
+                            runner_up=None if second is None else self.labels[second],
+                            runner_up_score=None if second is None else float(probs[second]))
+        fallback = self.labels.index(self._fallback)
+        alternative = next((int(i) for i in order if int(i) != fallback), None)
+        if name == self._fallback:
+            reason = (f"the top guess is the fallback persona {name!r} itself, at confidence {confidence:.3f}, "
+                      f"below its threshold {threshold:.3f}")
+        else:
+            reason = (f"confidence {confidence:.3f} for {name!r} is below its threshold {threshold:.3f} "
+                      f"(target precision {self.calibration.target_precision:.2f}); "
+                      f"answering as the fallback persona {self._fallback!r}")
+        return Decision(persona=self._fallback, source="fallback", confidence=float(probs[fallback]),
+                        runner_up=None if alternative is None else self.labels[alternative],
+                        runner_up_score=None if alternative is None else float(probs[alternative]),
+                        reason=reason)
+
+    # ---- saving and loading ---------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "pack": {"name": self.pack.name, "source": pack_reference(self.pack), "hash": pack_hash(self.pack),
+                     "fallback": self._fallback},
+            "embedder": {"id": self.encoder.model_id, "fingerprint": self.encoder.fingerprint,
+                         "dimension": self.encoder.dimension, "max_seq_length": self.encoder.max_seq_length},
+            "labels": list(self.labels),
+            "calibration": self.calibration.to_json(),
+            "fit": self.info,
+        }
+
+    def save(self, path: str | Path, *, extra: Callable[[Path], None] | None = None) -> Path:
+        """Write the router folder atomically (a crash never leaves a half-written router).
+
+        ``extra(folder)`` may add files (such as the fit report) inside the same atomic write.
+        """
+        target = Path(path)
+        remove_stale_temps(target.parent)
+        with atomic_dir(target, replace=True) as tmp:
+            description = self.describe()
+            description["classifier"] = save_classifier(self.classifier, tmp)
+            (tmp / ROUTER_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n",
+                                           encoding="utf-8")
+            if extra is not None:
+                extra(tmp)
+        log.info("saved router to %s", target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path, *, pack: PersonaPack | None = None,
+             encoder: Encoder | None = None) -> PersonaRouter:
+        """Load a fitted router; refuse it if the pack's personas or the embedder changed since fitting."""
+        folder = Path(path)
+        description = read_description(folder)
+        try:
+            pack_info, embedder_info = description["pack"], description["embedder"]
+            labels = [str(name) for name in description["labels"]]
+            calibration = Calibration.from_json(description["calibration"])
+            classifier_info = description["classifier"]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RouterModelError(f"{ROUTER_FILE} is incomplete ({type(exc).__name__}: {exc})",
+                                   path=folder) from exc
+        pack = pack or load_pack(pack_info["source"])
+        if pack_hash(pack) != pack_info["hash"]:
+            raise RouterModelError(
+                f"pack {pack.name!r} ({pack.source}) has changed personas since this router was fitted for pack "
+                f"{pack_info['name']!r}; refit it: persona-router fit-router --pack {pack_reference(pack)}",
+                path=folder)
+        encoder = encoder or load_encoder(embedder_info["id"])
+        if encoder.fingerprint != embedder_info["fingerprint"]:
+            raise RouterModelError(
+                f"the router was fitted with embedder {embedder_info['id']!r} ({embedder_info['fingerprint'][:19]}…) "
+                f"but the loaded embedder {encoder.model_id!r} is {encoder.fingerprint[:19]}…; refit it with "
+                "persona-router fit-router", path=folder)
+        classifier = load_classifier(folder, classifier_info, len(labels), encoder.dimension)
+        return cls(pack=pack, encoder=encoder, classifier=classifier, calibration=calibration, labels=labels,
+                   info=description.get("fit", {}))
+
+
+def read_description(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / ROUTER_FILE
+    if not path.is_file():
+        raise RouterModelError("no fitted router here; fit one with: persona-router fit-router", path=folder)
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RouterModelError(f"unreadable router description: {exc}", path=path) from exc
+    if not isinstance(description, dict) or description.get("format_version") != FORMAT_VERSION:
+        found = description.get("format_version") if isinstance(description, dict) else None
+        raise RouterModelError(f"unsupported router format {found!r} (this version reads {FORMAT_VERSION})",
+                               path=path)
+    return description
+
+
+def ensure_router(pack: PersonaPack | None = None, *, encoder: Encoder | None = None, path: str | Path | None = None,
+                  refit: bool = False) -> PersonaRouter:
+    """The pack's router from its default folder, fitted there first if missing or stale (takes seconds)."""
+    pack = pack or load_pack(DEMO_PACK)
+    folder = Path(path) if path is not None else default_router_dir(pack.name)
+    if not refit and (folder / ROUTER_FILE).is_file():
+        try:
+            return PersonaRouter.load(folder, pack=pack, encoder=encoder)
+        except RouterModelError as exc:
+            log.warning("refitting the router: %s", exc)
+    from router.fitting import FitConfig, default_training_records, fit_router
+
+    records = default_training_records(pack)
+    router = fit_router(pack, records, encoder=encoder or load_encoder(None), config=FitConfig()).router
+    router.save(folder)
+    return router
+
+
+def _check_question(question: object, *, field: str) -> str:
+    if not isinstance(question, str):
+        raise InvalidRequestError(f"must be a string, got {type(question).__name__}", field=field)
+    text = question.strip()
+    if not text:
+        raise InvalidRequestError("must not be empty or only whitespace", field=field)
+    return text

@@ -1,0 +1,182 @@
+"""Wire types of the HTTP API (msgspec Structs) and the one function that decodes request bodies.
+
+Only the HTTP edge uses these; the domain works with frozen dataclasses (``router/answering.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+
+from adapters.errors import InvalidRequestError
+
+T = TypeVar("T")
+_PATH = re.compile(r"at `\$((?:\.[A-Za-z_][\w-]*|\[\d+\])+)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+# -- /v1/answer -------------------------------------------------------------------------------------------
+class AnswerRequest(msgspec.Struct, forbid_unknown_fields=True):
+    question: str
+    persona: str | None = None
+    context: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    user: str | None = None
+    stream: bool = False
+
+
+class AdapterRef(msgspec.Struct):
+    persona: str
+    version: str
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AnswerResponse(msgspec.Struct):
+    id: str
+    answer: str
+    decision: dict[str, Any]
+    adapter: AdapterRef | None
+    usage: Usage
+    timings: dict[str, float]
+    finish_reason: str
+    ab: dict[str, Any] | None = None
+
+
+# -- /v1/chat/completions ---------------------------------------------------------------------------------
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(msgspec.Struct):
+    """OpenAI's request; fields we do not use are accepted and ignored, as OpenAI-compatible servers do."""
+
+    model: str
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+
+
+class ResponseMessage(msgspec.Struct):
+    role: str
+    content: str
+
+
+class Choice(msgspec.Struct):
+    index: int
+    message: ResponseMessage
+    finish_reason: str
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    persona_routing: dict[str, Any]
+    object: str = "chat.completion"
+
+
+class Delta(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    object: str = "chat.completion.chunk"
+    usage: Usage | None = None
+    persona_routing: dict[str, Any] | None = None
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    created: int
+    owned_by: str = "persona-router"
+    object: str = "model"
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    message: str
+    type: str
+    field: str | None = None
+    param: str | None = None  # OpenAI clients read the offending parameter from here
+    valid: list[str] | None = None
+    retry_after_s: int | None = None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody
+
+
+# -- decoding ---------------------------------------------------------------------------------------------
+def decode_body(body: bytes, type_: type[T]) -> T:
+    """Decode a JSON body into ``type_``; any problem becomes an ``InvalidRequestError`` naming the field."""
+    if not body.strip():
+        raise InvalidRequestError("the request body is empty; send a JSON object", field="body")
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(_clean(str(exc)), field=_field_of(str(exc))) from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"malformed JSON ({exc})", field="body") from exc
+
+
+def _field_of(message: str) -> str:
+    for pattern in (_UNKNOWN, _MISSING):
+        found = pattern.search(message)
+        if found:
+            prefix = _PATH.search(message)
+            return f"{prefix.group(1).lstrip('.')}.{found.group(1)}" if prefix else found.group(1)
+    found = _PATH.search(message)
+    return found.group(1).lstrip(".") if found else "body"
+
+
+def _clean(message: str) -> str:
+    """msgspec says ``- at `$.x```; the field is reported separately, so keep only the complaint."""
+    return re.sub(r"\s*-\s*at `\$[^`]*`", "", message)

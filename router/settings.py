@@ -1,0 +1,113 @@
+"""The service's settings: one frozen, validated record built from the CLI (or tests) before start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import ConfigError, choices
+from adapters.offline_default import DEFAULT_BASE
+from adapters.registry import default_adapters_dir
+from eval.ab_split import SplitConfig
+
+ADMIN_TOKEN_ENV = "PERSONA_ROUTER_ADMIN_TOKEN"
+ENGINES: tuple[str, ...] = ("auto", "reference", "fast")
+ROUTER_MODES: tuple[str, ...] = ("fitted", "fallback")
+_HOST = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Everything the service needs to start; validated here so a bad value fails before any model loads.
+
+    ``engine``: ``reference`` (``adapters/engine_reference.py``: static batches through ``generate``),
+    ``fast`` (``adapters/engine``: continuous batching) or ``auto`` (fast when importable).
+    ``router``: ``fitted`` loads (or fits once) the pack's embedding router; ``fallback`` skips the
+    embedder and sends every request without a persona to the pack's fallback persona, saying so.
+    ``watch_interval_s``: how often the adapters folder is checked for new versions (0 turns it off).
+    ``ab_splits``: live A/B experiments as ``eval.ab_split.SplitConfig`` JSON objects.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    adapters_dir: Path = field(default_factory=default_adapters_dir)
+    base: str = DEFAULT_BASE
+    device: str = "auto"
+    quantization: str = "auto"
+    pack: str = "demo"
+    engine: str = "auto"
+    router: str = "fitted"
+    max_queue: int = 64
+    max_batch: int = 8
+    request_timeout_s: float = 120.0
+    max_resident_adapters: int = 8
+    admin_token: str | None = None
+    watch_interval_s: float = 2.0
+    max_question_chars: int = 4000
+    max_context_chars: int = 16000
+    max_new_tokens_limit: int = 512
+    default_max_new_tokens: int = 128
+    warmup: bool = True
+    ab_splits: tuple[SplitConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.host or not _HOST.match(self.host):
+            raise ConfigError(f"{self.host!r} is not a host name or IP address", field="host")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{self.port} must be between 0 and 65535", field="port")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"{self.engine!r} is not one of {choices(ENGINES)}", field="engine")
+        if self.router not in ROUTER_MODES:
+            raise ConfigError(f"{self.router!r} is not one of {choices(ROUTER_MODES)}", field="router")
+        _at_least(self.max_queue, 1, "max_queue")
+        _at_least(self.max_batch, 1, "max_batch")
+        _at_least(self.max_resident_adapters, 1, "max_resident_adapters")
+        _at_least(self.max_question_chars, 1, "max_question_chars")
+        _at_least(self.max_context_chars, 0, "max_context_chars")
+        if not 1 <= self.max_new_tokens_limit <= 4096:
+            raise ConfigError(f"{self.max_new_tokens_limit} must be between 1 and 4096", field="max_new_tokens_limit")
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
+            raise ConfigError(f"{self.default_max_new_tokens} must be between 1 and max_new_tokens_limit "
+                              f"({self.max_new_tokens_limit})", field="default_max_new_tokens")
+        if not 0.1 <= self.request_timeout_s <= 3600:
+            raise ConfigError(f"{self.request_timeout_s} must be between 0.1 and 3600 s", field="request_timeout_s")
+        if not 0.0 <= self.watch_interval_s <= 3600:
+            raise ConfigError(f"{self.watch_interval_s} must be between 0 (off) and 3600 s", field="watch_interval_s")
+        if self.admin_token is not None and len(self.admin_token) < 8:
+            raise ConfigError("must be at least 8 characters (or unset to disable admin auth)",
+                              field=ADMIN_TOKEN_ENV)
+        personas = [split.persona for split in self.ab_splits]
+        if len(personas) != len(set(personas)):
+            raise ConfigError("at most one A/B split per persona", field="ab_splits")
+        object.__setattr__(self, "adapters_dir", Path(self.adapters_dir).expanduser().resolve())
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> ServiceSettings:
+        """Settings with the admin token taken from ``PERSONA_ROUTER_ADMIN_TOKEN`` unless given."""
+        overrides.setdefault("admin_token", os.environ.get(ADMIN_TOKEN_ENV) or None)
+        return cls(**overrides)
+
+    def with_overrides(self, **changes: Any) -> ServiceSettings:
+        return replace(self, **changes)
+
+
+def load_ab_splits(path: str | Path) -> tuple[SplitConfig, ...]:
+    """Read a JSON file holding one split object or a list of them; validated by ``SplitConfig``."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the A/B split file: {exc}", path=path, field="ab") from exc
+    items = raw if isinstance(raw, list) else [raw]
+    if not all(isinstance(item, dict) for item in items):
+        raise ConfigError("must hold a JSON object or a list of objects", path=path, field="ab")
+    return tuple(SplitConfig.from_json(item) for item in items)
+
+
+def _at_least(value: int, lower: int, name: str) -> None:
+    if value < lower:
+        raise ConfigError(f"{value} must be at least {lower}", field=name)

@@ -1,0 +1,223 @@
+"""Training hyperparameters: QLoRA defaults on CUDA, small-and-fast defaults on CPU, all overridable.
+
+Fields left as ``None`` mean "pick for the device" and are filled by :meth:`TrainConfig.resolved`; the
+manifest records the resolved values. Precedence, lowest first: built-in defaults, ``--config FILE`` (TOML or
+JSON, flat keys named like the fields, or under a ``[train]`` table), then CLI flags.
+
+CUDA defaults follow QLoRA as the original project used it on Phi-3-mini (LoRA r=16, alpha=32, dropout 0.05,
+all linear layers; lr 2e-4, cosine, 3 % warm-up, paged 8-bit AdamW, NF4 base with bf16 compute; micro-batch
+2 x accumulation 4 at 1,024 tokens with gradient checkpointing) with two changes that cost no memory: the
+loss covers the answer only, and examples are packed without padding (attention stays within each example).
+
+CPU defaults (the offline 135M base, float32) are sized so ``persona-router train --all`` on the demo pack
+(5 personas x 80 rows) takes about 15 minutes on 2 free cores; README's training section shows the
+measurement. No gradient checkpointing on CPU: memory is plentiful there and recomputation costs a third.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import ConfigError, choices
+
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "sgd")
+SWITCHES = ("auto", "on", "off")
+MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
+
+# Per-device defaults for the fields left as None.
+CUDA_DEFAULTS: dict[str, Any] = {
+    "batch_size": 2, "grad_accum": 4, "max_length": 1024, "epochs": 1.0, "optim": "paged_adamw_8bit",
+    "gradient_checkpointing": "on", "mixed_precision": "bf16",
+}
+CPU_DEFAULTS: dict[str, Any] = {
+    "batch_size": 2, "grad_accum": 2, "max_length": 512, "epochs": 1.0, "optim": "adamw_torch",
+    "gradient_checkpointing": "off", "mixed_precision": "no", "max_steps": 16,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyperparameter of one adapter's training run."""
+
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"  # or a comma-separated list of module names
+    # optimisation
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.001
+    max_grad_norm: float = 0.3
+    optim: str = "auto"
+    # batches and duration (None: per-device default)
+    batch_size: int | None = None  # per-device micro-batch (packed rows when packing)
+    grad_accum: int | None = None
+    max_length: int | None = None  # tokens per example; contexts are cut to fit, never question or answer
+    epochs: float | None = None
+    max_steps: int | None = None  # overrides epochs when set
+    packing: bool = True  # best-fit packing without padding; attention never crosses examples
+    gradient_checkpointing: str = "auto"
+    mixed_precision: str = "auto"
+    # evaluation and checkpoints
+    eval_fraction: float = 0.1  # held out from a --data source that has no separate eval split
+    eval_max_rows: int | None = None  # cap on eval rows (None: all)
+    save_steps: int = 8  # checkpoint cadence, for --resume
+    logging_steps: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "lora_r")
+        _positive_int(self, "lora_alpha")
+        _fraction(self, "lora_dropout", upper_open=True)
+        if not self.target_modules.strip():
+            raise ConfigError("must be 'all-linear' or a comma-separated list of module names", field="target_modules")
+        if not 0 < self.learning_rate < 1:
+            raise ConfigError(f"{self.learning_rate} must be in (0, 1)", field="learning_rate")
+        _choice(self, "lr_scheduler", SCHEDULERS)
+        _fraction(self, "warmup_ratio", upper_open=True)
+        if self.weight_decay < 0:
+            raise ConfigError(f"{self.weight_decay} must be >= 0", field="weight_decay")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"{self.max_grad_norm} must be > 0", field="max_grad_norm")
+        _choice(self, "optim", OPTIMIZERS)
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_max_rows"):
+            if getattr(self, name) is not None:
+                _positive_int(self, name)
+        if self.max_length is not None and not 64 <= self.max_length <= 131072:
+            raise ConfigError(f"{self.max_length} must be between 64 and 131072", field="max_length")
+        if self.epochs is not None and not 0 < self.epochs <= 100:
+            raise ConfigError(f"{self.epochs} must be in (0, 100]", field="epochs")
+        if not isinstance(self.packing, bool):
+            raise ConfigError(f"{self.packing!r} must be true or false", field="packing")
+        _choice(self, "gradient_checkpointing", SWITCHES)
+        _choice(self, "mixed_precision", MIXED_PRECISIONS)
+        _fraction(self, "eval_fraction", upper_open=True)
+        _positive_int(self, "save_steps")
+        _positive_int(self, "logging_steps")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"{self.seed!r} must be an integer >= 0", field="seed")
+
+    def resolved(self, device: str, *, bf16_supported: bool = True) -> TrainConfig:
+        """Fill every ``None``/``"auto"`` with the device's default; explicit values win."""
+        if device not in ("cpu", "cuda"):
+            raise ConfigError(f"{device!r} is not one of {choices(('cpu', 'cuda'))}", field="device")
+        defaults = dict(CUDA_DEFAULTS if device == "cuda" else CPU_DEFAULTS)
+        if device == "cuda" and not bf16_supported:
+            defaults["mixed_precision"] = "fp16"
+        updates: dict[str, Any] = {}
+        for name, value in defaults.items():
+            current = getattr(self, name)
+            if name == "max_steps":
+                # Explicit epochs mean "train by epochs": the CPU step budget must not cap them.
+                if current is None and self.epochs is None:
+                    updates[name] = value
+            elif current is None or current == "auto":
+                updates[name] = value
+        return replace(self, **updates)
+
+    @property
+    def effective_batch(self) -> int:
+        return (self.batch_size or 1) * (self.grad_accum or 1)
+
+    def target_module_list(self) -> str | list[str]:
+        if self.target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], *, where: str = "config") -> TrainConfig:
+        return cls().with_overrides(data, where=where)
+
+    def with_overrides(self, data: dict[str, Any], *, where: str = "config") -> TrainConfig:
+        """A copy with ``data``'s keys replaced; unknown keys are an error naming the valid ones."""
+        known = {f.name: f for f in fields(self)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown training settings {unknown}; valid: {', '.join(sorted(known))}", field=where)
+        converted = {k: _convert(k, v, known[k].type) for k, v in data.items()}
+        return replace(self, **converted)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read overrides from a TOML or JSON file: flat keys, or keys under a ``train`` table."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("no such config file", field=str(path))
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot parse: {exc}", field=str(path)) from exc
+    if not isinstance(data, dict):
+        raise ConfigError("must hold a table/object of settings", field=str(path))
+    table = data.get("train", data)
+    if not isinstance(table, dict):
+        raise ConfigError("'train' must be a table of settings", field=str(path))
+    return table
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs; values parse as JSON when they can (numbers, true/false), else as text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{item!r} must look like key=value", field="--set")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _convert(name: str, value: Any, annotation: Any) -> Any:
+    kind = str(annotation)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError("cannot be empty", field=name)
+    if kind.startswith("bool"):
+        if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no"):
+            return value.lower() in ("true", "on", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{value!r} must be true or false", field=name)
+        return value
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{value!r} is not a number", field=name) from exc
+    return str(value) if kind.startswith("str") else value
+
+
+def _positive_int(config: TrainConfig, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{value!r} must be an integer >= 1", field=name)
+
+
+def _fraction(config: TrainConfig, name: str, *, upper_open: bool) -> None:
+    value = getattr(config, name)
+    if not (0 <= value < 1 if upper_open else 0 <= value <= 1):
+        raise ConfigError(f"{value} must be in [0, 1)", field=name)
+
+
+def _choice(config: TrainConfig, name: str, valid: tuple[str, ...]) -> None:
+    if getattr(config, name) not in valid:
+        raise ConfigError(f"{getattr(config, name)!r} is not one of {choices(valid)}", field=name)

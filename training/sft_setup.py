@@ -1,0 +1,92 @@
+"""Translate a resolved :class:`TrainConfig` into PEFT's ``LoraConfig`` and TRL's ``SFTConfig``.
+
+Kept apart from the orchestration so ``benchmarks/train_gpu.py`` measures exactly the arguments that
+``persona-router train`` uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import ConfigError
+from training.config import TrainConfig
+
+
+def require_trl() -> Any:
+    try:
+        import trl
+    except ImportError as exc:
+        raise ConfigError("training needs TRL: pip install 'trl>=1.16,<2'", field="trl") from exc
+    return trl
+
+
+def lora_config(config: TrainConfig) -> Any:
+    """LoRA on every linear layer but the LM head, no ``modules_to_save``: the format vLLM and PEFT both load."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_module_list(),
+        bias="none",
+        task_type="CAUSAL_LM",
+        modules_to_save=None,
+    )
+
+
+def sft_config(config: TrainConfig, *, output_dir: Path, device: str, eval_rows: int = 0,
+               completion_only_loss: bool = True) -> Any:
+    """The TRL arguments for a config already passed through :meth:`TrainConfig.resolved`."""
+    if config.batch_size is None or config.max_length is None or config.grad_accum is None:
+        raise ConfigError("resolve the config for a device first (TrainConfig.resolved)", field="config")
+    trl = require_trl()
+    mixed = config.mixed_precision if device == "cuda" else "no"
+    optim = config.optim
+    if device == "cpu" and optim in ("paged_adamw_8bit", "adamw_8bit"):
+        raise ConfigError(f"{optim!r} needs CUDA; on CPU use 'adamw_torch'", field="optim")
+    checkpointing = config.gradient_checkpointing == "on"
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": max(config.batch_size, 4),
+        "gradient_accumulation_steps": config.grad_accum,
+        "learning_rate": config.learning_rate,
+        "lr_scheduler_type": config.lr_scheduler,
+        # transformers 5 reads a float below 1 as a ratio of the total steps.
+        "warmup_steps": config.warmup_ratio,
+        "weight_decay": config.weight_decay,
+        "max_grad_norm": config.max_grad_norm,
+        "optim": optim,
+        "num_train_epochs": config.epochs or 1.0,
+        "max_steps": config.max_steps or -1,
+        "max_length": config.max_length,
+        "packing": config.packing,
+        "packing_strategy": "bfd",
+        # Packing without padding relies on position_ids restarting per example; with eager/SDPA attention
+        # transformers turns them into a block-diagonal mask (tests/unit/test_training_packing.py checks it).
+        "padding_free": config.packing,
+        "completion_only_loss": completion_only_loss,
+        "bf16": mixed == "bf16",
+        "fp16": mixed == "fp16",
+        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
+        "logging_steps": config.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": config.save_steps,
+        "save_total_limit": 1,
+        "eval_strategy": "no",
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "report_to": "none",
+        "include_num_input_tokens_seen": "non_padding",
+        "dataloader_num_workers": 0,
+        "use_cpu": device == "cpu",
+        "disable_tqdm": False,
+        "dataset_num_proc": None,
+        "shuffle_dataset": False,
+    }
+    if eval_rows:
+        kwargs["eval_packing"] = False
+    return trl.SFTConfig(**kwargs)
