@@ -324,11 +324,14 @@ class ReferenceEngine:
         if row.handle.cancelled.is_set():
             self._finish(row, "cancelled")
             return
+        self._stats.generated_tokens += 1
         if token in request.stop_token_ids:
-            self._finish(row, "stop")
+            # The stop token counts as generated (as in ``generate``) but adds no text.
+            row.done = True
+            row.handle.finished = True
+            row.handle.push(TokenEvent(request.request_id, token, "", finish_reason="stop"))
             return
         row.tokens.append(token)
-        self._stats.generated_tokens += 1
         text = tokenizer.decode(row.tokens, skip_special_tokens=True)
         # A trailing U+FFFD is half of a multi-byte character: wait for the rest before sending it.
         delta = "" if text.endswith("\ufffd") else text[len(row.text):]

@@ -48,11 +48,13 @@ class TrainMetrics:
     eval_loss_before: float | None  # the base model (adapter disabled) on the same eval rows
     steps: int
     epochs: float
-    tokens_seen: int  # non-padding input tokens fed to the model during training
-    wall_time_s: float
-    tokens_per_s: float
+    tokens_seen: int  # non-padding tokens fed to the model by this process (after a resume: since the resume)
+    wall_time_s: float  # load + format + evaluate + train + save
+    tokens_per_s: float  # tokens_seen / train_time_s
     peak_memory_mb: float
     peak_memory_kind: str  # "cuda_max_allocated" or "process_max_rss"
+    train_time_s: float = 0.0  # the optimisation loop alone
+    resumed_from_step: int = 0
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ The registry (``adapters/registry.py``) says what exists on disk; this module de
 - The *live* version of a persona is its ``LATEST``, unless that version is refused (other base
   fingerprint, corrupt files) or disabled by an admin, in which case the newest usable older version
   serves; with none, the persona is prompt-only (base model plus its system prompt).
-- At most ``max_resident`` adapters are resident. Loading one more evicts the least recently used adapter
-  that is neither live (pinned) nor serving a request; if every slot is pinned or busy the load fails.
+- At most ``max_resident`` adapters are resident. Loading one more evicts the least recently used idle
+  adapter that is not live (live versions are pinned); only a request that needs a non-resident version
+  may evict an idle live one, which reloads on its next use. A reload never evicts live versions. When
+  every slot is serving a request the load fails with ``QueueFullError`` (429: retry shortly).
 - Each version is registered in the engine under its own name, ``persona@version``. A new version is
   loaded beside the old one and only then becomes live, and an adapter that requests are using is removed
   only after the last of them finishes: a hot swap never drops a request in flight.
@@ -34,6 +36,7 @@ from adapters.errors import (
     AdapterIncompatibleError,
     ConfigError,
     PersonaRouterError,
+    QueueFullError,
     UnknownPersonaError,
 )
 from adapters.registry import LATEST_FILE, AdapterRegistry
@@ -142,8 +145,9 @@ class AdapterResidency:
                 self._spawn(self._remove_idle(lease.name))
 
     # -- loading ----------------------------------------------------------------------------------------
-    async def _load(self, persona: str, version: int) -> None:
-        """Validate and load one version; the caller holds the lock. Refusals are recorded and raised."""
+    async def _load(self, persona: str, version: int, *, evict_live: bool = True) -> None:
+        """Validate and load one version; the caller holds the lock. Refusals are recorded and raised;
+        a full residency raises QueueFullError and records nothing."""
         if (persona, version) in self._disabled:
             raise AdapterError(f"{engine_name(persona, version)} is disabled; POST it to enable it again")
         refusal = self._refused.get((persona, version))
@@ -156,7 +160,7 @@ class AdapterResidency:
         folder = self.registry.path(persona, version)
         try:
             await asyncio.to_thread(self._validate, persona, version)
-            await self._make_room()
+            await self._make_room(evict_live=evict_live)
             await asyncio.to_thread(self._engine_add, name, folder)
         except AdapterError as exc:
             stamp = await asyncio.to_thread(self._file_stamp, persona, version)
@@ -198,12 +202,18 @@ class AdapterResidency:
         except Exception as exc:  # any engine failure refuses this adapter, not the server
             raise AdapterError(f"the engine could not load it ({type(exc).__name__}: {exc})", path=folder) from exc
 
-    async def _make_room(self) -> None:
+    async def _make_room(self, *, evict_live: bool) -> None:
+        """Free a slot: the least recently used idle non-live adapter first, then (on demand only) an idle
+        live one, which simply reloads when next asked for. Raises QueueFullError when every slot is busy."""
         while len(self._resident) >= self.max_resident:
-            victim = next((n for n in self._resident if not self._pinned(n) and not self._inflight.get(n)), None)
+            idle = [n for n in self._resident if not self._inflight.get(n)]
+            victim = next((n for n in idle if not self._pinned(n)), None)
+            if victim is None and evict_live and idle:
+                victim = idle[0]
             if victim is None:
-                raise AdapterError(f"all {self.max_resident} resident adapter slots are live or serving requests; "
-                                   "raise --max-resident-adapters")
+                raise QueueFullError(f"all {self.max_resident} resident adapter slots are "
+                                     f"{'serving requests' if evict_live else 'live'}; retry shortly "
+                                     "or raise --max-resident-adapters")
             await self._unload(victim)
 
     async def _unload(self, name: str) -> None:
@@ -240,10 +250,13 @@ class AdapterResidency:
             if engine_name(persona, version) in self._resident:
                 return
             try:
-                await self._load(persona, version)
+                await self._load(persona, version, evict_live=False)
                 return
             except AdapterError:
                 continue  # recorded as refused; try the next older version
+            except QueueFullError:
+                log.info("no free adapter slot for %s; it loads on first use", engine_name(persona, version))
+                return
 
     async def _retire(self) -> None:
         """Unload versions that vanished from disk or were disabled (after their requests finish)."""

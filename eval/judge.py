@@ -2,9 +2,11 @@
 
 Features are sentence embeddings (the router's encoder, all-MiniLM-L6-v2 offline) and, when 5-fold
 cross-validation on the training answers says they help, a few standardised stylometric features
-(readability, sentence and word length, digits, parentheses, lists, second person). A multinomial logistic
-regression is fitted on the reference answers of every persona's TRAIN split, never on evaluated items,
-and is saved as ``judge.npz`` (loaded with ``allow_pickle=False``) plus ``judge.json``.
+(readability, sentence and word length, digits, parentheses, lists, second person). Answer length is
+deliberately not a feature: generated answers are cut at ``max_new_tokens``, so a length feature would
+grade the decoding budget rather than the register (and it broke transfer to Cochrane paragraphs).
+A multinomial logistic regression is fitted on the reference answers of every persona's TRAIN split,
+never on evaluated items, and is saved as ``judge.npz`` (loaded with ``allow_pickle=False``) plus ``judge.json``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,10 @@ from training.records import QARecord
 
 log = logging.getLogger(__name__)
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
+# Standardised style features are clipped: text far outside the training range (a 400-word review
+# paragraph) must not get extreme logits from one feature.
+STYLE_CLIP = 3.0
 FEATURE_SETS = ("embedding", "embedding+style")
 COCHRANE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cochrane_plain_language"
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s", re.MULTILINE)
@@ -45,7 +49,6 @@ def _style_row(text: str) -> list[float]:
         len(tokens) / sentence_count(text),
         sum(len(t) for t in tokens) / n,
         sum(count_syllables(t) >= 3 for t in tokens) / n,
-        math.log1p(len(tokens)),
         sum(c.isdigit() for c in text) / chars,
         sum(c.isupper() for c in text) / chars,
         text.count("(") / n,
@@ -56,9 +59,9 @@ def _style_row(text: str) -> list[float]:
     ]
 
 
-STYLE_FEATURES = ("fk_grade", "words_per_sentence", "chars_per_word", "polysyllable_share", "log_words",
-                  "digit_share", "upper_share", "parens_per_word", "semicolons_colons_per_word",
-                  "list_items_per_word", "second_person_per_word", "questions_per_word")
+STYLE_FEATURES = ("fk_grade", "words_per_sentence", "chars_per_word", "polysyllable_share", "digit_share",
+                  "upper_share", "parens_per_word", "semicolons_colons_per_word", "list_items_per_word",
+                  "second_person_per_word", "questions_per_word")
 
 
 def style_features(texts: Sequence[str]) -> np.ndarray:
@@ -84,7 +87,7 @@ class StyleJudge:
     def features(self, texts: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
         if self.feature_set == "embedding":
             return np.asarray(embeddings, dtype=np.float64)
-        style = (style_features(texts) - self.style_mean) / self.style_scale
+        style = np.clip((style_features(texts) - self.style_mean) / self.style_scale, -STYLE_CLIP, STYLE_CLIP)
         return np.hstack([np.asarray(embeddings, dtype=np.float64), style])
 
     def predict_proba(self, texts: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
@@ -151,7 +154,8 @@ def fit_judge(texts: Sequence[str], labels: Sequence[str], embeddings: np.ndarra
     mean, scale = style.mean(axis=0), style.std(axis=0)
     scale[scale == 0] = 1.0
     emb = np.asarray(embeddings, dtype=np.float64)
-    candidates = {"embedding": emb, "embedding+style": np.hstack([emb, (style - mean) / scale])}
+    z = np.clip((style - mean) / scale, -STYLE_CLIP, STYLE_CLIP)
+    candidates = {"embedding": emb, "embedding+style": np.hstack([emb, z])}
     cv: dict[str, float] = {}
     if feature_set == "auto":
         cv = {name: _cv_accuracy(x, y, c=c, seed=seed) for name, x in candidates.items()}

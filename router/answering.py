@@ -75,6 +75,7 @@ class Running:
     deadline: float
     routing_ms: float
     pieces: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     completion_tokens: int = 0
     first_token_at: float | None = None
     finish_reason: str | None = None
@@ -109,6 +110,8 @@ class Running:
                     self.finish_reason = self.finish_reason or "stop"
                     return
                 piece = self._take(event)
+                if event.finish_reason is not None:
+                    piece += self._remainder()
                 if piece:
                     yield piece
                 if event.finish_reason is not None:
@@ -123,8 +126,20 @@ class Running:
                 self.finish_reason = "cancelled"  # the consumer stopped early (client disconnected)
             self.close(cancel=self.finish_reason == "cancelled")
 
+    def _remainder(self) -> str:
+        """Text the engine held back (a character cut by the length limit): the final answer is the full
+        decode of every token, as ``generate_one`` returns it, and the stream ends with the same text."""
+        full = self.answerer.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        sent = "".join(self.pieces)
+        if len(full) > len(sent) and full.startswith(sent):
+            rest = full[len(sent):]
+            self.pieces.append(rest)
+            return rest
+        return ""
+
     def _take(self, event: TokenEvent) -> str:
         if event.token_id is not None:
+            self.token_ids.append(event.token_id)
             self.completion_tokens += 1
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
@@ -168,7 +183,9 @@ class Running:
             decode_s = now - self.first_token_at
             if self.completion_tokens > 1 and decode_s > 0:
                 timings["tokens_per_s"] = round((self.completion_tokens - 1) / decode_s, 2)
-        return Finished(answer="".join(self.pieces).strip(), finish_reason=self.finish_reason or "cancelled",
+        # The answer is the decode of every token, exactly what ``generate_one`` returns.
+        text = self.answerer.tokenizer.decode(self.token_ids, skip_special_tokens=True) if self.token_ids else ""
+        return Finished(answer=text.strip(), finish_reason=self.finish_reason or "cancelled",
                         prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, timings=timings)
 
 
@@ -282,14 +299,14 @@ class Answerer:
                   "adapter_version": running.adapter_version}
         status = {"stop": "200", "length": "200", "timeout": "504", "error": "500"}.get(
             running.finished.finish_reason, "499")
-        self.metrics.requests.inc(status=status, **labels)
+        self.metrics.requests.inc(1.0, status=status, **labels)
         self.metrics.latency.observe(running.finished.timings["total_ms"] / 1000, **labels)
         if running.first_token_at is not None:
             self.metrics.first_token.observe(running.first_token_at - running.started, **labels)
-        version = {"persona": running.decision.persona, "adapter_version": running.adapter_version}
-        self.metrics.tokens.inc(running.prompt_tokens, kind="prompt", **version)
-        self.metrics.tokens.inc(running.completion_tokens, kind="completion", **version)
-        self.metrics.completion_tokens.observe(running.completion_tokens, **version)
+        persona, version = running.decision.persona, running.adapter_version
+        self.metrics.tokens.inc(running.prompt_tokens, kind="prompt", persona=persona, adapter_version=version)
+        self.metrics.tokens.inc(running.completion_tokens, kind="completion", persona=persona, adapter_version=version)
+        self.metrics.completion_tokens.observe(running.completion_tokens, persona=persona, adapter_version=version)
 
 
 def stop_tokens(tokenizer: Any, generation_config: Any = None) -> tuple[int, ...]:

@@ -41,7 +41,8 @@ class ClassifierConfig:
 
 
 class Classifier(Protocol):
-    config: ClassifierConfig
+    @property
+    def config(self) -> ClassifierConfig: ...
 
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
         """(n, dim) unit rows -> (n, n_labels) scores; larger is more likely."""

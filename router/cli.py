@@ -16,6 +16,9 @@ from adapters.errors import PersonaRouterError
 COMMAND_MODULES = (
     "router.cli_basic",
     "router.cli_route",
+    "router.cli_serve",
+    "eval.cli",
+    "training.cli",
 )
 
 log = logging.getLogger("persona_router")

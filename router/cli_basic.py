@@ -44,8 +44,12 @@ def register(subparsers: Any) -> None:
     add_base_arguments(generate)
     generate.set_defaults(handler=cmd_generate)
 
-    prepare = subparsers.add_parser("prepare", help="build the offline default base model cache")
-    prepare.add_argument("--rebuild", action="store_true", help="rebuild the cache even if it is valid")
+    prepare = subparsers.add_parser(
+        "prepare", help="build the offline default base model cache and fit the pack's router if missing",
+        description="Build the offline default base model cache (once) and fit the pack's persona router if it "
+        "is missing or stale. Prints the two folders.")
+    prepare.add_argument("--rebuild", action="store_true", help="rebuild the cache and refit the router")
+    add_pack_argument(prepare)
     prepare.set_defaults(handler=cmd_prepare)
 
 
@@ -90,6 +94,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from adapters.offline_default import ensure_offline_default
 
-    folder = ensure_offline_default(rebuild=args.rebuild)
-    print(folder)
+    from router.pack import load_pack
+    from router.persona_router import default_router_dir, ensure_router
+
+    print(ensure_offline_default(rebuild=args.rebuild))
+    pack = load_pack(args.pack)
+    ensure_router(pack, refit=args.rebuild)
+    print(default_router_dir(pack.name))
     return 0

@@ -58,7 +58,6 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
     from router.fitting import (
         FitConfig,
         compare_classifiers,
-        comparison_markdown,
         default_training_records,
         evaluate,
         fit_router,
@@ -77,7 +76,7 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
     if test:
         reports.append(evaluate(result.router, test, title="held-out test"))
     comparison = compare_classifiers(pack, train, test, encoder=encoder, config=config) if args.compare else None
-    markdown = _report_markdown(result.router, reports, comparison, comparison_markdown)
+    markdown = _report_markdown(result.router, reports, comparison)
 
     def write_report(folder: Path) -> None:
         (folder / "report.md").write_text(markdown, encoding="utf-8")
@@ -108,14 +107,17 @@ def _test_records(option: str | None, pack: Any, *, is_demo: bool) -> list[Any]:
     return [r for r in demo_routing("test") if r.persona in pack]
 
 
-def _report_markdown(router: Any, reports: list[Any], comparison: list[dict[str, Any]] | None,
-                     comparison_markdown: Any) -> str:
+def _report_markdown(router: Any, reports: list[Any], comparison: list[dict[str, Any]] | None) -> str:
+    from router.fitting import comparison_markdown, describe_classifier
+
     chosen = router.info["classifier"]
     thresholds = ", ".join(f"{name} {value:.2f}" for name, value in router.calibration.thresholds.items())
+    calibration = router.calibration
     parts = [f"# Router for pack {router.pack.name!r}\n",
              f"Embedder {router.encoder.model_id} ({router.encoder.fingerprint[:19]}…); classifier {chosen['kind']} "
-             f"{chosen}; temperature {router.calibration.temperature:.3g}; target precision "
-             f"{router.calibration.target_precision:.2f}; thresholds: {thresholds}.\n"]
+             f"({describe_classifier(chosen)}, chosen by cross-validated log-loss); temperature "
+             f"{calibration.temperature:.3g}; target precision {calibration.target_precision:.2f}; "
+             f"thresholds: {thresholds}.\n"]
     parts += [report.to_markdown() for report in reports]
     if comparison:
         parts += ["## Classifiers compared\n", comparison_markdown(comparison)]

@@ -315,9 +315,12 @@ def compare_classifiers(pack: PersonaPack, train: Sequence[RoutingRecord], test:
 
 
 def _chosen(result: FitResult) -> str:
-    chosen = result.router.info["classifier"]
-    return {"logreg": f"C={chosen['c']:g}", "knn": f"k={chosen['k']}"}.get(chosen["kind"], "-") + \
-        f", T={result.router.calibration.temperature:.3g}"
+    return describe_classifier(result.router.info["classifier"]) + f", T={result.router.calibration.temperature:.3g}"
+
+
+def describe_classifier(chosen: dict[str, Any]) -> str:
+    """``C=1`` for logreg, ``k=10`` for knn, ``-`` for centroid (it has no hyper-parameter)."""
+    return {"logreg": f"C={chosen['c']:g}", "knn": f"k={chosen['k']}"}.get(chosen["kind"], "-")
 
 
 def _summary(report: RoutingReport) -> dict[str, float | None]:

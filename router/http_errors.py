@@ -80,7 +80,15 @@ def error_response(exc: BaseException) -> Response[Any]:
     return Response(ErrorResponse(error=error_body(exc)), status_code=status, headers=headers)
 
 
+def _count(request: Request[Any, Any, Any], kind: str) -> None:
+    state = getattr(request.app.state, "service", None)
+    if state is not None:
+        endpoint = str(request.scope.get("path_template") or "unrouted")
+        state.metrics.errors.inc(endpoint=endpoint, type=kind)
+
+
 def _domain_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    _count(request, error_type(exc))
     return error_response(exc)
 
 
@@ -99,11 +107,13 @@ def _http_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
     if isinstance(exc, NotAuthorizedException):
         headers.setdefault("WWW-Authenticate", "Bearer")
     body = ErrorBody(message=message, type=kind, field=field, param=field)
+    _count(request, kind)
     return Response(ErrorResponse(error=body), status_code=exc.status_code, headers=headers)
 
 
 def _unexpected_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    _count(request, "server_error")
     body = ErrorBody(message=f"internal error ({type(exc).__name__})", type="server_error")
     return Response(ErrorResponse(error=body), status_code=500)
 

@@ -47,12 +47,12 @@ def pack_hash(pack: PersonaPack) -> str:
 
 def pack_reference(pack: PersonaPack) -> str:
     """How to find the pack again: ``demo`` for the bundled one, else its file."""
-    try:
-        if Path(pack.source).resolve() == demo_pack_path().resolve():
-            return DEMO_PACK
-    except OSError:
-        pass
-    return pack.source
+    path = Path(pack.source)
+    if not path.is_file():
+        return pack.source
+    if path.resolve() == demo_pack_path().resolve():
+        return DEMO_PACK
+    return str(path.resolve())
 
 
 class PersonaRouter:
@@ -111,7 +111,8 @@ class PersonaRouter:
         order = np.argsort(-probs, kind="stable")
         top = int(order[0])
         name, confidence, threshold = self.labels[top], float(probs[top]), float(self._thresholds[top])
-        if confidence >= threshold:
+        # A threshold of 1 means the persona is never inferred (its precision target was out of reach).
+        if threshold < 1.0 and confidence >= threshold:
             second = int(order[1]) if len(order) > 1 else None
             return Decision(persona=name, source="inferred", confidence=confidence,
                             runner_up=None if second is None else self.labels[second],
@@ -140,6 +141,7 @@ class PersonaRouter:
             "embedder": {"id": self.encoder.model_id, "fingerprint": self.encoder.fingerprint,
                          "dimension": self.encoder.dimension, "max_seq_length": self.encoder.max_seq_length},
             "labels": list(self.labels),
+            "classifier": self.classifier.config.to_json(),
             "calibration": self.calibration.to_json(),
             "fit": self.info,
         }

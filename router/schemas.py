@@ -118,14 +118,14 @@ class ChunkChoice(msgspec.Struct):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
+class ChatCompletionChunk(msgspec.Struct):
     id: str
     created: int
     model: str
     choices: list[ChunkChoice]
     object: str = "chat.completion.chunk"
-    usage: Usage | None = None
-    persona_routing: dict[str, Any] | None = None
+    usage: Usage | msgspec.UnsetType = msgspec.UNSET  # unset fields are left out of the JSON
+    persona_routing: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ModelCard(msgspec.Struct):
@@ -180,3 +180,10 @@ def _field_of(message: str) -> str:
 def _clean(message: str) -> str:
     """msgspec says ``- at `$.x```; the field is reported separately, so keep only the complaint."""
     return re.sub(r"\s*-\s*at `\$[^`]*`", "", message)
+
+
+def sse(data: Any, *, event: str | None = None) -> bytes:
+    """One Server-Sent Event; ``data`` is JSON-encoded unless it is already text (OpenAI's ``[DONE]``)."""
+    payload = data if isinstance(data, str) else msgspec.json.encode(data).decode()
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()

@@ -6,11 +6,15 @@ Kept apart from the orchestration so ``benchmarks/train_gpu.py`` measures exactl
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
 from adapters.errors import ConfigError
 from training.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def require_trl() -> Any:
@@ -89,4 +93,20 @@ def sft_config(config: TrainConfig, *, output_dir: Path, device: str, eval_rows:
     }
     if eval_rows:
         kwargs["eval_packing"] = False
-    return trl.SFTConfig(**kwargs)
+    return trl.SFTConfig(**supported_kwargs(trl.SFTConfig, kwargs, warmup_ratio=config.warmup_ratio))
+
+
+def supported_kwargs(config_class: Any, kwargs: dict[str, Any], *, warmup_ratio: float) -> dict[str, Any]:
+    """Keep the arguments this TRL/transformers version knows; say which were dropped.
+
+    The GPU benchmark machine may carry other minor versions than this one, and a renamed optional argument
+    should cost a warning, not the run. Warm-up moved from ``warmup_ratio`` to a fractional ``warmup_steps``
+    in transformers 5; older versions get the ratio under its old name.
+    """
+    known = {f.name: f for f in dataclasses.fields(config_class)}
+    if "float" not in str(known["warmup_steps"].type) and "warmup_ratio" in known:
+        kwargs = {**kwargs, "warmup_steps": 0, "warmup_ratio": warmup_ratio}
+    dropped = sorted(k for k in kwargs if k not in known)
+    if dropped:
+        log.warning("this TRL/transformers version has no %s; running without them", dropped)
+    return {k: v for k, v in kwargs.items() if k in known}

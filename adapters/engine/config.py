@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from adapters.errors import ConfigError, choices
 
-NF4_MODES: tuple[str, ...] = ("dequantize", "kernel")
-GRAPH_MODES: tuple[str, ...] = ("auto", "on", "off")
+NF4_MODES: tuple[str, ...] = ("auto", "dequantize", "kernel")
+SWITCHES: tuple[str, ...] = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -18,12 +18,16 @@ class EngineConfig:
     ``max_adapters`` LoRA adapters are resident at once, each of rank at most ``max_rank``. ``max_queue``
     requests may wait for a free sequence slot before ``submit`` raises ``QueueFullError``.
 
-    ``nf4_mode`` applies to a base loaded in 4-bit: ``dequantize`` unpacks each NF4 weight once to the compute
-    dtype (the same values bitsandbytes computes with, 4x the memory, plain matrix products: fastest
-    whenever more than one row is decoded); ``kernel`` keeps the 4-bit weights and calls
-    ``bitsandbytes.matmul_4bit`` (least memory). ``cuda_graphs`` captures the decode step per batch-size
-    bucket on CUDA (``auto``: on when the device is CUDA).
+    ``nf4_mode`` applies to a base loaded in 4-bit: ``dequantize`` unpacks each NF4 weight once to the
+    activations' dtype (the values bitsandbytes computes with, 4x the memory, plain matrix products);
+    ``kernel`` keeps the 4-bit weights and calls the bitsandbytes module itself (least memory; the same call
+    PEFT makes, so the reference on a CPU float32 model). ``auto`` is ``dequantize`` on CUDA, ``kernel`` on CPU.
+    ``cuda_graphs`` captures the decode step per batch shape on CUDA. ``fuse`` folds the residual add and
+    the LoRA update into ``addmm`` calls and ``compile`` fuses the pointwise pieces with ``torch.compile``:
+    fewer kernels, the same function up to rounding order. Each switch's ``auto`` means on for CUDA, off on
+    CPU (where the unfused path reproduces Hugging Face + PEFT float32 outputs exactly).
 
+    ``kv_block`` rounds the attended cache length up (fewer graph shapes; at most that many masked positions).
     ``stop_token_ids`` end every request in addition to its own; ``None`` takes the tokenizer's and the
     generation config's end-of-sequence ids (what ``generate`` stops on).
     """
@@ -34,9 +38,11 @@ class EngineConfig:
     max_adapters: int = 8
     max_rank: int = 16
     max_prefill_tokens: int = 4096
-    nf4_mode: str = "dequantize"
+    nf4_mode: str = "auto"
     cuda_graphs: str = "auto"
-    kv_block: int = 128
+    fuse: str = "auto"
+    compile: str = "auto"
+    kv_block: int = 256
     stop_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -45,13 +51,15 @@ class EngineConfig:
         _positive(self.max_queue, "max_queue", upper=1 << 20)
         _positive(self.max_adapters, "max_adapters", upper=1024)
         _positive(self.max_rank, "max_rank", upper=1024)
-        _positive(self.kv_block, "kv_block", upper=self.max_len)
+        _positive(self.kv_block, "kv_block", upper=1 << 20)
         if self.max_prefill_tokens < 1:
             raise ConfigError(f"{self.max_prefill_tokens} must be at least 1", field="max_prefill_tokens")
         if self.nf4_mode not in NF4_MODES:
             raise ConfigError(f"{self.nf4_mode!r} is not one of {choices(NF4_MODES)}", field="nf4_mode")
-        if self.cuda_graphs not in GRAPH_MODES:
-            raise ConfigError(f"{self.cuda_graphs!r} is not one of {choices(GRAPH_MODES)}", field="cuda_graphs")
+        for name in ("cuda_graphs", "fuse", "compile"):
+            value = getattr(self, name)
+            if value not in SWITCHES:
+                raise ConfigError(f"{value!r} is not one of {choices(SWITCHES)}", field=name)
         if self.stop_token_ids is not None and any(t < 0 for t in self.stop_token_ids):
             raise ConfigError("token ids must be non-negative", field="stop_token_ids")
 

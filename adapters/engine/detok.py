@@ -20,13 +20,10 @@ class Detokenizer:
         backend = getattr(tokenizer, "_tokenizer", None)
         self._stream: Any = None
         if backend is not None:
-            try:
-                from tokenizers.decoders import DecodeStream
-            except ImportError:  # pragma: no cover - tokenizers < 0.21
-                DecodeStream = None  # noqa: N806
-            if DecodeStream is not None:
+            stream_class = _decode_stream_class()
+            if stream_class is not None:
                 self._backend = backend
-                self._stream = DecodeStream(skip_special_tokens=True)
+                self._stream = stream_class(skip_special_tokens=True)
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
@@ -45,3 +42,11 @@ class Detokenizer:
             self._prefix, self._read = self._read, len(self._ids)
             return full_text[len(prefix_text):]
         return ""
+
+
+def _decode_stream_class() -> Any:
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:  # pragma: no cover - tokenizers < 0.21 has no streaming decoder
+        return None
+    return DecodeStream

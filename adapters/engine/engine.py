@@ -73,18 +73,22 @@ class BatchedEngine:
 
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        weights = extract_weights(model, nf4_mode=self.config.nf4_mode)
+        nf4_mode = self.config.nf4_mode
+        if nf4_mode == "auto":
+            nf4_mode = "dequantize" if model.device.type == "cuda" else "kernel"
+        weights = extract_weights(model, nf4_mode=nf4_mode)
         self.vocab_size = weights.vocab_size
         self.group_shapes = {name: GroupShape(tuple(group.parts), group.in_features)
                              for name, group in weights.layers[0].groups.items()}
         self.num_layers = len(weights.layers)
         self.bank = LoraBank(self.group_shapes, num_layers=self.num_layers, capacity=self.config.max_adapters,
                              max_rank=self.config.max_rank, dtype=weights.dtype, device=weights.device)
-        self.runner = ModelRunner(weights, self.bank, self.config)
         on_cuda = torch.device(weights.device).type == "cuda"
-        use_graphs = self.config.cuda_graphs == "on" or (self.config.cuda_graphs == "auto" and on_cuda)
+        use_graphs, fused, compiled = (_switch(getattr(self.config, name), on_cuda)
+                                       for name in ("cuda_graphs", "fuse", "compile"))
         if use_graphs and not on_cuda:
             raise ConfigError("CUDA graphs need a CUDA device", field="cuda_graphs")
+        self.runner = ModelRunner(weights, self.bank, self.config, fused=fused, compiled=compiled)
         decoder = None
         if use_graphs:
             from adapters.engine.graphs import DecodeGraphs
@@ -103,9 +107,10 @@ class BatchedEngine:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seed = random.Random()
-        log.info("engine ready: %d rows x %d tokens (KV cache %.1f MiB), %d adapter slots of rank %d, graphs %s",
-                 self.config.max_batch, self.config.max_len, self.runner.kv_bytes() / 2**20,
-                 self.config.max_adapters, self.config.max_rank, "on" if use_graphs else "off")
+        log.info("engine ready: %d rows x %d tokens (KV cache %.1f MiB), %d adapter slots of rank %d; "
+                 "graphs %s, fused %s, compiled %s", self.config.max_batch, self.config.max_len,
+                 self.runner.kv_bytes() / 2**20, self.config.max_adapters, self.config.max_rank, use_graphs, fused,
+                 self.runner.pw.compiled)
 
     # -- Engine protocol ---------------------------------------------------------------------------
 
@@ -139,9 +144,9 @@ class BatchedEngine:
             slot = self.bank.acquire(request.adapter)
             self._pending += 1
         handle = EngineHandle(request.request_id, loop, self)
-        seq = Sequence(request=request, slot=slot, sampler=RowSampler.create(request.sampling, self._seed.getrandbits(63)),
-                       detok=Detokenizer(self.tokenizer), stop_ids=self.stop_ids | frozenset(request.stop_token_ids),
-                       sink=handle)
+        sampler = RowSampler.create(request.sampling, self._seed.getrandbits(63))
+        seq = Sequence(request=request, slot=slot, sampler=sampler, detok=Detokenizer(self.tokenizer),
+                       stop_ids=self.stop_ids | frozenset(request.stop_token_ids), sink=handle)
         handle._seq = seq
         with self._lock:
             self._inbox.append(seq)
@@ -180,7 +185,7 @@ class BatchedEngine:
                 self.scheduler.add(seq)
             try:
                 emitted = self.scheduler.step()
-            except Exception as exc:  # noqa: BLE001 - any failure ends the affected requests, not the engine
+            except Exception as exc:  # any failure ends the affected requests, not the engine
                 log.exception("generation step failed")
                 emitted = self.scheduler.fail_all(f"{type(exc).__name__}: {exc}")
             self._dispatch(emitted)
@@ -212,6 +217,10 @@ class BatchedEngine:
                                       f"{self.config.max_len - 1}", field="prompt_ids")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size})", field="prompt_ids")
+
+
+def _switch(value: str, on_cuda: bool) -> bool:
+    return value == "on" or (value == "auto" and on_cuda)
 
 
 def _deliver_all(items: list[tuple[EngineHandle, TokenEvent]]) -> None:

@@ -38,8 +38,9 @@ class LoraBatch:
 
     slot_ids: Any  # [N] int64, one per token row
     m: int  # slots 1..m take part; 0 means no row has an adapter
+    fused: bool = False  # scaling folded into the mask and the update added by addmm (see ``apply``)
     row_scaling: Any = None  # [N, 1] in the compute dtype
-    masks: dict[int, Any] = field(default_factory=dict)  # rank R -> [N, m*R] one-hot, compute dtype
+    masks: dict[int, Any] = field(default_factory=dict)  # rank R -> [N, m*R] one-hot (times scaling if fused)
 
 
 @dataclass
@@ -181,27 +182,37 @@ class LoraBank:
 
     # -- the hot path (worker thread) --------------------------------------------------------------
 
-    def batch(self, slot_ids: Any, m: int) -> LoraBatch:
+    def batch(self, slot_ids: Any, m: int, *, fused: bool = False) -> LoraBatch:
         """Per-step masks and scalings for rows whose slot ids are ``slot_ids`` (slots above ``m`` unused)."""
         import torch
 
-        lora = LoraBatch(slot_ids=slot_ids, m=m)
+        lora = LoraBatch(slot_ids=slot_ids, m=m, fused=fused)
         if m == 0:
             return lora
         lora.row_scaling = self.scaling[slot_ids].unsqueeze(-1)
         onehot = (slot_ids.unsqueeze(-1) == torch.arange(1, m + 1, device=slot_ids.device)).to(self.dtype)
+        if fused:
+            onehot = onehot * lora.row_scaling
         for rank in set(self.ranks.values()):
             lora.masks[rank] = onehot.unsqueeze(-1).expand(-1, m, rank).reshape(-1, m * rank)
         return lora
 
     def apply(self, layer: int, group: str, x: Any, base_out: Any, lora: LoraBatch) -> Any:
-        """``base_out + LoRA(x)`` for every row's own adapter; ``x`` is [N, in], ``base_out`` [N, out]."""
+        """``base_out + LoRA(x)`` for every row's own adapter; ``x`` is [N, in], ``base_out`` [N, out].
+
+        Exact mode computes PEFT's ``base + (x A^T B^T) * s`` in that order; fused mode computes
+        ``base += (x A^T * s) B^T`` in one ``addmm`` (the same up to rounding; exact for power-of-two s).
+        """
         if lora.m == 0:
             return base_out
         rank = self.ranks[group]
         a = self.a[layer][group][:lora.m].reshape(lora.m * rank, -1)
         bt = self.bt[layer][group][:lora.m].reshape(lora.m * rank, -1)
         t = (x.to(self.dtype) @ a.T) * lora.masks[rank]
+        if lora.fused and base_out.dtype == self.dtype:
+            return base_out.addmm_(t, bt)
+        if lora.fused:
+            return base_out + (t @ bt).to(base_out.dtype)
         return base_out + ((t @ bt) * lora.row_scaling).to(base_out.dtype)
 
 

@@ -1,14 +1,17 @@
 """The engine's own decoder forward pass over a static KV cache, with batched multi-adapter LoRA.
 
-The cache holds ``max_batch`` rows of ``max_len`` positions per layer (``[rows, kv_heads, max_len,
-head_dim]``). A request owns one cache row from prefill to finish. Prefill runs a batch of new prompts
-(right-padded, causal attention inside each prompt) and writes their keys and values at positions
-``0..len-1``; decode runs one token for each of the first ``n`` rows at that row's own position and
-attends over the first ``kv_len`` positions with a per-row mask. Rows without a request compute garbage
-that lands only in their own, unused cache row.
+The cache holds ``max_batch`` rows of positions per layer (``[rows, kv_heads, cache_len, head_dim]``). A
+request owns one cache row from prefill to finish. Prefill runs a batch of new prompts (right-padded,
+causal attention inside each prompt) and writes their keys and values at positions ``0..len-1``; decode
+runs one token for each of the first ``n`` rows at that row's own position and attends over the first
+``kv_len`` positions with a per-row mask. Rows without a request compute garbage that lands only in their
+own, unused cache row. Hidden states stay 2-D (``[tokens, hidden]``) outside attention.
 
-The arithmetic mirrors Hugging Face's Phi-3/Llama modules operation by operation (RMSNorm in float32,
-the model's own rotary tables, SDPA attention) so float32 outputs match the reference.
+Two numerics modes. Exact (CPU default): every operation mirrors Hugging Face's Phi-3/Llama modules and
+PEFT's LoRA, so float32 outputs match the reference token for token. Fused (CUDA default): the pointwise
+pieces are compiled into single kernels, the residual add rides in the projection's ``addmm`` and the LoRA
+update in a second ``addmm`` with the adapter scaling folded into the row mask: fewer kernels per layer,
+the same function up to rounding order.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 from typing import Any
 
 from adapters.engine.config import EngineConfig
+from adapters.engine.kernels import pointwise
 from adapters.engine.lora_bank import LoraBank
 from adapters.engine.weights import ModelWeights
 from adapters.errors import ConfigError
@@ -28,26 +32,38 @@ _DYNAMIC_ROPE = ("dynamic", "longrope")
 class ModelRunner:
     """Owns the KV cache and the step inputs; ``prefill`` and ``decode`` return float32 logits."""
 
-    def __init__(self, weights: ModelWeights, bank: LoraBank, config: EngineConfig) -> None:
+    def __init__(self, weights: ModelWeights, bank: LoraBank, config: EngineConfig, *, fused: bool = False,
+                 compiled: bool = False) -> None:
         import torch
 
         self.w = weights
         self.bank = bank
         self.config = config
+        self.fused = fused
         self.device = weights.device
         self.dtype = weights.dtype
         self.max_batch = config.max_batch
         self.max_len = config.max_len
-        shape = (config.max_batch, weights.num_kv_heads, config.max_len, weights.head_dim)
+        # Attention kernels want the mask's last dimension 16-aligned; the spare positions are never attended.
+        self.cache_len = -(-config.max_len // 16) * 16
+        shape = (config.max_batch, weights.num_kv_heads, self.cache_len, weights.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in weights.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in weights.layers]
         self.cos, self.sin = self._rope_tables()
-        # Static step inputs (graph capture reads them by address).
-        self.tokens = torch.zeros(config.max_batch, dtype=torch.long, device=self.device)
-        self.positions = torch.zeros(config.max_batch, dtype=torch.long, device=self.device)
-        self.slot_ids = torch.zeros(config.max_batch, dtype=torch.long, device=self.device)
+        # Static step inputs, one row per cache row: (token, position, LoRA slot). Graph replays read them by
+        # address; the scheduler fills them with one host-to-device copy per step.
+        self.step_inputs = torch.zeros(config.max_batch, 3, dtype=torch.long, device=self.device)
+        self.tokens = self.step_inputs[:, 0]
+        self.positions = self.step_inputs[:, 1]
+        self.slot_ids = self.step_inputs[:, 2]
         self.rows = torch.arange(config.max_batch, device=self.device)
-        self.kv_arange = torch.arange(config.max_len, device=self.device)
+        self.kv_arange = torch.arange(self.cache_len, device=self.device)
+        self.pw = pointwise(weights.activation, compile_on=(self.device, self.dtype) if compiled else None)
+
+    def kv_len_for(self, max_position: int) -> int:
+        """How many cache positions a decode step attends, rounded up to ``kv_block`` (few graph shapes)."""
+        block = self.config.kv_block
+        return min(self.cache_len, (max_position // block + 1) * block)
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
@@ -60,11 +76,11 @@ class ModelRunner:
         if self.w.rope_type in _DYNAMIC_ROPE and original is not None and self.max_len > original:
             raise ConfigError(f"rope type {self.w.rope_type!r} changes with sequence length; keep max_len <= "
                               f"{original}", field="max_len")
-        positions = torch.arange(self.max_len, device=self.device).unsqueeze(0)
+        positions = torch.arange(self.cache_len, device=self.device).unsqueeze(0)
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             cos, sin = self.w.rotary(probe, position_ids=positions)
-        return cos[0], sin[0]  # [max_len, rotary_dim]
+        return cos[0], sin[0]  # [cache_len, rotary_dim]
 
     # -- public steps -------------------------------------------------------------------------------
 
@@ -81,13 +97,13 @@ class ModelRunner:
         slot_ids = torch.tensor(slots, dtype=torch.long, device=self.device).repeat_interleave(longest)
         last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            lora = self.bank.batch(slot_ids, m)
-            x = self.w.embed[tokens]
+            lora = self.bank.batch(slot_ids, m, fused=self.fused)
+            x = self.w.embed[tokens.view(-1)]
             cos, sin = self.cos[:longest][None, None], self.sin[:longest][None, None]
             for index in range(len(self.w.layers)):
-                x = self._layer(index, x, lora, cos, sin, lambda q, k, v, i=index: self._prefill_attention(
-                    i, q, k, v, row_index))
-            hidden = x[torch.arange(batch, device=self.device), last]
+                x = self._layer(index, x, batch, longest, lora, cos, sin, lambda q, k, v, i=index:
+                                self._prefill_attention(i, q, k, v, row_index))
+            hidden = x.view(batch, longest, -1)[torch.arange(batch, device=self.device), last]
             return self._logits(hidden)
 
     def decode(self, n: int, kv_len: int, m: int) -> Any:
@@ -98,80 +114,75 @@ class ModelRunner:
             return self._decode(n, kv_len, m)
 
     def _decode(self, n: int, kv_len: int, m: int) -> Any:
+        import torch
+
         positions = self.positions[:n]
-        lora = self.bank.batch(self.slot_ids[:n], m)
-        x = self.w.embed[self.tokens[:n]].unsqueeze(1)  # [n, 1, hidden]
+        lora = self.bank.batch(self.slot_ids[:n], m, fused=self.fused)
+        x = self.w.embed[self.tokens[:n]]  # [n, hidden]
         cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
         keys = self.kv_arange[:kv_len].unsqueeze(0)
         visible = keys <= positions.unsqueeze(1)
         if self.w.sliding_window is not None:
             visible = visible & (keys > positions.unsqueeze(1) - self.w.sliding_window)
-        mask = visible[:, None, None, :]  # [n, 1, 1, kv_len]
+        # Additive mask built once per step, not once per layer.
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+        mask = mask[:, None, None, :]  # [n, 1, 1, kv_len]
         for index in range(len(self.w.layers)):
-            x = self._layer(index, x, lora, cos, sin, lambda q, k, v, i=index: self._decode_attention(
-                i, q, k, v, n, kv_len, mask))
-        return self._logits(x[:, 0])
+            x = self._layer(index, x, n, 1, lora, cos, sin, lambda q, k, v, i=index:
+                            self._decode_attention(i, q, k, v, n, kv_len, mask))
+        return self._logits(x)
 
     # -- pieces ------------------------------------------------------------------------------------
 
-    def _layer(self, index: int, x: Any, lora: Any, cos: Any, sin: Any, attend: Any) -> Any:
+    def _layer(self, index: int, x: Any, batch: int, seq: int, lora: Any, cos: Any, sin: Any, attend: Any) -> Any:
         layer = self.w.layers[index]
-        batch, seq, _ = x.shape
         heads, kv_heads, dim = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
-        residual = x
-        h = self._norm(x, layer.input_norm)
+        h = self.pw.norm(x, layer.input_norm, self.w.rms_eps)
         qkv = self._linear(index, "qkv", h, lora)
         q_end, k_end = heads * dim, (heads + kv_heads) * dim
-        q = qkv[..., :q_end].view(batch, seq, heads, dim).transpose(1, 2)
-        k = qkv[..., q_end:k_end].view(batch, seq, kv_heads, dim).transpose(1, 2)
-        v = qkv[..., k_end:].view(batch, seq, kv_heads, dim).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        attn = attend(q, k, v).transpose(1, 2).reshape(batch, seq, heads * dim)
-        x = residual + self._linear(index, "o", attn, lora)
-        residual = x
-        h = self._norm(x, layer.post_attention_norm)
-        gate, up = self._linear(index, "gate_up", h, lora).chunk(2, dim=-1)
-        return residual + self._linear(index, "down", up * self.w.activation(gate), lora)
+        q = qkv[:, :q_end].view(batch, seq, heads, dim).transpose(1, 2)
+        k = qkv[:, q_end:k_end].view(batch, seq, kv_heads, dim).transpose(1, 2)
+        v = qkv[:, k_end:].view(batch, seq, kv_heads, dim).transpose(1, 2)
+        q, k = self.pw.rotate(q, cos, sin), self.pw.rotate(k, cos, sin)
+        attn = attend(q, k, v).transpose(1, 2).reshape(batch * seq, heads * dim)
+        x = self._linear(index, "o", attn, lora, residual=x)
+        h = self.pw.norm(x, layer.post_attention_norm, self.w.rms_eps)
+        act = self.pw.act_mul(self._linear(index, "gate_up", h, lora))
+        return self._linear(index, "down", act, lora, residual=x)
 
-    def _linear(self, index: int, group: str, x: Any, lora: Any) -> Any:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        out = self.w.layers[index].groups[group](flat)
-        out = self.bank.apply(index, group, flat, out, lora)
-        return out.view(*shape[:-1], out.shape[-1])
-
-    def _norm(self, x: Any, weight: Any) -> Any:
+    def _linear(self, index: int, group: str, x: Any, lora: Any, residual: Any = None) -> Any:
+        """``[residual +] x W^T + LoRA(x)`` for 2-D ``x``."""
         import torch
 
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        variance = h.pow(2).mean(-1, keepdim=True)
-        h = h * torch.rsqrt(variance + self.w.rms_eps)
-        return weight * h.to(dtype)
+        linear = self.w.layers[index].groups[group]
+        if self.fused and residual is not None and linear.weight is not None and linear.bias is None:
+            return self.bank.apply(index, group, x, torch.addmm(residual, x, linear.weight.t()), lora)
+        out = self.bank.apply(index, group, x, linear(x), lora)
+        return out if residual is None else residual + out
 
     def _logits(self, hidden: Any) -> Any:
         import torch
-        import torch.nn.functional as F  # noqa: N812
+        import torch.nn.functional as F
 
-        return F.linear(self._norm(hidden, self.w.final_norm), self.w.lm_head).to(torch.float32)
+        return F.linear(self.pw.norm(hidden, self.w.final_norm, self.w.rms_eps), self.w.lm_head).to(torch.float32)
 
     def _prefill_attention(self, index: int, q: Any, k: Any, v: Any, row_index: Any) -> Any:
         import torch
-        import torch.nn.functional as F  # noqa: N812
+        import torch.nn.functional as F
 
         seq = q.shape[2]
         self.k_cache[index][row_index, :, :seq] = k
         self.v_cache[index][row_index, :, :seq] = v
-        groups = self.w.num_heads // self.w.num_kv_heads
+        gqa = self.w.num_heads != self.w.num_kv_heads
         window = self.w.sliding_window
         if window is None or seq <= window:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         pos = torch.arange(seq, device=q.device)
         mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     def _decode_attention(self, index: int, q: Any, k: Any, v: Any, n: int, kv_len: int, mask: Any) -> Any:
-        import torch.nn.functional as F  # noqa: N812
+        import torch.nn.functional as F
 
         positions = self.positions[:n]
         rows = self.rows[:n]
@@ -186,17 +197,3 @@ class ModelRunner:
         packed = q.reshape(n, kv_heads, heads // kv_heads, dim)
         out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask)
         return out.reshape(n, heads, 1, dim)
-
-
-def _rotate(x: Any, cos: Any, sin: Any) -> Any:
-    """Rotary embedding on the first ``cos.shape[-1]`` dims (Phi-3's partial rotary keeps the rest)."""
-    import torch
-
-    rotary = cos.shape[-1]
-    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
-    half = rotary // 2
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    embedded = (x_rot * cos) + (rotated * sin)
-    if x_pass.shape[-1] == 0:
-        return embedded
-    return torch.cat([embedded, x_pass], dim=-1)

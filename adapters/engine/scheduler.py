@@ -143,16 +143,12 @@ class Scheduler:
 
         n = max(self.running) + 1
         rows = _bucket(n, self.config.max_batch) if self.bucket_rows else n
-        tokens, positions, slots = [0] * rows, [0] * rows, [0] * rows
+        inputs = [[0, 0, 0] for _ in range(rows)]  # rows without a request: token 0 at position 0, no adapter
         for row, seq in self.running.items():
-            tokens[row], positions[row], slots[row] = seq.generated[-1], seq.position, seq.slot
-        runner = self.runner
-        runner.tokens[:rows].copy_(torch.tensor(tokens))
-        runner.positions[:rows].copy_(torch.tensor(positions))
-        runner.slot_ids[:rows].copy_(torch.tensor(slots))
-        block = self.config.kv_block
-        kv_len = min(self.config.max_len, (max(positions) // block + 1) * block)
-        logits = self.decoder(rows, kv_len, slot_bucket(max(slots), self.bank.capacity))
+            inputs[row] = [seq.generated[-1], seq.position, seq.slot]
+        self.runner.step_inputs[:rows].copy_(torch.tensor(inputs, dtype=torch.long))
+        kv_len = self.runner.kv_len_for(max(r[1] for r in inputs))
+        logits = self.decoder(rows, kv_len, slot_bucket(max(r[2] for r in inputs), self.bank.capacity))
         samplers = [self.running[row].sampler if row in self.running else None for row in range(n)]
         chosen = choose_tokens(logits[:n], samplers)
         self.steps += 1

@@ -51,7 +51,7 @@ class LinearGroup:
 
     def __call__(self, x: Any) -> Any:
         import torch
-        import torch.nn.functional as F  # noqa: N812
+        import torch.nn.functional as F
 
         if self.weight is not None:
             return F.linear(x, self.weight, self.bias)
@@ -144,7 +144,8 @@ def _layer(layer: Any, layout: dict[str, tuple[str, ...]], *, nf4_mode: str, dty
 def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any) -> LinearGroup:
     import torch
 
-    modules = [layer.get_submodule(path) for path in paths]
+    # A PEFT-wrapped model shares its base weights; the engine must see the bare layers, never the LoRA wrapper.
+    modules = [_bare(layer.get_submodule(path)) for path in paths]
     parts = [(path, int(module.out_features)) for path, module in zip(paths, modules, strict=True)]
     group = LinearGroup(parts=parts, in_features=int(modules[0].in_features))
     quantized = [_is_4bit(module) for module in modules]
@@ -162,6 +163,10 @@ def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any) -> 
         group.bias = biases[0] if len(biases) == 1 else torch.cat(biases, dim=0)
         group.bias = group.bias.to(group.weight.dtype)
     return group
+
+
+def _bare(module: Any) -> Any:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
 def _is_4bit(module: Any) -> bool:

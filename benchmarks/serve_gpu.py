@@ -1,0 +1,493 @@
+"""Serving benchmark on one GPU: vanilla PEFT ``generate(adapter_names=...)`` against ``BatchedEngine``.
+
+Model: a randomly initialised Phi-3-mini-shaped model (``Phi3Config()`` defaults, 3.82B parameters),
+saved once to local disk; speed and memory depend on the shape, not the values. Workload: random
+128-token prompts, 64 new tokens, greedy, no early stop; random r=16 all-linear LoRA adapters.
+For each precision (NF4 and bf16): batch-1 ms/token and time to first token, throughput at 8/32/64
+concurrent streams over 1 and over 4 adapters, adapter load time, peak GPU memory; for NF4 also the
+engine's ``kernel`` mode (4-bit matmuls) against its default ``dequantize`` mode.
+
+    python3 benchmarks/serve_gpu.py --out benchmarks/results/serve_gpu.json     # on the GPU machine
+    python benchmarks/serve_gpu.py --smoke --out /tmp/serve_smoke.json         # CPU check of this script
+
+The JSON is rewritten after every phase, so a run cut short still leaves its numbers. Exit status 1 when
+a self-check fails (engine vs PEFT logits, or a stream that did not deliver all its tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("serve_gpu")
+TARGETS = {"batch1_speedup": 6.0, "mixed8_speedup": 5.0, "mixed_vs_single_32": 0.8}
+SELF_CHECK_REL_TOL = 5e-2
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON results path")
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/persona-router-bench/phi3-mini-random"))
+    parser.add_argument("--precisions", default="nf4,bf16")
+    parser.add_argument("--streams", default="8,32,64")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
+    return parser.parse_args()
+
+
+# -- setup ------------------------------------------------------------------------------------------
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_model(folder: Path, smoke: bool) -> float:
+    """Save the random model and a word-level tokenizer covering its vocabulary; returns seconds (0 if cached)."""
+    import torch
+    from transformers import Phi3Config
+
+    from adapters.random_model import save_random_model, tiny_phi3_config
+
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        return 0.0
+    started = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    config: Any = tiny_phi3_config(512) if smoke else Phi3Config()
+    save_random_model(folder, config, seed=0, dtype=torch.float32 if smoke else torch.bfloat16)
+    save_tokenizer(folder, config.vocab_size, config.eos_token_id)
+    return time.perf_counter() - started
+
+
+def save_tokenizer(folder: Path, vocab_size: int, eos_id: int) -> None:
+    """Random weights need no real tokenizer, but streaming detokenisation should cost what it costs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    eos = "<|endoftext|>"
+    vocab = {f"w{i}": i for i in range(vocab_size) if i != eos_id}
+    vocab[eos] = eos_id
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=eos))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos).save_pretrained(folder)
+
+
+def write_adapters(model: Any, root: Path, count: int, rank: int) -> list[Path]:
+    """``count`` random r-rank LoRA adapters on every linear layer of the decoder, in PEFT's file format."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    targets = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    folders = []
+    for index in range(count):
+        folder = root / f"adapter{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        gen = torch.Generator().manual_seed(100 + index)
+        tensors = {}
+        for layer_index, layer in enumerate(model.model.layers):
+            for path in targets:
+                module = layer.get_submodule(path)
+                key = f"base_model.model.model.layers.{layer_index}.{path}"
+                a = torch.randn(rank, module.in_features, generator=gen) / module.in_features ** 0.5
+                tensors[f"{key}.lora_A.weight"] = a.to(torch.bfloat16)
+                tensors[f"{key}.lora_B.weight"] = (torch.randn(module.out_features, rank, generator=gen) * 0.02
+                                                   ).to(torch.bfloat16)
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[p.split(".")[-1] for p in targets],
+                   task_type="CAUSAL_LM").save_pretrained(str(folder))
+        folders.append(folder)
+    return folders
+
+
+def load_model(folder: Path, precision: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if precision == "nf4":
+        from adapters.base_model import nf4_config
+
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4_config(), dtype=torch.bfloat16,
+                                                    device_map={"": 0}).eval()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model.to(device()).eval()
+
+
+def make_prompts(count: int, length: int, vocab: int) -> list[tuple[int, ...]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(7)
+    return [tuple(torch.randint(10, vocab - 100, (length,), generator=gen).tolist()) for _ in range(count)]
+
+
+def gpu_memory() -> dict[str, float | None]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"allocated_gib": None, "peak_gib": None}
+    return {"allocated_gib": torch.cuda.memory_allocated() / 2**30,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+# -- vanilla PEFT -----------------------------------------------------------------------------------
+
+
+def vanilla_generate(peft_model: Any, prompts: list[tuple[int, ...]], names: list[str], new_tokens: int) -> float:
+    import torch
+
+    ids = torch.tensor(prompts, device=device())
+    sync()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, adapter_names=names,
+                                  pad_token_id=0)
+    sync()
+    elapsed = time.perf_counter() - started
+    if out.shape[1] != ids.shape[1] + new_tokens:
+        raise RuntimeError(f"vanilla generate made {out.shape[1] - ids.shape[1]} tokens, expected {new_tokens}")
+    return elapsed
+
+
+def vanilla_suite(peft_model: Any, prompts: list[tuple[int, ...]], names: list[str], args: argparse.Namespace,
+                  streams: list[int]) -> dict[str, Any]:
+    new = args.new_tokens
+    vanilla_generate(peft_model, prompts[:1], names[:1], 4)  # warm-up: kernels, cuBLAS handles
+    first = vanilla_generate(peft_model, prompts[:1], names[:1], 1)
+    total = vanilla_generate(peft_model, prompts[:1], names[:1], new)
+    result: dict[str, Any] = {"batch1": {"ttft_ms": first * 1e3, "ms_per_token": total * 1e3 / new,
+                                         "decode_ms_per_token": (total - first) * 1e3 / (new - 1)},
+                              "streams": {}}
+    for count in streams:
+        for adapters in (1, len(names)):
+            rows = [names[i % adapters] for i in range(count)]
+            elapsed = vanilla_generate(peft_model, prompts[:count], rows, new)
+            result["streams"][f"{count}x{adapters}"] = {"tok_s": count * new / elapsed, "wall_s": elapsed}
+            log.info("vanilla %d streams over %d adapters: %.1f tok/s", count, adapters, count * new / elapsed)
+    return result
+
+
+# -- engine -----------------------------------------------------------------------------------------
+
+
+async def engine_streams(engine: Any, prompts: list[tuple[int, ...]], adapters: list[str | None],
+                         new_tokens: int) -> dict[str, Any]:
+    from adapters.engine_api import GenerationRequest
+    from adapters.generation import SamplingConfig
+
+    async def consume(handle: Any) -> tuple[float, float, int, str | None]:
+        first, count, reason = 0.0, 0, None
+        async for event in handle:
+            if event.token_id is not None:
+                count += 1
+                if count == 1:
+                    first = time.perf_counter()
+            reason = event.finish_reason
+        return first, time.perf_counter(), count, reason
+
+    started = time.perf_counter()
+    handles = [engine.submit(GenerationRequest(f"r{i}", prompt, adapter, SamplingConfig(max_new_tokens=new_tokens)))
+               for i, (prompt, adapter) in enumerate(zip(prompts, adapters, strict=True))]
+    done = await asyncio.gather(*(consume(h) for h in handles))
+    wall = max(end for _, end, _, _ in done) - started
+    ttft = sorted((first - started) * 1e3 for first, _, _, _ in done)
+    tokens = sum(count for _, _, count, _ in done)
+    complete = all(count == new_tokens and reason == "length" for _, _, count, reason in done)
+    decode = [(end - first) * 1e3 / (count - 1) for first, end, count, _ in done if count > 1]
+    return {"tok_s": tokens / wall, "wall_s": wall, "ttft_ms_p50": statistics.median(ttft), "ttft_ms_max": ttft[-1],
+            "decode_ms_per_token": statistics.median(decode) if decode else None,
+            "ms_per_token": wall * 1e3 / new_tokens, "complete": complete}
+
+
+async def engine_suite(engine: Any, prompts: list[tuple[int, ...]], names: list[str], args: argparse.Namespace,
+                       streams: list[int], *, single_adapter_too: bool = True) -> dict[str, Any]:
+    engine.start(asyncio.get_running_loop())
+    try:
+        cases = [(1, 1)] + [(count, k) for count in streams
+                            for k in ((1, len(names)) if single_adapter_too else (len(names),))]
+        result: dict[str, Any] = {"streams": {}}
+        for count, k in cases:
+            adapters: list[str | None] = [names[i % k] for i in range(count)]
+            await engine_streams(engine, prompts[:count], adapters, args.new_tokens)  # warm-up: graph captures
+            measured = await engine_streams(engine, prompts[:count], adapters, args.new_tokens)
+            if (count, k) == (1, 1):
+                result["batch1"] = measured
+            else:
+                result["streams"][f"{count}x{k}"] = measured
+            log.info("engine %d streams over %d adapters: %.1f tok/s", count, k, measured["tok_s"])
+        result["graphs"] = ({"captures": engine.graphs.captures, "disabled": engine.graphs.disabled}
+                            if engine.graphs is not None else None)
+        return result
+    finally:
+        engine.stop()
+
+
+def logits_self_check(engine: Any, peft_model: Any, prompt: tuple[int, ...], names: list[str]) -> dict[str, float]:
+    """Last-token prefill logits of engine and PEFT for the base and one adapter: relative L2 error."""
+    import torch
+
+    from adapters.engine.lora_bank import slot_bucket
+
+    errors = {}
+    for name in (None, names[0]):
+        slot = engine.bank.acquire(name)
+        try:
+            got = engine.runner.prefill([0], [list(prompt)], [slot], slot_bucket(slot, engine.bank.capacity))[0]
+        finally:
+            engine.bank.release(slot)
+        with torch.inference_mode():
+            ids = torch.tensor([prompt], device=device())
+            ref = peft_model(input_ids=ids, adapter_names=[name or "__base__"]).logits[0, -1].float()
+        errors[name or "base"] = float((got - ref).norm() / ref.norm())
+    return errors
+
+
+def time_adapter_loads(engine: Any, peft_model: Any, folder: Path, repeats: int = 3) -> dict[str, float]:
+    engine_times, peft_times = [], []
+    for i in range(repeats):
+        started = time.perf_counter()
+        engine.add_adapter(f"load{i}", folder)
+        sync()
+        engine_times.append(time.perf_counter() - started)
+        engine.remove_adapter(f"load{i}")
+        started = time.perf_counter()
+        peft_model.load_adapter(str(folder), adapter_name=f"load{i}")
+        sync()
+        peft_times.append(time.perf_counter() - started)
+        peft_model.delete_adapter(f"load{i}")
+    return {"engine_ms": statistics.median(engine_times) * 1e3, "peft_ms": statistics.median(peft_times) * 1e3}
+
+
+# -- one precision ----------------------------------------------------------------------------------
+
+
+def run_precision(precision: str, args: argparse.Namespace, adapters: list[Path], streams: list[int],
+                  report: dict[str, Any], save: Any) -> None:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from adapters.engine import BatchedEngine, EngineConfig
+
+    section: dict[str, Any] = {}
+    report["results"][precision] = section
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    started = time.perf_counter()
+    model = load_model(args.model_dir, precision)
+    section["load_s"] = time.perf_counter() - started
+    section["memory_base"] = gpu_memory()
+    prompts = make_prompts(max(streams), args.prompt_len, model.config.vocab_size)
+    names = [f"a{i}" for i in range(len(adapters))]
+    max_len = -(-(args.prompt_len + args.new_tokens) // 256) * 256
+
+    def engine_for(model: Any, mode: str) -> Any:
+        config = EngineConfig(max_batch=max(streams), max_len=max_len, max_adapters=8, max_rank=16,
+                              stop_token_ids=(), nf4_mode=mode)
+        engine = BatchedEngine(model, tokenizer, config)
+        for name, folder in zip(names, adapters, strict=True):
+            engine.add_adapter(name, folder)
+        return engine
+
+    reset_peak()
+    engine = engine_for(model, "auto")  # built before PEFT wraps the model's layers (it also unwraps them itself)
+    section["memory_engine_built"] = gpu_memory()
+    peft_model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=names[0])
+    for name, folder in zip(names[1:], adapters[1:], strict=True):
+        peft_model.load_adapter(str(folder), adapter_name=name)
+    peft_model.eval()
+    section["self_check_rel_err"] = logits_self_check(engine, peft_model, prompts[0], names)
+    section["adapter_load"] = time_adapter_loads(engine, peft_model, adapters[0])
+    save()
+
+    reset_peak()
+    section["vanilla"] = vanilla_suite(peft_model, prompts, names, args, streams)
+    section["vanilla"]["memory"] = gpu_memory()
+    save()
+    reset_peak()
+    section["engine"] = asyncio.run(engine_suite(engine, prompts, names, args, streams))
+    section["engine"]["memory"] = gpu_memory()
+    section["engine"]["kv_cache_gib"] = engine.runner.kv_bytes() / 2**30
+    save()
+    del engine
+    gc.collect()
+    if precision == "nf4":
+        import torch
+
+        torch.cuda.empty_cache()
+        reset_peak()
+        kernel = engine_for(model, "kernel")
+        section["engine_kernel"] = asyncio.run(engine_suite(kernel, prompts, names, args, streams,
+                                                            single_adapter_too=False))
+        section["engine_kernel"]["memory"] = gpu_memory()
+        del kernel
+        save()
+    section["ratios"] = ratios(section)
+    save()
+    del peft_model, model
+    gc.collect()
+    if device() == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def ratios(section: dict[str, Any]) -> dict[str, float | None]:
+    vanilla, engine = section["vanilla"], section["engine"]
+    s = engine["streams"]
+    mixed8 = next((k for k in s if k.startswith("8x") and not k.endswith("x1")), None)
+    single32, mixed32 = s.get("32x1"), next((v for k, v in s.items() if k.startswith("32x") and k != "32x1"), None)
+    return {
+        "batch1_speedup": vanilla["batch1"]["decode_ms_per_token"] / engine["batch1"]["decode_ms_per_token"],
+        "mixed8_speedup": s[mixed8]["tok_s"] / vanilla["streams"][mixed8]["tok_s"] if mixed8 else None,
+        "mixed_vs_single_32": mixed32["tok_s"] / single32["tok_s"] if mixed32 and single32 else None,
+        "ttft_speedup_batch1": vanilla["batch1"]["ttft_ms"] / engine["batch1"]["ttft_ms_p50"],
+    }
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"device: {report['device']}", "| precision | system | batch-1 ms/tok | TTFT ms | "
+             + " | ".join(f"{k} tok/s" for k in report["stream_keys"]) + " | peak GiB |",
+             "|---" * (5 + len(report["stream_keys"])) + "|"]
+    for precision, section in report["results"].items():
+        for system in ("vanilla", "engine", "engine_kernel"):
+            data = section.get(system)
+            if not data or "batch1" not in data:
+                continue
+            b1 = data["batch1"]
+            cells = [f"{data['streams'][k]['tok_s']:.0f}" if k in data["streams"] else "-"
+                     for k in report["stream_keys"]]
+            ttft = b1.get("ttft_ms", b1.get("ttft_ms_p50"))
+            peak = data.get("memory", {}).get("peak_gib")
+            peak_cell = f"{peak:.1f}" if peak is not None else "-"
+            lines.append(f"| {precision} | {system} | {b1['decode_ms_per_token']:.2f} | {ttft:.1f} | "
+                         + " | ".join(cells) + f" | {peak_cell} |")
+        if "ratios" in section:
+            r = section["ratios"]
+            lines.append(f"ratios {precision}: " + ", ".join(
+                f"{k}={v:.2f} (target {TARGETS[k]})" if k in TARGETS and v is not None else f"{k}={v}"
+                for k, v in r.items()))
+        if "adapter_load" in section:
+            a = section["adapter_load"]
+            lines.append(f"adapter load {precision}: engine {a['engine_ms']:.0f} ms, PEFT {a['peft_ms']:.0f} ms; "
+                         f"self-check rel err {section.get('self_check_rel_err')}")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "peft": peft.__version__}
+    try:
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        info["bitsandbytes"] = None
+    return info
+
+
+def main() -> int:
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args()
+    if args.smoke:
+        args.model_dir = args.model_dir.with_name(args.model_dir.name + "-smoke")
+        args.prompt_len, args.new_tokens = 16, 8
+    streams = [int(s) for s in args.streams.split(",")] if not args.smoke else [2, 4]
+    precisions = args.precisions.split(",") if not args.smoke else ["fp32"]
+    if not args.smoke and not torch.cuda.is_available():
+        log.error("no CUDA device; use --smoke for a CPU check of the script")
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True  # what a server would run with; fp32 is not used on GPU here
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "environment": environment(),
+        "workload": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "adapters": args.adapters,
+                     "rank": 16, "greedy": True, "model": "Phi3Config() defaults, random weights"},
+        "stream_keys": [f"{s}x{k}" for s in streams for k in (1, args.adapters)],
+        "results": {},
+    }
+
+    def save() -> None:
+        from adapters.atomic import atomic_write_json
+
+        atomic_write_json(args.out, report)
+
+    started = time.perf_counter()
+    report["model_build_s"] = build_model(args.model_dir, args.smoke)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only, for writing the adapters
+        shape_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model_dir))
+    report["parameters"] = sum(p.numel() for p in shape_model.parameters())
+    adapters = write_adapters(shape_model, args.model_dir.parent / f"{args.model_dir.name}-adapters",
+                              args.adapters, 16)
+    del shape_model
+    save()
+    for precision in precisions:
+        run_precision(precision, args, adapters, streams, report, save)
+    report["total_s"] = time.perf_counter() - started
+    failures = self_check_failures(report)
+    report["self_check_failures"] = failures
+    save()
+    print(table(report))
+    if failures:
+        print("SELF-CHECK FAILED: " + "; ".join(failures))
+        return 1
+    return 0
+
+
+def self_check_failures(report: dict[str, Any]) -> list[str]:
+    failures = []
+    for precision, section in report["results"].items():
+        for name, err in section.get("self_check_rel_err", {}).items():
+            if not err <= SELF_CHECK_REL_TOL:
+                failures.append(f"{precision} {name}: logits rel err {err:.3g} > {SELF_CHECK_REL_TOL}")
+        for system in ("engine", "engine_kernel"):
+            data = section.get(system, {})
+            runs = [("batch1", data.get("batch1")), *data.get("streams", {}).items()]
+            failures += [f"{precision} {system} {key}: incomplete streams" for key, run in runs
+                         if run is not None and not run["complete"]]
+    return failures
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

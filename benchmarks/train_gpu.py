@@ -1,0 +1,376 @@
+"""QLoRA training throughput on one GPU: the original notebook's configuration against ours.
+
+Model: a randomly initialised Phi-3-mini (``transformers.Phi3Config()`` defaults, 3.82B parameters) loaded in
+4-bit NF4 with double quantisation and bf16 compute (no Phi-3 weights can reach the GPU machine; speed and
+memory depend on the shape, not the values). Data: synthetic token sequences shaped like Webscale-RL rows: a
+system prompt, a context of a few hundred to several thousand tokens (log-uniform), a short question and a
+short answer. Both configurations train LoRA r=16, alpha=32, dropout 0.05 on all linear layers with TRL's
+SFTTrainer on the same rows:
+
+- ``notebook``: per-device batch 2 x gradient accumulation 4, max_length 1024 cut from the end (answers
+  are lost when the context is long), loss on the whole sequence, padded batches, gradient checkpointing,
+  paged_adamw_8bit, fp16 mixed precision.
+- ``ours``: ``training/config.py``'s CUDA defaults through ``training/sft_setup.py`` (the exact arguments of
+  ``persona-router train``): contexts cut so question and answer survive, loss on the answer only, examples
+  packed without padding (attention stays within each example), bf16, gradient checkpointing, same micro-batch
+  token budget (2 x 1024).
+- ``ours-b4`` (if time allows): ours with micro-batch 4 x accumulation 2, to show the speed/memory trade.
+
+Reported per configuration: real (non-padding) tokens/s and seconds per 1,000 examples over the timed steps
+(after warm-up steps), peak allocated GPU memory during training (weights included). JSON is rewritten after
+each configuration, so a timeout keeps what finished. Typical run: 4-6 minutes on an H100.
+
+    python benchmarks/train_gpu.py --out benchmarks/results/train_gpu_h100.json
+    python benchmarks/train_gpu.py --smoke --out /tmp/train_gpu_smoke.json   # CPU, tiny model: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("train_gpu")
+
+SYSTEM_TOKENS = 40
+CONTEXT_RANGE = (200, 6000)  # log-uniform, tokens
+QUESTION_RANGE = (12, 40)
+ANSWER_RANGE = (4, 60)  # Webscale-RL answers are short verifiable facts
+MAX_LENGTH = 1024
+
+
+def synthetic_rows(count: int, vocab: int, *, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Token-id rows: prompt (system + context + question) and completion (answer), uncut."""
+    rng = random.Random(seed)
+    low = 16  # keep clear of the special/pad ids of the helper tokenizer
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(low, vocab) for _ in range(n)]
+
+    rows = []
+    system = ids(SYSTEM_TOKENS)
+    for _ in range(count):
+        context = ids(int(math.exp(rng.uniform(math.log(CONTEXT_RANGE[0]), math.log(CONTEXT_RANGE[1])))))
+        question = ids(rng.randint(*QUESTION_RANGE))
+        answer = ids(rng.randint(*ANSWER_RANGE))
+        rows.append({"system": system, "context": context, "question": question, "answer": answer})
+    return rows
+
+
+def notebook_dataset(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    # The whole sequence is the text; TRL cuts it to max_length from the end, as the notebook did.
+    return [{"input_ids": r["system"] + r["context"] + r["question"] + r["answer"]} for r in rows]
+
+
+def ours_dataset(rows: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    # The same cut as training/formatting.py, on token ids: only the context shrinks.
+    out = []
+    for r in rows:
+        fixed = len(r["system"]) + len(r["question"]) + len(r["answer"])
+        context = r["context"][: max(0, max_length - fixed)]
+        prompt = r["system"] + context + r["question"]
+        out.append({"input_ids": prompt + r["answer"], "completion_mask": [0] * len(prompt) + [1] * len(r["answer"])})
+    return out
+
+
+def make_model_folder(folder: Path, *, smoke: bool) -> Path:
+    import torch
+
+    from adapters.random_model import save_random_model, tiny_phi3_config, train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer(folder)  # supplies pad/eos ids only; the data are token ids already
+    if smoke:
+        config = tiny_phi3_config(len(tokenizer))
+    else:
+        from transformers import Phi3Config
+
+        config = Phi3Config(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id)
+    started = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    with torch.device(device):  # random init on the GPU takes seconds instead of a minute on CPU
+        model = save_random_model(folder, config, dtype=torch.float32 if smoke else torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log.info("random model with %.2fB parameters saved in %.0f s", params / 1e9, time.perf_counter() - started)
+    return folder
+
+
+def load_model(folder: Path, *, smoke: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if smoke:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    from adapters.base_model import nf4_config
+
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4_config(double_quant=True),
+                                                dtype=torch.bfloat16, device_map={"": 0})
+
+
+def notebook_args(output_dir: Path, steps: int, *, smoke: bool, bf16: bool = False) -> Any:
+    import trl
+
+    from training.sft_setup import supported_kwargs
+
+    kwargs = {
+        "output_dir": str(output_dir), "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
+        "learning_rate": 2e-4, "weight_decay": 0.001, "max_grad_norm": 0.3, "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.03, "optim": "adamw_torch" if smoke else "paged_adamw_8bit", "fp16": not smoke and not bf16,
+        "bf16": bf16 and not smoke, "gradient_checkpointing": True, "max_length": MAX_LENGTH, "packing": False,
+        "completion_only_loss": False, "max_steps": steps, "logging_steps": 1, "save_strategy": "no",
+        "report_to": "none", "use_cpu": smoke, "disable_tqdm": True, "dataloader_num_workers": 0,
+    }
+    return trl.SFTConfig(**supported_kwargs(trl.SFTConfig, kwargs, warmup_ratio=0.03))
+
+
+def ours_args(output_dir: Path, steps: int, *, smoke: bool, batch: int | None = None,
+              accum: int | None = None) -> tuple[Any, Any]:
+    from training.config import TrainConfig
+    from training.sft_setup import sft_config
+
+    config = TrainConfig(max_steps=steps, save_steps=10**6, batch_size=batch, grad_accum=accum)
+    config = config.resolved("cpu" if smoke else "cuda")
+    if smoke:  # CPU cannot run the CUDA defaults; keep everything else
+        from dataclasses import replace
+
+        config = replace(config, max_length=MAX_LENGTH, gradient_checkpointing="on", batch_size=batch or 2,
+                         grad_accum=accum or 4)
+    args = sft_config(config, output_dir=output_dir, device="cpu" if smoke else "cuda")
+    args.disable_tqdm = True
+    return args, config
+
+
+class StepTimer:
+    """Wall time and real-token count at the end of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.trainer: Any = None
+        self.marks: list[tuple[float, int]] = []
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                _sync()
+                tokens = int(getattr(timer.trainer, "_total_train_tokens", 0) or state.num_input_tokens_seen)
+                timer.marks.append((time.perf_counter(), tokens))
+
+        return _Callback()
+
+
+def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, steps: int, warmup: int,
+               smoke: bool) -> dict[str, Any]:
+    import datasets
+    import torch
+    import trl
+
+    from training.config import TrainConfig
+    from training.sft_setup import lora_config
+
+    datasets.disable_progress_bars()
+    work = Path(tempfile.mkdtemp(prefix=f"train-gpu-{name}-"))
+    total = warmup + steps
+    if name in ("notebook", "notebook-bf16"):
+        args, config = notebook_args(work, total, smoke=smoke, bf16=name == "notebook-bf16"), None
+        data = notebook_dataset(rows)
+    else:
+        batch, accum = (4, 2) if name == "ours-b4" else (None, None)
+        args, config = ours_args(work, total, smoke=smoke, batch=batch, accum=accum)
+        data = ours_dataset(rows, config.max_length)
+    model = load_model(folder, smoke=smoke)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    timer = StepTimer()
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
+                             processing_class=tokenizer, peft_config=lora_config(config or TrainConfig()),
+                             callbacks=[timer.callback()])
+    timer.trainer = trainer
+    prepared: Any = trainer.train_dataset
+    real_tokens = sum(min(len(d["input_ids"]), MAX_LENGTH) for d in data)
+    examples_per_row = len(data) / len(prepared)
+    answers_kept = _answers_kept(name, rows)
+    answer_tokens = _answer_tokens_in_window(name, rows)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    (t0, k0), (t1, k1) = timer.marks[warmup - 1], timer.marks[-1]
+    rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    examples_per_s = (len(timer.marks) - warmup) * rows_per_step * examples_per_row / (t1 - t0)
+    result = {
+        "config": name, "steps_timed": len(timer.marks) - warmup, "warmup_steps": warmup,
+        "tokens_per_s": round((k1 - k0) / (t1 - t0), 1),
+        "s_per_1000_examples": round(1000 / examples_per_s, 2),
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
+        else None,
+        "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if torch.cuda.is_available()
+        else None,
+        "mean_real_tokens_per_example": round(real_tokens / len(data), 1),
+        "examples_per_row": round(examples_per_row, 3),
+        "answers_intact_fraction": answers_kept,
+        # Tokens of the answer that fall inside the training window, per second: the notebook spends part of its
+        # compute on examples whose answer was cut off, which teaches nothing about answering.
+        "answer_tokens_in_window_per_s": round(examples_per_s * answer_tokens, 1),
+        "train_wall_s": round(wall, 1),
+        "settings": _settings(args),
+    }
+    del trainer, model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def _answers_kept(name: str, rows: list[dict[str, list[int]]]) -> float:
+    if not name.startswith("notebook"):
+        return 1.0
+    whole = sum(1 for r in rows if len(r["system"]) + len(r["context"]) + len(r["question"]) + len(r["answer"])
+                <= MAX_LENGTH)
+    return round(whole / len(rows), 3)
+
+
+def _answer_tokens_in_window(name: str, rows: list[dict[str, list[int]]]) -> float:
+    kept = 0
+    for r in rows:
+        if name.startswith("notebook"):
+            start = len(r["system"]) + len(r["context"]) + len(r["question"])
+            kept += max(0, min(len(r["answer"]), MAX_LENGTH - start))
+        else:
+            kept += len(r["answer"])
+    return kept / len(rows)
+
+
+def _settings(args: Any) -> dict[str, Any]:
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "packing", "padding_free",
+            "gradient_checkpointing", "optim", "fp16", "bf16", "completion_only_loss", "learning_rate")
+    return {k: (str(getattr(args, k)) if k == "optim" else getattr(args, k, None)) for k in keys}
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "cuda": torch.version.cuda, "host_cpus": os.cpu_count()}
+    for module in ("transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate"):
+        try:
+            env[module] = __import__(module).__version__
+        except ImportError:
+            env[module] = "not installed"
+    env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return env
+
+
+def write(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    done = {r["config"]: r for r in results if "tokens_per_s" in r}
+    baseline = "notebook" if "notebook" in done else "notebook-bf16"
+    if baseline not in done or "ours" not in done:
+        return {}
+    nb, ours = done[baseline], done["ours"]
+    summary = {"baseline": baseline,"throughput_ratio_tokens": round(ours["tokens_per_s"] / nb["tokens_per_s"], 2),
+               "throughput_ratio_examples": round(nb["s_per_1000_examples"] / ours["s_per_1000_examples"], 2),
+               "answer_token_ratio": round(ours["answer_tokens_in_window_per_s"]
+                                           / max(nb["answer_tokens_in_window_per_s"], 1e-9), 2)}
+    if nb["peak_gpu_memory_gib"] and ours["peak_gpu_memory_gib"]:
+        summary["memory_ratio"] = round(ours["peak_gpu_memory_gib"] / nb["peak_gpu_memory_gib"], 3)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="JSON results file")
+    parser.add_argument("--configs", default="notebook,ours,ours-b4", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per config")
+    parser.add_argument("--warmup", type=int, default=3, choices=range(1, 50), metavar="N",
+                        help="untimed optimizer steps first (>= 1)")
+    parser.add_argument("--examples", type=int, default=800, help="synthetic rows")
+    parser.add_argument("--budget-s", type=float, default=420, help="skip configs that would start after this")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, no 4-bit: only checks the script")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.perf_counter()
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("no CUDA GPU visible; use --smoke to check the script on CPU", file=sys.stderr)
+        return 2
+    payload: dict[str, Any] = {"benchmark": "train_gpu", "environment": environment(), "smoke": args.smoke,
+                               "model": "tiny Phi-3 (smoke)" if args.smoke else "random Phi3Config() (Phi-3-mini "
+                               "shape) in 4-bit NF4, double quant, bf16 compute",
+                               "data": {"examples": args.examples, "system_tokens": SYSTEM_TOKENS,
+                                        "context_tokens_loguniform": CONTEXT_RANGE,
+                                        "question_tokens": QUESTION_RANGE, "answer_tokens": ANSWER_RANGE},
+                               "results": []}
+    with tempfile.TemporaryDirectory(prefix="train-gpu-model-") as tmp:
+        folder = make_model_folder(Path(tmp), smoke=args.smoke)
+        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+        rows = synthetic_rows(args.examples, vocab)
+        names = [c.strip() for c in args.configs.split(",") if c.strip()]
+        for name in names:
+            if time.perf_counter() - started > args.budget_s:
+                payload["results"].append({"config": name, "skipped": "time budget spent"})
+                continue
+            log.info("running %s", name)
+            try:
+                payload["results"].append(run_config(name, folder, rows, steps=args.steps, warmup=args.warmup,
+                                                     smoke=args.smoke))
+            except Exception as exc:  # noqa: BLE001 - one failing config must not lose the others' numbers
+                payload["results"].append({"config": name, "error": f"{type(exc).__name__}: {exc}",
+                                           "traceback": traceback.format_exc()[-3000:]})
+                if name == "notebook" and "notebook-bf16" not in names:
+                    # fp16 autocast over a bf16-compute 4-bit model may fail on newer stacks; bf16 is the
+                    # closest configuration that runs, and the JSON says which one was measured.
+                    names.append("notebook-bf16")
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            payload["summary"] = summarise(payload["results"])
+            payload["wall_s"] = round(time.perf_counter() - started, 1)
+            write(args.out, payload)
+            log.info("%s", json.dumps(payload["results"][-1])[:400])
+    print(json.dumps({"summary": payload.get("summary"), "wall_s": payload.get("wall_s")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

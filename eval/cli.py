@@ -1,0 +1,140 @@
+"""``persona-router eval``: ``ab`` compares two arms on one persona's items; ``matrix`` checks whether each
+persona's adapter sounds like its persona (the judge's confusion matrix) next to the prompt baseline."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from eval.specs import VALID_FORMS
+from router.cli_basic import add_base_arguments, add_pack_argument
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="evaluate adapters: A/B comparisons and the persona matrix",
+        description="Evaluate adapters against each other and against baselines, with a style judge that is "
+        "independent of the adapters, paired statistics, and a report (report.json, report.md, PNG plots).")
+    commands = parser.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
+
+    ab = commands.add_parser(
+        "ab", help="compare two arms on one persona's held-out questions",
+        description="Both arms answer the same questions with the same decoding settings and seeds. "
+        f"SPEC: {VALID_FORMS}.")
+    ab.add_argument("--persona", required=True, help="persona whose items are evaluated")
+    ab.add_argument("--a", required=True, metavar="SPEC", help="arm A")
+    ab.add_argument("--b", required=True, metavar="SPEC", help="arm B")
+    _common(ab)
+    ab.set_defaults(handler=cmd_ab)
+
+    matrix = commands.add_parser(
+        "matrix", help="every persona's adapter answers the same questions; judge confusion vs the prompt baseline",
+        description="Each persona's adapter (latest, or pinned with --use) and the 'prompt' baseline answer the "
+        "same parallel questions; the style judge's confusion matrix shows whether adapters separate personas.")
+    matrix.add_argument("--use", nargs="+", default=(), metavar="NAME@VERSION",
+                        help="pin adapter versions (default: each persona's latest)")
+    _common(matrix)
+    matrix.set_defaults(handler=cmd_matrix)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    add_pack_argument(parser)
+    add_base_arguments(parser)
+    parser.add_argument("--adapters", default=None, metavar="DIR",
+                        help="adapter registry root (default: $PERSONA_ROUTER_ADAPTERS or "
+                        "$PERSONA_ROUTER_HOME/adapters)")
+    parser.add_argument("--data", default=None, metavar="FILE",
+                        help="evaluation QA file (default: the demo pack's held-out test split)")
+    parser.add_argument("--train-data", default=None, metavar="FILE",
+                        help="reference answers for the judge and readability ranges (default: demo train split)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="evaluate only the first N items (matrix: N questions)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default: %(default)s)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="report folder (default: $PERSONA_ROUTER_HOME/eval/reports/<command>-<time>)")
+    parser.add_argument("--max-new-tokens", type=int, default=160, help="default: %(default)s")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s")
+    parser.add_argument("--max-context-chars", type=int, default=2000,
+                        help="cut contexts to this many characters, as the original notebook did "
+                        "(default: %(default)s)")
+    parser.add_argument("--bootstrap", type=int, default=5000, help="bootstrap resamples (default: %(default)s)")
+    parser.add_argument("--cochrane-pairs", type=int, default=200,
+                        help="pairs for the judge's Cochrane check; 0 skips it (default: %(default)s)")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from adapters.base_model import BaseModelConfig
+    from adapters.generation import SamplingConfig
+    from eval.pipeline import EvalConfig
+    from eval.stats import StatsConfig
+
+    return EvalConfig(
+        base=BaseModelConfig(base=args.base, device=args.device, quantization=args.quantization),
+        sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p),
+        adapters_root=Path(args.adapters).expanduser() if args.adapters else None, data=args.data,
+        train_data=args.train_data, limit=args.limit, seed=args.seed, max_context_chars=args.max_context_chars,
+        cochrane_pairs=args.cochrane_pairs, stats=StatsConfig(n_boot=args.bootstrap, seed=args.seed))
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]]:
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=description, unit="answer", file=sys.stderr, dynamic_ncols=True) as bar:
+        yield bar.update
+
+
+def _out_dir(args: argparse.Namespace, name: str) -> Path:
+    if args.out:
+        return Path(args.out).expanduser()
+    from adapters.home import home_dir
+
+    return home_dir() / "eval" / "reports" / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_ab(args: argparse.Namespace) -> int:
+    from adapters.base_model import configure_threads
+    from eval.pipeline import run_ab
+    from eval.report import write_report
+    from eval.specs import parse_spec
+    from router.pack import load_pack
+
+    parse_spec(args.a, field="a")  # fail on a bad SPEC before loading any model
+    parse_spec(args.b, field="b")
+    pack = load_pack(args.pack)
+    pack.get(args.persona)
+    config = _config(args)
+    configure_threads()
+    report = run_ab(pack, args.persona, args.a, args.b, config, progress_bar)
+    out = _out_dir(args, f"ab-{args.persona}")
+    write_report(report, out)
+    for comparison in report["comparisons"]:
+        print(comparison["verdict"])
+    print(f"report: {out}")
+    return 0
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from adapters.base_model import configure_threads
+    from eval.pipeline import run_matrix
+    from eval.report import write_report
+    from router.pack import load_pack
+
+    pack = load_pack(args.pack)
+    config = _config(args)
+    configure_threads()
+    report = run_matrix(pack, config, progress_bar, pins=args.use)
+    out = _out_dir(args, "matrix")
+    write_report(report, out)
+    for name, condition in report["conditions"].items():
+        print(f"{name}: judge accuracy {condition['accuracy']:.3f} over {condition['n']} answers")
+    for persona, reason in report["missing_adapters"].items():
+        print(f"no adapter for {persona}: {reason}")
+    print(f"report: {out}")
+    return 0

@@ -1,0 +1,315 @@
+"""The two evaluations end to end: load items, fit the judge, generate with each arm, score, compare.
+
+``run_ab`` compares two arms on one persona's items; ``run_matrix`` has every persona's adapter (and the
+``prompt`` baseline) answer the same parallel questions and asks the judge whom each answer sounds like.
+Both return a JSON-ready report dict; ``eval.report`` writes it out.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapters.base_model import BaseModelConfig
+from adapters.errors import DataError
+from adapters.generation import SamplingConfig
+from eval.arms import DEFAULT_MAX_CONTEXT_CHARS, ArmAnswer, ArmRunner, EvalItem, ResolvedArm, resolve_arm
+from eval.judge import COCHRANE_DIR, StyleJudge, cochrane_check, confusion, heldout_report, train_judge
+from eval.metrics import METRICS, ReferenceRange, reference_range, text_metrics
+from eval.specs import ArmSpec, parse_spec
+from eval.stats import PairedComparison, StatsConfig, compare_paired
+from router.pack import PersonaPack
+from training.records import QARecord
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+ProgressFactory = Callable[[int, str], Any]  # (total, description) -> context manager yielding Progress
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything an evaluation run depends on; recorded in the report."""
+
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=160))
+    adapters_root: Path | None = None
+    data: str | None = None  # None: the demo test split
+    train_data: str | None = None  # judge + readability ranges; None: the demo train split
+    limit: int | None = None
+    seed: int = 0
+    max_context_chars: int = DEFAULT_MAX_CONTEXT_CHARS
+    cochrane_pairs: int = 200
+    stats: StatsConfig = field(default_factory=StatsConfig)
+
+    def __post_init__(self) -> None:
+        from adapters.errors import ConfigError
+
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"{self.limit} must be >= 1", field="limit")
+        if self.cochrane_pairs < 0:
+            raise ConfigError(f"{self.cochrane_pairs} must be >= 0", field="cochrane_pairs")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"base": self.base.base, "device": self.base.device, "quantization": self.base.quantization,
+                "max_new_tokens": self.sampling.max_new_tokens, "temperature": self.sampling.temperature,
+                "top_p": self.sampling.top_p, "adapters_root": str(self.adapters_root) if self.adapters_root else None,
+                "data": self.data or "demo test split", "train_data": self.train_data or "demo train split",
+                "limit": self.limit, "seed": self.seed, "max_context_chars": self.max_context_chars,
+                "cochrane_pairs": self.cochrane_pairs, "n_boot": self.stats.n_boot,
+                "confidence": self.stats.confidence, "alpha": self.stats.alpha}
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+def load_records(source: str | None, pack: PersonaPack, *, split: str) -> list[QARecord]:
+    from training.loading import demo_qa, load_qa
+
+    if source is None:
+        if pack.name != "demo":
+            raise DataError(f"pack {pack.name!r} has no demo data; pass --data and --train-data", field="data")
+        return demo_qa(split)
+    return load_qa(source, pack, split=split).records
+
+
+def ab_items(records: Sequence[QARecord], persona: str, limit: int | None) -> list[EvalItem]:
+    items = [EvalItem.from_record(r, i) for i, r in enumerate(records) if r.persona == persona]
+    if not items:
+        raise DataError(f"no evaluation items for persona {persona!r}", field="persona")
+    return items[:limit] if limit else items
+
+
+def matrix_items(records: Sequence[QARecord], personas: Sequence[str], limit: int | None) -> list[EvalItem]:
+    """Each parallel question once per persona; the reference is that persona's own answer to it."""
+    by_question: dict[str, dict[str, QARecord]] = {}
+    for record in records:
+        if record.parallel_id:
+            by_question.setdefault(record.parallel_id, {})[record.persona] = record
+    complete = [pid for pid, answers in by_question.items() if all(p in answers for p in personas)]
+    if not complete:
+        raise DataError("no parallel questions answered by every persona (rows need a shared parallel_id)",
+                        field="parallel_id")
+    chosen = complete[:limit] if limit else complete
+    return [EvalItem(id=f"{pid}:{p}", persona=p, question=by_question[pid][p].question,
+                     reference=by_question[pid][p].answer, context=by_question[pid][p].context, parallel_id=pid)
+            for pid in chosen for p in personas]
+
+
+# --- scoring ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Scorer:
+    encode: Callable[[Sequence[str]], np.ndarray]
+    judge: StyleJudge
+    ranges: dict[str, ReferenceRange | None]
+
+    def score(self, items: Sequence[EvalItem], answers: Sequence[ArmAnswer]) -> list[dict[str, Any]]:
+        texts = [a.text for a in answers]
+        emb_answers = self.encode(texts)
+        emb_refs = self.encode([i.reference for i in items])
+        probs = self.judge.predict_proba(texts, emb_answers)
+        rows = []
+        for k, (item, answer) in enumerate(zip(items, answers, strict=True)):
+            metrics: dict[str, Any] = text_metrics(answer.text, item.reference, item.persona,
+                                                   self.ranges.get(item.persona))
+            top = self.judge.classes[int(probs[k].argmax())]
+            known = item.persona in self.judge.classes
+            metrics["judge_adherence"] = float(probs[k, self.judge.classes.index(item.persona)]) if known else None
+            metrics["judge_hit"] = float(top == item.persona) if known else None
+            metrics["embedding_cosine"] = float(np.dot(emb_answers[k], emb_refs[k])) if answer.text else 0.0
+            metrics["latency_s"] = answer.latency_s
+            rows.append({"judge_top": top, **metrics})
+        return rows
+
+
+def build_judge(pack: PersonaPack, config: EvalConfig, evaluated: Sequence[EvalItem],
+                test_records: Sequence[QARecord]) -> tuple[Scorer, dict[str, Any]]:
+    """Fit (or load) the judge on TRAIN answers, report its held-out accuracy and the Cochrane check."""
+    from adapters.home import home_dir
+    from router.encoder import load_encoder
+
+    train = load_records(config.train_data, pack, split="train")
+    encoder = load_encoder()
+    judge = train_judge(train, encoder.encode, embedder=encoder.model_id, embedder_fingerprint=encoder.fingerprint,
+                        exclude_answers=[i.reference for i in evaluated], cache_dir=home_dir() / "eval" / "judges",
+                        seed=config.seed)
+    ranges = {p: reference_range([r.answer for r in train if r.persona == p]) for p in pack.names}
+    train_answers = {r.answer for r in train}
+    heldout = [r for r in test_records if r.answer not in train_answers]
+    info = {
+        "classes": list(judge.classes), "feature_set": judge.feature_set, "embedder": judge.embedder,
+        "train_size": judge.meta.get("train_size"), "cv_accuracy": judge.meta.get("cv_accuracy"),
+        "excluded_overlap": judge.meta.get("excluded_overlap", 0),
+        "heldout": heldout_report(judge, heldout, encoder.encode),
+        "cochrane": cochrane_check(judge, encoder.encode, folder=COCHRANE_DIR, limit=config.cochrane_pairs),
+        "reference_ranges": {p: (r.to_json() if r else None) for p, r in ranges.items()},
+    }
+    return Scorer(encode=encoder.encode, judge=judge, ranges=ranges), info
+
+
+# --- runs ---------------------------------------------------------------------------------------------------
+
+def _meta(command: str, config: EvalConfig, base: Any) -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    return {"command": command, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "config": config.to_json(), "base_name": base.name, "base_fingerprint": base.fingerprint,
+            "device": base.device, "precision": base.precision, "platform": platform.platform(),
+            "cpu_count": _cpu_count(), "versions": {"torch": torch.__version__,
+                                                    "transformers": transformers.__version__,
+                                                    "peft": peft.__version__}}
+
+
+def _cpu_count() -> int | None:
+    import os
+
+    return os.cpu_count()
+
+
+def compare_all(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[str, Any]], *, stats: StatsConfig,
+                labels: tuple[str, str]) -> list[PairedComparison]:
+    return [compare_paired(m.name, [r.get(m.name) for r in rows_a], [r.get(m.name) for r in rows_b],
+                           direction=m.direction, config=stats, labels=labels) for m in METRICS]
+
+
+def run_ab(pack: PersonaPack, persona: str, spec_a: str, spec_b: str, config: EvalConfig,
+           progress: ProgressFactory) -> dict[str, Any]:
+    from adapters.base_model import load_base
+
+    pack.get(persona)
+    specs = (parse_spec(spec_a, field="a"), parse_spec(spec_b, field="b"))
+    test_records = load_records(config.data, pack, split="test")
+    items = ab_items(test_records, persona, config.limit)
+    scorer, judge_info = build_judge(pack, config, items, test_records)
+    base = load_base(config.base)
+    arms = _resolve_pair(specs, persona=persona, config=config, fingerprint=base.fingerprint)
+    runner = ArmRunner(base=base, pack=pack, sampling=config.sampling, max_context_chars=config.max_context_chars)
+    with progress(len(items) * 2, f"eval ab {persona}") as tick:
+        answers = runner.run(arms, items, seed=config.seed, progress=tick)
+    scores = {a.label: scorer.score(items, answers[a.label]) for a in arms}
+    a, b = arms
+    comparisons = compare_all(scores[a.label], scores[b.label], stats=config.stats, labels=("A", "B"))
+    return {
+        "kind": "ab", "meta": _meta("eval ab", config, base), "persona": persona,
+        "arms": {"A": a.to_json(), "B": b.to_json()}, "n_items": len(items), "judge": judge_info,
+        "metrics": [{"name": m.name, "direction": m.direction, "description": m.description, "legacy": m.legacy}
+                    for m in METRICS],
+        "comparisons": [c.to_json() for c in comparisons],
+        "items": [{"id": item.id, "question": item.question, "reference": item.reference,
+                   "A": {**answers[a.label][k].to_json(), "metrics": scores[a.label][k]},
+                   "B": {**answers[b.label][k].to_json(), "metrics": scores[b.label][k]}}
+                  for k, item in enumerate(items)],
+    }
+
+
+def _resolve_pair(specs: tuple[ArmSpec, ArmSpec], *, persona: str, config: EvalConfig,
+                  fingerprint: str) -> list[ResolvedArm]:
+    arms = [resolve_arm(s, persona=persona, adapters_root=config.adapters_root, base_fingerprint=fingerprint,
+                        label=f"{name}: {s.label}") for name, s in zip(("A", "B"), specs, strict=True)]
+    return arms
+
+
+def run_matrix(pack: PersonaPack, config: EvalConfig, progress: ProgressFactory, *,
+               pins: Sequence[str] = ()) -> dict[str, Any]:
+    """Each persona's adapter and the ``prompt`` baseline answer the same parallel questions."""
+    from adapters.base_model import load_base
+    from adapters.registry import AdapterRegistry
+
+    personas = list(pack.names)
+    test_records = load_records(config.data, pack, split="test")
+    items = matrix_items(test_records, personas, config.limit)
+    scorer, judge_info = build_judge(pack, config, items, test_records)
+    base = load_base(config.base)
+    registry = AdapterRegistry(config.adapters_root)
+    pinned = _pins(pins, personas)
+    adapter_arms: dict[str, ResolvedArm] = {}
+    missing: dict[str, str] = {}
+    for persona in personas:
+        spec = pinned.get(persona) or (parse_spec(f"{persona}@latest") if registry.latest(persona) else None)
+        if spec is None:
+            missing[persona] = f"no trained adapter in {registry.root}"
+            continue
+        adapter_arms[persona] = resolve_arm(spec, persona=persona, adapters_root=config.adapters_root,
+                                            base_fingerprint=base.fingerprint, label=f"adapter {spec.label}")
+    prompt_arm = ResolvedArm(label="prompt", spec=parse_spec("prompt"))
+    runner = ArmRunner(base=base, pack=pack, sampling=config.sampling, max_context_chars=config.max_context_chars)
+    adapted_items = [i for i in items if i.persona in adapter_arms]
+    prompt_answers: list[ArmAnswer] = []
+    adapter_answers: list[ArmAnswer] = []
+    with progress(len(items) + len(adapted_items), "eval matrix") as tick:
+        for index, item in enumerate(items):
+            pair = [prompt_arm] + ([adapter_arms[item.persona]] if item.persona in adapter_arms else [])
+            for arm in pair if index % 2 == 0 else reversed(pair):
+                answer = runner.answer(arm, item, seed=config.seed)
+                (prompt_answers if arm is prompt_arm else adapter_answers).append(answer)
+                tick(1)
+    prompt_scores = scorer.score(items, prompt_answers)
+    adapter_scores = scorer.score(adapted_items, adapter_answers)
+    conditions = {"prompt": _matrix_condition(items, prompt_scores, scorer.judge.classes)}
+    comparisons: list[PairedComparison] = []
+    if adapted_items:
+        conditions["adapter"] = _matrix_condition(adapted_items, adapter_scores, scorer.judge.classes)
+        paired_prompt = [s for i, s in zip(items, prompt_scores, strict=True) if i.persona in adapter_arms]
+        comparisons = compare_all(adapter_scores, paired_prompt, stats=config.stats, labels=("adapter", "prompt"))
+    return {
+        "kind": "matrix", "meta": _meta("eval matrix", config, base), "personas": personas,
+        "n_questions": len({i.parallel_id for i in items}), "judge": judge_info,
+        "adapters": {p: a.to_json() for p, a in adapter_arms.items()}, "missing_adapters": missing,
+        "conditions": conditions,
+        "metrics": [{"name": m.name, "direction": m.direction, "description": m.description, "legacy": m.legacy}
+                    for m in METRICS],
+        "comparisons": [c.to_json() for c in comparisons],
+        "items": _matrix_rows(items, prompt_answers, prompt_scores, adapted_items, adapter_answers, adapter_scores),
+    }
+
+
+def _pins(pins: Sequence[str], personas: Sequence[str]) -> dict[str, ArmSpec]:
+    from adapters.errors import ConfigError
+
+    out: dict[str, ArmSpec] = {}
+    for raw in pins:
+        spec = parse_spec(raw, field="use")
+        if spec.persona is None:
+            raise ConfigError(f"{raw!r}: --use takes NAME@VERSION (e.g. clinician@2), not a baseline or a path",
+                              field="use")
+        if spec.persona not in personas:
+            raise ConfigError(f"{raw!r}: unknown persona; valid personas: {', '.join(personas)}", field="use")
+        out[spec.persona] = spec
+    return out
+
+
+def _matrix_condition(items: Sequence[EvalItem], scores: Sequence[dict[str, Any]],
+                      classes: Sequence[str]) -> dict[str, Any]:
+    truth = [i.persona for i in items]
+    predicted = [s["judge_top"] for s in scores]
+    adherence = [s["judge_adherence"] for s in scores if s["judge_adherence"] is not None]
+    return {"n": len(items), "classes": list(classes), "confusion": confusion(truth, predicted, classes),
+            "accuracy": float(np.mean([t == p for t, p in zip(truth, predicted, strict=True)])),
+            "mean_adherence": float(np.mean(adherence)) if adherence else None,
+            "per_persona_accuracy": {p: float(np.mean([s["judge_top"] == p for i, s in zip(items, scores, strict=True)
+                                                       if i.persona == p]))
+                                     for p in dict.fromkeys(truth)}}
+
+
+def _matrix_rows(items: Sequence[EvalItem], prompt_answers: Sequence[ArmAnswer], prompt_scores: Sequence[dict],
+                 adapted: Sequence[EvalItem], adapter_answers: Sequence[ArmAnswer],
+                 adapter_scores: Sequence[dict]) -> list[dict[str, Any]]:
+    by_id = {i.id: (a, s) for i, a, s in zip(adapted, adapter_answers, adapter_scores, strict=True)}
+    rows = []
+    for item, answer, score in zip(items, prompt_answers, prompt_scores, strict=True):
+        row: dict[str, Any] = {"id": item.id, "persona": item.persona, "question": item.question,
+                               "prompt": {**answer.to_json(), "metrics": score}}
+        if item.id in by_id:
+            adapter_answer, adapter_score = by_id[item.id]
+            row["adapter"] = {**adapter_answer.to_json(), "metrics": adapter_score}
+        rows.append(row)
+    return rows

@@ -1,0 +1,263 @@
+"""The Litestar app: ``create_app(settings)``.
+
+The lifespan loads the pack, the base model, the router and the engine once, puts them on
+``app.state.service`` and starts the engine, the adapter watcher and a warm-up; ``/health`` answers as soon
+as the server runs, ``/ready`` once the warm-up generation has gone through. Handlers are thin: they
+decode the body, call ``router.answering`` and encode the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from litestar import Litestar, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.response import Stream
+
+from adapters.engine_api import GenerationRequest
+from adapters.errors import PersonaRouterError
+from adapters.generation import SamplingConfig
+from router.answering import Answerer, AnswerInput, Running, fallback_decider
+from router.http_errors import EXCEPTION_HANDLERS, error_body
+from router.metrics import CONTENT_TYPE, ServiceMetrics
+from router.schemas import AdapterRef, AnswerRequest, AnswerResponse, Usage, decode_body, sse
+from router.settings import ServiceSettings
+from router.state import ServiceState, service
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+def load_service(settings: ServiceSettings) -> ServiceState:
+    """Everything heavy, once: pack, base model, router, engine, residency (blocking; run in a thread)."""
+    from adapters.base_model import BaseModelConfig, configure_threads, load_base
+    from adapters.registry import AdapterRegistry
+    from adapters.residency import AdapterResidency
+    from router.pack import load_pack
+
+    started = time.perf_counter()
+    pack = load_pack(settings.pack)
+    configure_threads()
+    base = load_base(BaseModelConfig(base=settings.base, device=settings.device, quantization=settings.quantization))
+    metrics = ServiceMetrics()
+    decide, router_info = _load_router(settings, pack)
+    engine, kind, max_len = _build_engine(settings, base)
+    residency = AdapterResidency(
+        engine, AdapterRegistry(settings.adapters_dir), base_fingerprint=base.fingerprint, personas=pack.names,
+        max_resident=settings.max_resident_adapters,
+        on_event=lambda event, persona, version: metrics.adapter_events.inc(
+            event=event, persona=persona, adapter_version=str(version)),
+    )
+    positions = getattr(base.model.config, "max_position_embeddings", None)
+    limits = [n for n in (positions, max_len) if n]
+    answerer = Answerer(settings=settings, pack=pack, decide=decide, engine=engine, residency=residency,
+                        tokenizer=base.tokenizer, metrics=metrics, max_positions=min(limits) if limits else None,
+                        generation_config=getattr(base.model, "generation_config", None))
+    state = ServiceState(settings=settings, pack=pack, base=base, engine=engine, engine_kind=kind,
+                         residency=residency, answerer=answerer, metrics=metrics, router_info=router_info)
+    _register_gauges(state)
+    log.info("service loaded in %.1f s: base %s (%s, %s), engine %s, router %s", time.perf_counter() - started,
+             base.name, base.device, base.precision, kind, router_info.get("mode"))
+    return state
+
+
+def _load_router(settings: ServiceSettings, pack: Any) -> tuple[Any, dict[str, Any]]:
+    if settings.router == "fallback":
+        return fallback_decider(pack), {"mode": "fallback", "fallback": pack.fallback.name}
+    from router.persona_router import ensure_router
+
+    router = ensure_router(pack)
+    router.decide("warm up the encoder")  # the first encode pays one-off costs
+    return router.decide, {"mode": "fitted", **router.describe()}
+
+
+def _build_engine(settings: ServiceSettings, base: Any) -> tuple[Any, str, int | None]:
+    """The engine named by the settings; ``auto`` prefers the fast engine and falls back to the reference."""
+    kind = settings.engine
+    if kind in ("auto", "fast"):
+        try:
+            from adapters.engine import EngineConfig, build_engine
+        except ImportError as exc:
+            if kind == "fast":
+                raise
+            log.warning("the fast engine is unavailable (%s); using the reference engine", exc)
+        else:
+            config = EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
+                                  max_adapters=settings.max_resident_adapters)
+            return build_engine(base, config), "fast", config.max_len
+    from adapters.engine_reference import ReferenceEngine, ReferenceEngineConfig
+
+    config_ref = ReferenceEngineConfig(max_queue=settings.max_queue, max_batch=settings.max_batch)
+    return ReferenceEngine(base, config_ref), "reference", None
+
+
+def _register_gauges(state: ServiceState) -> None:
+    metrics = state.metrics
+    metrics.add_gauge("persona_router_queue_depth", "Requests waiting for the engine.", (),
+                      lambda: [({}, float(state.engine.stats().queued))])
+    metrics.add_gauge("persona_router_in_flight", "Requests being answered.", (),
+                      lambda: [({}, float(state.answerer.in_flight))])
+    metrics.add_gauge("persona_router_resident_adapters", "Adapters resident in the engine.",
+                      ("persona", "adapter_version"),
+                      lambda: [({"persona": n.split("@")[0], "adapter_version": n.split("@")[1]}, 1.0)
+                               for n in state.residency.resident()])
+    metrics.add_gauge("persona_router_live_adapter_version", "The adapter version serving each persona "
+                      "(0: prompt-only).", ("persona",),
+                      lambda: [({"persona": p}, float(state.residency.live(p) or 0)) for p in state.pack.names])
+
+
+async def _warm_up(state: ServiceState) -> None:
+    """One short generation through the engine, so the first real request does not pay for it."""
+    try:
+        ids = state.base.tokenizer("warm up", add_special_tokens=False)["input_ids"] or [0]
+        request = GenerationRequest(request_id="warmup", prompt_ids=tuple(ids), adapter=None,
+                                    sampling=SamplingConfig(max_new_tokens=2))
+        async for _ in state.engine.submit(request):
+            pass
+        state.ready = True
+        log.info("service ready: http://%s:%d/", state.settings.host, state.settings.port)
+    except Exception as exc:  # a failed warm-up leaves the service alive but not ready
+        state.warmup_error = f"{type(exc).__name__}: {exc}"
+        log.exception("warm-up failed")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Litestar) -> AsyncIterator[None]:
+    settings: ServiceSettings = app.state.settings
+    state = await asyncio.to_thread(load_service, settings)
+    state.engine.start(asyncio.get_running_loop())
+    try:
+        await state.residency.reload()
+        if settings.watch_interval_s > 0:
+            state.tasks.append(asyncio.create_task(state.residency.watch(settings.watch_interval_s)))
+        if settings.warmup:
+            state.tasks.append(asyncio.create_task(_warm_up(state)))
+        else:
+            state.ready = True
+        app.state.service = state
+        yield
+    finally:
+        for task in state.tasks:
+            task.cancel()
+        await asyncio.gather(*state.tasks, return_exceptions=True)
+        await state.residency.close()
+        await asyncio.to_thread(state.engine.stop)
+
+
+# -- handlers -----------------------------------------------------------------------------------------------
+def _index_html() -> str:
+    return (resources.files("router") / "static" / "index.html").read_text(encoding="utf-8")
+
+
+@get("/", include_in_schema=False)
+async def index() -> Response[str]:
+    return Response(_index_html(), media_type="text/html; charset=utf-8")
+
+
+@get("/health")
+async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    loaded = getattr(request.app.state, "service", None) is not None
+    return {"status": "alive", "loaded": loaded}
+
+
+@get("/ready")
+async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+    state = getattr(request.app.state, "service", None)
+    if state is None or not state.ready:
+        body: dict[str, Any] = {"status": "loading" if state is None else "warming up"}
+        if state is not None and state.warmup_error:
+            body = {"status": "failed", "error": state.warmup_error}
+        return Response(body, status_code=503, headers={"Retry-After": "1"})
+    return Response({"status": "ready", "base": state.base.name, "device": state.base.device,
+                     "precision": state.base.precision, "engine": state.engine_kind,
+                     "router": state.router_info.get("mode"), "uptime_s": round(time.time() - state.started_at, 1)})
+
+
+@post("/v1/answer", status_code=200)
+async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
+    state = service(request)
+    body = decode_body(await request.body(), AnswerRequest)
+    running = await state.answerer.start(AnswerInput(
+        question=body.question, persona=body.persona, context=body.context, max_new_tokens=body.max_new_tokens,
+        temperature=body.temperature, top_p=body.top_p, seed=body.seed, user=body.user, endpoint="answer"))
+    if body.stream:
+        return Stream(_answer_events(running), media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        await running.collect()
+    finally:
+        running.close(cancel=True)  # a no-op unless collecting was interrupted
+    return Response(_answer_response(running))
+
+
+def _answer_response(running: Running) -> AnswerResponse:
+    finished = running.finished
+    assert finished is not None
+    adapter = running.adapter
+    return AnswerResponse(
+        id=running.request_id, answer=finished.answer, decision=running.decision.to_json(),
+        adapter=AdapterRef(**adapter) if adapter else None,
+        usage=Usage(finished.prompt_tokens, finished.completion_tokens,
+                    finished.prompt_tokens + finished.completion_tokens),
+        timings=finished.timings, finish_reason=finished.finish_reason,
+        ab=running.assignment.to_json() if running.assignment else None)
+
+
+async def _answer_events(running: Running) -> AsyncIterator[bytes]:
+    """``decision`` first, one ``token`` event per text piece, then ``done`` (or ``error``)."""
+    yield sse({"id": running.request_id, "decision": running.decision.to_json(), "adapter": running.adapter,
+               "ab": running.assignment.to_json() if running.assignment else None}, event="decision")
+    try:
+        async for piece in running.tokens():
+            yield sse({"text": piece}, event="token")
+    except (TimeoutError, PersonaRouterError) as exc:  # the status line is sent: report in-band
+        yield sse({"error": error_body(exc)}, event="error")
+        return
+    yield sse(_answer_response(running), event="done")
+
+
+@get("/v1/personas")
+async def personas(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    state = service(request)
+    listed = []
+    for persona in state.pack.personas:
+        entry = state.residency.describe_persona(persona.name)
+        entry.update(description=persona.description, fallback=persona.fallback)
+        split = state.answerer.splits.get(persona.name)
+        if split is not None:
+            entry["ab"] = split.to_json()
+        listed.append(entry)
+    return {"pack": state.pack.name, "router": state.router_info.get("mode"), "personas": listed}
+
+
+@get("/metrics")
+async def metrics(request: Request[Any, Any, Any]) -> Response[str]:
+    state = service(request)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+# -- the app ------------------------------------------------------------------------------------------------
+def create_app(settings: ServiceSettings) -> Litestar:
+    from router.admin import admin_router
+    from router.openai_compat import chat_completions, list_models
+
+    return Litestar(
+        route_handlers=[index, health, ready, answer, personas, metrics, chat_completions, list_models,
+                        admin_router(settings)],
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,
+        state=State({"settings": settings}),
+        openapi_config=None,
+        logging_config=None,  # keep the CLI's logging set-up
+        request_max_body_size=1024 * 1024,
+    )
+
+
+__all__ = ["Answerer", "create_app", "load_service"]

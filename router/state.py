@@ -1,0 +1,44 @@
+"""What the app loads once at start-up and every request shares (``app.state.service``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from litestar import Request
+
+from adapters.base_model import LoadedBase
+from adapters.engine_api import Engine
+from adapters.residency import AdapterResidency
+from router.answering import Answerer
+from router.http_errors import NotReadyError
+from router.metrics import ServiceMetrics
+from router.pack import PersonaPack
+from router.settings import ServiceSettings
+
+
+@dataclass
+class ServiceState:
+    settings: ServiceSettings
+    pack: PersonaPack
+    base: LoadedBase
+    engine: Engine
+    engine_kind: str
+    residency: AdapterResidency
+    answerer: Answerer
+    metrics: ServiceMetrics
+    router_info: dict[str, Any]
+    started_at: float = field(default_factory=time.time)
+    ready: bool = False
+    warmup_error: str | None = None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+
+def service(request: Request[Any, Any, Any]) -> ServiceState:
+    """The loaded service; raises NotReadyError (503) while the lifespan has not finished loading."""
+    state: ServiceState | None = getattr(request.app.state, "service", None)
+    if state is None:
+        raise NotReadyError("the service is still loading its models; retry shortly")
+    return state

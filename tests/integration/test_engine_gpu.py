@@ -1,0 +1,191 @@
+"""The engine against vanilla PEFT on CUDA (tiny random Phi-3 with random LoRA adapters).
+
+Tolerances and why:
+- float32: greedy tokens must be identical, CUDA graphs on. TF32 is off, so both sides compute in true
+  float32 and differ only in summation order (about 1e-6 relative), far below the random model's top-2
+  logit gaps on these prompts.
+- bfloat16 and NF4 (bf16 compute): greedy decoding of two correct implementations may part at a near-tie,
+  after which the sequences are unrelated, so tokens are not compared end to end. Instead the engine is
+  teacher-forced along PEFT's greedy sequence and its logits at every position must satisfy
+  ||engine - peft|| / ||peft|| <= 2e-2 (bf16 operands give 1e-3..1e-2 per product, a few layers compound
+  it; PEFT also runs LoRA in float32 where the engine uses bf16), and the argmax must agree at every
+  position where PEFT's top-2 margin exceeds 0.25 (logit units), i.e. wherever rounding cannot decide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.engine import BatchedEngine, EngineConfig
+from adapters.engine.lora_bank import slot_bucket
+from tests.unit.test_engine_equivalence import (
+    ADAPTER_SPECS,
+    collect,
+    engine_adapters,
+    generated,
+    prompts,
+    request,
+    run_with,
+)
+
+pytestmark = pytest.mark.gpu
+__all__ = ["engine_adapters"]
+
+REL_TOL = 2e-2
+MARGIN = 0.25
+NEW_TOKENS = 24
+
+
+def _load(model_dir: Path, precision: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if precision == "nf4":
+        from adapters.base_model import nf4_config
+
+        return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_config(),
+                                                    dtype=torch.bfloat16, device_map={"": 0}).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to("cuda").eval()
+
+
+def _peft(model_dir: Path, adapters: dict[str, Path], precision: str) -> Any:
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(_load(model_dir, precision), adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()
+
+
+def _engine(model_dir: Path, adapters: dict[str, Path], precision: str, **config: Any) -> BatchedEngine:
+    from transformers import AutoTokenizer
+
+    settings: dict[str, Any] = {"max_batch": 16, "max_len": 256, "cuda_graphs": "on"}
+    settings.update(config)
+    engine = BatchedEngine(_load(model_dir, precision), AutoTokenizer.from_pretrained(model_dir),
+                           EngineConfig(**settings))
+    for name, folder in adapters.items():
+        engine.add_adapter(name, folder)
+    return engine
+
+
+def _greedy(peft_model: Any, prompt: tuple[int, ...], adapter: str | None, new_tokens: int) -> list[int]:
+    import torch
+
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.inference_mode():
+        out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=new_tokens, adapter_names=[adapter or "__base__"],
+                                  pad_token_id=0)
+    return [int(t) for t in out[0, len(prompt):].tolist()]
+
+
+def _reference_logits(peft_model: Any, prompt: tuple[int, ...], continuation: list[int], adapter: str | None) -> Any:
+    import torch
+
+    ids = torch.tensor([list(prompt) + continuation], device="cuda")
+    with torch.inference_mode():
+        logits = peft_model(input_ids=ids, adapter_names=[adapter or "__base__"]).logits[0].float()
+    return logits[len(prompt) - 1:len(prompt) - 1 + len(continuation)]
+
+
+def _engine_logits(engine: BatchedEngine, prompt: tuple[int, ...], continuation: list[int], adapter: str | None) -> Any:
+    """Teacher-forced: prefill the prompt, then feed the reference tokens one decode step at a time."""
+    import torch
+
+    slot = engine.bank.acquire(adapter)
+    try:
+        runner, m = engine.runner, slot_bucket(slot, engine.bank.capacity)
+        rows = [runner.prefill([0], [list(prompt)], [slot], m)[0].clone()]
+        for i, token in enumerate(continuation[:-1]):
+            position = len(prompt) + i
+            runner.step_inputs[0] = torch.tensor([token, position, slot], device="cuda")
+            rows.append(engine.scheduler.decoder(1, runner.kv_len_for(position), m)[0].clone())
+        return torch.stack(rows)
+    finally:
+        engine.bank.release(slot)
+
+
+@pytest.fixture(scope="module")
+def cuda_required() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def test_fp32_greedy_tokens_identical_mixed_batch(cuda_required: None, tiny_model_dir: Path,
+                                                  engine_adapters: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    peft_model = _peft(tiny_model_dir, engine_adapters, "fp32")
+    cases = [(a, p) for p in prompts(tokenizer) for a in (None, *ADAPTER_SPECS)]
+    expected = [_greedy(peft_model, p, a, NEW_TOKENS) for a, p in cases]
+    engine = _engine(tiny_model_dir, engine_adapters, "fp32")
+
+    async def body(engine: BatchedEngine) -> tuple[list[list[int]], list[list[int]]]:
+        alone = [generated(await collect(engine.submit(request(f"a{i}", p, a, NEW_TOKENS))))
+                 for i, (a, p) in enumerate(cases)]
+        handles = [engine.submit(request(f"m{i}", p, a, NEW_TOKENS)) for i, (a, p) in enumerate(cases)]
+        mixed = [generated(e) for e in await asyncio.gather(*(collect(h) for h in handles))]
+        return alone, mixed
+
+    alone, mixed = run_with(engine, body)
+    assert engine.graphs is not None and not engine.graphs.disabled and engine.graphs.captures > 0
+    assert alone == expected
+    assert mixed == expected
+
+
+def test_fp32_adapter_swap_during_graph_replay(cuda_required: None, tiny_model_dir: Path,
+                                               engine_adapters: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    first, second, _ = prompts(tokenizer)
+    peft_model = _peft(tiny_model_dir, engine_adapters, "fp32")
+    expected_old, expected_new = _greedy(peft_model, first, "alpha", 40), _greedy(peft_model, second, "beta", 16)
+    engine = _engine(tiny_model_dir, {"live": engine_adapters["alpha"]}, "fp32", max_adapters=2)
+
+    async def body(engine: BatchedEngine) -> tuple[list[int], list[int]]:
+        old = engine.submit(request("old", first, "live", 40))
+        iterator = old.__aiter__()
+        events = [await iterator.__anext__() for _ in range(3)]
+        await asyncio.to_thread(engine.add_adapter, "live", engine_adapters["beta"])
+        new = engine.submit(request("new", second, "live", 16))
+        events.extend([e async for e in iterator])
+        return generated(events), generated(await collect(new))
+
+    old_tokens, new_tokens = run_with(engine, body)
+    assert old_tokens == expected_old
+    assert new_tokens == expected_new
+
+
+@pytest.mark.parametrize(("precision", "nf4_mode"), [("bf16", "auto"), ("nf4", "dequantize"), ("nf4", "kernel")])
+def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_dir: Path,
+                                               engine_adapters: dict[str, Path], precision: str,
+                                               nf4_mode: str) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    peft_model = _peft(tiny_model_dir, engine_adapters, precision)
+    engine = _engine(tiny_model_dir, engine_adapters, precision, nf4_mode=nf4_mode)
+    for prompt in prompts(tokenizer)[:2]:
+        for adapter in (None, *ADAPTER_SPECS):
+            continuation = _greedy(peft_model, prompt, adapter, NEW_TOKENS)
+            ref = _reference_logits(peft_model, prompt, continuation, adapter)
+            got = _engine_logits(engine, prompt, continuation, adapter)
+            rel = float((got - ref).norm() / ref.norm())
+            assert rel <= REL_TOL, (adapter, rel)
+            top2 = ref.topk(2, dim=-1).values
+            decisive = (top2[:, 0] - top2[:, 1]) > MARGIN
+            assert torch.equal(got.argmax(-1)[decisive], ref.argmax(-1)[decisive]), adapter

@@ -1,0 +1,172 @@
+"""End to end on the tiny random Phi-3: train, publish, load with PEFT; crashes, full disks and resumes."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.base_model import BaseModelConfig
+from adapters.errors import AdapterError, AdapterIncompatibleError
+from adapters.registry import LATEST_FILE, AdapterRegistry
+from router.cli import main
+from router.pack import load_pack
+from training.config import TrainConfig
+from training.jobs import PersonaJob
+from training.records import QARecord
+
+WORDS = ["the heart pumps blood.", "code runs fast.", "light scatters in air.", "a teacher answers it."]
+
+
+def records(count: int, *, offset: int = 0) -> list[QARecord]:
+    return [QARecord(persona="student", question=f"why {WORDS[i % 4]} {i + offset}?",
+                     answer=f"{WORDS[(i + 1) % 4]} {WORDS[(i + 2) % 4]} explain simply {i + offset}.",
+                     context=WORDS[i % 4] * 3 if i % 3 == 0 else None)
+            for i in range(count)]
+
+
+def job(count: int = 12) -> PersonaJob:
+    return PersonaJob(load_pack().get("student"), records(count), records(4, offset=1000), "test rows",
+                      "test eval rows")
+
+
+def config(**overrides: Any) -> TrainConfig:
+    settings: dict[str, Any] = {"max_steps": 3, "batch_size": 2, "grad_accum": 1, "max_length": 512,
+                                "save_steps": 100, "logging_steps": 1}
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def crash_at(step: int) -> Any:
+    """Raise at the end of optimizer step ``step``, before that step's checkpoint is written."""
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == step:
+                raise RuntimeError(f"simulated crash at step {step}")
+
+    return Crash()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".tmp-"))
+
+
+@pytest.fixture
+def registry(tmp_path: Path, isolated_home: Path) -> AdapterRegistry:
+    return AdapterRegistry(tmp_path / "adapters")
+
+
+def test_trained_adapter_loads_with_peft_and_has_a_full_manifest(tiny_model_dir: Path,
+                                                                 registry: AdapterRegistry) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from training.trainer import train_persona
+
+    result = train_persona(job(), config(), BaseModelConfig(base=str(tiny_model_dir)), registry)
+    assert result.version == 1 and registry.latest("student") == 1
+    folder = registry.path("student", 1)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                       "manifest.json"]
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_config["modules_to_save"] is None
+    assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"]) == (16, 32, 0.05)
+    assert set(adapter_config["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        model = PeftModel.from_pretrained(base, str(folder))
+        after = model(input_ids=ids).logits
+    assert not torch.allclose(before, after)  # the trained adapter changes the model
+
+    manifest = registry.verify_compatible("student", 1, result.manifest.base_fingerprint)  # type: ignore[union-attr]
+    assert manifest == result.manifest
+    assert manifest.dataset.rows_train == 12 and manifest.dataset.rows_eval == 4
+    assert manifest.metrics.steps == 3 and manifest.metrics.tokens_seen > 0 and manifest.metrics.tokens_per_s > 0
+    assert manifest.metrics.eval_loss is not None and manifest.metrics.eval_loss_before is not None
+    assert manifest.hyperparameters["lora_r"] == 16 and manifest.hyperparameters["optim"] == "adamw_torch"
+    assert manifest.library_versions["trl"] and manifest.extra["system_prompt"] == load_pack().get(
+        "student").system_prompt
+    with pytest.raises(AdapterIncompatibleError):
+        registry.verify_compatible("student", 1, "sha256:" + "0" * 64)
+    assert leftovers(registry.persona_dir("student")) == []
+
+
+def test_crash_mid_training_publishes_nothing_and_resume_finishes(tiny_model_dir: Path,
+                                                                  registry: AdapterRegistry) -> None:
+    from training.trainer import CHECKPOINTS_DIR, train_persona
+
+    base = BaseModelConfig(base=str(tiny_model_dir))
+    train_persona(job(), config(max_steps=1), base, registry)  # version 1 exists and is LATEST
+    pointer = registry.persona_dir("student") / LATEST_FILE
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_persona(job(), config(max_steps=4, save_steps=2), base, registry, callbacks=[crash_at(3)])
+    assert registry.versions("student") == [1] and pointer.read_text() == "1\n"
+    assert leftovers(registry.persona_dir("student")) == []
+    checkpoints = registry.persona_dir("student") / CHECKPOINTS_DIR
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
+
+    resumed = train_persona(job(), config(max_steps=4, save_steps=2), base, registry, resume=True)
+    assert resumed.version == 2 and pointer.read_text() == "2\n"
+    assert resumed.manifest is not None
+    assert resumed.manifest.metrics.resumed_from_step == 2 and resumed.manifest.metrics.steps == 4
+    assert not checkpoints.exists()
+    again = train_persona(job(), config(max_steps=4, save_steps=2), base, registry, resume=True)
+    assert again.skipped and again.version == 2  # that run is already published; nothing retrained
+
+
+def test_resume_with_other_settings_is_refused(tiny_model_dir: Path, registry: AdapterRegistry) -> None:
+    from training.trainer import train_persona
+
+    base = BaseModelConfig(base=str(tiny_model_dir))
+    with pytest.raises(RuntimeError):
+        train_persona(job(), config(max_steps=3, save_steps=1), base, registry, callbacks=[crash_at(2)])
+    with pytest.raises(AdapterError, match="other settings"):
+        train_persona(job(), config(max_steps=3, save_steps=1, learning_rate=1e-3), base, registry, resume=True)
+    assert registry.latest("student") is None
+
+
+def test_full_disk_while_saving_is_a_clear_error(tiny_model_dir: Path, registry: AdapterRegistry,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.trainer as trainer_module
+
+    def no_space(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer_module, "save_adapter", no_space)
+    with pytest.raises(AdapterError, match="No space left on device.*nothing was published"):
+        trainer_module.train_persona(job(), config(max_steps=1), BaseModelConfig(base=str(tiny_model_dir)),
+                                     registry)
+    assert registry.versions("student") == [] and registry.latest("student") is None
+    assert leftovers(registry.persona_dir("student")) == []
+
+
+def test_cli_trains_from_a_file_and_reports_bad_input(tiny_model_dir: Path, tmp_path: Path, isolated_home: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records(20)), encoding="utf-8")
+    adapters = tmp_path / "adapters"
+    common = ["--data", str(data), "--base", str(tiny_model_dir), "--adapters", str(adapters), "--max-steps", "2",
+              "--max-length", "512"]
+    assert main(["-q", "train", "--persona", "student", *common, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["persona"] == "student" and row["version"] == 1 and row["steps"] == 2
+    assert AdapterRegistry(adapters).latest("student") == 1
+
+    assert main(["-q", "train", "--persona", "astronaut", *common]) == 2
+    assert "unknown persona 'astronaut'" in capsys.readouterr().err
+    assert main(["-q", "train", "--all", *common]) == 2
+    assert "no training rows for persona(s) clinician" in capsys.readouterr().err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"persona": "student", "question": "why?"}) + "\n", encoding="utf-8")
+    assert main(["-q", "train", "--persona", "student", *common[2:], "--data", str(broken)]) == 2
+    assert "field 'answer': is missing" in capsys.readouterr().err

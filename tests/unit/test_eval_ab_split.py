@@ -1,0 +1,65 @@
+"""Live A/B split: sticky per user, share respected, monotone in the share."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapters.errors import ConfigError
+from eval.ab_split import CANDIDATE, CONTROL, SplitConfig, assign, bucket
+
+
+def test_same_user_always_gets_the_same_arm() -> None:
+    config = SplitConfig(persona="clinician", control="3", candidate="4", share=0.3)
+    for user in ("alice", "bob", "user-17"):
+        arms = {assign(config, user).arm for _ in range(20)}
+        assert len(arms) == 1
+    # Equal configs built separately agree (nothing depends on process state).
+    again = SplitConfig(persona="clinician", control="3", candidate="4", share=0.3)
+    assert [assign(config, f"u{i}") for i in range(50)] == [assign(again, f"u{i}") for i in range(50)]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_share_is_respected_over_many_users(share: float) -> None:
+    config = SplitConfig(persona="student", control="1", candidate="2", share=share)
+    n = 20000
+    candidates = sum(assign(config, f"user-{i}").arm == CANDIDATE for i in range(n))
+    # Binomial sd at n=20000 is at most 0.0036; 0.015 is > 4 sd.
+    assert abs(candidates / n - share) < 0.015
+
+
+def test_raising_the_share_only_moves_users_to_the_candidate() -> None:
+    low = SplitConfig(persona="student", control="1", candidate="2", share=0.2)
+    high = SplitConfig(persona="student", control="1", candidate="2", share=0.5)
+    for i in range(2000):
+        if assign(low, f"u{i}").arm == CANDIDATE:
+            assert assign(high, f"u{i}").arm == CANDIDATE
+
+
+def test_salt_and_persona_reshuffle() -> None:
+    a = [bucket("exp-1", "student", f"u{i}") for i in range(200)]
+    b = [bucket("exp-2", "student", f"u{i}") for i in range(200)]
+    c = [bucket("exp-1", "clinician", f"u{i}") for i in range(200)]
+    assert a != b and a != c
+    assert all(0.0 <= x < 1.0 for x in a)
+
+
+def test_no_user_gets_control_with_a_reason() -> None:
+    config = SplitConfig(persona="student", control="1", candidate="2", share=1.0)
+    got = assign(config, None)
+    assert got.arm == CONTROL and got.version == "1" and got.bucket is None and "no user" in got.reason
+    assert assign(config, "someone").version == "2"
+
+
+def test_config_validation_and_json_round_trip() -> None:
+    config = SplitConfig(persona="student", control="1", candidate="2", share=0.25, salt="spring")
+    assert SplitConfig.from_json(config.to_json()) == config
+    with pytest.raises(ConfigError, match="share"):
+        SplitConfig(persona="student", control="1", candidate="2", share=1.5)
+    with pytest.raises(ConfigError, match="candidate"):
+        SplitConfig(persona="student", control="1", candidate="1", share=0.5)
+    with pytest.raises(ConfigError, match="salt"):
+        SplitConfig(persona="student", control="1", candidate="2", share=0.5, salt="has space")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        SplitConfig.from_json({"persona": "student", "control": "1", "candidate": "2", "share": 0.5, "x": 1})
+    with pytest.raises(ConfigError, match="control"):
+        SplitConfig.from_json({"persona": "student", "candidate": "2", "share": 0.5})

@@ -1,0 +1,152 @@
+"""Arms on the tiny random model: same seeds for every arm, determinism, adapters applied per call, and an
+end-to-end ``run_ab`` / ``run_matrix`` that writes report.json, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from adapters.base_model import BaseModelConfig, load_base
+from adapters.errors import AdapterIncompatibleError
+from adapters.generation import SamplingConfig
+from eval.arms import ArmRunner, EvalItem, ResolvedArm, item_seed, resolve_arm
+from eval.specs import parse_spec
+from router.pack import load_pack
+
+ITEMS = [EvalItem(id=f"i{k}", persona="student", question=q, reference="the sky is blue because light scatters")
+         for k, q in enumerate(["why is the sky blue?", "what is code?", "explain the heart"])]
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir: Path) -> Any:
+    return load_base(BaseModelConfig(base=str(tiny_model_dir), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def registry_root(tmp_path_factory: pytest.TempPathFactory, base: Any) -> Path:
+    """A registry with one non-trivial student adapter (random LoRA B) trained 'on' the tiny base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, write_manifest
+    from adapters.registry import AdapterRegistry
+
+    root = tmp_path_factory.mktemp("adapters")
+    registry = AdapterRegistry(root)
+    staged = registry.staging_dir("student")
+    torch.manual_seed(0)
+    fresh = load_base(BaseModelConfig(base=str(base.resolved.folder), device="cpu")).model
+    peft_model = get_peft_model(fresh, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(staged)
+    manifest = AdapterManifest(
+        persona="student", version=1, base_model=base.name, base_fingerprint=base.fingerprint,
+        dataset=DatasetInfo(source="test", sha256="0", rows_train=1, rows_eval=1, eval_source="test"),
+        hyperparameters={}, metrics=TrainMetrics(None, None, None, 0, 0.0, 0, 0.0, 0.0, 0.0, "none"),
+        device="cpu", precision="fp32", library_versions={}, extra={"system_prompt": "Trained prompt."})
+    write_manifest(staged, manifest)
+    registry.publish("student", staged)
+    return root
+
+
+def test_item_seed_is_shared_and_order_free() -> None:
+    assert item_seed(0, "a") == item_seed(0, "a") != item_seed(1, "a")
+    assert item_seed(0, "a") != item_seed(0, "b")
+
+
+def test_baselines_prompts_and_determinism(base: Any) -> None:
+    pack = load_pack("demo")
+    runner = ArmRunner(base=base, pack=pack, sampling=SamplingConfig(max_new_tokens=6, temperature=0.9, top_p=0.95))
+    arms = [ResolvedArm("prompt", parse_spec("prompt")), ResolvedArm("base", parse_spec("base"))]
+    assert runner.messages(arms[0], ITEMS[0])[0] == {"role": "system", "content": pack.get("student").system_prompt}
+    assert [m["role"] for m in runner.messages(arms[1], ITEMS[0])] == ["user"]
+    first = runner.run(arms, ITEMS, seed=3)
+    second = runner.run(arms, ITEMS, seed=3)
+    assert [a.text for a in first["prompt"]] == [a.text for a in second["prompt"]]
+    assert [a.seed for a in first["prompt"]] == [a.seed for a in first["base"]]  # same seed in both arms
+    assert all(a.latency_s > 0 and a.completion_tokens >= 1 for a in first["base"])
+
+
+def test_adapter_arm_resolves_and_base_rows_stay_base(base: Any, registry_root: Path) -> None:
+    pack = load_pack("demo")
+    greedy = SamplingConfig(max_new_tokens=5)
+    prompt = ResolvedArm("prompt", parse_spec("prompt"))
+    plain = ArmRunner(base=load_base(BaseModelConfig(base=str(base.resolved.folder), device="cpu")), pack=pack,
+                      sampling=greedy)
+    alone = plain.run([prompt], ITEMS, seed=0)["prompt"]
+    adapter = resolve_arm(parse_spec("student@latest"), persona="student", adapters_root=registry_root,
+                          base_fingerprint=base.fingerprint, label="A")
+    assert adapter.adapter_version == 1 and adapter.system_prompt(pack, "student") == "Trained prompt."
+    runner = ArmRunner(base=load_base(BaseModelConfig(base=str(base.resolved.folder), device="cpu")), pack=pack,
+                       sampling=greedy)
+    both = runner.run([adapter, prompt], ITEMS, seed=0)
+    # With an adapter loaded, the prompt arm runs as PEFT "__base__": identical to the model without adapters.
+    assert [a.text for a in both["prompt"]] == [a.text for a in alone]
+    with pytest.raises(AdapterIncompatibleError):
+        resolve_arm(parse_spec("student@1"), persona="student", adapters_root=registry_root,
+                    base_fingerprint="sha256:other")
+
+
+@contextlib.contextmanager
+def no_progress(total: int, description: str) -> Iterator[Any]:
+    yield lambda n: None
+
+
+def fake_scorer(pack: Any, config: Any, evaluated: Any, test_records: Any) -> Any:
+    from eval.judge import fit_judge
+    from eval.metrics import reference_range
+    from eval.pipeline import Scorer
+    from training.loading import demo_qa
+
+    def embed(texts: Any) -> np.ndarray:
+        out = np.zeros((len(texts), 16))
+        for i, text in enumerate(texts):
+            for word in text.lower().split():
+                out[i, sum(map(ord, word)) % 16] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+    train = demo_qa("train")
+    texts = [r.answer for r in train]
+    judge = fit_judge(texts, [r.persona for r in train], embed(texts), embedder="fake", feature_set="embedding")
+    ranges = {p: reference_range([r.answer for r in train if r.persona == p]) for p in pack.names}
+    info = {"classes": list(judge.classes), "feature_set": judge.feature_set, "embedder": "fake",
+            "train_size": len(texts), "cv_accuracy": {}, "excluded_overlap": 0,
+            "heldout": {"status": "ok", "n": 2, "accuracy": 0.5, "classes": list(judge.classes),
+                        "confusion": [[1] * len(judge.classes)] * len(judge.classes)},
+            "cochrane": {"status": "skipped", "reason": "test"},
+            "reference_ranges": {p: (r.to_json() if r else None) for p, r in ranges.items()}}
+    return Scorer(encode=embed, judge=judge, ranges=ranges), info
+
+
+def test_run_ab_and_matrix_write_reports(base: Any, registry_root: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from eval import pipeline
+    from eval.report import write_report
+
+    monkeypatch.setattr(pipeline, "build_judge", fake_scorer)
+    config = pipeline.EvalConfig(base=BaseModelConfig(base=str(base.resolved.folder), device="cpu"),
+                                 sampling=SamplingConfig(max_new_tokens=4), adapters_root=registry_root, limit=2,
+                                 stats=pipeline.StatsConfig(n_boot=200))
+    pack = load_pack("demo")
+    report = pipeline.run_ab(pack, "student", "student@1", "prompt", config, no_progress)
+    assert report["n_items"] == 2 and len(report["comparisons"]) == len(report["metrics"])
+    write_report(report, tmp_path / "ab")
+    saved = json.loads((tmp_path / "ab" / "report.json").read_text())
+    assert {"paired_differences.png", "confusion_judge_heldout.png", "report.md"} <= set(saved["files"])
+    assert (tmp_path / "ab" / "paired_differences.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Legacy metrics" in (tmp_path / "ab" / "report.md").read_text()
+
+    matrix = pipeline.run_matrix(pack, config, no_progress)
+    assert matrix["n_questions"] == 2 and set(matrix["adapters"]) == {"student"}
+    assert set(matrix["missing_adapters"]) == set(pack.names) - {"student"}
+    assert matrix["conditions"]["prompt"]["n"] == 2 * len(pack.names)
+    assert matrix["conditions"]["adapter"]["n"] == 2
+    write_report(matrix, tmp_path / "matrix")
+    assert (tmp_path / "matrix" / "confusion_prompt.png").is_file()
+    assert (tmp_path / "matrix" / "confusion_adapter.png").is_file()

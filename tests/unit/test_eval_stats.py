@@ -1,0 +1,84 @@
+"""Paired statistics on synthetic data with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adapters.errors import ConfigError
+from eval.stats import StatsConfig, bootstrap_ci, compare_paired, sign_test, wilcoxon_test
+
+CONFIG = StatsConfig(n_boot=2000, seed=7)
+
+
+def test_planted_difference_is_detected_and_covered() -> None:
+    rng = np.random.default_rng(0)
+    b = rng.normal(0.5, 0.1, size=60)
+    a = b + 0.2 + rng.normal(0.0, 0.05, size=60)  # planted difference: +0.2
+    result = compare_paired("m", a.tolist(), b.tolist(), direction="higher", config=CONFIG)
+    assert result.ci_low is not None and result.ci_high is not None
+    assert result.ci_low > 0  # CI excludes 0 ...
+    assert result.ci_low <= 0.2 <= result.ci_high  # ... and covers the planted difference
+    assert result.wilcoxon_p is not None and result.wilcoxon_p < 1e-6
+    assert result.sign_p is not None and result.sign_p < 1e-6
+    assert result.wins > 50 and result.losses < 5
+    assert "A better" in result.verdict
+
+
+def test_lower_is_better_flips_the_winner() -> None:
+    b = np.linspace(1.0, 2.0, 40)
+    a = b + 0.5
+    result = compare_paired("latency_s", a.tolist(), b.tolist(), direction="lower", config=CONFIG)
+    assert result.wins == 0 and result.losses == 40
+    assert "B better" in result.verdict
+
+
+def test_identical_arms_show_no_difference() -> None:
+    values = np.random.default_rng(1).normal(size=30).tolist()
+    result = compare_paired("m", values, values, config=CONFIG)
+    assert result.mean_diff == 0.0
+    assert (result.ci_low, result.ci_high) == (0.0, 0.0)
+    assert result.ties == 30 and result.wins == result.losses == 0
+    assert result.sign_p == 1.0 and result.wilcoxon_p == 1.0
+    assert "no detectable difference" in result.verdict
+
+
+def test_same_distribution_arms_are_not_significant() -> None:
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=40), rng.normal(size=40)
+    result = compare_paired("m", a.tolist(), b.tolist(), config=CONFIG)
+    assert result.ci_low is not None and result.ci_high is not None
+    assert result.ci_low < 0 < result.ci_high
+    assert result.wilcoxon_p is not None and result.wilcoxon_p > 0.05
+    assert "no detectable difference at n=40" in result.verdict
+
+
+def test_bootstrap_is_deterministic_under_a_seed() -> None:
+    diff = np.random.default_rng(3).normal(size=25)
+    first = bootstrap_ci(diff, n_boot=500, confidence=0.95, seed=11)
+    assert first == bootstrap_ci(diff, n_boot=500, confidence=0.95, seed=11)
+    assert first != bootstrap_ci(diff, n_boot=500, confidence=0.95, seed=12)
+
+
+def test_missing_values_drop_the_pair() -> None:
+    result = compare_paired("m", [1.0, None, 3.0, float("nan")], [0.0, 1.0, None, 1.0], config=CONFIG)
+    assert result.n == 1 and result.mean_diff == 1.0
+    empty = compare_paired("m", [None], [1.0], config=CONFIG)
+    assert empty.n == 0 and "no paired values" in empty.verdict
+
+
+def test_exact_p_values() -> None:
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(10, 0) == pytest.approx(2 * 0.5**10)
+    assert wilcoxon_test([0.0, 0.0]) == 1.0
+    # n=6 all positive: exact two-sided p = 2 / 2**6
+    assert wilcoxon_test([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == pytest.approx(2 / 64)
+
+
+def test_bad_inputs_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="direction"):
+        compare_paired("m", [1.0], [1.0], direction="up")
+    with pytest.raises(ConfigError, match="equal lengths"):
+        compare_paired("m", [1.0], [1.0, 2.0])
+    with pytest.raises(ConfigError, match="n_boot"):
+        StatsConfig(n_boot=5)

@@ -1,0 +1,212 @@
+"""Router internals without the embedding model: classifiers, calibration, decisions, save/load, refusals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapters.errors import ConfigError, InvalidRequestError, RouterModelError, UnknownPersonaError
+from router.calibration import Calibration, CalibrationConfig, fit_temperature, fit_thresholds, softmax
+from router.classifier import ClassifierConfig, fit_classifier, load_classifier, save_classifier
+from router.decision import Decision
+from router.fitting import FitConfig, fit_router
+from router.pack import PersonaPack, pack_from_dict
+from router.persona_router import PersonaRouter, ensure_router, pack_hash
+from training.records import RoutingRecord
+
+DIM = 8
+PERSONAS = ("alpha", "beta", "gamma")
+
+
+class StubEncoder:
+    """Each persona owns an axis; a question's words pull it toward those axes (unknown words: noise)."""
+
+    model_id = "stub"
+    dimension = DIM
+    max_seq_length = 16
+
+    def __init__(self, fingerprint: str = "sha256:stub") -> None:
+        self.fingerprint = fingerprint
+        self.calls = 0
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        self.calls += 1
+        rows = []
+        for text in texts:
+            vector = np.zeros(DIM)
+            for word in text.lower().split():
+                if word in PERSONAS:
+                    vector[PERSONAS.index(word)] += 1.0
+                else:
+                    seed = sum(map(ord, word)) % 997
+                    vector += 0.3 * np.random.default_rng(seed).standard_normal(DIM)
+            vector[DIM - 1] += 0.05  # never the zero vector
+            rows.append(vector / np.linalg.norm(vector))
+        return np.array(rows, dtype=np.float32)
+
+
+def make_pack(extra_example: str | None = None, source: str = "<memory>") -> PersonaPack:
+    personas = []
+    for name in PERSONAS:
+        examples = [f"{name} question {i}" for i in range(3)]
+        if extra_example and name == "alpha":
+            examples.append(extra_example)
+        personas.append({"name": name, "description": f"the {name} persona", "system_prompt": "be nice",
+                         "examples": examples, "fallback": name == "gamma"})
+    return pack_from_dict({"name": "stubpack", "personas": personas}, source=source)
+
+
+def records() -> list[RoutingRecord]:
+    rng = np.random.default_rng(0)
+    words = ["why", "how", "what", "is", "the", "a", "of", "in", "to", "does"]
+    return [RoutingRecord(name, f"{name} " + " ".join(rng.choice(words, 3)))
+            for name in PERSONAS for _ in range(12)]
+
+
+@pytest.fixture(scope="module")
+def fitted() -> PersonaRouter:
+    return fit_router(make_pack(), records(), encoder=StubEncoder(), config=FitConfig(repeats=1)).router
+
+
+@pytest.mark.parametrize("kind", ["logreg", "centroid", "knn"])
+def test_classifier_save_load_gives_the_same_scores(kind: str, tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.repeat(np.arange(3), 10)
+    classifier = fit_classifier(ClassifierConfig(kind=kind, k=3), x, y, 3)
+    description = save_classifier(classifier, tmp_path)
+    loaded = load_classifier(tmp_path, json.loads(json.dumps(description)), 3, DIM)
+    np.testing.assert_array_equal(classifier.scores(x), loaded.scores(x))
+    assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "classifier.safetensors").is_file()
+    with pytest.raises(RouterModelError, match="dim"):
+        load_classifier(tmp_path, description, 3, DIM + 1)
+
+
+def test_classifier_config_names_valid_choices() -> None:
+    with pytest.raises(ConfigError, match="'logreg', 'centroid', 'knn'"):
+        ClassifierConfig(kind="svm")
+    with pytest.raises(ConfigError, match="target_precision"):
+        FitConfig(target_precision=1.5)
+
+
+def test_temperature_recovers_a_known_scale() -> None:
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((4000, 4)) * 3
+    labels = np.array([rng.choice(4, p=p) for p in softmax(logits)])
+    assert fit_temperature(logits * 5, labels) == pytest.approx(5, rel=0.1)
+
+
+def test_threshold_is_lowest_confidence_reaching_target_precision() -> None:
+    # Persona 0 predictions at confidences 0.9..0.4; the two lowest are wrong.
+    confidence = np.array([0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45, 0.4])
+    probs = np.stack([confidence, 1 - confidence], axis=1)
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    config = CalibrationConfig(target_precision=0.9, min_threshold=0.0)
+    thresholds, reached = fit_thresholds(probs, labels, ("a", "b"), config)
+    assert thresholds["a"] == 0.5 and reached["a"] == 1.0
+    assert thresholds["b"] == 1.0 and reached["b"] is None  # never predicted: never inferred
+    floored, _ = fit_thresholds(probs, labels, ("a", "b"), replace(config, min_threshold=0.6))
+    assert floored["a"] == 0.6
+
+
+def test_low_confidence_falls_back_with_a_reason(fitted: PersonaRouter) -> None:
+    sure = fitted.decide("alpha alpha alpha")
+    assert sure.source == "inferred" and sure.persona == "alpha" and sure.reason is None
+    assert sure.runner_up in ("beta", "gamma") and sure.runner_up_score is not None
+    strict = PersonaRouter(pack=fitted.pack, encoder=fitted.encoder, classifier=fitted.classifier,
+                           calibration=replace(fitted.calibration, thresholds=dict.fromkeys(PERSONAS, 1.0)),
+                           labels=fitted.labels)
+    unsure = strict.decide("alpha alpha alpha")
+    assert unsure.persona == "gamma" and unsure.source == "fallback"
+    assert unsure.runner_up == "alpha" and unsure.runner_up_score == sure.confidence
+    assert "'alpha' is below its threshold 1.000" in (unsure.reason or "")
+    probs = dict(zip(fitted.labels, fitted.probabilities(["alpha alpha alpha"])[0], strict=True))
+    assert unsure.confidence == probs["gamma"]
+
+
+def test_explicit_persona_skips_the_encoder_and_is_validated(fitted: PersonaRouter) -> None:
+    encoder = fitted.encoder
+    assert isinstance(encoder, StubEncoder)
+    before = encoder.calls
+    assert fitted.decide("anything", persona="beta") == Decision("beta", "explicit", 1.0)
+    assert encoder.calls == before
+    with pytest.raises(UnknownPersonaError, match="valid personas: alpha, beta, gamma"):
+        fitted.decide("anything", persona="delta")
+    with pytest.raises(InvalidRequestError, match="empty"):
+        fitted.decide("   ", persona="beta")
+
+
+@pytest.mark.parametrize("bad", ["", " ", "\n\t ", None, 42])
+def test_empty_or_non_text_questions_are_clear_errors(fitted: PersonaRouter, bad: object) -> None:
+    with pytest.raises(InvalidRequestError, match="question"):
+        fitted.decide(bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match=r"questions\[1\]"):
+        fitted.decide_batch(["alpha", bad])  # type: ignore[list-item]
+
+
+def test_batch_keeps_order_and_mixes_explicit_and_inferred(fitted: PersonaRouter) -> None:
+    questions = ["beta beta", "alpha alpha", "gamma gamma", "alpha why"]
+    decisions = fitted.decide_batch(questions, ["gamma", None, None, None])
+    assert decisions[0] == Decision("gamma", "explicit", 1.0)
+    assert decisions[1:] == [fitted.decide(q) for q in questions[1:]]
+    with pytest.raises(InvalidRequestError, match="personas"):
+        fitted.decide_batch(questions, [None])
+
+
+def test_save_load_round_trip_and_refusals(fitted: PersonaRouter, tmp_path: Path) -> None:
+    folder = fitted.save(tmp_path / "router")
+    loaded = PersonaRouter.load(folder, pack=make_pack(), encoder=StubEncoder())
+    questions = ["alpha why", "beta how is", "gamma", "what of the"]
+    np.testing.assert_array_equal(loaded.probabilities(questions), fitted.probabilities(questions))
+    assert loaded.decide_batch(questions) == fitted.decide_batch(questions)
+    assert loaded.calibration == fitted.calibration and loaded.labels == fitted.labels
+    with pytest.raises(RouterModelError, match="embedder 'stub'"):
+        PersonaRouter.load(folder, pack=make_pack(), encoder=StubEncoder("sha256:other"))
+    with pytest.raises(RouterModelError, match="changed personas"):
+        PersonaRouter.load(folder, pack=make_pack(extra_example="one more alpha"), encoder=StubEncoder())
+    (folder / "router.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(RouterModelError, match="unreadable"):
+        PersonaRouter.load(folder, pack=make_pack(), encoder=StubEncoder())
+    with pytest.raises(RouterModelError, match="no fitted router"):
+        PersonaRouter.load(tmp_path / "missing", pack=make_pack(), encoder=StubEncoder())
+
+
+def test_pack_hash_ignores_system_prompts_but_not_examples() -> None:
+    pack = make_pack()
+    same = replace(pack, personas=tuple(replace(p, system_prompt="other") for p in pack.personas))
+    assert pack_hash(same) == pack_hash(pack)
+    assert pack_hash(make_pack(extra_example="x")) != pack_hash(pack)
+
+
+def test_ensure_router_fits_once_then_loads_and_refits_when_stale(isolated_home: Path) -> None:
+    encoder = StubEncoder()
+    first = ensure_router(make_pack(), encoder=encoder)
+    folder = isolated_home / "router" / "stubpack"
+    stamp = (folder / "router.json").stat().st_mtime_ns
+    again = ensure_router(make_pack(), encoder=encoder)
+    assert (folder / "router.json").stat().st_mtime_ns == stamp
+    assert again.calibration == first.calibration
+    ensure_router(make_pack(extra_example="alpha new"), encoder=encoder)
+    assert (folder / "router.json").stat().st_mtime_ns != stamp
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_decision_json_and_validation() -> None:
+    decision = Decision("a", "fallback", 0.2, "b", 0.5, reason="unsure")
+    assert decision.to_json() == {"persona": "a", "source": "fallback", "confidence": 0.2, "runner_up": "b",
+                                  "runner_up_score": 0.5, "reason": "unsure"}
+    with pytest.raises(ConfigError, match="reason"):
+        Decision("a", "fallback", 0.2)
+    with pytest.raises(ConfigError, match="'explicit', 'inferred', 'fallback'"):
+        Decision("a", "guessed", 0.2)  # type: ignore[arg-type]
+
+
+def test_calibration_json_round_trip() -> None:
+    calibration = Calibration(0.25, {"a": 0.5}, 0.9, {"a": 0.95})
+    assert Calibration.from_json(json.loads(json.dumps(calibration.to_json()))) == calibration

@@ -1,0 +1,98 @@
+"""Formatting: contexts are cut to fit, questions and answers never; prefix check; stable hashes and splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.errors import ConfigError
+from training.formatting import (
+    build_examples,
+    check_template_prefix,
+    count_tokens,
+    fit_example,
+    records_sha256,
+    split_holdout,
+)
+from training.records import QARecord
+
+SYSTEM = "explain simply"
+QUESTION = "why is the sky blue?"
+ANSWER = "light scatters in air. the quick brown fox jumps over the lazy dog."
+CONTEXT = " ".join(["the heart pumps blood. code runs fast. a student asks a question."] * 30)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _length(tok: Any, record: QARecord, *, context: str | None) -> int:
+    from adapters.prompts import build_messages
+
+    prompt = build_messages(record.question, system_prompt=SYSTEM, context=context)
+    return count_tokens(tok, prompt, [{"role": "assistant", "content": record.answer}])
+
+
+def test_short_examples_are_untouched(tokenizer: Any) -> None:
+    record = QARecord(persona="student", question=QUESTION, answer=ANSWER, context="the heart pumps blood.")
+    example = fit_example(record, system_prompt=SYSTEM, tokenizer=tokenizer, max_length=4096)
+    assert example is not None and not example.context_truncated
+    assert "the heart pumps blood." in example.prompt[-1]["content"]
+    assert example.completion == [{"role": "assistant", "content": ANSWER}]
+
+
+def test_truncation_cuts_the_context_and_keeps_question_and_answer(tokenizer: Any) -> None:
+    record = QARecord(persona="student", question=QUESTION, answer=ANSWER, context=CONTEXT)
+    full = _length(tokenizer, record, context=CONTEXT)
+    bare = _length(tokenizer, record, context=None)
+    max_length = (full + bare) // 2  # room for part of the context
+    example = fit_example(record, system_prompt=SYSTEM, tokenizer=tokenizer, max_length=max_length)
+    assert example is not None and example.context_truncated
+    assert example.tokens <= max_length
+    user = example.prompt[-1]["content"]
+    assert user.endswith(f"Question:\n{QUESTION}")  # the question is whole
+    assert example.completion[0]["content"] == ANSWER  # the answer is whole
+    kept = user.split("Context:\n", 1)[1].split("\n\nQuestion:", 1)[0]
+    assert 0 < len(kept) < len(CONTEXT) and CONTEXT.startswith(kept)  # the start of the context is kept
+    assert max_length - example.tokens < 16  # and it uses the room it has
+
+
+def test_no_room_for_context_drops_it_and_too_long_rows_are_skipped(tokenizer: Any) -> None:
+    record = QARecord(persona="student", question=QUESTION, answer=ANSWER, context=CONTEXT)
+    bare = _length(tokenizer, record, context=None)
+    example = fit_example(record, system_prompt=SYSTEM, tokenizer=tokenizer, max_length=bare + 2)
+    assert example is not None and example.context_truncated and "Context:" not in example.prompt[-1]["content"]
+    result = build_examples([record, QARecord(persona="student", question=QUESTION, answer=ANSWER * 40)],
+                            system_prompt=SYSTEM, tokenizer=tokenizer, max_length=bare + 2)
+    assert (len(result.examples), result.skipped, result.truncated) == (1, 1, 1)
+
+
+def test_template_that_is_not_prefix_preserving_is_refused(tokenizer: Any) -> None:
+    import copy
+
+    odd = copy.deepcopy(tokenizer)
+    # Renders the last user turn differently when no answer follows: the answer start cannot be located.
+    odd.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+        "{% if loop.last and add_generation_prompt %} [answer now]{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}")
+    with pytest.raises(ConfigError, match="prefix-preserving"):
+        check_template_prefix(odd)
+    odd.chat_template = None
+    with pytest.raises(ConfigError, match="no chat template"):
+        check_template_prefix(odd)
+
+
+def test_records_hash_and_holdout_are_stable() -> None:
+    records = [QARecord(persona="student", question=f"question {i}?", answer="an answer") for i in range(200)]
+    assert records_sha256(records) == records_sha256(list(records))
+    assert records_sha256(records) != records_sha256(records[1:])
+    train, held = split_holdout(records, 0.1)
+    assert len(train) + len(held) == 200 and 5 <= len(held) <= 40
+    assert split_holdout(list(reversed(records)), 0.1)[1] == list(reversed(held))  # by content, not position
+    assert not {r.question for r in train} & {r.question for r in held}

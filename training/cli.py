@@ -1,0 +1,163 @@
+"""``persona-router train`` and ``persona-router style-shift``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from adapters.offline_default import DEFAULT_BASE
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    train = subparsers.add_parser(
+        "train", help="train persona LoRA adapters (QLoRA on CUDA) into the adapter registry",
+        description="Train one LoRA adapter per persona with TRL's SFTTrainer (loss on the answer only) and "
+        "publish it as <adapters>/<persona>/<version>/ with a manifest; LATEST moves only after success.")
+    who = train.add_mutually_exclusive_group(required=True)
+    who.add_argument("--persona", help="persona name from the pack")
+    who.add_argument("--all", action="store_true", help="every persona of the pack, one after another")
+    train.add_argument("--pack", default="demo", help="persona pack: 'demo' or a TOML/YAML file (default: demo)")
+    train.add_argument("--data", default=None,
+                       help="training rows: a JSONL/JSON/CSV/Parquet file or a hub dataset id (default: the demo "
+                       "dataset's train split)")
+    train.add_argument("--eval-data", default=None,
+                       help="held-out rows for eval loss (default: the demo test split with the demo data, else "
+                       "a deterministic eval_fraction of --data)")
+    train.add_argument("--adapters", default=None,
+                       help="adapter registry folder (default: $PERSONA_ROUTER_ADAPTERS or "
+                       "$PERSONA_ROUTER_HOME/adapters)")
+    train.add_argument("--base", default=DEFAULT_BASE,
+                       help=f"base model: {DEFAULT_BASE!r} (offline default), a local folder or a hub id "
+                       "(default: %(default)s)")
+    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
+    train.add_argument("--quantization", default="auto", choices=("auto", "nf4", "bf16", "fp16", "fp32"),
+                       help="base weights (default: nf4 on CUDA, fp32 on CPU)")
+    steps = train.add_mutually_exclusive_group()
+    steps.add_argument("--max-steps", type=int, default=None, help="optimizer steps per persona")
+    steps.add_argument("--epochs", type=float, default=None, help="passes over each persona's rows")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the last checkpoint of an interrupted run with the same settings; "
+                       "personas already published by that run are skipped")
+    train.add_argument("--skip-missing", action="store_true",
+                       help="with --all, skip personas that have no rows instead of failing")
+    train.add_argument("--config", default=None, help="TOML or JSON file of training settings (see README)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any training setting, e.g. --set lora_r=8 (repeatable)")
+    for flag, kind, text in (("--learning-rate", float, "peak learning rate"),
+                             ("--batch-size", int, "per-device micro-batch"),
+                             ("--grad-accum", int, "gradient accumulation steps"),
+                             ("--max-length", int, "tokens per example (contexts are cut to fit)"),
+                             ("--lora-r", int, "LoRA rank"), ("--seed", int, "random seed")):
+        train.add_argument(flag, type=kind, default=None, help=text)
+    train.add_argument("--no-packing", dest="packing", action="store_false", default=None,
+                       help="pad batches instead of packing examples")
+    train.add_argument("--json", action="store_true", help="print the results as JSON")
+    train.set_defaults(handler=cmd_train)
+
+    shift = subparsers.add_parser(
+        "style-shift", help="measure how far trained adapters moved toward their persona's style",
+        description="Answer-token loss of each persona's latest adapter (and of the base) on every persona's "
+        "held-out answers to the same shared questions; prints the matrix and per-persona specificity.")
+    shift.add_argument("--adapters", default=None, help="adapter registry folder (default as for train)")
+    shift.add_argument("--pack", default="demo", help="persona pack (default: demo)")
+    shift.add_argument("--max-questions", type=int, default=10, help="shared test questions to score (default 10)")
+    shift.add_argument("--out", default=None, help="also write the result as JSON to this file")
+    shift.set_defaults(handler=cmd_style_shift)
+
+
+def build_train_config(args: argparse.Namespace) -> Any:
+    from training.config import TrainConfig, load_config_file, parse_set_options
+
+    overrides: dict[str, Any] = {}
+    if args.config:
+        overrides.update(load_config_file(args.config))
+    flags = {"max_steps": args.max_steps, "epochs": args.epochs, "learning_rate": args.learning_rate,
+             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
+             "lora_r": args.lora_r, "seed": args.seed, "packing": args.packing}
+    if args.epochs is not None:
+        overrides.pop("max_steps", None)  # --epochs on the command line beats a file's step budget
+    if args.max_steps is not None:
+        overrides.pop("epochs", None)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    overrides.update(parse_set_options(args.set))
+    return TrainConfig().with_overrides(overrides, where="--config/--set")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from adapters.base_model import BaseModelConfig, configure_threads
+    from adapters.registry import AdapterRegistry
+    from router.pack import load_pack
+    from training.jobs import plan_jobs
+    from training.trainer import train_persona
+
+    config = build_train_config(args)
+    pack = load_pack(args.pack)
+    names = list(pack.names) if args.all else [pack.get(args.persona).name]
+    jobs = plan_jobs(pack, names, data=args.data, eval_data=args.eval_data, eval_fraction=config.eval_fraction,
+                     skip_missing=args.skip_missing)
+    base_config = BaseModelConfig(base=args.base, device=args.device, quantization=args.quantization)
+    registry = AdapterRegistry(Path(args.adapters) if args.adapters else None)
+    configure_threads()
+    results = []
+    # The trainer prints its per-step loss lines to stdout; keep stdout for the results (--json).
+    with contextlib.redirect_stdout(sys.stderr):
+        for index, job in enumerate(jobs, start=1):
+            log.info("[%d/%d] training %s on %d rows from %s", index, len(jobs), job.persona.name,
+                     len(job.train_records), job.data_source)
+            results.append(train_persona(job, config, base_config, registry, resume=args.resume))
+    summary = [_summary(r) for r in results]
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print_table(summary, registry.root)
+    return 0
+
+
+def cmd_style_shift(args: argparse.Namespace) -> int:
+    from adapters.base_model import configure_threads
+    from adapters.registry import AdapterRegistry
+    from router.pack import load_pack
+    from training.style_shift import format_report, measure_style_shift
+
+    configure_threads()
+    registry = AdapterRegistry(Path(args.adapters) if args.adapters else None)
+    report = measure_style_shift(registry, load_pack(args.pack), max_questions=args.max_questions)
+    print(format_report(report))
+    if args.out:
+        from adapters.atomic import atomic_write_json
+
+        atomic_write_json(Path(args.out), report)
+    return 0
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"persona": result.persona, "version": result.version,
+                           "path": str(result.path) if result.path else None, "skipped": result.skipped}
+    if result.manifest is not None:
+        m = result.manifest.metrics
+        row.update(eval_loss_before=m.eval_loss_before, eval_loss=m.eval_loss, train_loss=m.train_loss,
+                   steps=m.steps, tokens_seen=m.tokens_seen, tokens_per_s=m.tokens_per_s, wall_time_s=m.wall_time_s)
+    return row
+
+
+def _print_table(rows: list[dict[str, Any]], root: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"adapters in {root}")
+    for column in ("persona", "version", "eval loss before -> after", "steps", "tokens/s", "wall s", "note"):
+        table.add_column(column)
+    for row in rows:
+        before, after = row.get("eval_loss_before"), row.get("eval_loss")
+        losses = f"{before:.3f} -> {after:.3f}" if before is not None and after is not None else "n/a"
+        table.add_row(row["persona"], str(row["version"]), losses, str(row.get("steps", "")),
+                      f"{row.get('tokens_per_s', 0):.0f}", f"{row.get('wall_time_s', 0):.0f}", row["skipped"] or "")
+    Console().print(table)

@@ -1,0 +1,273 @@
+"""Train one persona's LoRA adapter with TRL's ``SFTTrainer`` and publish it to the registry.
+
+Order of events for one persona (all under the persona's registry lock):
+
+1. resolve the base and the device, fill the config's device defaults, hash everything that defines the run;
+2. load the base, format train and eval rows (context cut to fit, answer kept), evaluate the untouched base;
+3. train, checkpointing into ``<adapters>/<persona>/.checkpoints`` for ``--resume``;
+4. evaluate, save the adapter and its manifest into a ``.tmp-stage-*`` folder, check it, and let the registry
+   rename it to the next version and move ``LATEST``.
+
+Anything that fails before step 4 completes leaves the published versions and ``LATEST`` untouched; the
+staging folder is removed (or, after a hard kill, swept by the next run under the lock).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.base_model import BaseModelConfig, load_base, pick_device, resolve_base
+from adapters.errors import AdapterError, DataError, PersonaRouterError
+from adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, read_manifest_file, write_manifest
+from adapters.registry import AdapterRegistry
+from training.config import TrainConfig
+from training.formatting import FormatResult, build_examples, records_sha256
+from training.jobs import PersonaJob
+from training.run_metrics import PeakMemory, TokenClock, library_versions
+from training.sft_setup import lora_config, require_trl, sft_config
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = ".checkpoints"
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    persona: str
+    version: int | None
+    path: Path | None
+    manifest: AdapterManifest | None
+    skipped: str | None = None  # why nothing was trained (already trained with the same run)
+
+
+def train_persona(job: PersonaJob, config: TrainConfig, base_config: BaseModelConfig, registry: AdapterRegistry,
+                  *, resume: bool = False, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Train and publish one adapter; see the module docstring. Raises PersonaRouterError subclasses."""
+    name = job.persona.name
+    if not job.train_records:
+        raise DataError(f"no training rows for persona {name!r} in {job.data_source}", field="persona")
+    resolved = resolve_base(base_config.base)
+    device = pick_device(base_config.device)
+    config = config.resolved(device, bf16_supported=_bf16_supported(device))
+    run_hash = _run_hash(job, config, resolved.fingerprint, base_config)
+    with registry.lock(name):
+        work = registry.persona_dir(name) / CHECKPOINTS_DIR
+        checkpoint = _prepare_workdir(work, run_hash, resume=resume)
+        if resume and checkpoint is None:
+            done = _already_published(registry, name, run_hash)
+            if done is not None:
+                log.info("%s: version %d already holds this exact run; nothing to resume", name, done.version)
+                return TrainResult(name, done.version, registry.path(name, done.version), done,
+                                   skipped="already trained with these settings and data")
+        result = _train_and_publish(job, config, base_config, registry, work, checkpoint, run_hash, callbacks)
+        shutil.rmtree(work, ignore_errors=True)
+        return result
+
+
+def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseModelConfig,
+                       registry: AdapterRegistry, work: Path, checkpoint: str | None, run_hash: str,
+                       callbacks: Sequence[Any]) -> TrainResult:
+    name = job.persona.name
+    started = time.perf_counter()
+    base = load_base(base_config, for_training=True)
+    assert config.max_length is not None  # resolved
+    train_fmt = build_examples(job.train_records, system_prompt=job.persona.system_prompt,
+                               tokenizer=base.tokenizer, max_length=config.max_length)
+    eval_records = job.eval_records[: config.eval_max_rows] if config.eval_max_rows else job.eval_records
+    eval_fmt = build_examples(eval_records, system_prompt=job.persona.system_prompt, tokenizer=base.tokenizer,
+                              max_length=config.max_length)
+    if not train_fmt.examples:
+        raise DataError(f"every training row of persona {name!r} is longer than max_length={config.max_length} "
+                        "even without context; raise max_length", field="max_length")
+    trainer, clock, memory = build_trainer(base, config, train_fmt, eval_fmt, work, callbacks)
+    loss_before = _evaluate(trainer) if eval_fmt.examples else None
+    log.info("%s: %d train rows (%d tokens), %d eval rows; eval loss of the base %s", name, len(train_fmt.examples),
+             train_fmt.tokens, len(eval_fmt.examples), _fmt(loss_before))
+    memory.reset()
+    try:
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+    except OSError as exc:
+        raise AdapterError(f"training {name!r} failed writing a checkpoint ({exc}); the published adapters are "
+                           "unchanged, fix the cause and rerun with --resume", path=work) from exc
+    loss_after = _evaluate(trainer) if eval_fmt.examples else None
+    metrics = TrainMetrics(
+        train_loss=float(output.training_loss), eval_loss=loss_after, eval_loss_before=loss_before,
+        steps=int(trainer.state.global_step), epochs=float(trainer.state.epoch or 0.0),
+        tokens_seen=clock.tokens(trainer), wall_time_s=0.0, tokens_per_s=clock.tokens_per_s(trainer),
+        peak_memory_mb=memory.peak_mb(), peak_memory_kind=memory.kind, train_time_s=clock.seconds,
+        resumed_from_step=clock.start_step,
+    )
+    dataset = DatasetInfo(
+        source=job.data_source, sha256=records_sha256(job.train_records), rows_train=len(train_fmt.examples),
+        rows_eval=len(eval_fmt.examples), eval_source=job.eval_source, rows_skipped=train_fmt.skipped,
+        contexts_truncated=train_fmt.truncated)
+    manifest = AdapterManifest(
+        persona=name, version=registry.next_version(name), base_model=base.resolved.name,
+        base_fingerprint=base.fingerprint, dataset=dataset, hyperparameters=config.to_json(), metrics=metrics,
+        device=base.device, precision=base.precision, library_versions=library_versions(),
+        extra={"run_hash": run_hash, "system_prompt": job.persona.system_prompt,
+               "base_folder": str(base.resolved.folder)})
+    version, folder, manifest = _publish(trainer.model, manifest, registry, started, base_name_or_path(base))
+    log.info("%s: published version %d at %s (eval loss %s -> %s, %.0f s)", name, version, folder,
+             _fmt(loss_before), _fmt(loss_after), manifest.metrics.wall_time_s)
+    del trainer, base
+    _free_memory()
+    return TrainResult(name, version, folder, manifest)
+
+
+def build_trainer(base: Any, config: TrainConfig, train_fmt: FormatResult, eval_fmt: FormatResult, work: Path,
+                  callbacks: Sequence[Any] = ()) -> tuple[Any, TokenClock, PeakMemory]:
+    """An ``SFTTrainer`` for a loaded base and formatted rows; ``config`` must be resolved for the device."""
+    trl = require_trl()
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError("training needs the datasets package: pip install datasets") from exc
+    datasets.disable_progress_bars()
+    train_ds = datasets.Dataset.from_list([e.to_row() for e in train_fmt.examples])
+    eval_ds = datasets.Dataset.from_list([e.to_row() for e in eval_fmt.examples]) if eval_fmt.examples else None
+    args = sft_config(config, output_dir=work, device=base.device, eval_rows=len(eval_fmt.examples))
+    base.model.config.use_cache = False  # a KV cache would also disable the packed-sequence attention mask
+    clock = TokenClock()
+    memory = PeakMemory(base.device)
+    trainer = trl.SFTTrainer(model=base.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=base.tokenizer, peft_config=lora_config(config),
+                             callbacks=[clock, *callbacks])
+    return trainer, clock, memory
+
+
+def _publish(model: Any, manifest: AdapterManifest, registry: AdapterRegistry, started: float,
+             base_path: str) -> tuple[int, Path, AdapterManifest]:
+    name = manifest.persona
+    staged = registry.staging_dir(name)
+    try:
+        save_adapter(model, staged, base_path)
+        wall = time.perf_counter() - started
+        manifest = AdapterManifest.from_json({**manifest.to_json(), "metrics": {
+            **manifest.metrics.__dict__, "wall_time_s": round(wall, 2)}})
+        write_manifest(staged, manifest)
+        version = registry.publish(name, staged)
+    except OSError as exc:
+        raise AdapterError(f"could not write the adapter ({exc}); nothing was published", path=staged) from exc
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+    final = registry.read_manifest(name, version)
+    return version, registry.path(name, version), final
+
+
+def save_adapter(model: Any, folder: Path, base_path: str) -> None:
+    """Save standard PEFT files and check they are what vLLM and ``PeftModel.from_pretrained`` accept."""
+    peft_config = model.peft_config["default"]
+    peft_config.base_model_name_or_path = base_path
+    if not isinstance(peft_config.target_modules, str):
+        # PEFT expands "all-linear" into every full module path; the short names match the same modules
+        # (PEFT matches by suffix) and are what vLLM and people expect to read.
+        peft_config.target_modules = sorted({name.split(".")[-1] for name in peft_config.target_modules})
+    model.save_pretrained(str(folder), safe_serialization=True)
+    (folder / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card
+    check_adapter_folder(folder)
+
+
+def check_adapter_folder(folder: Path) -> dict[str, Any]:
+    """Validate a saved adapter: config present, no ``modules_to_save``, base named, only LoRA tensors."""
+    config_path = folder / "adapter_config.json"
+    try:
+        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"unreadable adapter_config.json ({exc})", path=folder) from exc
+    if adapter_config.get("modules_to_save"):
+        raise AdapterError(f"modules_to_save={adapter_config['modules_to_save']} would copy whole layers into the "
+                           "adapter and vLLM rejects it", path=config_path)
+    if not adapter_config.get("base_model_name_or_path"):
+        raise AdapterError("base_model_name_or_path is not set", path=config_path)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
+        others = [k for k in handle.keys() if "lora_" not in k]  # noqa: SIM118 - safe_open is not a dict
+    if others:
+        raise AdapterError(f"non-LoRA tensors in the adapter: {others[:3]}", path=folder)
+    return dict(adapter_config)
+
+
+def base_name_or_path(base: Any) -> str:
+    """What ``base_model_name_or_path`` should say: the hub id as given, else the local folder."""
+    name = str(base.resolved.name)
+    if "/" in name and not Path(name).expanduser().exists():
+        return name
+    return str(base.resolved.folder)
+
+
+def _prepare_workdir(work: Path, run_hash: str, *, resume: bool) -> str | None:
+    """Return the checkpoint to resume from, or None after clearing stale state for a fresh start."""
+    if resume and work.is_dir():
+        try:
+            recorded = json.loads((work / RUN_FILE).read_text(encoding="utf-8")).get("run_hash")
+        except (OSError, ValueError):
+            recorded = None
+        checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if recorded == run_hash and checkpoints:
+            log.info("resuming from %s", checkpoints[-1])
+            return str(checkpoints[-1])
+        if recorded is not None and recorded != run_hash:
+            raise AdapterError("the checkpoint was made with other settings, data or base; rerun without --resume "
+                               "to start over", path=work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / RUN_FILE).write_text(json.dumps({"run_hash": run_hash}) + "\n", encoding="utf-8")
+    return None
+
+
+def _already_published(registry: AdapterRegistry, persona: str, run_hash: str) -> AdapterManifest | None:
+    try:
+        latest = registry.latest(persona)
+        if latest is None:
+            return None
+        manifest = read_manifest_file(registry.path(persona, latest))
+    except PersonaRouterError:
+        return None
+    return manifest if manifest.extra.get("run_hash") == run_hash else None
+
+
+def _run_hash(job: PersonaJob, config: TrainConfig, fingerprint: str, base_config: BaseModelConfig) -> str:
+    payload = {
+        "persona": job.persona.name, "system_prompt": job.persona.system_prompt, "config": config.to_json(),
+        "train": records_sha256(job.train_records), "eval": records_sha256(job.eval_records),
+        "base": fingerprint, "quantization": base_config.quantization, "double_quant": base_config.double_quant,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _evaluate(trainer: Any) -> float | None:
+    value = trainer.evaluate().get("eval_loss")
+    return None if value is None else round(float(value), 5)
+
+
+def _bf16_supported(device: str) -> bool:
+    if device != "cuda":
+        return False
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported())
+
+
+def _free_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
