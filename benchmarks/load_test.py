@@ -200,6 +200,7 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--adapters", type=Path, default=None, help="adapters folder for the started server")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--note", default="", help="free text stored with the result (e.g. machine load)")
     args = parser.parse_args()
     if not 1 <= args.requests <= 10_000 or not 1 <= args.concurrency <= 256:
         parser.error("--requests must be in 1..10000 and --concurrency in 1..256")
@@ -217,7 +218,8 @@ def main() -> int:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=60)
     result = {
-        "benchmark": "load_test", "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "benchmark": "load_test", "created": datetime.now(UTC).isoformat(timespec="seconds"), "note": args.note,
+        "load_average_at_end": list(os.getloadavg()),
         "config": {"requests": args.requests, "concurrency": args.concurrency, "max_new_tokens": args.max_tokens,
                    "greedy": True, "mix": {"kinds": list(KINDS), "personas": [p or "auto" for p in PERSONAS]}},
         "server": {"url": url, **ready, "adapters": {p["name"]: p["live_version"] for p in personas}},

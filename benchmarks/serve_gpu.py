@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +193,12 @@ def vanilla_suite(peft_model: Any, prompts: list[tuple[int, ...]], names: list[s
     for count in streams:
         for adapters in (1, len(names)):
             rows = [names[i % adapters] for i in range(count)]
-            elapsed = vanilla_generate(peft_model, prompts[:count], rows, new)
+            try:
+                elapsed = vanilla_generate(peft_model, prompts[:count], rows, new)
+            except RuntimeError as exc:  # e.g. out of memory at the largest batch: keep the other cases
+                log.exception("vanilla %d streams over %d adapters failed", count, adapters)
+                result["streams"][f"{count}x{adapters}"] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
             result["streams"][f"{count}x{adapters}"] = {"tok_s": count * new / elapsed, "wall_s": elapsed}
             log.info("vanilla %d streams over %d adapters: %.1f tok/s", count, adapters, count * new / elapsed)
     return result
@@ -292,68 +298,105 @@ def time_adapter_loads(engine: Any, peft_model: Any, folder: Path, repeats: int 
 # -- one precision ----------------------------------------------------------------------------------
 
 
+@dataclass
+class Bench:
+    """What one precision's measurements share."""
+
+    args: argparse.Namespace
+    section: dict[str, Any]
+    save: Any
+    model: Any
+    tokenizer: Any
+    prompts: list[tuple[int, ...]]
+    names: list[str]
+    adapters: list[Path]
+    streams: list[int]
+
+    def engine(self, mode: str) -> Any:
+        from adapters.engine import BatchedEngine, EngineConfig
+
+        started = time.perf_counter()
+        max_len = -(-(self.args.prompt_len + self.args.new_tokens) // 256) * 256
+        config = EngineConfig(max_batch=max(self.streams), max_len=max_len, max_adapters=8, max_rank=16,
+                              stop_token_ids=(), nf4_mode=mode)
+        engine = BatchedEngine(self.model, self.tokenizer, config)
+        for name, folder in zip(self.names, self.adapters, strict=True):
+            engine.add_adapter(name, folder)
+        self.section.setdefault("engine_init_s", {})[mode] = time.perf_counter() - started
+        return engine
+
+
 def run_precision(precision: str, args: argparse.Namespace, adapters: list[Path], streams: list[int],
                   report: dict[str, Any], save: Any) -> None:
-    from peft import PeftModel
     from transformers import AutoTokenizer
-
-    from adapters.engine import BatchedEngine, EngineConfig
 
     section: dict[str, Any] = {}
     report["results"][precision] = section
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     started = time.perf_counter()
     model = load_model(args.model_dir, precision)
     section["load_s"] = time.perf_counter() - started
     section["memory_base"] = gpu_memory()
-    prompts = make_prompts(max(streams), args.prompt_len, model.config.vocab_size)
-    names = [f"a{i}" for i in range(len(adapters))]
-    max_len = -(-(args.prompt_len + args.new_tokens) // 256) * 256
+    bench = Bench(args=args, section=section, save=save, model=model,
+                  tokenizer=AutoTokenizer.from_pretrained(args.model_dir),
+                  prompts=make_prompts(max(streams), args.prompt_len, model.config.vocab_size),
+                  names=[f"a{i}" for i in range(len(adapters))], adapters=adapters, streams=streams)
+    peft_model = compare_with_vanilla(bench)  # the engine of this phase is freed when it returns
+    free_memory()
+    if precision == "nf4":
+        reset_peak()
+        phase(section, "engine_kernel", lambda: kernel_mode(bench), save)
+        free_memory()
+    phase(section, "ratios", lambda: ratios(section), save)
+    del peft_model  # with ``bench`` and ``model`` it goes when this returns; the caller collects
 
-    def engine_for(model: Any, mode: str) -> Any:
-        config = EngineConfig(max_batch=max(streams), max_len=max_len, max_adapters=8, max_rank=16,
-                              stop_token_ids=(), nf4_mode=mode)
-        engine = BatchedEngine(model, tokenizer, config)
-        for name, folder in zip(names, adapters, strict=True):
-            engine.add_adapter(name, folder)
-        return engine
 
+def compare_with_vanilla(bench: Bench) -> Any:
+    """Engine in its default mode against vanilla PEFT on the same model; returns the PEFT model."""
+    from peft import PeftModel
+
+    section, save, names, adapters, prompts = bench.section, bench.save, bench.names, bench.adapters, bench.prompts
     reset_peak()
-    engine = engine_for(model, "auto")  # built before PEFT wraps the model's layers (it also unwraps them itself)
+    engine = bench.engine("auto")  # built before PEFT wraps the model's layers (it also unwraps them itself)
     section["memory_engine_built"] = gpu_memory()
-    peft_model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=names[0])
+    peft_model = PeftModel.from_pretrained(bench.model, str(adapters[0]), adapter_name=names[0])
     for name, folder in zip(names[1:], adapters[1:], strict=True):
         peft_model.load_adapter(str(folder), adapter_name=name)
     peft_model.eval()
-    section["self_check_rel_err"] = logits_self_check(engine, peft_model, prompts[0], names)
-    section["adapter_load"] = time_adapter_loads(engine, peft_model, adapters[0])
+    phase(section, "self_check_rel_err", lambda: logits_self_check(engine, peft_model, prompts[0], names), save)
+    phase(section, "adapter_load", lambda: time_adapter_loads(engine, peft_model, adapters[0]), save)
+    reset_peak()
+    phase(section, "vanilla", lambda: {**vanilla_suite(peft_model, prompts, names, bench.args, bench.streams),
+                                       "memory": gpu_memory()}, save)
+    reset_peak()
+    phase(section, "engine", lambda: {**asyncio.run(engine_suite(engine, prompts, names, bench.args, bench.streams)),
+                                      "memory": gpu_memory(), "kv_cache_gib": engine.runner.kv_bytes() / 2**30},
+          save)
+    engine.stop()
+    return peft_model
+
+
+def kernel_mode(bench: Bench) -> dict[str, Any]:
+    """The engine with bitsandbytes' 4-bit matmuls instead of dequantised weights (mixed streams only)."""
+    engine = bench.engine("kernel")
+    try:
+        result = asyncio.run(engine_suite(engine, bench.prompts, bench.names, bench.args, bench.streams,
+                                          single_adapter_too=False))
+        return {**result, "memory": gpu_memory()}
+    finally:
+        engine.stop()
+
+
+def phase(section: dict[str, Any], key: str, action: Any, save: Any) -> None:
+    """Run one measurement; a failure is recorded under its key and the run goes on to the next one."""
+    try:
+        section[key] = action()
+    except Exception as exc:  # a benchmark keeps the numbers it has and reports the failure
+        log.exception("%s failed", key)
+        section[key] = {"error": f"{type(exc).__name__}: {exc}"}
     save()
 
-    reset_peak()
-    section["vanilla"] = vanilla_suite(peft_model, prompts, names, args, streams)
-    section["vanilla"]["memory"] = gpu_memory()
-    save()
-    reset_peak()
-    section["engine"] = asyncio.run(engine_suite(engine, prompts, names, args, streams))
-    section["engine"]["memory"] = gpu_memory()
-    section["engine"]["kv_cache_gib"] = engine.runner.kv_bytes() / 2**30
-    save()
-    del engine
-    gc.collect()
-    if precision == "nf4":
-        import torch
 
-        torch.cuda.empty_cache()
-        reset_peak()
-        kernel = engine_for(model, "kernel")
-        section["engine_kernel"] = asyncio.run(engine_suite(kernel, prompts, names, args, streams,
-                                                            single_adapter_too=False))
-        section["engine_kernel"]["memory"] = gpu_memory()
-        del kernel
-        save()
-    section["ratios"] = ratios(section)
-    save()
-    del peft_model, model
+def free_memory() -> None:
     gc.collect()
     if device() == "cuda":
         import torch
@@ -387,7 +430,7 @@ def table(report: dict[str, Any]) -> str:
             if not data or "batch1" not in data:
                 continue
             b1 = data["batch1"]
-            cells = [f"{data['streams'][k]['tok_s']:.0f}" if k in data["streams"] else "-"
+            cells = [f"{data['streams'][k]['tok_s']:.0f}" if "tok_s" in data["streams"].get(k, {}) else "-"
                      for k in report["stream_keys"]]
             ttft = b1.get("ttft_ms", b1.get("ttft_ms_p50"))
             peak = data.get("memory", {}).get("peak_gib")
@@ -395,12 +438,12 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"| {precision} | {system} | {b1['decode_ms_per_token']:.2f} | {ttft:.1f} | "
                          + " | ".join(cells) + f" | {peak_cell} |")
         if "ratios" in section:
-            r = section["ratios"]
             lines.append(f"ratios {precision}: " + ", ".join(
-                f"{k}={v:.2f} (target {TARGETS[k]})" if k in TARGETS and v is not None else f"{k}={v}"
-                for k, v in r.items()))
-        if "adapter_load" in section:
-            a = section["adapter_load"]
+                (f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}") + (f" (target {TARGETS[k]})"
+                                                                           if k in TARGETS else "")
+                for k, v in section["ratios"].items()))
+        a = section.get("adapter_load", {})
+        if "engine_ms" in a:
             lines.append(f"adapter load {precision}: engine {a['engine_ms']:.0f} ms, PEFT {a['peft_ms']:.0f} ms; "
                          f"self-check rel err {section.get('self_check_rel_err')}")
     return "\n".join(lines)
@@ -463,6 +506,7 @@ def main() -> int:
     save()
     for precision in precisions:
         run_precision(precision, args, adapters, streams, report, save)
+        free_memory()  # this precision's model before the next one loads
     report["total_s"] = time.perf_counter() - started
     failures = self_check_failures(report)
     report["self_check_failures"] = failures
@@ -477,14 +521,17 @@ def main() -> int:
 def self_check_failures(report: dict[str, Any]) -> list[str]:
     failures = []
     for precision, section in report["results"].items():
+        for key, value in section.items():
+            if isinstance(value, dict) and "error" in value:
+                failures.append(f"{precision} {key}: {value['error']}")
         for name, err in section.get("self_check_rel_err", {}).items():
-            if not err <= SELF_CHECK_REL_TOL:
+            if isinstance(err, float) and not err <= SELF_CHECK_REL_TOL:
                 failures.append(f"{precision} {name}: logits rel err {err:.3g} > {SELF_CHECK_REL_TOL}")
         for system in ("engine", "engine_kernel"):
             data = section.get(system, {})
             runs = [("batch1", data.get("batch1")), *data.get("streams", {}).items()]
             failures += [f"{precision} {system} {key}: incomplete streams" for key, run in runs
-                         if run is not None and not run["complete"]]
+                         if run is not None and not run.get("complete", False)]
     return failures
 
 

@@ -183,15 +183,16 @@ def compare_all(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[str, Any
 
 def run_ab(pack: PersonaPack, persona: str, spec_a: str, spec_b: str, config: EvalConfig,
            progress: ProgressFactory) -> dict[str, Any]:
-    from adapters.base_model import load_base
+    from adapters.base_model import load_base, resolve_base
 
     pack.get(persona)
     specs = (parse_spec(spec_a, field="a"), parse_spec(spec_b, field="b"))
     test_records = load_records(config.data, pack, split="test")
     items = ab_items(test_records, persona, config.limit)
+    # Resolve adapters against the base's fingerprint first: a wrong SPEC fails before minutes of work.
+    arms = _resolve_pair(specs, persona=persona, config=config, fingerprint=resolve_base(config.base.base).fingerprint)
     scorer, judge_info = build_judge(pack, config, items, test_records)
     base = load_base(config.base)
-    arms = _resolve_pair(specs, persona=persona, config=config, fingerprint=base.fingerprint)
     runner = ArmRunner(base=base, pack=pack, sampling=config.sampling, max_context_chars=config.max_context_chars)
     with progress(len(items) * 2, f"eval ab {persona}") as tick:
         answers = runner.run(arms, items, seed=config.seed, progress=tick)
@@ -221,14 +222,13 @@ def _resolve_pair(specs: tuple[ArmSpec, ArmSpec], *, persona: str, config: EvalC
 def run_matrix(pack: PersonaPack, config: EvalConfig, progress: ProgressFactory, *,
                pins: Sequence[str] = ()) -> dict[str, Any]:
     """Each persona's adapter and the ``prompt`` baseline answer the same parallel questions."""
-    from adapters.base_model import load_base
+    from adapters.base_model import load_base, resolve_base
     from adapters.registry import AdapterRegistry
 
     personas = list(pack.names)
     test_records = load_records(config.data, pack, split="test")
     items = matrix_items(test_records, personas, config.limit)
-    scorer, judge_info = build_judge(pack, config, items, test_records)
-    base = load_base(config.base)
+    fingerprint = resolve_base(config.base.base).fingerprint
     registry = AdapterRegistry(config.adapters_root)
     pinned = _pins(pins, personas)
     adapter_arms: dict[str, ResolvedArm] = {}
@@ -239,7 +239,9 @@ def run_matrix(pack: PersonaPack, config: EvalConfig, progress: ProgressFactory,
             missing[persona] = f"no trained adapter in {registry.root}"
             continue
         adapter_arms[persona] = resolve_arm(spec, persona=persona, adapters_root=config.adapters_root,
-                                            base_fingerprint=base.fingerprint, label=f"adapter {spec.label}")
+                                            base_fingerprint=fingerprint, label=f"adapter {spec.label}")
+    scorer, judge_info = build_judge(pack, config, items, test_records)
+    base = load_base(config.base)
     prompt_arm = ResolvedArm(label="prompt", spec=parse_spec("prompt"))
     runner = ArmRunner(base=base, pack=pack, sampling=config.sampling, max_context_chars=config.max_context_chars)
     adapted_items = [i for i in items if i.persona in adapter_arms]

@@ -185,12 +185,14 @@ def plot_differences(comparisons: Sequence[dict[str, Any]], labels: tuple[str, s
         ax.errorbar([c["mean_diff"]], [0], xerr=[[c["mean_diff"] - low], [high - c["mean_diff"]]], fmt="o",
                     color="tab:red" if (low > 0 or high < 0) else "tab:blue", capsize=4)
         ax.axvline(0.0, color="grey", linewidth=0.8)
-        span = max(abs(low), abs(high), 1e-9) * 1.3
+        span = max(abs(low), abs(high)) * 1.3 or 1.0
         ax.set_xlim(-span, span)
         ax.set_yticks([0])
-        ax.set_yticklabels([f"{c['metric']} ({c['direction']})"])
+        legacy = " LEGACY" if c["metric"].startswith("legacy_") else ""
+        ax.set_yticklabels([f"{c['metric']} ({c['direction']}){legacy}"])
         ax.tick_params(axis="x", labelsize=7)
-    axes[0, 0].set_title(f"mean paired difference {labels[0]} - {labels[1]} with 95% bootstrap CI")
+    axes[0, 0].set_title(f"mean paired difference {labels[0]} - {labels[1]}, 95% bootstrap CI (red: CI excludes 0)",
+                         fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

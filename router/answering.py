@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.engine_api import Engine, GenerationHandle, GenerationRequest, TokenEvent
-from adapters.errors import ConfigError, InvalidRequestError, PersonaRouterError
+from adapters.errors import AdapterError, ConfigError, InvalidRequestError, PersonaRouterError
 from adapters.generation import SamplingConfig
 from adapters.prompts import build_messages, prompt_ids
 from adapters.residency import AdapterResidency, Lease
-from eval.ab_split import Assignment, SplitConfig, assign
+from eval.ab_split import CONTROL, Assignment, SplitConfig, assign
 from router.decision import Decision
 from router.metrics import ServiceMetrics
 from router.pack import PersonaPack
@@ -85,7 +85,7 @@ class Running:
 
     @property
     def adapter(self) -> dict[str, Any] | None:
-        return {"persona": self.lease.persona, "version": str(self.lease.version)} if self.lease else None
+        return {"persona": self.lease.persona, "version": self.lease.version} if self.lease else None
 
     @property
     def adapter_version(self) -> str:
@@ -231,8 +231,8 @@ class Answerer:
         if inp.context is not None and len(inp.context) > self.settings.max_context_chars:
             raise InvalidRequestError(f"is {len(inp.context)} characters; the limit is "
                                       f"{self.settings.max_context_chars}", field="context")
-        if inp.persona is not None and not inp.persona.strip():
-            raise InvalidRequestError("must be a persona name or omitted", field="persona")
+        if inp.persona is not None and (not inp.persona.strip() or len(inp.persona) > 64):
+            raise InvalidRequestError("must be a persona name (at most 64 characters) or omitted", field="persona")
         if inp.user is not None and len(inp.user) > 256:
             raise InvalidRequestError("must be at most 256 characters", field="user")
         if inp.seed is not None and not 0 <= inp.seed < 2**63:
@@ -276,7 +276,16 @@ class Answerer:
             return None, await self.residency.acquire(persona)
         assignment = assign(split, user)
         version = None if assignment.version == "latest" else int(assignment.version)
-        lease = await self.residency.acquire(persona, version)
+        try:
+            lease = await self.residency.acquire(persona, version)
+        except AdapterError as exc:
+            # A broken or missing arm must not fail its users: serve the live version and say so.
+            log.warning("A/B arm %s of %s is unusable: %s", assignment.version, persona, exc)
+            lease = await self.residency.acquire(persona)
+            live = str(lease.version) if lease else "prompt-only"
+            assignment = Assignment(CONTROL, live, assignment.bucket,
+                                    f"{assignment.arm} version {assignment.version} is unusable ({exc}); "
+                                    "served the live version")
         served = str(lease.version) if lease else "prompt-only"
         self.metrics.ab.inc(persona=persona, arm=assignment.arm, adapter_version=served)
         return assignment, lease

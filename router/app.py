@@ -92,7 +92,12 @@ def _build_engine(settings: ServiceSettings, base: Any) -> tuple[Any, str, int |
         else:
             config = EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
                                   max_adapters=settings.max_resident_adapters)
-            return build_engine(base, config), "fast", config.max_len
+            try:
+                return build_engine(base, config), "fast", config.max_len
+            except (PersonaRouterError, ValueError, NotImplementedError) as exc:
+                if kind == "fast":
+                    raise
+                log.warning("the fast engine cannot run this model (%s); using the reference engine", exc)
     from adapters.engine_reference import ReferenceEngine, ReferenceEngineConfig
 
     config_ref = ReferenceEngineConfig(max_queue=settings.max_queue, max_batch=settings.max_batch)

@@ -53,6 +53,9 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--train-missing", action="store_true",
                        help="demo mode: train adapters for personas that have none in a separate process while "
                        "serving; each is hot-loaded when it is published")
+    serve.add_argument("--train-arg", action="append", default=[], metavar="ARG",
+                       help="extra argument for each background 'persona-router train' (repeatable), "
+                       "e.g. --train-arg=--max-steps=20")
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -82,14 +85,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     pack = load_pack(settings.pack)  # fail with a clean message before uvicorn starts
     resolve_base(settings.base)
-    trainer = BackgroundTrainer(settings, pack.names) if args.train_missing else None
+    trainer = BackgroundTrainer(settings, pack.names, extra=args.train_arg) if args.train_missing else None
     if trainer is not None and settings.watch_interval_s == 0:
         log.warning("--train-missing with --watch-interval 0: new adapters load only on POST /v1/admin/adapters/reload")
     if trainer is not None:
         trainer.start()
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                    log_level="info", timeout_graceful_shutdown=10)
+                    log_level="warning" if getattr(args, "quiet", False) else "info", timeout_graceful_shutdown=10)
     finally:
         if trainer is not None:
             trainer.stop()
@@ -99,9 +102,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 class BackgroundTrainer:
     """Train missing adapters one persona at a time, each in its own ``persona-router train`` process."""
 
-    def __init__(self, settings: ServiceSettings, personas: tuple[str, ...]) -> None:
+    def __init__(self, settings: ServiceSettings, personas: tuple[str, ...], *, extra: list[str] | None = None) -> None:
         self.settings = settings
         self.personas = personas
+        self.extra = list(extra or [])
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="background-trainer", daemon=True)
@@ -117,7 +121,7 @@ class BackgroundTrainer:
     def command(self, persona: str) -> list[str]:
         return [sys.executable, "-m", "router.cli", "-q", "train", "--persona", persona,
                 "--adapters", str(self.settings.adapters_dir), "--base", self.settings.base,
-                "--pack", self.settings.pack]
+                "--pack", self.settings.pack, *self.extra]
 
     def start(self) -> None:
         self.settings.adapters_dir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ class AnswerRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class AdapterRef(msgspec.Struct):
     persona: str
-    version: str
+    version: int
 
 
 class Usage(msgspec.Struct):

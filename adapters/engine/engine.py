@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from adapters.engine.scheduler import Emitted, Scheduler, Sequence
 from adapters.engine.weights import extract_weights
 from adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
 from adapters.errors import ConfigError, InvalidRequestError, PersonaRouterError, QueueFullError
+from adapters.generation import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class BatchedEngine:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._inbox: list[Sequence] = []
+        self._commands: list[_Command] = []  # bank writes, run by the worker between steps
         self._pending = 0  # submitted, not yet admitted to a cache row
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -131,13 +133,16 @@ class BatchedEngine:
             self._thread = None
         with self._lock:
             inbox, self._inbox = self._inbox, []
+            commands, self._commands = self._commands, []
+        for command in commands:
+            command.run()
         for seq in inbox:
             self.scheduler.add(seq)
         self._dispatch(self.scheduler.fail_all("the engine stopped"))
 
     def submit(self, request: GenerationRequest) -> EngineHandle:
         self._validate(request)
-        loop = self._loop or _running_loop()
+        loop = _running_loop(self._loop)
         with self._lock:
             if self._pending >= self.config.max_queue:
                 raise QueueFullError(f"the generation queue holds {self.config.max_queue} requests; retry shortly")
@@ -154,9 +159,11 @@ class BatchedEngine:
         return handle
 
     def add_adapter(self, name: str, folder: Path) -> None:
+        """Read and check the folder here; the device copy happens on the worker between two steps, so it
+        never overlaps a step or a CUDA graph capture. Blocks until the adapter is usable."""
         weights = load_adapter(Path(folder), groups=self.group_shapes, num_layers=self.num_layers,
                                max_rank=self.config.max_rank)
-        self.bank.install(name, weights)
+        self._in_worker(lambda: self.bank.install(name, weights))
 
     def remove_adapter(self, name: str) -> None:
         self.bank.remove(name)
@@ -171,23 +178,46 @@ class BatchedEngine:
                            resident_adapters=self.bank.names(), steps=self.scheduler.steps,
                            generated_tokens=self.scheduler.generated_tokens)
 
+    def warmup(self, new_tokens: int = 4) -> None:
+        """Before ``start``: run one short bare-base request through prefill and decode, so the first real
+        request does not pay for kernel compilation and the batch-1 graph capture (the service's /ready)."""
+        if self._thread is not None:
+            raise PersonaRouterError("warm the engine up before start()")
+        prompt = tuple(range(min(8, self.vocab_size)))
+        request = GenerationRequest("warmup", prompt, None, SamplingConfig(max_new_tokens=new_tokens))
+        seq = Sequence(request=request, slot=0, sampler=RowSampler.create(request.sampling, 0),
+                       detok=Detokenizer(self.tokenizer), stop_ids=frozenset())
+        with self._lock:
+            self._pending += 1
+        self.scheduler.add(seq)
+        while self.scheduler.has_work():
+            self.scheduler.step([])
+        self.scheduler.steps = self.scheduler.generated_tokens = 0
+
     # -- worker ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self._inbox and not self.scheduler.has_work():
+                while (not self._stopping and not self._inbox and not self._commands
+                       and not self.scheduler.has_work()):
                     self._wakeup.wait()
                 if self._stopping:
                     return
                 inbox, self._inbox = self._inbox, []
+                commands, self._commands = self._commands, []
+            for command in commands:
+                command.run()
             for seq in inbox:
                 self.scheduler.add(seq)
+            if not self.scheduler.has_work():
+                continue
+            emitted: Emitted = []
             try:
-                emitted = self.scheduler.step()
+                self.scheduler.step(emitted)
             except Exception as exc:  # any failure ends the affected requests, not the engine
                 log.exception("generation step failed")
-                emitted = self.scheduler.fail_all(f"{type(exc).__name__}: {exc}")
+                emitted.extend(self.scheduler.fail_all(f"{type(exc).__name__}: {exc}"))
             self._dispatch(emitted)
 
     def _dispatch(self, emitted: Emitted) -> None:
@@ -199,6 +229,18 @@ class BatchedEngine:
             if loop.is_closed():
                 continue
             loop.call_soon_threadsafe(_deliver_all, items)
+
+    def _in_worker(self, action: Callable[[], object]) -> None:
+        """Run ``action`` on the worker thread between steps (directly when no worker runs); re-raise its error."""
+        command = _Command(action)
+        with self._lock:
+            running = self._thread is not None and self._thread is not threading.current_thread()
+            if running:
+                self._commands.append(command)
+                self._wakeup.notify_all()
+        if not running:
+            command.run()
+        command.wait()
 
     def _dequeued(self, seq: Sequence) -> None:
         with self._lock:
@@ -219,6 +261,26 @@ class BatchedEngine:
             raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size})", field="prompt_ids")
 
 
+class _Command:
+    def __init__(self, action: Callable[[], object]) -> None:
+        self.action = action
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.action()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller, who re-raises it
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait(self) -> None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
 def _switch(value: str, on_cuda: bool) -> bool:
     return value == "on" or (value == "auto" and on_cuda)
 
@@ -228,11 +290,14 @@ def _deliver_all(items: list[tuple[EngineHandle, TokenEvent]]) -> None:
         handle._deliver(event)
 
 
-def _running_loop() -> asyncio.AbstractEventLoop:
+def _running_loop(fallback: asyncio.AbstractEventLoop | None) -> asyncio.AbstractEventLoop:
+    """The loop the caller runs in (events go back there), else the one given to ``start``."""
     try:
         return asyncio.get_running_loop()
     except RuntimeError as exc:
-        raise PersonaRouterError("submit from the event loop, or call start(loop) first") from exc
+        if fallback is None:
+            raise PersonaRouterError("submit from the event loop, or call start(loop) first") from exc
+        return fallback
 
 
 def default_stop_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -59,7 +59,8 @@ class DecodeGraphs:
                 self.runner.decode(rows, kv_len, m)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: CUDA work of other threads (the service's embedder, say) must not break the capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = self.runner.decode(rows, kv_len, m)
         self.graphs[key] = (graph, logits)
         self.captures += 1

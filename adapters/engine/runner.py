@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from adapters.engine.config import EngineConfig
-from adapters.engine.kernels import pointwise
+from adapters.engine.kernels import Shapes, pointwise
 from adapters.engine.lora_bank import LoraBank
 from adapters.engine.weights import ModelWeights
 from adapters.errors import ConfigError
@@ -58,7 +58,11 @@ class ModelRunner:
         self.slot_ids = self.step_inputs[:, 2]
         self.rows = torch.arange(config.max_batch, device=self.device)
         self.kv_arange = torch.arange(self.cache_len, device=self.device)
-        self.pw = pointwise(weights.activation, compile_on=(self.device, self.dtype) if compiled else None)
+        shapes = Shapes(hidden=weights.hidden_size, intermediate=weights.layers[0].groups["down"].in_features,
+                        heads=weights.num_heads, kv_heads=weights.num_kv_heads, head_dim=weights.head_dim,
+                        rotary=int(self.cos.shape[-1]))
+        self.pw = pointwise(weights.activation, compile_on=(self.device, self.dtype) if compiled else None,
+                            shapes=shapes)
 
     def kv_len_for(self, max_position: int) -> int:
         """How many cache positions a decode step attends, rounded up to ``kv_block`` (few graph shapes)."""
@@ -99,7 +103,8 @@ class ModelRunner:
         with torch.inference_mode():
             lora = self.bank.batch(slot_ids, m, fused=self.fused)
             x = self.w.embed[tokens.view(-1)]
-            cos, sin = self.cos[:longest][None, None], self.sin[:longest][None, None]
+            cos = self.cos[:longest].repeat(batch, 1).unsqueeze(1)  # per token: [batch * longest, 1, rotary]
+            sin = self.sin[:longest].repeat(batch, 1).unsqueeze(1)
             for index in range(len(self.w.layers)):
                 x = self._layer(index, x, batch, longest, lora, cos, sin, lambda q, k, v, i=index:
                                 self._prefill_attention(i, q, k, v, row_index))
@@ -119,7 +124,7 @@ class ModelRunner:
         positions = self.positions[:n]
         lora = self.bank.batch(self.slot_ids[:n], m, fused=self.fused)
         x = self.w.embed[self.tokens[:n]]  # [n, hidden]
-        cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [n, 1, rotary]
         keys = self.kv_arange[:kv_len].unsqueeze(0)
         visible = keys <= positions.unsqueeze(1)
         if self.w.sliding_window is not None:
@@ -140,11 +145,13 @@ class ModelRunner:
         h = self.pw.norm(x, layer.input_norm, self.w.rms_eps)
         qkv = self._linear(index, "qkv", h, lora)
         q_end, k_end = heads * dim, (heads + kv_heads) * dim
-        q = qkv[:, :q_end].view(batch, seq, heads, dim).transpose(1, 2)
-        k = qkv[:, q_end:k_end].view(batch, seq, kv_heads, dim).transpose(1, 2)
-        v = qkv[:, k_end:].view(batch, seq, kv_heads, dim).transpose(1, 2)
-        q, k = self.pw.rotate(q, cos, sin), self.pw.rotate(k, cos, sin)
-        attn = attend(q, k, v).transpose(1, 2).reshape(batch * seq, heads * dim)
+        tokens = batch * seq
+        # Rotary on [tokens, heads, dim] with per-token cos/sin: one shape family for prefill and decode.
+        q = self.pw.rotate(qkv[:, :q_end].view(tokens, heads, dim), cos, sin)
+        k = self.pw.rotate(qkv[:, q_end:k_end].view(tokens, kv_heads, dim), cos, sin)
+        v = qkv[:, k_end:].view(tokens, kv_heads, dim)
+        q, k, v = (t.view(batch, seq, -1, dim).transpose(1, 2) for t in (q, k, v))
+        attn = attend(q, k, v).transpose(1, 2).reshape(tokens, heads * dim)
         x = self._linear(index, "o", attn, lora, residual=x)
         h = self.pw.norm(x, layer.post_attention_norm, self.w.rms_eps)
         act = self.pw.act_mul(self._linear(index, "gate_up", h, lora))

@@ -79,15 +79,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def step(self) -> Emitted:
-        out: Emitted = []
+    def step(self, out: Emitted) -> None:
+        """One scheduling step; events are appended to ``out`` as they happen, so a step that fails half way
+        still hands over the events of the requests it already finished."""
         self._reap_cancelled(out)
         admitted = self._admit()
         if admitted:
             self._prefill(admitted, out)
         if self.running:
             self._decode(out)
-        return out
 
     def fail_all(self, message: str) -> Emitted:
         """End every request with an error event (after a failed forward pass, or at shutdown)."""

@@ -107,15 +107,15 @@ def extract_weights(model: Any, *, nf4_mode: str) -> ModelWeights:
     arch = architecture(config)
     inner = model.model
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    embed = inner.embed_tokens.weight
+    embed = inner.embed_tokens.weight.detach()
     layers = [_layer(layer, LAYOUTS[arch], nf4_mode=nf4_mode, dtype=embed.dtype) for layer in inner.layers]
     rope = dict(getattr(config, "rope_parameters", None) or {})
     return ModelWeights(
         arch=arch,
         embed=embed,
         layers=layers,
-        final_norm=inner.norm.weight,
-        lm_head=model.lm_head.weight,
+        final_norm=inner.norm.weight.detach(),
+        lm_head=model.lm_head.weight.detach(),
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
         head_dim=head_dim,
@@ -135,8 +135,8 @@ def extract_weights(model: Any, *, nf4_mode: str) -> ModelWeights:
 def _layer(layer: Any, layout: dict[str, tuple[str, ...]], *, nf4_mode: str, dtype: Any) -> LayerWeights:
     groups = {name: _group(layer, paths, nf4_mode=nf4_mode, dtype=dtype) for name, paths in layout.items()}
     return LayerWeights(
-        input_norm=layer.input_layernorm.weight,
-        post_attention_norm=layer.post_attention_layernorm.weight,
+        input_norm=layer.input_layernorm.weight.detach(),
+        post_attention_norm=layer.post_attention_layernorm.weight.detach(),
         groups=groups,
     )
 

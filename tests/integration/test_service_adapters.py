@@ -65,7 +65,7 @@ def test_watcher_hot_loads_a_new_adapter(client: httpx.Client, factory: AdapterF
     factory.publish("educator", seed=7)
     wait_until(lambda: persona_state(client, "educator")["status"] == "adapter", timeout_s=30)
     after = answer(client, QUESTION, persona="educator", max_new_tokens=12)
-    assert after["adapter"] == {"persona": "educator", "version": "1"}
+    assert after["adapter"] == {"persona": "educator", "version": 1}
     assert after["answer"] != before["answer"]  # the random LoRA changes the greedy answer
 
 
@@ -74,7 +74,7 @@ def test_hot_swap_keeps_the_request_in_flight(client: httpx.Client, server: Runn
     factory.publish("engineer", seed=11)
     admin(client, "POST", "/adapters/reload").raise_for_status()
     expected = answer(client, QUESTION, persona="engineer", max_new_tokens=400)
-    assert expected["adapter"]["version"] == "1" and expected["usage"]["completion_tokens"] == 400
+    assert expected["adapter"]["version"] == 1 and expected["usage"]["completion_tokens"] == 400
     body: list[str] = []
     first_token = threading.Event()
 
@@ -96,11 +96,11 @@ def test_hot_swap_keeps_the_request_in_flight(client: httpx.Client, server: Runn
     assert old["version"] == 1 and old["in_flight"] == 1 and not reader_done(reader)
     reader.join(120)
     events = sse_events("\n".join(body) + "\n\n")
-    assert events[0][1]["adapter"]["version"] == "1"
+    assert events[0][1]["adapter"]["version"] == 1
     done = events[-1]
     assert done[0] == "done" and done[1]["answer"] == expected["answer"]
     assert done[1]["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"]
-    assert answer(client, QUESTION, persona="engineer", max_new_tokens=8)["adapter"]["version"] == "2"
+    assert answer(client, QUESTION, persona="engineer", max_new_tokens=8)["adapter"]["version"] == 2
 
 
 def test_admin_needs_the_bearer_token(client: httpx.Client) -> None:
@@ -137,7 +137,7 @@ def test_admin_unload_and_load(client: httpx.Client) -> None:
     assert answer(client, QUESTION, persona="student", max_new_tokens=4)["adapter"] is None
     state = admin(client, "POST", "/adapters/student/1").json()
     assert state["status"] == "adapter" and state["versions"][0]["state"] == "resident"
-    assert answer(client, QUESTION, persona="student", max_new_tokens=4)["adapter"]["version"] == "1"
+    assert answer(client, QUESTION, persona="student", max_new_tokens=4)["adapter"]["version"] == 1
 
 
 def test_incompatible_adapter_is_refused_and_others_keep_serving(client: httpx.Client,
@@ -150,21 +150,21 @@ def test_incompatible_adapter_is_refused_and_others_keep_serving(client: httpx.C
     assert answer(client, QUESTION, persona="clinician", max_new_tokens=4)["adapter"] is None
     refused = admin(client, "POST", "/adapters/clinician/1")
     assert refused.status_code == 409 and "fingerprint" in refused.json()["error"]["message"]
-    assert answer(client, QUESTION, persona="student", max_new_tokens=4)["adapter"]["version"] == "1"
+    assert answer(client, QUESTION, persona="student", max_new_tokens=4)["adapter"]["version"] == 1
 
 
 def test_corrupt_new_version_falls_back_to_the_previous(client: httpx.Client, factory: AdapterFactory) -> None:
     first = factory.publish("general-reader", seed=21)
     admin(client, "POST", "/adapters/reload").raise_for_status()
     good = answer(client, QUESTION, persona="general-reader", max_new_tokens=8)
-    assert good["adapter"]["version"] == str(first)
+    assert good["adapter"]["version"] == first
     second = factory.publish("general-reader", seed=22)
     factory.corrupt("general-reader", second)
     report = admin(client, "POST", "/adapters/reload").json()
     assert report["live"]["general-reader"] == first
     assert any(r["version"] == second and r["kind"] == "broken" for r in report["refused"])
     again = answer(client, QUESTION, persona="general-reader", max_new_tokens=8)
-    assert again["adapter"]["version"] == str(first) and again["answer"] == good["answer"]
+    assert again["adapter"]["version"] == first and again["answer"] == good["answer"]
     refused = admin(client, "POST", f"/adapters/general-reader/{second}")
     assert refused.status_code == 422 and "safetensors" in refused.json()["error"]["message"]
 
@@ -190,3 +190,34 @@ def test_residency_bound_evicts_least_recently_used(tiny_model_dir: Path,
         for persona in ("educator", "student", "clinician", "educator"):
             assert answer(client, QUESTION, persona=persona, max_new_tokens=8)["answer"] == expected[persona]
             assert len(residency.resident()) <= 2
+
+
+def test_live_ab_split_is_sticky_per_user(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from eval.ab_split import SplitConfig
+
+    factory = AdapterFactory(tiny_model_dir, tmp_path_factory.mktemp("adapters-ab"))
+    factory.publish("student", seed=51)
+    factory.publish("student", seed=52)
+    split = SplitConfig(persona="student", control="latest", candidate="1", share=0.5, salt="test")
+    missing = SplitConfig(persona="educator", control="latest", candidate="9", share=1.0)
+    settings = ServiceSettings(base=str(tiny_model_dir), adapters_dir=factory.registry.root, router="fallback",
+                               watch_interval_s=0, ab_splits=(split, missing))
+    with serve(settings) as running, running.client() as client:
+        arms = {}
+        for user in (f"user-{i}" for i in range(12)):
+            first = answer(client, QUESTION, persona="student", user=user, max_new_tokens=2)
+            again = answer(client, QUESTION, persona="student", user=user, max_new_tokens=2)
+            assert first["ab"]["arm"] == again["ab"]["arm"]
+            expected_version = 1 if first["ab"]["arm"] == "candidate" else 2
+            assert first["adapter"]["version"] == again["adapter"]["version"] == expected_version
+            arms[user] = first["ab"]["arm"]
+        assert set(arms.values()) == {"control", "candidate"}
+        anonymous = answer(client, QUESTION, persona="student", max_new_tokens=2)
+        assert anonymous["ab"]["arm"] == "control" and "no user" in anonymous["ab"]["reason"]
+        assert answer(client, QUESTION, persona="clinician", user="user-1", max_new_tokens=2)["ab"] is None
+        unusable = answer(client, QUESTION, persona="educator", user="user-1", max_new_tokens=2)
+        assert unusable["adapter"] is None and unusable["ab"]["arm"] == "control"
+        assert "unusable" in unusable["ab"]["reason"]
+        assert persona_state(client, "student")["ab"]["candidate"] == "1"
+        metrics = client.get("/metrics").text
+        assert 'persona_router_ab_assignments_total{persona="student",arm="candidate",adapter_version="1"}' in metrics

@@ -56,7 +56,7 @@ def test_personas_show_adapter_and_prompt_only(client: httpx.Client) -> None:
 def test_answer_with_adapter_reports_decision_usage_timings(client: httpx.Client) -> None:
     body = answer(client, QUESTION, persona="student", max_new_tokens=8)
     assert body["decision"]["persona"] == "student" and body["decision"]["source"] == "explicit"
-    assert body["adapter"] == {"persona": "student", "version": "1"}
+    assert body["adapter"] == {"persona": "student", "version": 1}
     assert body["usage"]["completion_tokens"] <= 8
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     assert body["timings"]["total_ms"] > 0 and body["finish_reason"] in ("stop", "length")
@@ -85,7 +85,7 @@ def test_stream_sends_decision_tokens_then_done(client: httpx.Client) -> None:
     events = sse_events(response.text)
     names = [name for name, _ in events]
     assert names[0] == "decision" and names[-1] == "done" and set(names[1:-1]) == {"token"}
-    assert events[0][1]["decision"]["persona"] == "student" and events[0][1]["adapter"]["version"] == "1"
+    assert events[0][1]["decision"]["persona"] == "student" and events[0][1]["adapter"]["version"] == 1
     streamed = "".join(data["text"] for name, data in events if name == "token")
     done = events[-1][1]
     assert streamed.strip() == done["answer"] == plain["answer"]
@@ -164,7 +164,7 @@ def test_openai_chat_completion_matches_answer(client: httpx.Client, openai_clie
     assert completion.choices[0].message.content == expected["answer"]
     assert completion.usage.completion_tokens == expected["usage"]["completion_tokens"]
     routing = completion.model_extra["persona_routing"]
-    assert routing["decision"]["source"] == "explicit" and routing["adapter"] == {"persona": "student", "version": "1"}
+    assert routing["decision"]["source"] == "explicit" and routing["adapter"] == {"persona": "student", "version": 1}
 
 
 def test_openai_streaming_matches(client: httpx.Client, openai_client: Any) -> None:

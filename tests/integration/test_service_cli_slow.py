@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,3 +96,53 @@ def test_openai_client_on_the_real_server(service_url: str) -> None:
         model="persona:auto", messages=[{"role": "user", "content": QUESTIONS[2][0]}], max_tokens=16)
     assert completion.choices[0].message.content
     assert completion.model_extra["persona_routing"]["decision"]["persona"] == "engineer"
+
+
+MINI_PACK = """
+name = "mini"
+
+[[personas]]
+name = "student"
+description = "Learners who want simple explanations."
+system_prompt = "You are a friendly tutor answering a student. Explain simply."
+examples = ["can someone explain photosynthesis like i'm 12"]
+
+[[personas]]
+name = "general-reader"
+description = "Curious adults who want a plain answer."
+system_prompt = "You are a clear, friendly writer answering a curious adult."
+fallback = true
+examples = ["why do leaves change colour in autumn?"]
+"""
+
+
+def test_train_missing_serves_at_once_and_hot_loads_each_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Demo mode: prompt-only answers right away; each adapter is served as soon as training publishes it."""
+    pack = tmp_path / "pack.toml"
+    pack.write_text(MINI_PACK, encoding="utf-8")
+    adapters = tmp_path / "adapters"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "router.cli", "serve", "--port", str(port), "--base", str(tiny_model_dir),
+               "--pack", str(pack), "--adapters", str(adapters), "--router", "fallback", "--watch-interval", "0.5",
+               "--train-missing", "--train-arg=--max-steps=1"]
+    with open(tmp_path / "serve.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(url, None, timeout_s=300)
+            first = httpx.post(f"{url}/v1/answer", json={"question": "hi", "persona": "student", "max_new_tokens": 2},
+                               timeout=60).json()
+            assert first["adapter"] is None  # served before any adapter exists
+            seen: set[str] = set()
+            deadline = time.monotonic() + 600
+            while len(seen) < 2 and time.monotonic() < deadline:
+                personas = httpx.get(f"{url}/v1/personas", timeout=30).json()["personas"]
+                seen = {p["name"] for p in personas if p["status"] == "adapter"}
+                time.sleep(1)
+            assert seen == {"student", "general-reader"}, (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
+            after = httpx.post(f"{url}/v1/answer", json={"question": "hi", "persona": "student", "max_new_tokens": 2},
+                               timeout=60).json()
+            assert after["adapter"] == {"persona": "student", "version": 1}
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)

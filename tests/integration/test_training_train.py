@@ -143,7 +143,7 @@ def test_full_disk_while_saving_is_a_clear_error(tiny_model_dir: Path, registry:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(trainer_module, "save_adapter", no_space)
-    with pytest.raises(AdapterError, match="No space left on device.*nothing was published"):
+    with pytest.raises(AdapterError, match=r"No space left on device.*nothing was published"):
         trainer_module.train_persona(job(), config(max_steps=1), BaseModelConfig(base=str(tiny_model_dir)),
                                      registry)
     assert registry.versions("student") == [] and registry.latest("student") is None

@@ -210,3 +210,41 @@ def test_stats_and_stop_end_pending_requests(tiny_model_dir: Path, engine_adapte
     assert [e.finish_reason for e in events] == ["error"]
     stats = engine.stats()
     assert stats.resident_adapters == ["a"] and stats.queued == 0 and stats.running == 0
+
+
+def test_warmup_then_serve(tiny_model_dir: Path, peft_reference: PeftReference) -> None:
+    engine = make_engine(tiny_model_dir)
+    engine.warmup()
+    assert engine.stats().steps == 0 and engine.stats().queued == 0 and engine.stats().running == 0
+    prompt = prompts(peft_reference.tokenizer)[0]
+
+    async def body(engine: BatchedEngine) -> list[int]:
+        return generated(await collect(engine.submit(request("r", prompt, None))))
+
+    assert run_with(engine, body) == peft_reference.tokens(None, prompt)
+
+
+def test_failed_step_ends_its_requests_and_engine_recovers(tiny_model_dir: Path,
+                                                           peft_reference: PeftReference) -> None:
+    engine = make_engine(tiny_model_dir)
+    prompt = prompts(peft_reference.tokenizer)[0]
+    working = engine.scheduler.decoder
+    calls = []
+
+    def flaky(rows: int, kv_len: int, m: int) -> Any:
+        calls.append(rows)
+        if len(calls) == 1:
+            raise RuntimeError("device fell over")
+        return working(rows, kv_len, m)
+
+    engine.scheduler.decoder = flaky
+
+    async def body(engine: BatchedEngine) -> tuple[list[TokenEvent], list[TokenEvent]]:
+        failed = await collect(engine.submit(request("failed", prompt, None)))
+        return failed, await collect(engine.submit(request("after", prompt, None)))
+
+    failed, after = run_with(engine, body)
+    assert len(generated(failed)) == 1  # the prefill's token was delivered before the failing decode step
+    assert failed[-1].finish_reason == "error" and "device fell over" in (failed[-1].error or "")
+    assert generated(after) == peft_reference.tokens(None, prompt)
+    assert engine.stats().running == 0

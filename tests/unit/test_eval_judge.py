@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from eval.judge import StyleJudge, cochrane_check, confusion, fit_judge, heldout_report, train_judge
 from training.records import QARecord
@@ -13,7 +13,7 @@ from training.records import QARecord
 PERSONAS = ("clinician", "general-reader", "student")
 
 
-def fake_embed(texts: list[str] | tuple[str, ...]) -> np.ndarray:
+def fake_embed(texts: Sequence[str]) -> np.ndarray:
     """Deterministic bag-of-words hashing embedding (unit rows), standing in for MiniLM."""
     out = np.zeros((len(texts), 32))
     for i, text in enumerate(texts):
@@ -99,7 +99,6 @@ def test_cochrane_check_reads_pairs_and_skips_cleanly(tmp_path: Path) -> None:
     assert cochrane_check(judge, fake_embed, folder=folder, limit=0)["status"] == "skipped"
 
 
-@pytest.mark.slow
 def test_real_cochrane_data_is_readable(shared_data: Path) -> None:
     from eval.judge import read_cochrane
 

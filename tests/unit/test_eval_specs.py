@@ -39,5 +39,5 @@ def test_errors_name_the_valid_forms(text: str, message: str) -> None:
 
 
 def test_a_folder_without_adapter_config_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="adapter_config.json is missing"):
+    with pytest.raises(ConfigError, match=r"adapter_config\.json is missing"):
         parse_spec(str(tmp_path))

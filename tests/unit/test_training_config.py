@@ -57,7 +57,7 @@ def test_overrides_from_toml_json_and_set(tmp_path: Path) -> None:
 
 
 def test_unknown_setting_lists_valid_ones() -> None:
-    with pytest.raises(ConfigError, match="unknown training settings \\['lora_rank'\\].*lora_r"):
+    with pytest.raises(ConfigError, match=r"unknown training settings \['lora_rank'\].*lora_r"):
         TrainConfig().with_overrides({"lora_rank": 4})
     with pytest.raises(ConfigError, match="not a number"):
         TrainConfig().with_overrides({"learning_rate": "fast"})

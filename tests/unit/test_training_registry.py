@@ -49,11 +49,11 @@ def test_manifest_json_round_trip_keeps_unknown_keys(tmp_path: Path) -> None:
 def test_manifest_rejects_bad_content(tmp_path: Path) -> None:
     data = make_manifest().to_json()
     del data["metrics"]
-    with pytest.raises(AdapterError, match="missing keys \\['metrics'\\]"):
+    with pytest.raises(AdapterError, match=r"missing keys \['metrics'\]"):
         AdapterManifest.from_json(data)
     with pytest.raises(AdapterError, match="version"):
         make_manifest(version=0)
-    with pytest.raises(AdapterError, match="no manifest.json"):
+    with pytest.raises(AdapterError, match=r"no manifest\.json"):
         read_manifest_file(tmp_path)
 
 

@@ -1,0 +1,134 @@
+"""The service's small parts without a server: settings validation, body decoding, error mapping, the
+Prometheus renderer, OpenAI request mapping, admin path checks and the reference engine's batching key."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapters.errors import (
+    AdapterError,
+    AdapterIncompatibleError,
+    ConfigError,
+    InvalidRequestError,
+    QueueFullError,
+    UnknownPersonaError,
+)
+from router.metrics import Counter, Histogram
+from router.schemas import AnswerRequest, ChatCompletionRequest, decode_body, sse
+from router.settings import ServiceSettings
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"port": 70000}, "port"), ({"engine": "turbo"}, "engine"), ({"router": "magic"}, "router"),
+    ({"max_queue": 0}, "max_queue"), ({"admin_token": "short"}, "PERSONA_ROUTER_ADMIN_TOKEN"),
+    ({"request_timeout_s": 0}, "request_timeout_s"), ({"host": "a b"}, "host"),
+    ({"default_max_new_tokens": 600}, "default_max_new_tokens"),
+])
+def test_settings_name_the_bad_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ServiceSettings(**kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field
+
+
+def test_settings_take_the_admin_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERSONA_ROUTER_ADMIN_TOKEN", "a-long-enough-token")
+    assert ServiceSettings.from_env().admin_token == "a-long-enough-token"
+    monkeypatch.delenv("PERSONA_ROUTER_ADMIN_TOKEN")
+    assert ServiceSettings.from_env().admin_token is None
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (b'{"question": 1}', "question"), (b'{"question": "q", "extra": 1}', "extra"), (b"{}", "question"),
+    (b'{"question": "q"', "body"), (b"", "body"), (b'{"question": "q", "max_new_tokens": 1.5}', "max_new_tokens"),
+])
+def test_decode_body_names_the_field(body: bytes, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        decode_body(body, AnswerRequest)
+    assert info.value.field == field
+
+
+def test_decode_chat_request_names_nested_fields() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        decode_body(b'{"model": "persona:auto", "messages": [{"role": 3}]}', ChatCompletionRequest)
+    assert info.value.field == "messages[0].role"
+    ok = decode_body(b'{"model": "m", "messages": [], "frequency_penalty": 0.5}', ChatCompletionRequest)
+    assert ok.model == "m"  # OpenAI fields we do not use are accepted
+
+
+def test_error_mapping() -> None:
+    from router.http_errors import error_body, error_response, status_of
+
+    assert status_of(UnknownPersonaError("x", ["a"])) == 404
+    assert status_of(InvalidRequestError("bad", field="q")) == 400
+    assert status_of(ConfigError("bad", field="q")) == 400
+    assert status_of(QueueFullError("full", retry_after_s=3)) == 429
+    assert status_of(TimeoutError()) == 504
+    assert status_of(AdapterIncompatibleError("other base")) == 409
+    assert status_of(AdapterError("corrupt")) == 422
+    assert error_body(UnknownPersonaError("x", ["b", "a"])).valid == ["a", "b"]
+    assert error_response(QueueFullError("full", retry_after_s=3)).headers["Retry-After"] == "3"
+
+
+def test_prometheus_rendering() -> None:
+    counter = Counter("c_total", "help", ("persona",), "counter")
+    counter.inc(persona='a"b\\c')
+    counter.inc(2, persona='a"b\\c')
+    assert counter.render()[-1] == 'c_total{persona="a\\"b\\\\c"} 3'
+    histogram = Histogram("h_seconds", "help", ("p",), "histogram", buckets=(0.1, 1.0))
+    for value in (0.05, 0.5, 5.0):
+        histogram.observe(value, p="x")
+    lines = histogram.render()
+    assert 'h_seconds_bucket{p="x",le="0.1"} 1' in lines and 'h_seconds_bucket{p="x",le="1"} 2' in lines
+    assert 'h_seconds_bucket{p="x",le="+Inf"} 3' in lines and 'h_seconds_count{p="x"} 3' in lines
+    with pytest.raises(ValueError, match="labels"):
+        counter.inc(other="x")
+
+
+def test_openai_request_mapping() -> None:
+    from router.openai_compat import last_user_text, parse_model, to_input
+    from router.schemas import ChatMessage, ContentPart
+
+    assert parse_model("persona:auto") is None and parse_model("persona:student") == "student"
+    for bad in ("gpt-4o", "persona:", "student"):
+        with pytest.raises(InvalidRequestError) as info:
+            parse_model(bad)
+        assert info.value.field == "model"
+    parts = [ChatMessage("user", "first"), ChatMessage("assistant", "a"),
+             ChatMessage("user", [ContentPart("text", "hello"), ContentPart("image_url")])]
+    assert last_user_text(parts) == "hello"
+    request = ChatCompletionRequest(model="persona:clinician", messages=parts, max_tokens=5)
+    mapped = to_input(request)
+    assert (mapped.persona, mapped.max_new_tokens, mapped.temperature, mapped.endpoint) == ("clinician", 5, 0.0, "chat")
+    with pytest.raises(InvalidRequestError, match="n=1"):
+        to_input(ChatCompletionRequest(model="persona:auto", messages=parts, n=2))
+
+
+@pytest.mark.parametrize(("persona", "version", "field"), [
+    ("..", "1", "persona"), ("/etc", "1", "persona"), ("Student", "1", "persona"), ("student", "../1", "version"),
+    ("student", "0", "version"), ("student", "-1", "version"),
+])
+def test_admin_targets_cannot_leave_the_folder(persona: str, version: str, field: str) -> None:
+    from router.admin import _parse_target
+
+    with pytest.raises(InvalidRequestError) as info:
+        _parse_target(persona, version)
+    assert info.value.field == field
+    assert _parse_target("general-reader", "12") == ("general-reader", 12)
+
+
+def test_sse_encoding() -> None:
+    assert sse({"a": 1}, event="token") == b'event: token\ndata: {"a":1}\n\n'
+    assert sse("[DONE]") == b"data: [DONE]\n\n"
+
+
+def test_reference_engine_batches_only_compatible_sampling() -> None:
+    from adapters.engine_api import GenerationRequest
+    from adapters.engine_reference import _batch_key
+    from adapters.generation import SamplingConfig
+
+    def key(**sampling: object) -> object:
+        return _batch_key(GenerationRequest("r", (1,), None, SamplingConfig(**sampling)))  # type: ignore[arg-type]
+
+    assert key() == key(max_new_tokens=5)  # greedy rows share a batch whatever their length
+    assert key(temperature=0.7) == key(temperature=0.7) != key(temperature=0.8)
+    assert key(temperature=0.7, seed=1) is None  # a seeded row runs alone so its seed reproduces

@@ -1,0 +1,184 @@
+"""``adapters/residency.py`` against a fake engine: live versions, the LRU bound with pinning, in-flight
+safety, refusals that other adapters survive, and admin enable/disable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapters.engine_api import EngineStats
+from adapters.errors import AdapterError, AdapterIncompatibleError, QueueFullError, UnknownPersonaError
+from adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, write_manifest
+from adapters.registry import AdapterRegistry
+from adapters.residency import AdapterNotFoundError, AdapterResidency
+
+BASE = "sha256:" + "a" * 64
+OTHER = "sha256:" + "b" * 64
+PERSONAS = ("student", "clinician", "educator")
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.loaded: dict[str, Path] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    def add_adapter(self, name: str, folder: Path) -> None:
+        self.calls.append(("add", name))
+        self.loaded[name] = folder
+
+    def remove_adapter(self, name: str) -> None:
+        self.calls.append(("remove", name))
+        del self.loaded[name]
+
+    def adapter_names(self) -> list[str]:
+        return sorted(self.loaded)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(resident_adapters=self.adapter_names())
+
+
+def publish(registry: AdapterRegistry, persona: str, *, fingerprint: str = BASE, corrupt: bool = False) -> int:
+    from safetensors.numpy import save_file
+
+    staged = registry.staging_dir(persona)
+    (staged / "adapter_config.json").write_text(json.dumps({"r": 4, "peft_type": "LORA"}), encoding="utf-8")
+    if corrupt:
+        (staged / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    else:
+        save_file({"w": np.zeros((2, 2), dtype=np.float32)}, str(staged / "adapter_model.safetensors"))
+    write_manifest(staged, AdapterManifest(
+        persona=persona, version=1, base_model="test", base_fingerprint=fingerprint,
+        dataset=DatasetInfo(source="t", sha256="0", rows_train=1, rows_eval=1, eval_source="t"),
+        hyperparameters={}, device="cpu", precision="fp32", library_versions={},
+        metrics=TrainMetrics(None, None, None, 0, 0.0, 0, 0.0, 0.0, 0.0, "process_max_rss")))
+    return registry.publish(persona, staged)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> AdapterRegistry:
+    return AdapterRegistry(tmp_path / "adapters")
+
+
+def make(registry: AdapterRegistry, max_resident: int = 8) -> tuple[AdapterResidency, FakeEngine]:
+    engine = FakeEngine()
+    residency = AdapterResidency(engine, registry, base_fingerprint=BASE, personas=PERSONAS,  # type: ignore[arg-type]
+                                 max_resident=max_resident)
+    return residency, engine
+
+
+def test_reload_loads_live_versions_and_prompt_only_elsewhere(registry: AdapterRegistry) -> None:
+    publish(registry, "student")
+    publish(registry, "student")
+    residency, engine = make(registry)
+    report = asyncio.run(residency.reload())
+    assert report["live"] == {"student": 2, "clinician": None, "educator": None}
+    assert engine.adapter_names() == ["student@2"]
+    assert residency.describe_persona("clinician")["status"] == "prompt-only"
+    assert [v["state"] for v in residency.describe_persona("student")["versions"]] == ["available", "resident"]
+
+
+def test_refused_versions_fall_back_and_others_keep_serving(registry: AdapterRegistry) -> None:
+    publish(registry, "student")
+    publish(registry, "student", corrupt=True)
+    publish(registry, "clinician", fingerprint=OTHER)
+    publish(registry, "educator")
+    residency, engine = make(registry)
+
+    async def scenario() -> None:
+        report = await residency.reload()
+        assert report["live"] == {"student": 1, "clinician": None, "educator": 1}
+        kinds = {(r["persona"], r["version"]): r["kind"] for r in report["refused"]}
+        assert kinds == {("student", 2): "broken", ("clinician", 1): "incompatible"}
+        calls = len(engine.calls)
+        await residency.reload()  # unchanged files: refusals are remembered, not retried
+        assert len(engine.calls) == calls
+        with pytest.raises(AdapterIncompatibleError, match="fingerprint"):
+            await residency.acquire("clinician", 1)
+        lease = await residency.acquire("student")
+        assert lease is not None and lease.version == 1
+        residency.release(lease)
+        assert await residency.acquire("clinician") is None
+
+    asyncio.run(scenario())
+
+
+def test_lru_bound_evicts_non_live_first_and_never_in_flight(registry: AdapterRegistry) -> None:
+    for persona in PERSONAS:
+        publish(registry, persona)
+    publish(registry, "student")  # student@1 old, student@2 live
+    residency, engine = make(registry, max_resident=2)
+
+    async def scenario() -> None:
+        await residency.reload()
+        assert len(engine.loaded) == 2  # a reload never evicts a live version for another
+        old = await residency.acquire("student", 1)  # the old version, held by a request
+        assert old is not None
+        live = await residency.acquire("educator")
+        assert live is not None
+        assert "student@1" in engine.loaded and "educator@1" in engine.loaded  # the in-flight one stayed
+        residency.release(live)
+        residency.release(old)
+        lease = await residency.acquire("clinician")
+        assert lease is not None
+        assert "student@1" not in engine.loaded  # not live: evicted before the live educator
+        assert len(engine.loaded) <= 2
+        busy = [await residency.acquire(p) for p in ("clinician", "educator")]
+        with pytest.raises(QueueFullError):
+            await residency.acquire("student")  # both slots serve requests
+        for held in (lease, *busy):
+            assert held is not None
+            residency.release(held)
+
+    asyncio.run(scenario())
+
+
+def test_hot_swap_keeps_the_old_version_until_its_request_ends(registry: AdapterRegistry) -> None:
+    publish(registry, "student")
+    residency, engine = make(registry)
+
+    async def scenario() -> None:
+        await residency.reload()
+        held = await residency.acquire("student")
+        assert held is not None and held.version == 1
+        publish(registry, "student")
+        await residency.reload()
+        assert residency.live("student") == 2 and "student@1" in engine.loaded
+        await residency.unload("student", 1)  # disabled while in flight: removal waits
+        assert "student@1" in engine.loaded
+        residency.release(held)
+        await asyncio.sleep(0.05)
+        assert "student@1" not in engine.loaded and "student@2" in engine.loaded
+
+    asyncio.run(scenario())
+
+
+def test_admin_disable_enable_and_bad_targets(registry: AdapterRegistry) -> None:
+    publish(registry, "student")
+    publish(registry, "student")
+    residency, engine = make(registry)
+
+    async def scenario() -> None:
+        await residency.reload()
+        state = await residency.unload("student", 2)
+        assert state["live_version"] == 1 and "student@2" not in engine.loaded
+        with pytest.raises(AdapterError, match="disabled"):
+            await residency.acquire("student", 2)
+        state = await residency.load("student", 2)
+        assert state["live_version"] == 2 and "student@2" in engine.loaded
+        with pytest.raises(AdapterNotFoundError):
+            await residency.load("student", 7)
+        with pytest.raises(UnknownPersonaError):
+            await residency.load("pirate", 1)
+
+    asyncio.run(scenario())
+
+
+def test_folder_stamp_changes_when_a_version_is_published(registry: AdapterRegistry) -> None:
+    residency, _ = make(registry)
+    empty = residency.folder_stamp()
+    publish(registry, "educator")
+    assert residency.folder_stamp() != empty
