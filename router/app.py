@@ -90,8 +90,10 @@ def _build_engine(settings: ServiceSettings, base: Any) -> tuple[Any, str, int |
                 raise
             log.warning("the fast engine is unavailable (%s); using the reference engine", exc)
         else:
+            # Two spare slots: an evicted adapter's slot stays busy until a cancelled request still using it
+            # leaves the batch, and the residency bound must not turn that moment into a refused load.
             config = EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
-                                  max_adapters=settings.max_resident_adapters)
+                                  max_adapters=settings.max_resident_adapters + 2)
             try:
                 return build_engine(base, config), "fast", config.max_len
             except (PersonaRouterError, ValueError, NotImplementedError) as exc:
