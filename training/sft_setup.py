@@ -43,7 +43,8 @@ def lora_config(config: TrainConfig) -> Any:
 def sft_config(config: TrainConfig, *, output_dir: Path, device: str, eval_rows: int = 0,
                completion_only_loss: bool = True) -> Any:
     """The TRL arguments for a config already passed through :meth:`TrainConfig.resolved`."""
-    if config.batch_size is None or config.max_length is None or config.grad_accum is None:
+    batch, accum, lr = config.batch_size, config.grad_accum, config.learning_rate
+    if batch is None or accum is None or lr is None or config.max_length is None:
         raise ConfigError("resolve the config for a device first (TrainConfig.resolved)", field="config")
     trl = require_trl()
     mixed = config.mixed_precision if device == "cuda" else "no"
@@ -53,10 +54,10 @@ def sft_config(config: TrainConfig, *, output_dir: Path, device: str, eval_rows:
     checkpointing = config.gradient_checkpointing == "on"
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),
-        "per_device_train_batch_size": config.batch_size,
-        "per_device_eval_batch_size": max(config.batch_size, 4),
-        "gradient_accumulation_steps": config.grad_accum,
-        "learning_rate": config.learning_rate,
+        "per_device_train_batch_size": batch,
+        "per_device_eval_batch_size": max(batch, 4),
+        "gradient_accumulation_steps": accum,
+        "learning_rate": lr,
         "lr_scheduler_type": config.lr_scheduler,
         # transformers 5 reads a float below 1 as a ratio of the total steps.
         "warmup_steps": config.warmup_ratio,

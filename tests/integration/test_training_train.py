@@ -131,7 +131,7 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir: Path, registry: A
     with pytest.raises(RuntimeError):
         train_persona(job(), config(max_steps=3, save_steps=1), base, registry, callbacks=[crash_at(2)])
     with pytest.raises(AdapterError, match="other settings"):
-        train_persona(job(), config(max_steps=3, save_steps=1, learning_rate=1e-3), base, registry, resume=True)
+        train_persona(job(), config(max_steps=3, save_steps=1, learning_rate=5e-4), base, registry, resume=True)
     assert registry.latest("student") is None
 
 

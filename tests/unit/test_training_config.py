@@ -16,8 +16,8 @@ def test_defaults_are_the_issue_qlora_settings() -> None:
     config = TrainConfig()
     assert (config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules) == (16, 32, 0.05,
                                                                                               "all-linear")
-    assert (config.learning_rate, config.lr_scheduler, config.warmup_ratio) == (2e-4, "cosine", 0.03)
     cuda = config.resolved("cuda")
+    assert (cuda.learning_rate, cuda.lr_scheduler, cuda.warmup_ratio) == (2e-4, "cosine", 0.03)
     assert cuda.optim == "paged_adamw_8bit"
     assert cuda.mixed_precision == "bf16"
     assert cuda.gradient_checkpointing == "on"
@@ -28,7 +28,7 @@ def test_defaults_are_the_issue_qlora_settings() -> None:
 def test_cpu_resolution_and_explicit_values_win() -> None:
     cpu = TrainConfig().resolved("cpu")
     assert cpu.optim == "adamw_torch" and cpu.mixed_precision == "no" and cpu.gradient_checkpointing == "off"
-    assert cpu.max_steps == CPU_DEFAULTS["max_steps"]
+    assert cpu.max_steps == CPU_DEFAULTS["max_steps"] and cpu.learning_rate == CPU_DEFAULTS["learning_rate"]
     mine = TrainConfig(batch_size=7, optim="sgd").resolved("cpu")
     assert mine.batch_size == 7 and mine.optim == "sgd"
     # Explicit epochs mean "train by epochs": the CPU step budget must not cap them.
