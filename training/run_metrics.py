@@ -8,12 +8,10 @@ import time
 from importlib import metadata
 from typing import Any
 
-from transformers import TrainerCallback
-
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "safetensors")
 
 
-class TokenClock(TrainerCallback):
+class TokenClock:
     """Times the optimisation loop (not loading or evaluation) and reads the tokens it consumed."""
 
     def __init__(self) -> None:
@@ -21,12 +19,21 @@ class TokenClock(TrainerCallback):
         self.seconds = 0.0
         self.start_step = 0
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.start = time.perf_counter()
-        self.start_step = int(state.global_step)
+    def callback(self) -> Any:
+        """A ``TrainerCallback`` feeding this clock (transformers imported here: it pulls in bitsandbytes)."""
+        from transformers import TrainerCallback
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.seconds = round(time.perf_counter() - self.start, 2)
+        clock = self
+
+        class _Clock(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                clock.start = time.perf_counter()
+                clock.start_step = int(state.global_step)
+
+            def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                clock.seconds = round(time.perf_counter() - clock.start, 2)
+
+        return _Clock()
 
     @staticmethod
     def tokens(trainer: Any) -> int:

@@ -21,7 +21,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,7 @@ def build_trainer(base: Any, config: TrainConfig, train_fmt: FormatResult, eval_
     memory = PeakMemory(base.device)
     trainer = trl.SFTTrainer(model=base.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=base.tokenizer, peft_config=lora_config(config),
-                             callbacks=[clock, *callbacks])
+                             callbacks=[clock.callback(), *callbacks])
     return trainer, clock, memory
 
 
@@ -153,8 +153,7 @@ def _publish(model: Any, manifest: AdapterManifest, registry: AdapterRegistry, s
     try:
         save_adapter(model, staged, base_path)
         wall = time.perf_counter() - started
-        manifest = AdapterManifest.from_json({**manifest.to_json(), "metrics": {
-            **manifest.metrics.__dict__, "wall_time_s": round(wall, 2)}})
+        manifest = replace(manifest, metrics=replace(manifest.metrics, wall_time_s=round(wall, 2)))
         write_manifest(staged, manifest)
         version = registry.publish(name, staged)
     except OSError as exc:

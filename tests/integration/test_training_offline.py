@@ -19,7 +19,7 @@ def test_offline_base_trains_and_lowers_held_out_answer_loss(tmp_path: Path) -> 
     from training.trainer import train_persona
 
     (job,) = plan_jobs(load_pack(), ["clinician"])
-    config = TrainConfig(max_steps=3, learning_rate=1e-3, eval_max_rows=4, max_length=512)
+    config = TrainConfig(max_steps=2, batch_size=1, grad_accum=1, eval_max_rows=4, max_length=512)
     result = train_persona(job, config, BaseModelConfig(), AdapterRegistry(tmp_path))
     assert result.manifest is not None
     metrics = result.manifest.metrics
