@@ -12,13 +12,14 @@ SFTTrainer on the same rows:
   paged_adamw_8bit, fp16 mixed precision.
 - ``ours``: ``training/config.py``'s CUDA defaults through ``training/sft_setup.py`` (the exact arguments of
   ``persona-router train``): contexts cut so question and answer survive, loss on the answer only, examples
-  packed without padding (attention stays within each example), bf16, gradient checkpointing, same micro-batch
-  token budget (2 x 1024).
+  packed without padding (attention stays within each example), bf16, gradient checkpointing, micro-batch of
+  4 packed rows of up to 1024 tokens x accumulation 2.
 - ``ours-b2`` / ``ours-b8`` (if time allows): ours with micro-batch 2 x accumulation 4 (the notebook's split)
   or 8 x 1, to show the speed/memory trade of the micro-batch size at the same effective batch of 8.
 
 Reported per configuration: real (non-padding) tokens/s and seconds per 1,000 examples over the timed steps
-(after warm-up steps), peak allocated GPU memory during training (weights included). JSON is rewritten after
+(after warm-up steps), peak allocated GPU memory during training (weights included). Each configuration runs in
+its own child process, so no memory or warm-up carries over from the previous one. JSON is rewritten after
 each configuration, so a timeout keeps what finished. Expected (not yet measured): 4-6 minutes on an H100; a
 configuration that would start after ``--budget-s`` (330 s) is skipped so the run stays under 8 minutes.
 
@@ -36,6 +37,7 @@ import math
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +97,7 @@ def make_model_folder(folder: Path, *, smoke: bool) -> Path:
 
     from adapters.random_model import save_random_model, tiny_phi3_config, train_tiny_tokenizer
 
+    folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tiny_tokenizer(folder)  # supplies pad/eos ids only; the data are token ids already
     if smoke:
         config = tiny_phi3_config(len(tokenizer))
@@ -318,6 +321,38 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def run_child(args: argparse.Namespace) -> int:
+    """One configuration in this (fresh) process; the result goes to ``--child-out``."""
+    folder = Path(args.model_dir)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    rows = synthetic_rows(args.examples, vocab)
+    try:
+        result = run_config(args.child, folder, rows, steps=args.steps, warmup=args.warmup, smoke=args.smoke)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as data, not as a crash
+        result = {"config": args.child, "error": f"{type(exc).__name__}: {exc}",
+                  "traceback": traceback.format_exc()[-3000:]}
+    write(Path(args.child_out), result)
+    return 0
+
+
+def run_isolated(name: str, folder: Path, args: argparse.Namespace, timeout_s: float) -> dict[str, Any]:
+    """Run one configuration in a child process: peak memory and warm-up are then per configuration, with
+    nothing left over from the previous one (a shared process inflated later configs' peaks)."""
+    out = folder.parent / f"result-{name}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--child", name,
+               "--model-dir", str(folder), "--child-out", str(out), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--examples", str(args.examples)]
+    if args.smoke:
+        command.append("--smoke")
+    try:
+        done = subprocess.run(command, timeout=timeout_s, check=False, stdout=sys.stderr)
+    except subprocess.TimeoutExpired:
+        return {"config": name, "error": f"timed out after {timeout_s:.0f} s"}
+    if not out.is_file():
+        return {"config": name, "error": f"child exited with {done.returncode} and no result"}
+    return dict(json.loads(out.read_text(encoding="utf-8")))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="JSON results file")
@@ -327,10 +362,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="untimed optimizer steps first (>= 1)")
     parser.add_argument("--examples", type=int, default=800, help="synthetic rows")
     parser.add_argument("--budget-s", type=float, default=330, help="skip configs that would start after this")
+    parser.add_argument("--limit-s", type=float, default=470, help="hard cap on the whole run's wall time")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, no 4-bit: only checks the script")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.child:
+        return run_child(args)
     started = time.perf_counter()
     import torch
 
@@ -340,33 +381,26 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {"benchmark": "train_gpu", "environment": environment(), "smoke": args.smoke,
                                "model": "tiny Phi-3 (smoke)" if args.smoke else "random Phi3Config() (Phi-3-mini "
                                "shape) in 4-bit NF4, double quant, bf16 compute",
+                               "isolation": "one child process per configuration",
                                "data": {"examples": args.examples, "system_tokens": SYSTEM_TOKENS,
                                         "context_tokens_loguniform": CONTEXT_RANGE,
                                         "question_tokens": QUESTION_RANGE, "answer_tokens": ANSWER_RANGE},
                                "results": []}
     with tempfile.TemporaryDirectory(prefix="train-gpu-model-") as tmp:
-        folder = make_model_folder(Path(tmp), smoke=args.smoke)
-        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-        rows = synthetic_rows(args.examples, vocab)
+        folder = make_model_folder(Path(tmp) / "model", smoke=args.smoke)
         names = [c.strip() for c in args.configs.split(",") if c.strip()]
         for name in names:
-            if time.perf_counter() - started > args.budget_s:
+            elapsed = time.perf_counter() - started
+            if elapsed > args.budget_s:
                 payload["results"].append({"config": name, "skipped": "time budget spent"})
                 continue
             log.info("running %s", name)
-            try:
-                payload["results"].append(run_config(name, folder, rows, steps=args.steps, warmup=args.warmup,
-                                                     smoke=args.smoke))
-            except Exception as exc:  # noqa: BLE001 - one failing config must not lose the others' numbers
-                payload["results"].append({"config": name, "error": f"{type(exc).__name__}: {exc}",
-                                           "traceback": traceback.format_exc()[-3000:]})
-                if name == "notebook" and "notebook-bf16" not in names:
-                    # fp16 autocast over a bf16-compute 4-bit model may fail on newer stacks; bf16 is the
-                    # closest configuration that runs, and the JSON says which one was measured.
-                    names.append("notebook-bf16")
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            result = run_isolated(name, folder, args, timeout_s=max(30.0, args.limit_s - elapsed))
+            payload["results"].append(result)
+            if name == "notebook" and "error" in result and "notebook-bf16" not in names:
+                # fp16 autocast over a bf16-compute 4-bit model fails on newer stacks (GradScaler cannot unscale
+                # the bf16 LoRA gradients); bf16 is the closest configuration that runs, and the JSON says so.
+                names.append("notebook-bf16")
             payload["summary"] = summarise(payload["results"])
             payload["wall_s"] = round(time.perf_counter() - started, 1)
             write(args.out, payload)

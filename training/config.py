@@ -6,10 +6,11 @@ JSON, flat keys named like the fields, or under a ``[train]`` table), then CLI f
 
 CUDA defaults follow QLoRA as the original project used it on Phi-3-mini (LoRA r=16, alpha=32, dropout 0.05,
 all linear layers; lr 2e-4, cosine, 3 % warm-up, paged 8-bit AdamW, NF4 base with bf16 compute; 1,024 tokens
-with gradient checkpointing; an effective batch of 8) with three changes that cost no memory: the loss covers
-the answer only, examples are packed without padding (attention stays within each example), and the batch of
-8 is a micro-batch of 4 x accumulation 2 instead of 2 x 4 (on an H100, benchmarks/train_gpu.py measured about
-twice the notebook's throughput at lower peak memory with 4 x 2, and 1.06x with 2 x 4; see README).
+with gradient checkpointing; an effective batch of 8) with three changes: the loss covers the answer only,
+examples are packed without padding (attention stays within each example), and the batch of 8 is a
+micro-batch of 4 packed rows x accumulation 2 instead of 2 x 4. On an H100, benchmarks/train_gpu.py measured
+1.8x the notebook's real-token throughput for 4 x 2 (1.06x for 2 x 4 in an earlier run), at 1.43x its peak
+memory (4.39 vs 3.07 GiB, in a run that measured all configurations in one process); README has the table.
 
 CPU defaults (the offline 135M base, float32) are sized so ``persona-router train --all`` on the demo pack
 (5 personas x 80 rows) takes about 15 minutes on 2 free cores; README's training section shows the
