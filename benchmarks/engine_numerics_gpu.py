@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import serve_gpu  # noqa: E402 - sibling benchmark module
+import serve_gpu
 
 
 def last_logits_peft(model: Any, prompts: list[tuple[int, ...]], name: str) -> list[Any]:

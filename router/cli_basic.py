@@ -93,7 +93,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from adapters.offline_default import ensure_offline_default
-
     from router.pack import load_pack
     from router.persona_router import default_router_dir, ensure_router
 
