@@ -132,12 +132,8 @@ class BatchedEngine:
             self._thread.join()
             self._thread = None
         with self._lock:
-            inbox, self._inbox = self._inbox, []
-            commands, self._commands = self._commands, []
-        for command in commands:
-            command.run()
-        for seq in inbox:
-            self.scheduler.add(seq)
+            inbox, commands = self._take_pending()
+        self._apply_pending(inbox, commands)
         self._dispatch(self.scheduler.fail_all("the engine stopped"))
 
     def submit(self, request: GenerationRequest) -> EngineHandle:
@@ -204,12 +200,8 @@ class BatchedEngine:
                     self._wakeup.wait()
                 if self._stopping:
                     return
-                inbox, self._inbox = self._inbox, []
-                commands, self._commands = self._commands, []
-            for command in commands:
-                command.run()
-            for seq in inbox:
-                self.scheduler.add(seq)
+                inbox, commands = self._take_pending()
+            self._apply_pending(inbox, commands)
             if not self.scheduler.has_work():
                 continue
             emitted: Emitted = []
@@ -219,6 +211,19 @@ class BatchedEngine:
                 log.exception("generation step failed")
                 emitted.extend(self.scheduler.fail_all(f"{type(exc).__name__}: {exc}"))
             self._dispatch(emitted)
+
+    def _take_pending(self) -> tuple[list[Sequence], list[_Command]]:
+        """Swap out the queued requests and bank commands; the caller holds ``self._lock``."""
+        inbox, self._inbox = self._inbox, []
+        commands, self._commands = self._commands, []
+        return inbox, commands
+
+    def _apply_pending(self, inbox: list[Sequence], commands: list[_Command]) -> None:
+        # Bank writes first, so requests admitted in this round see the weights they were bound to.
+        for command in commands:
+            command.run()
+        for seq in inbox:
+            self.scheduler.add(seq)
 
     def _dispatch(self, emitted: Emitted) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[EngineHandle, TokenEvent]]] = defaultdict(list)
