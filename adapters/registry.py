@@ -46,7 +46,8 @@ ADAPTERS_ENV = "PERSONA_ROUTER_ADAPTERS"
 LATEST_FILE = "LATEST"
 LATEST = "latest"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST_FILE)
-_PERSONA = re.compile(r"^[a-z][a-z0-9-]{0,39}$")  # the pack's persona-name rule
+# The one persona-name rule: packs validate with it, and it keeps registry paths inside the adapters folder.
+PERSONA_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 _VERSION_DIR = re.compile(r"^[1-9][0-9]*$")
 
 
@@ -58,7 +59,7 @@ def default_adapters_dir() -> Path:
 
 def check_persona_name(persona: str) -> str:
     """Reject names that could leave the registry folder (``..``, ``/``, absolute paths) or are not persona names."""
-    if not isinstance(persona, str) or not _PERSONA.match(persona):
+    if not isinstance(persona, str) or not PERSONA_NAME.match(persona):
         raise ConfigError(f"{persona!r} is not a persona name (lowercase letters, digits and '-', starting with a "
                           "letter, max 40)", field="persona")
     return persona
@@ -86,7 +87,7 @@ class AdapterRegistry:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and _PERSONA.match(p.name) and (p / LATEST_FILE).is_file())
+                      if p.is_dir() and PERSONA_NAME.match(p.name) and (p / LATEST_FILE).is_file())
 
     def versions(self, persona: str) -> list[int]:
         """Complete version folders of ``persona``, ascending (unpublished leftovers included only if complete)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import ConfigError
+from adapters.registry import PERSONA_NAME
 
 BASELINES = ("base", "prompt")
 KINDS = ("base", "prompt", "adapter")
@@ -23,7 +24,6 @@ VALID_FORMS = (
     "'base' (base model, no persona prompt), 'prompt' (base model + the persona's system prompt), "
     "'NAME@VERSION' (e.g. 'clinician@3' or 'clinician@latest'), or a path to an adapter folder"
 )
-_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -67,7 +67,7 @@ def parse_spec(text: str, *, field: str = "spec") -> ArmSpec:
         return _path_spec(raw, field=field)
     if "@" in raw:
         name, _, version = raw.partition("@")
-        if not _NAME.match(name):
+        if not PERSONA_NAME.match(name):
             raise ConfigError(f"{raw!r}: {name!r} is not a persona name (lowercase letters, digits, '-'); "
                               f"valid forms: {VALID_FORMS}", field=field)
         if not _VERSION.match(version):

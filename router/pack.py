@@ -6,7 +6,6 @@ persona is the fallback the router uses when it is not confident.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -14,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import PackError, UnknownPersonaError
+from adapters.registry import PERSONA_NAME
 
 DEMO_PACK = "demo"
-_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 _PERSONA_FIELDS = ("name", "description", "system_prompt", "examples")
 _OPTIONAL_FIELDS = ("fallback", "aliases")
 
@@ -126,7 +125,7 @@ def _persona_from_dict(entry: Any, *, source: str, index: int) -> Persona:
         raise PackError(f"unknown keys {sorted(unknown)}; valid keys: {[*_PERSONA_FIELDS, *_OPTIONAL_FIELDS]}",
                         path=source, field=where)
     name = entry["name"]
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not PERSONA_NAME.match(name):
         raise PackError(f"{name!r} must be lowercase letters, digits and '-', starting with a letter (max 40)",
                         path=source, field=f"{where}.name")
     for key in ("description", "system_prompt"):
