@@ -40,12 +40,6 @@ def server(factory: AdapterFactory, tiny_model_dir: Path) -> Iterator[RunningSer
         yield running
 
 
-@pytest.fixture
-def client(server: RunningServer) -> Iterator[httpx.Client]:
-    with server.client() as http:
-        yield http
-
-
 def admin(client: httpx.Client, method: str, path: str, token: str | None = TOKEN) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return client.request(method, f"/v1/admin{path}", headers=headers)

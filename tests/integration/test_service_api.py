@@ -29,12 +29,6 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         yield running
 
 
-@pytest.fixture
-def client(server: RunningServer) -> Iterator[httpx.Client]:
-    with server.client() as http:
-        yield http
-
-
 def test_health_ready_and_page(client: httpx.Client) -> None:
     assert client.get("/health").json() == {"status": "alive", "loaded": True}
     ready = client.get("/ready").json()
