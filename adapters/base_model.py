@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from adapters.errors import BaseModelError, ConfigError, choices
-from adapters.fingerprint import fingerprint_folder
-from adapters.offline_default import DEFAULT_BASE, ensure_offline_default
+from persona_router.adapters.offline_default import DEFAULT_BASE, ensure_offline_default
+from persona_router.core.errors import BaseModelError, ConfigError, choices
+from persona_router.core.fingerprint import fingerprint_folder
 
 log = logging.getLogger(__name__)
 

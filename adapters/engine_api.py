@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from adapters.generation import SamplingConfig
+from persona_router.adapters.generation import SamplingConfig
 
 
 @dataclass(frozen=True)

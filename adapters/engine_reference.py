@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.base_model import LoadedBase
-from adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
-from adapters.errors import AdapterError, ConfigError, QueueFullError
+from persona_router.adapters.base_model import LoadedBase
+from persona_router.adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
+from persona_router.core.errors import AdapterError, ConfigError, QueueFullError
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.errors import ConfigError
-from adapters.prompts import prompt_ids
+from persona_router.adapters.prompts import prompt_ids
+from persona_router.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

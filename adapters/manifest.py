@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from adapters.atomic import atomic_write_json
-from adapters.errors import AdapterError
+from persona_router.core.atomic import atomic_write_json
+from persona_router.core.errors import AdapterError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapters.atomic import atomic_dir, remove_stale_temps
-from adapters.errors import CacheError
-from adapters.home import models_dir
+from persona_router.core.atomic import atomic_dir, remove_stale_temps
+from persona_router.core.errors import CacheError
+from persona_router.core.home import models_dir
 
 log = logging.getLogger(__name__)
 

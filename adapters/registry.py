@@ -35,10 +35,11 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from adapters.atomic import TMP_PREFIX, atomic_write_text, remove_stale_temps
-from adapters.errors import AdapterError, AdapterIncompatibleError, ConfigError
-from adapters.home import home_dir
-from adapters.manifest import MANIFEST_FILE, AdapterManifest, read_manifest_file, write_manifest
+from persona_router.adapters.manifest import MANIFEST_FILE, AdapterManifest, read_manifest_file, write_manifest
+from persona_router.core.atomic import TMP_PREFIX, atomic_write_text, remove_stale_temps
+from persona_router.core.errors import AdapterError, AdapterIncompatibleError, ConfigError
+from persona_router.core.home import home_dir
+from persona_router.core.names import PERSONA_NAME, check_persona_name, check_version
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ ADAPTERS_ENV = "PERSONA_ROUTER_ADAPTERS"
 LATEST_FILE = "LATEST"
 LATEST = "latest"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST_FILE)
-# The one persona-name rule: packs validate with it, and it keeps registry paths inside the adapters folder.
-PERSONA_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 _VERSION_DIR = re.compile(r"^[1-9][0-9]*$")
 
 
@@ -55,20 +54,6 @@ def default_adapters_dir() -> Path:
     """``$PERSONA_ROUTER_ADAPTERS`` or ``$PERSONA_ROUTER_HOME/adapters`` (``~/.cache/persona-router/adapters``)."""
     raw = os.environ.get(ADAPTERS_ENV)
     return Path(raw).expanduser() if raw else home_dir() / "adapters"
-
-
-def check_persona_name(persona: str) -> str:
-    """Reject names that could leave the registry folder (``..``, ``/``, absolute paths) or are not persona names."""
-    if not isinstance(persona, str) or not PERSONA_NAME.match(persona):
-        raise ConfigError(f"{persona!r} is not a persona name (lowercase letters, digits and '-', starting with a "
-                          "letter, max 40)", field="persona")
-    return persona
-
-
-def check_version(version: object) -> int:
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ConfigError(f"{version!r} is not a version (an integer >= 1)", field="version")
-    return version
 
 
 class AdapterRegistry:

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.engine_api import Engine
-from adapters.errors import (
+from persona_router.adapters.engine_api import Engine
+from persona_router.adapters.registry import LATEST_FILE, AdapterRegistry
+from persona_router.core.errors import (
     AdapterError,
     AdapterIncompatibleError,
     ConfigError,
@@ -39,7 +40,6 @@ from adapters.errors import (
     QueueFullError,
     UnknownPersonaError,
 )
-from adapters.registry import LATEST_FILE, AdapterRegistry
 
 log = logging.getLogger(__name__)
 

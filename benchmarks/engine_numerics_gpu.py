@@ -34,7 +34,7 @@ def last_logits_peft(model: Any, prompts: list[tuple[int, ...]], name: str) -> l
 
 
 def last_logits_engine(engine: Any, prompts: list[tuple[int, ...]], name: str | None) -> list[Any]:
-    from adapters.engine.lora_bank import slot_bucket
+    from persona_router.adapters.engine.lora_bank import slot_bucket
 
     out = []
     for prompt in prompts:
@@ -67,8 +67,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-
-    from adapters.engine import BatchedEngine, EngineConfig
+    from persona_router.adapters.engine import BatchedEngine, EngineConfig
 
     torch.backends.cuda.matmul.allow_tf32 = False
     serve_gpu.build_model(args.model_dir, smoke=args.smoke)

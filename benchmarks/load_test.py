@@ -169,7 +169,7 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    command = [sys.executable, "-m", "router.cli", "-q", "serve", "--port", str(port), "--base", args.base,
+    command = [sys.executable, "-m", "persona_router", "-q", "serve", "--port", str(port), "--base", args.base,
                "--engine", args.engine, "--max-batch", str(args.max_batch), "--watch-interval", "0"]
     if args.adapters:
         command += ["--adapters", str(args.adapters)]

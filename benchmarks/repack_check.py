@@ -25,9 +25,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from persona_router.adapters.offline_default import gguf_path, repack_llama_as_phi3
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from adapters.offline_default import gguf_path, repack_llama_as_phi3
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     source = gguf_path()

@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from adapters.atomic import atomic_write_json
-    from router.pack import load_pack
-    from router.persona_router import PersonaRouter, ensure_router
-    from training.loading import demo_routing
+    from persona_router.core.atomic import atomic_write_json
+    from persona_router.core.pack import load_pack
+    from persona_router.core.rows import demo_routing
+    from persona_router.router.fitting import ensure_router
+    from persona_router.router.persona_router import PersonaRouter
 
     load_before = os.getloadavg()
     started = time.perf_counter()

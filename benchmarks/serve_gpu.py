@@ -71,7 +71,7 @@ def build_model(folder: Path, smoke: bool) -> float:
     import torch
     from transformers import Phi3Config
 
-    from adapters.random_model import save_random_model, tiny_phi3_config
+    from tests.support.random_model import save_random_model, tiny_phi3_config
 
     if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
         return 0.0
@@ -129,7 +129,7 @@ def load_model(folder: Path, precision: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     if precision == "nf4":
-        from adapters.base_model import nf4_config
+        from persona_router.adapters.base_model import nf4_config
 
         return AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4_config(), dtype=torch.bfloat16,
                                                     device_map={"": 0}).eval()
@@ -209,8 +209,8 @@ def vanilla_suite(peft_model: Any, prompts: list[tuple[int, ...]], names: list[s
 
 async def engine_streams(engine: Any, prompts: list[tuple[int, ...]], adapters: list[str | None],
                          new_tokens: int) -> dict[str, Any]:
-    from adapters.engine_api import GenerationRequest
-    from adapters.generation import SamplingConfig
+    from persona_router.adapters.engine_api import GenerationRequest
+    from persona_router.adapters.generation import SamplingConfig
 
     async def consume(handle: Any) -> tuple[float, float, int, str | None]:
         first, count, reason = 0.0, 0, None
@@ -262,8 +262,7 @@ async def engine_suite(engine: Any, prompts: list[tuple[int, ...]], names: list[
 def logits_self_check(engine: Any, peft_model: Any, prompt: tuple[int, ...], names: list[str]) -> dict[str, float]:
     """Last-token prefill logits of engine and PEFT for the base and one adapter: relative L2 error."""
     import torch
-
-    from adapters.engine.lora_bank import slot_bucket
+    from persona_router.adapters.engine.lora_bank import slot_bucket
 
     errors = {}
     for name in (None, names[0]):
@@ -313,7 +312,7 @@ class Bench:
     streams: list[int]
 
     def engine(self, mode: str) -> Any:
-        from adapters.engine import BatchedEngine, EngineConfig
+        from persona_router.adapters.engine import BatchedEngine, EngineConfig
 
         started = time.perf_counter()
         max_len = -(-(self.args.prompt_len + self.args.new_tokens) // 256) * 256
@@ -489,7 +488,7 @@ def main() -> int:
     }
 
     def save() -> None:
-        from adapters.atomic import atomic_write_json
+        from persona_router.core.atomic import atomic_write_json
 
         atomic_write_json(args.out, report)
 

@@ -95,7 +95,7 @@ def ours_dataset(rows: list[dict[str, list[int]]], max_length: int) -> list[dict
 def make_model_folder(folder: Path, *, smoke: bool) -> Path:
     import torch
 
-    from adapters.random_model import save_random_model, tiny_phi3_config, train_tiny_tokenizer
+    from tests.support.random_model import save_random_model, tiny_phi3_config, train_tiny_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tiny_tokenizer(folder)  # supplies pad/eos ids only; the data are token ids already
@@ -125,7 +125,7 @@ def load_model(folder: Path, *, smoke: bool) -> Any:
 
     if smoke:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    from adapters.base_model import nf4_config
+    from persona_router.adapters.base_model import nf4_config
 
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4_config(double_quant=True),
                                                 dtype=torch.bfloat16, device_map={"": 0})
@@ -133,8 +133,7 @@ def load_model(folder: Path, *, smoke: bool) -> Any:
 
 def notebook_args(output_dir: Path, steps: int, *, smoke: bool, bf16: bool = False) -> Any:
     import trl
-
-    from training.sft_setup import supported_kwargs
+    from persona_router.training.sft_setup import supported_kwargs
 
     kwargs = {
         "output_dir": str(output_dir), "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
@@ -149,8 +148,8 @@ def notebook_args(output_dir: Path, steps: int, *, smoke: bool, bf16: bool = Fal
 
 def ours_args(output_dir: Path, steps: int, *, smoke: bool, batch: int | None = None,
               accum: int | None = None) -> tuple[Any, Any]:
-    from training.config import TrainConfig
-    from training.sft_setup import sft_config
+    from persona_router.training.config import TrainConfig
+    from persona_router.training.sft_setup import sft_config
 
     config = TrainConfig(max_steps=steps, save_steps=10**6, batch_size=batch, grad_accum=accum)
     config = config.resolved("cpu" if smoke else "cuda")
@@ -190,9 +189,8 @@ def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, ste
     import datasets
     import torch
     import trl
-
-    from training.config import TrainConfig
-    from training.sft_setup import lora_config
+    from persona_router.training.config import TrainConfig
+    from persona_router.training.sft_setup import lora_config
 
     datasets.disable_progress_bars()
     work = Path(tempfile.mkdtemp(prefix=f"train-gpu-{name}-"))

@@ -1,2 +1,2 @@
 """Adapter-level evaluation: A/B comparisons of adapter versions and baselines, a style judge that is
-independent of the adapters, paired statistics, reports, and the live traffic split the service uses."""
+independent of the adapters, paired statistics and reports."""

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.base_model import LoadedBase
-from adapters.errors import AdapterError, ConfigError
-from adapters.generation import SamplingConfig, generate_one
-from adapters.prompts import build_messages
-from eval.specs import ArmSpec
-from router.pack import PersonaPack
-from training.records import QARecord
+from persona_router.adapters.base_model import LoadedBase
+from persona_router.adapters.generation import SamplingConfig, generate_one
+from persona_router.adapters.prompts import build_messages
+from persona_router.core.errors import AdapterError, ConfigError
+from persona_router.core.pack import PersonaPack
+from persona_router.core.records import QARecord
+from persona_router.eval.specs import ArmSpec
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ class ArmAnswer:
 def resolve_arm(spec: ArmSpec, *, persona: str, adapters_root: Path | None, base_fingerprint: str,
                 label: str | None = None) -> ResolvedArm:
     """Locate an arm's adapter (registry or folder) and refuse one trained on another base."""
-    from adapters.manifest import read_manifest_file
-    from adapters.registry import AdapterRegistry, check_fingerprint
+    from persona_router.adapters.manifest import read_manifest_file
+    from persona_router.adapters.registry import AdapterRegistry, check_fingerprint
 
     if not spec.is_adapter:
         return ResolvedArm(label=label or spec.label, spec=spec)

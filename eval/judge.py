@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from adapters.atomic import atomic_dir
-from adapters.errors import ConfigError, DataError
-from eval.metrics import count_syllables, flesch_kincaid_grade, sentence_count, words
-from training.records import QARecord
+from persona_router.core.atomic import atomic_dir
+from persona_router.core.errors import ConfigError, DataError
+from persona_router.core.records import QARecord
+from persona_router.eval.metrics import count_syllables, flesch_kincaid_grade, sentence_count, words
 
 log = logging.getLogger(__name__)
 

@@ -16,17 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from adapters.base_model import BaseModelConfig
-from adapters.errors import DataError
-from adapters.generation import SamplingConfig
-from eval.arms import DEFAULT_MAX_CONTEXT_CHARS, ArmAnswer, ArmRunner, EvalItem, ResolvedArm, resolve_arm
-from eval.judge import COCHRANE_DIR, StyleJudge, cochrane_check, confusion, heldout_report, train_judge
-from eval.metrics import METRICS, ReferenceRange, reference_range, text_metrics
-from eval.specs import ArmSpec, parse_spec
-from eval.stats import PairedComparison, StatsConfig, compare_paired
-from router.pack import PersonaPack
-from training.records import QARecord
+from persona_router.adapters.base_model import BaseModelConfig
+from persona_router.adapters.generation import SamplingConfig
+from persona_router.core.errors import DataError
+from persona_router.core.pack import PersonaPack
+from persona_router.core.records import QARecord
+from persona_router.eval.arms import DEFAULT_MAX_CONTEXT_CHARS, ArmAnswer, ArmRunner, EvalItem, ResolvedArm, resolve_arm
+from persona_router.eval.judge import COCHRANE_DIR, StyleJudge, cochrane_check, confusion, heldout_report, train_judge
+from persona_router.eval.metrics import METRICS, ReferenceRange, reference_range, text_metrics
+from persona_router.eval.specs import ArmSpec, parse_spec
+from persona_router.eval.stats import PairedComparison, StatsConfig, compare_paired
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class EvalConfig:
     stats: StatsConfig = field(default_factory=StatsConfig)
 
     def __post_init__(self) -> None:
-        from adapters.errors import ConfigError
+        from persona_router.core.errors import ConfigError
 
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"{self.limit} must be >= 1", field="limit")
@@ -70,7 +69,8 @@ class EvalConfig:
 # --- data ---------------------------------------------------------------------------------------------------
 
 def load_records(source: str | None, pack: PersonaPack, *, split: str) -> list[QARecord]:
-    from training.loading import demo_qa, load_qa
+    from persona_router.core.rows import demo_qa
+    from persona_router.training.loading import load_qa
 
     if source is None:
         if pack.name != "demo":
@@ -132,8 +132,8 @@ class Scorer:
 def build_judge(pack: PersonaPack, config: EvalConfig, evaluated: Sequence[EvalItem],
                 test_records: Sequence[QARecord]) -> tuple[Scorer, dict[str, Any]]:
     """Fit (or load) the judge on TRAIN answers, report its held-out accuracy and the Cochrane check."""
-    from adapters.home import home_dir
-    from router.encoder import load_encoder
+    from persona_router.core.home import home_dir
+    from persona_router.router.encoder import load_encoder
 
     train = load_records(config.train_data, pack, split="train")
     encoder = load_encoder()
@@ -183,7 +183,7 @@ def compare_all(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[str, Any
 
 def run_ab(pack: PersonaPack, persona: str, spec_a: str, spec_b: str, config: EvalConfig,
            progress: ProgressFactory) -> dict[str, Any]:
-    from adapters.base_model import load_base, resolve_base
+    from persona_router.adapters.base_model import load_base, resolve_base
 
     pack.get(persona)
     specs = (parse_spec(spec_a, field="a"), parse_spec(spec_b, field="b"))
@@ -222,8 +222,8 @@ def _resolve_pair(specs: tuple[ArmSpec, ArmSpec], *, persona: str, config: EvalC
 def run_matrix(pack: PersonaPack, config: EvalConfig, progress: ProgressFactory, *,
                pins: Sequence[str] = ()) -> dict[str, Any]:
     """Each persona's adapter and the ``prompt`` baseline answer the same parallel questions."""
-    from adapters.base_model import load_base, resolve_base
-    from adapters.registry import AdapterRegistry
+    from persona_router.adapters.base_model import load_base, resolve_base
+    from persona_router.adapters.registry import AdapterRegistry
 
     personas = list(pack.names)
     test_records = load_records(config.data, pack, split="test")
@@ -275,7 +275,7 @@ def run_matrix(pack: PersonaPack, config: EvalConfig, progress: ProgressFactory,
 
 
 def _pins(pins: Sequence[str], personas: Sequence[str]) -> dict[str, ArmSpec]:
-    from adapters.errors import ConfigError
+    from persona_router.core.errors import ConfigError
 
     out: dict[str, ArmSpec] = {}
     for raw in pins:

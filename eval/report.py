@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adapters.atomic import TMP_PREFIX, atomic_write_json, atomic_write_text
+from persona_router.core.atomic import TMP_PREFIX, atomic_write_json, atomic_write_text
 
 NOTEBOOK_PUBLISHED = {"legacy_style_hit": 0.670, "legacy_char_jaccard": 0.517}
 

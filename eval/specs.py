@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.errors import ConfigError
-from adapters.registry import PERSONA_NAME
+from persona_router.core.errors import ConfigError
+from persona_router.core.names import PERSONA_NAME
 
 BASELINES = ("base", "prompt")
 KINDS = ("base", "prompt", "adapter")

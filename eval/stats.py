@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from adapters.errors import ConfigError
+from persona_router.core.errors import ConfigError
 
 DIRECTIONS = ("higher", "lower", "none")
 

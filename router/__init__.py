@@ -1,1 +1,1 @@
-"""Persona inference (encoder, classifier, thresholds) and the HTTP service."""
+"""Persona inference: the sentence encoder, the classifier, calibration and thresholds, decisions."""

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from adapters.errors import ConfigError
+from persona_router.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

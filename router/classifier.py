@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-
-from adapters.errors import ConfigError, RouterModelError, choices
+from persona_router.core.errors import ConfigError, RouterModelError, choices
 
 CLASSIFIER_KINDS = ("logreg", "centroid", "knn")
 WEIGHTS_FILE = "classifier.safetensors"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from adapters.errors import ConfigError, choices
+from persona_router.core.errors import ConfigError, choices
 
 Source = Literal["explicit", "inferred", "fallback"]
 SOURCES: tuple[Source, ...] = ("explicit", "inferred", "fallback")

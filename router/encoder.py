@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-from adapters.errors import ConfigError, RouterModelError
+from persona_router.core.errors import ConfigError, RouterModelError
 
 log = logging.getLogger(__name__)
 

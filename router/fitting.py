@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from adapters.errors import ConfigError, DataError, choices
-from router.calibration import (
+from persona_router.core.errors import ConfigError, DataError, RouterModelError, choices
+from persona_router.core.pack import DEMO_PACK, PersonaPack, load_pack
+from persona_router.core.records import RoutingRecord
+from persona_router.router.calibration import (
     DECIMALS,
     Calibration,
     CalibrationConfig,
@@ -29,11 +30,9 @@ from router.calibration import (
     softmax,
     usable_folds,
 )
-from router.classifier import CLASSIFIER_KINDS, ClassifierConfig, fit_classifier
-from router.encoder import Encoder
-from router.pack import DEMO_PACK, PersonaPack
-from router.persona_router import PersonaRouter, pack_reference
-from training.records import RoutingRecord
+from persona_router.router.classifier import CLASSIFIER_KINDS, ClassifierConfig, fit_classifier
+from persona_router.router.encoder import Encoder, load_encoder
+from persona_router.router.persona_router import ROUTER_FILE, PersonaRouter, default_router_dir, pack_reference
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +152,14 @@ def default_training_records(pack: PersonaPack) -> list[RoutingRecord]:
     """The demo pack's routing utterances; other packs fit on their examples (add data with --data)."""
     if pack_reference(pack) != DEMO_PACK:
         return []
-    from training.loading import demo_routing
+    from persona_router.core.rows import demo_routing
 
     return [r for r in demo_routing("train") if r.persona in pack]
 
 
 def load_routing_records(paths: Iterable[str | Path], pack: PersonaPack) -> list[RoutingRecord]:
-    from training.loading import iter_rows
-    from training.records import routing_from_row
+    from persona_router.core.records import routing_from_row
+    from persona_router.core.rows import iter_rows
 
     records = []
     for path in paths:
@@ -344,3 +343,19 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def ensure_router(pack: PersonaPack | None = None, *, encoder: Encoder | None = None, path: str | Path | None = None,
+                  refit: bool = False) -> PersonaRouter:
+    """The pack's router from its default folder, fitted there first if missing or stale (takes seconds)."""
+    pack = pack or load_pack(DEMO_PACK)
+    folder = Path(path) if path is not None else default_router_dir(pack.name)
+    if not refit and (folder / ROUTER_FILE).is_file():
+        try:
+            return PersonaRouter.load(folder, pack=pack, encoder=encoder)
+        except RouterModelError as exc:
+            log.warning("refitting the router: %s", exc)
+    records = default_training_records(pack)
+    router = fit_router(pack, records, encoder=encoder or load_encoder(None), config=FitConfig()).router
+    router.save(folder)
+    return router

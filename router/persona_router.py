@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from adapters.atomic import atomic_dir, remove_stale_temps
-from adapters.errors import InvalidRequestError, RouterModelError
-from adapters.home import home_dir
-from router.calibration import Calibration
-from router.classifier import Classifier, load_classifier, save_classifier
-from router.decision import Decision, explicit
-from router.encoder import Encoder, load_encoder
-from router.pack import DEMO_PACK, PersonaPack, demo_pack_path, load_pack
+from persona_router.core.atomic import atomic_dir, remove_stale_temps
+from persona_router.core.errors import InvalidRequestError, RouterModelError
+from persona_router.core.home import home_dir
+from persona_router.core.pack import DEMO_PACK, PersonaPack, demo_pack_path, load_pack
+from persona_router.router.calibration import Calibration
+from persona_router.router.classifier import Classifier, load_classifier, save_classifier
+from persona_router.router.decision import Decision, explicit
+from persona_router.router.encoder import Encoder, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -207,24 +206,6 @@ def read_description(folder: Path) -> dict[str, Any]:
         raise RouterModelError(f"unsupported router format {found!r} (this version reads {FORMAT_VERSION})",
                                path=path)
     return description
-
-
-def ensure_router(pack: PersonaPack | None = None, *, encoder: Encoder | None = None, path: str | Path | None = None,
-                  refit: bool = False) -> PersonaRouter:
-    """The pack's router from its default folder, fitted there first if missing or stale (takes seconds)."""
-    pack = pack or load_pack(DEMO_PACK)
-    folder = Path(path) if path is not None else default_router_dir(pack.name)
-    if not refit and (folder / ROUTER_FILE).is_file():
-        try:
-            return PersonaRouter.load(folder, pack=pack, encoder=encoder)
-        except RouterModelError as exc:
-            log.warning("refitting the router: %s", exc)
-    from router.fitting import FitConfig, default_training_records, fit_router
-
-    records = default_training_records(pack)
-    router = fit_router(pack, records, encoder=encoder or load_encoder(None), config=FitConfig()).router
-    router.save(folder)
-    return router
 
 
 def _check_question(question: object, *, field: str) -> str:

@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A two-layer random Phi-3 with a ChatML tokenizer, saved as a normal model folder."""
     import torch
 
-    from adapters.random_model import build_tiny_model
+    from tests.support.random_model import build_tiny_model
 
     torch.set_num_threads(2)
     return build_tiny_model(tmp_path_factory.mktemp("tiny-phi3"))

@@ -21,9 +21,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters.errors import ConfigError, DataError
-from adapters.prompts import build_messages
-from training.records import QARecord
+from persona_router.adapters.prompts import build_messages
+from persona_router.core.errors import ConfigError, DataError
+from persona_router.core.records import QARecord
 
 log = logging.getLogger(__name__)
 

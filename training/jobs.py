@@ -12,11 +12,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from adapters.errors import DataError
-from router.pack import Persona, PersonaPack
-from training.formatting import split_holdout
-from training.loading import demo_qa, load_qa
-from training.records import QARecord
+from persona_router.core.errors import DataError
+from persona_router.core.pack import Persona, PersonaPack
+from persona_router.core.records import QARecord
+from persona_router.core.rows import demo_qa
+from persona_router.training.formatting import split_holdout
+from persona_router.training.loading import load_qa
 
 log = logging.getLogger(__name__)
 

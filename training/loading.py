@@ -8,26 +8,22 @@ free-text audiences; a ``PersonaMapping`` maps them and the rows it cannot map a
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import DataError
-from router.pack import PersonaPack
-from training.persona_mapping import PersonaMapping
-from training.records import QARecord, RoutingRecord, qa_from_row, routing_from_row
+from persona_router.core.errors import DataError
+from persona_router.core.pack import PersonaPack
+from persona_router.core.records import QARecord, qa_from_row
+from persona_router.core.rows import FILE_FORMATS, iter_rows
+from persona_router.training.persona_mapping import PersonaMapping
 
 log = logging.getLogger(__name__)
 
-FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 WEBSCALE_CONTEXT_KEYS = ("pretrain_text", "original_material")
-DEMO_SPLITS = ("train", "test")
 
 
 @dataclass
@@ -60,29 +56,6 @@ class LoadReport:
 class LoadedQA:
     records: list[QARecord]
     report: LoadReport
-
-
-def demo_data_dir() -> Path:
-    return Path(str(resources.files("training") / "demo_data"))
-
-
-def demo_qa(split: str) -> list[QARecord]:
-    """The demo dataset's QA records for ``train`` or ``test`` (the test split is never trained on)."""
-    if split not in DEMO_SPLITS:
-        raise DataError(f"unknown split {split!r}; valid: {', '.join(DEMO_SPLITS)}", field="split")
-    records: list[QARecord] = []
-    for path in sorted(demo_data_dir().glob(f"*/qa_{split}.jsonl")):
-        records.extend(qa_from_row(row, where=where) for where, row in iter_rows(path))
-    return records
-
-
-def demo_routing(split: str) -> list[RoutingRecord]:
-    """Routing utterances: ``train`` from each persona's folder, ``test`` from a separately written file."""
-    if split not in DEMO_SPLITS:
-        raise DataError(f"unknown split {split!r}; valid: {', '.join(DEMO_SPLITS)}", field="split")
-    paths = sorted(demo_data_dir().glob("*/routing_train.jsonl")) if split == "train" else [
-        demo_data_dir() / "routing_test.jsonl"]
-    return [routing_from_row(row, where=where) for path in paths for where, row in iter_rows(path)]
 
 
 def load_qa(source: str | Path, pack: PersonaPack, *, mapping: PersonaMapping | None = None,
@@ -140,47 +113,6 @@ def iter_source_rows(source: str | Path, *, split: str = "train") -> Iterator[tu
     if path.suffix in FILE_FORMATS or path.exists() or str(source).startswith((".", "/")):
         raise DataError("no such data file", path=str(source))
     yield from _iter_hub_rows(str(source), split=split)
-
-
-def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (``file:line``, row) pairs from a JSONL, JSON, CSV or Parquet file."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{number}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"invalid JSON ({exc.msg})", path=f"{path}:{number}") from exc
-    elif suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON ({exc.msg})", path=path) from exc
-        if not isinstance(rows, list):
-            raise DataError("a .json data file must hold a list of objects", path=path)
-        for number, row in enumerate(rows):
-            yield f"{path}[{number}]", row
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as handle:
-            for number, row in enumerate(csv.DictReader(handle), start=2):
-                yield f"{path}:{number}", {k: (v if v != "" else None) for k, v in row.items()}
-    elif suffix == ".parquet":
-        yield from _iter_parquet(path)
-    else:
-        raise DataError(f"unsupported file type {suffix!r}; valid: {', '.join(FILE_FORMATS)}", path=path)
-
-
-def _iter_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise DataError("reading Parquet needs pyarrow: pip install pyarrow", path=path) from exc
-    table = pq.read_table(path)
-    for number, row in enumerate(table.to_pylist()):
-        yield f"{path}[row {number}]", row
 
 
 def _iter_hub_rows(name: str, *, split: str) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -11,8 +11,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from adapters.errors import ConfigError
-from router.pack import PersonaPack
+from persona_router.core.errors import ConfigError
+from persona_router.core.pack import PersonaPack
 
 EmbedFn = Callable[[Sequence[str]], "list[list[float]]"]
 

@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import ConfigError
-from training.config import TrainConfig
+from persona_router.core.errors import ConfigError
+from persona_router.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from adapters.base_model import BaseModelConfig, load_base
-from adapters.errors import AdapterError
-from adapters.prompts import build_messages
-from adapters.registry import AdapterRegistry
-from router.pack import PersonaPack
-from training.loading import demo_qa
-from training.records import QARecord
+from persona_router.adapters.base_model import BaseModelConfig, load_base
+from persona_router.adapters.prompts import build_messages
+from persona_router.adapters.registry import AdapterRegistry
+from persona_router.core.errors import AdapterError
+from persona_router.core.pack import PersonaPack
+from persona_router.core.records import QARecord
+from persona_router.core.rows import demo_qa
 
 log = logging.getLogger(__name__)
 

@@ -25,15 +25,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from adapters.base_model import BaseModelConfig, load_base, pick_device, resolve_base
-from adapters.errors import AdapterError, DataError, PersonaRouterError
-from adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, read_manifest_file, write_manifest
-from adapters.registry import AdapterRegistry
-from training.config import TrainConfig
-from training.formatting import FormatResult, build_examples, records_sha256
-from training.jobs import PersonaJob
-from training.run_metrics import PeakMemory, TokenClock, library_versions
-from training.sft_setup import lora_config, require_trl, sft_config
+from persona_router.adapters.base_model import BaseModelConfig, load_base, pick_device, resolve_base
+from persona_router.adapters.manifest import (
+    AdapterManifest,
+    DatasetInfo,
+    TrainMetrics,
+    read_manifest_file,
+    write_manifest,
+)
+from persona_router.adapters.registry import AdapterRegistry
+from persona_router.core.errors import AdapterError, DataError, PersonaRouterError
+from persona_router.training.config import TrainConfig
+from persona_router.training.formatting import FormatResult, build_examples, records_sha256
+from persona_router.training.jobs import PersonaJob
+from persona_router.training.run_metrics import PeakMemory, TokenClock, library_versions
+from persona_router.training.sft_setup import lora_config, require_trl, sft_config
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.engine.config import EngineConfig
-from adapters.engine.engine import BatchedEngine, EngineHandle
+from persona_router.adapters.engine.config import EngineConfig
+from persona_router.adapters.engine.engine import BatchedEngine, EngineHandle
 
 __all__ = ["BatchedEngine", "EngineConfig", "EngineHandle", "build_engine"]
 

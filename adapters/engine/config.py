@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapters.errors import ConfigError, choices
+from persona_router.core.errors import ConfigError, choices
 
 NF4_MODES: tuple[str, ...] = ("auto", "dequantize", "kernel")
 SWITCHES: tuple[str, ...] = ("auto", "on", "off")

@@ -18,17 +18,17 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from adapters.engine.config import EngineConfig
-from adapters.engine.detok import Detokenizer
-from adapters.engine.lora_bank import LoraBank
-from adapters.engine.peft_adapter import GroupShape, load_adapter
-from adapters.engine.runner import ModelRunner
-from adapters.engine.sampling import RowSampler
-from adapters.engine.scheduler import Emitted, Scheduler, Sequence
-from adapters.engine.weights import extract_weights
-from adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
-from adapters.errors import ConfigError, InvalidRequestError, PersonaRouterError, QueueFullError
-from adapters.generation import SamplingConfig
+from persona_router.adapters.engine.config import EngineConfig
+from persona_router.adapters.engine.detok import Detokenizer
+from persona_router.adapters.engine.lora_bank import LoraBank
+from persona_router.adapters.engine.peft_adapter import GroupShape, load_adapter
+from persona_router.adapters.engine.runner import ModelRunner
+from persona_router.adapters.engine.sampling import RowSampler
+from persona_router.adapters.engine.scheduler import Emitted, Scheduler, Sequence
+from persona_router.adapters.engine.weights import extract_weights
+from persona_router.adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
+from persona_router.adapters.generation import SamplingConfig
+from persona_router.core.errors import ConfigError, InvalidRequestError, PersonaRouterError, QueueFullError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class BatchedEngine:
         self.runner = ModelRunner(weights, self.bank, self.config, fused=fused, compiled=compiled)
         decoder = None
         if use_graphs:
-            from adapters.engine.graphs import DecodeGraphs
+            from persona_router.adapters.engine.graphs import DecodeGraphs
 
             decoder = DecodeGraphs(self.runner)
         self.graphs = decoder

@@ -12,7 +12,7 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
-from adapters.engine.runner import ModelRunner
+from persona_router.adapters.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters.engine.peft_adapter import AdapterWeights, GroupShape
-from adapters.errors import AdapterError
+from persona_router.adapters.engine.peft_adapter import AdapterWeights, GroupShape
+from persona_router.core.errors import AdapterError
 
 log = logging.getLogger(__name__)
 

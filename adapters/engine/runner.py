@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from adapters.engine.config import EngineConfig
-from adapters.engine.kernels import Shapes, pointwise
-from adapters.engine.lora_bank import LoraBank
-from adapters.engine.weights import ModelWeights
-from adapters.errors import ConfigError
+from persona_router.adapters.engine.config import EngineConfig
+from persona_router.adapters.engine.kernels import Shapes, pointwise
+from persona_router.adapters.engine.lora_bank import LoraBank
+from persona_router.adapters.engine.weights import ModelWeights
+from persona_router.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 _DYNAMIC_ROPE = ("dynamic", "longrope")

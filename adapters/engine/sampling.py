@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.generation import SamplingConfig
+from persona_router.adapters.generation import SamplingConfig
 
 
 @dataclass

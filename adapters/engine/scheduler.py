@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters.engine.config import EngineConfig
-from adapters.engine.detok import Detokenizer
-from adapters.engine.lora_bank import LoraBank, slot_bucket
-from adapters.engine.runner import ModelRunner
-from adapters.engine.sampling import RowSampler, choose_tokens
-from adapters.engine_api import GenerationRequest, TokenEvent
+from persona_router.adapters.engine.config import EngineConfig
+from persona_router.adapters.engine.detok import Detokenizer
+from persona_router.adapters.engine.lora_bank import LoraBank, slot_bucket
+from persona_router.adapters.engine.runner import ModelRunner
+from persona_router.adapters.engine.sampling import RowSampler, choose_tokens
+from persona_router.adapters.engine_api import GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 

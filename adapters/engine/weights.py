@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters.errors import ConfigError
+from persona_router.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from adapters.fingerprint import fingerprint_folder
-from adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, write_manifest
-from adapters.registry import AdapterRegistry
-from router.settings import ServiceSettings
+from persona_router.adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, write_manifest
+from persona_router.adapters.registry import AdapterRegistry
+from persona_router.core.fingerprint import fingerprint_folder
+from persona_router.service.settings import ServiceSettings
 
 OTHER_FINGERPRINT = "sha256:" + "0" * 64
 
@@ -49,8 +48,7 @@ class RunningServer:
 def serve(settings: ServiceSettings, *, ready_timeout_s: float = 180.0) -> Iterator[RunningServer]:
     """Start ``create_app(settings)`` under uvicorn in a thread and wait until ``/ready`` says so."""
     import uvicorn
-
-    from router.app import create_app
+    from persona_router.service.app import create_app
 
     settings = settings.with_overrides(host="127.0.0.1", port=free_port())
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_config=None,

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from persona_router.adapters.engine import BatchedEngine, EngineConfig
+from persona_router.adapters.engine.lora_bank import slot_bucket
 
-from adapters.engine import BatchedEngine, EngineConfig
-from adapters.engine.lora_bank import slot_bucket
 from tests.unit.test_engine_equivalence import (
     ADAPTER_SPECS,
     collect,
@@ -45,7 +45,7 @@ def _load(model_dir: Path, precision: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     if precision == "nf4":
-        from adapters.base_model import nf4_config
+        from persona_router.adapters.base_model import nf4_config
 
         return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_config(),
                                                     dtype=torch.bfloat16, device_map={"": 0}).eval()

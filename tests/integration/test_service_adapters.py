@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+from persona_router.service.settings import ServiceSettings
 
-from router.settings import ServiceSettings
 from tests.integration.service_support import (
     OTHER_FINGERPRINT,
     AdapterFactory,
@@ -187,7 +187,7 @@ def test_residency_bound_evicts_least_recently_used(tiny_model_dir: Path,
 
 
 def test_live_ab_split_is_sticky_per_user(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from eval.ab_split import SplitConfig
+    from persona_router.service.ab_split import SplitConfig
 
     factory = AdapterFactory(tiny_model_dir, tmp_path_factory.mktemp("adapters-ab"))
     factory.publish("student", seed=51)

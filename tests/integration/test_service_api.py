@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from persona_router.service.settings import ServiceSettings
 
-from router.settings import ServiceSettings
 from tests.integration.service_support import AdapterFactory, RunningServer, answer, serve, sse_events
 
 QUESTION = "why is the sky blue?"

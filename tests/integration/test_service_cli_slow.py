@@ -35,7 +35,7 @@ def service_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "serve", "--port", str(port), "--adapters", str(adapters),
+            [sys.executable, "-m", "persona_router", "serve", "--port", str(port), "--adapters", str(adapters),
              "--watch-interval", "0"], stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -62,10 +62,10 @@ def post(url: str, question: str, persona: str | None, **fields: Any) -> dict[st
 
 
 def test_real_base_answers_like_generate_one(service_url: str) -> None:
-    from adapters.base_model import BaseModelConfig, load_base
-    from adapters.generation import SamplingConfig, generate_one
-    from adapters.prompts import build_messages
-    from router.pack import load_pack
+    from persona_router.adapters.base_model import BaseModelConfig, load_base
+    from persona_router.adapters.generation import SamplingConfig, generate_one
+    from persona_router.adapters.prompts import build_messages
+    from persona_router.core.pack import load_pack
 
     personas = httpx.get(f"{service_url}/v1/personas", timeout=30).json()["personas"]
     assert {p["status"] for p in personas} == {"prompt-only"}
@@ -123,7 +123,7 @@ def test_train_missing_serves_at_once_and_hot_loads_each_adapter(tiny_model_dir:
     adapters = tmp_path / "adapters"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "router.cli", "serve", "--port", str(port), "--base", str(tiny_model_dir),
+    command = [sys.executable, "-m", "persona_router", "serve", "--port", str(port), "--base", str(tiny_model_dir),
                "--pack", str(pack), "--adapters", str(adapters), "--router", "fallback", "--watch-interval", "0.5",
                "--train-missing", "--train-arg=--max-steps=1"]
     with open(tmp_path / "serve.log", "wb") as log:

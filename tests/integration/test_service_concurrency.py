@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+from persona_router.service.settings import ServiceSettings
 
-from router.settings import ServiceSettings
 from tests.integration.service_support import AdapterFactory, RunningServer, answer, serve, wait_until
 
 # (question, persona, max_new_tokens): adapter personas, prompt-only personas, the router's fallback.
@@ -74,12 +74,11 @@ def test_concurrent_mixed_personas_equal_answers_sent_alone(tiny_model_dir: Path
 def test_service_equals_plain_peft_generate(tiny_model_dir: Path, adapters_root: Path) -> None:
     """The service's greedy answers equal ``generate_one`` on the base model and on a PeftModel."""
     from peft import PeftModel
-
-    from adapters.base_model import BaseModelConfig, load_base
-    from adapters.generation import SamplingConfig, generate_one
-    from adapters.prompts import build_messages
-    from adapters.registry import AdapterRegistry
-    from router.pack import load_pack
+    from persona_router.adapters.base_model import BaseModelConfig, load_base
+    from persona_router.adapters.generation import SamplingConfig, generate_one
+    from persona_router.adapters.prompts import build_messages
+    from persona_router.adapters.registry import AdapterRegistry
+    from persona_router.core.pack import load_pack
 
     pack = load_pack("demo")
     base = load_base(BaseModelConfig(base=str(tiny_model_dir)))

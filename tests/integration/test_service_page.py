@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from persona_router.service.settings import ServiceSettings
 
-from router.settings import ServiceSettings
 from tests.integration.service_support import AdapterFactory, RunningServer, answer, serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -6,17 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-
-from adapters.base_model import BaseModelConfig
-from adapters.registry import AdapterRegistry
-from router.pack import load_pack
-from training.config import TrainConfig
-from training.jobs import plan_jobs
+from persona_router.adapters.base_model import BaseModelConfig
+from persona_router.adapters.registry import AdapterRegistry
+from persona_router.core.pack import load_pack
+from persona_router.training.config import TrainConfig
+from persona_router.training.jobs import plan_jobs
 
 
 @pytest.mark.slow
 def test_offline_base_trains_and_lowers_held_out_answer_loss(tmp_path: Path) -> None:
-    from training.trainer import train_persona
+    from persona_router.training.trainer import train_persona
 
     (job,) = plan_jobs(load_pack(), ["clinician"])
     config = TrainConfig(max_steps=2, batch_size=1, grad_accum=1, eval_max_rows=4, max_length=512)

@@ -8,15 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from adapters.base_model import BaseModelConfig
-from adapters.errors import AdapterError, AdapterIncompatibleError
-from adapters.registry import LATEST_FILE, AdapterRegistry
-from router.cli import main
-from router.pack import load_pack
-from training.config import TrainConfig
-from training.jobs import PersonaJob
-from training.records import QARecord
+from persona_router.adapters.base_model import BaseModelConfig
+from persona_router.adapters.registry import LATEST_FILE, AdapterRegistry
+from persona_router.cli.main import main
+from persona_router.core.errors import AdapterError, AdapterIncompatibleError
+from persona_router.core.pack import load_pack
+from persona_router.core.records import QARecord
+from persona_router.training.config import TrainConfig
+from persona_router.training.jobs import PersonaJob
 
 WORDS = ["the heart pumps blood.", "code runs fast.", "light scatters in air.", "a teacher answers it."]
 
@@ -65,9 +64,8 @@ def test_trained_adapter_loads_with_peft_and_has_a_full_manifest(tiny_model_dir:
                                                                  registry: AdapterRegistry) -> None:
     import torch
     from peft import PeftModel
+    from persona_router.training.trainer import train_persona
     from transformers import AutoModelForCausalLM
-
-    from training.trainer import train_persona
 
     result = train_persona(job(), config(), BaseModelConfig(base=str(tiny_model_dir)), registry)
     assert result.version == 1 and registry.latest("student") == 1
@@ -103,7 +101,7 @@ def test_trained_adapter_loads_with_peft_and_has_a_full_manifest(tiny_model_dir:
 
 def test_crash_mid_training_publishes_nothing_and_resume_finishes(tiny_model_dir: Path,
                                                                   registry: AdapterRegistry) -> None:
-    from training.trainer import CHECKPOINTS_DIR, train_persona
+    from persona_router.training.trainer import CHECKPOINTS_DIR, train_persona
 
     base = BaseModelConfig(base=str(tiny_model_dir))
     train_persona(job(), config(max_steps=1), base, registry)  # version 1 exists and is LATEST
@@ -125,7 +123,7 @@ def test_crash_mid_training_publishes_nothing_and_resume_finishes(tiny_model_dir
 
 
 def test_resume_with_other_settings_is_refused(tiny_model_dir: Path, registry: AdapterRegistry) -> None:
-    from training.trainer import train_persona
+    from persona_router.training.trainer import train_persona
 
     base = BaseModelConfig(base=str(tiny_model_dir))
     with pytest.raises(RuntimeError):
@@ -137,7 +135,7 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir: Path, registry: A
 
 def test_full_disk_while_saving_is_a_clear_error(tiny_model_dir: Path, registry: AdapterRegistry,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.trainer as trainer_module
+    import persona_router.training.trainer as trainer_module
 
     def no_space(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

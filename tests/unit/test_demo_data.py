@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from router.pack import load_pack
-from training.loading import demo_qa, demo_routing
+from persona_router.core.pack import load_pack
+from persona_router.core.rows import demo_qa, demo_routing
 
 
 def _norm(text: str) -> str:

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from adapters.engine import BatchedEngine, EngineConfig
-from adapters.engine_api import GenerationRequest, TokenEvent
-from adapters.generation import SamplingConfig
+from persona_router.adapters.engine import BatchedEngine, EngineConfig
+from persona_router.adapters.engine_api import GenerationRequest, TokenEvent
+from persona_router.adapters.generation import SamplingConfig
 
 QUESTIONS = ("why is the sky blue?", "the heart pumps blood. explain simply", "code")
 ADAPTER_SPECS: dict[str, dict[str, Any]] = {
@@ -46,7 +45,7 @@ def make_adapter(model_dir: Path, folder: Path, *, seed: int, b_std: float = 0.0
 
 
 def prompts(tokenizer: Any) -> list[tuple[int, ...]]:
-    from adapters.prompts import prompt_ids
+    from persona_router.adapters.prompts import prompt_ids
 
     return [tuple(prompt_ids(tokenizer, [{"role": "user", "content": q}])) for q in QUESTIONS]
 

@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
+from persona_router.adapters.engine.lora_bank import LoraBank, slot_bucket
+from persona_router.adapters.engine.peft_adapter import AdapterWeights, GroupShape, load_adapter
+from persona_router.core.errors import AdapterError
 
-from adapters.engine.lora_bank import LoraBank, slot_bucket
-from adapters.engine.peft_adapter import AdapterWeights, GroupShape, load_adapter
-from adapters.errors import AdapterError
 from tests.unit.test_engine_equivalence import make_adapter
 
 GROUPS = {"qkv": GroupShape((("self_attn.qkv_proj", 12),), 8), "down": GroupShape((("mlp.down_proj", 8),), 10)}

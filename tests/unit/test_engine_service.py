@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from persona_router.adapters.engine import BatchedEngine
+from persona_router.adapters.engine_api import GenerationRequest, TokenEvent
+from persona_router.adapters.generation import SamplingConfig
+from persona_router.core.errors import AdapterError, InvalidRequestError, QueueFullError
 
-from adapters.engine import BatchedEngine
-from adapters.engine_api import GenerationRequest, TokenEvent
-from adapters.errors import AdapterError, InvalidRequestError, QueueFullError
-from adapters.generation import SamplingConfig
 from tests.unit.test_engine_equivalence import (
     PeftReference,
     collect,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from adapters.errors import ConfigError
-from eval.ab_split import CANDIDATE, CONTROL, SplitConfig, assign, bucket
+from persona_router.core.errors import ConfigError
+from persona_router.service.ab_split import CANDIDATE, CONTROL, SplitConfig, assign, bucket
 
 
 def test_same_user_always_gets_the_same_arm() -> None:

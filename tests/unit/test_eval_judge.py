@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from eval.judge import StyleJudge, cochrane_check, confusion, fit_judge, heldout_report, train_judge
-from training.records import QARecord
+from persona_router.core.records import QARecord
+from persona_router.eval.judge import StyleJudge, cochrane_check, confusion, fit_judge, heldout_report, train_judge
 
 PERSONAS = ("clinician", "general-reader", "student")
 
@@ -100,7 +99,7 @@ def test_cochrane_check_reads_pairs_and_skips_cleanly(tmp_path: Path) -> None:
 
 
 def test_real_cochrane_data_is_readable(shared_data: Path) -> None:
-    from eval.judge import read_cochrane
+    from persona_router.eval.judge import read_cochrane
 
     sources, targets, used = read_cochrane(shared_data / "cochrane_plain_language", limit=1000)
     assert len(sources) == len(targets) == 891 and used == ["test", "val"]

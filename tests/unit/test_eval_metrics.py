@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from eval.metrics import (
+from persona_router.eval.metrics import (
     count_syllables,
     flesch_kincaid_grade,
     lcs_length,

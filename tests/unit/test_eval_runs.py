@@ -11,13 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from adapters.base_model import BaseModelConfig, load_base
-from adapters.errors import AdapterIncompatibleError
-from adapters.generation import SamplingConfig
-from eval.arms import ArmRunner, EvalItem, ResolvedArm, item_seed, resolve_arm
-from eval.specs import parse_spec
-from router.pack import load_pack
+from persona_router.adapters.base_model import BaseModelConfig, load_base
+from persona_router.adapters.generation import SamplingConfig
+from persona_router.core.errors import AdapterIncompatibleError
+from persona_router.core.pack import load_pack
+from persona_router.eval.arms import ArmRunner, EvalItem, ResolvedArm, item_seed, resolve_arm
+from persona_router.eval.specs import parse_spec
 
 ITEMS = [EvalItem(id=f"i{k}", persona="student", question=q, reference="the sky is blue because light scatters")
          for k, q in enumerate(["why is the sky blue?", "what is code?", "explain the heart"])]
@@ -33,9 +32,8 @@ def registry_root(tmp_path_factory: pytest.TempPathFactory, base: Any) -> Path:
     """A registry with one non-trivial student adapter (random LoRA B) trained 'on' the tiny base."""
     import torch
     from peft import LoraConfig, get_peft_model
-
-    from adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, write_manifest
-    from adapters.registry import AdapterRegistry
+    from persona_router.adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, write_manifest
+    from persona_router.adapters.registry import AdapterRegistry
 
     root = tmp_path_factory.mktemp("adapters")
     registry = AdapterRegistry(root)
@@ -110,10 +108,10 @@ def no_progress(total: int, description: str) -> Iterator[Any]:
 
 
 def fake_scorer(pack: Any, config: Any, evaluated: Any, test_records: Any) -> Any:
-    from eval.judge import fit_judge
-    from eval.metrics import reference_range
-    from eval.pipeline import Scorer
-    from training.loading import demo_qa
+    from persona_router.core.rows import demo_qa
+    from persona_router.eval.judge import fit_judge
+    from persona_router.eval.metrics import reference_range
+    from persona_router.eval.pipeline import Scorer
 
     def embed(texts: Any) -> np.ndarray:
         out = np.zeros((len(texts), 16))
@@ -142,8 +140,8 @@ def fake_scorer(pack: Any, config: Any, evaluated: Any, test_records: Any) -> An
 
 def test_run_ab_and_matrix_write_reports(base: Any, registry_root: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from eval import pipeline
-    from eval.report import write_report
+    from persona_router.eval import pipeline
+    from persona_router.eval.report import write_report
 
     monkeypatch.setattr(pipeline, "build_judge", fake_scorer)
     config = pipeline.EvalConfig(base=BaseModelConfig(base=str(base.resolved.folder), device="cpu"),

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from adapters.errors import ConfigError
-from eval.specs import parse_spec
+from persona_router.core.errors import ConfigError
+from persona_router.eval.specs import parse_spec
 
 
 def test_valid_forms(tmp_path: Path) -> None:

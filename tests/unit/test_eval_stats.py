@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from adapters.errors import ConfigError
-from eval.stats import StatsConfig, bootstrap_ci, compare_paired, sign_test, wilcoxon_test
+from persona_router.core.errors import ConfigError
+from persona_router.eval.stats import StatsConfig, bootstrap_ci, compare_paired, sign_test, wilcoxon_test
 
 CONFIG = StatsConfig(n_boot=2000, seed=7)
 

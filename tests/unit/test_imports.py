@@ -11,16 +11,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("adapters", "router", "training", "eval")
+AREAS = ("core", "adapters", "router", "training", "eval", "service", "cli")
 
 
 def all_modules() -> list[str]:
-    names = []
-    for package in PACKAGES:
-        if not (ROOT / package / "__init__.py").exists():
-            continue
-        names.append(package)
-        for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"{package}."):
+    names = ["persona_router"]
+    for area in AREAS:
+        names.append(f"persona_router.{area}")
+        for info in pkgutil.walk_packages([str(ROOT / area)], prefix=f"persona_router.{area}."):
             names.append(info.name)
     return sorted(names)
 
@@ -42,7 +40,7 @@ def test_every_module_imports_without_a_gpu() -> None:
     assert "HEAVY []" in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("module", ["router.cli"])
+@pytest.mark.parametrize("module", ["persona_router", "persona_router.cli.main"])
 def test_cli_help_is_instant(module: str) -> None:
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120, check=False)

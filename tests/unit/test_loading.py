@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from adapters.errors import ConfigError, DataError
-from router.pack import load_pack
-from training.loading import load_qa
-from training.persona_mapping import PersonaMapping
+from persona_router.core.errors import ConfigError, DataError
+from persona_router.core.pack import load_pack
+from persona_router.training.loading import load_qa
+from persona_router.training.persona_mapping import PersonaMapping
 
 ROWS = [
     {"persona": "student", "question": "What is a cell?", "answer": "A tiny living unit.",

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from adapters import offline_default
-from adapters.atomic import atomic_dir
-from adapters.errors import BaseModelError
-from adapters.fingerprint import fingerprint_folder
+from persona_router.adapters import offline_default
+from persona_router.core.atomic import atomic_dir
+from persona_router.core.errors import BaseModelError
+from persona_router.core.fingerprint import fingerprint_folder
 
 
 def test_llama_repacks_exactly_into_phi3() -> None:
@@ -123,7 +122,7 @@ def test_fingerprint_is_stable_and_content_addressed(tiny_model_dir: Path, tmp_p
 @pytest.mark.slow
 def test_real_cache_rebuild_after_corruption_and_fast_second_load(isolated_home: Path) -> None:
     """The real GGUF conversion, once: builds atomically, detects a truncated file, rebuilds, loads fast."""
-    from adapters.base_model import BaseModelConfig, load_base
+    from persona_router.adapters.base_model import BaseModelConfig, load_base
 
     folder = offline_default.ensure_offline_default()
     fingerprint = fingerprint_folder(folder)

@@ -3,9 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from adapters.errors import PackError, UnknownPersonaError
-from router.pack import load_pack, pack_from_dict
+from persona_router.core.errors import PackError, UnknownPersonaError
+from persona_router.core.pack import load_pack, pack_from_dict
 
 DEMO = ("student", "clinician", "educator", "engineer", "general-reader")
 

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from adapters.errors import ConfigError, InvalidRequestError, RouterModelError, UnknownPersonaError
-from router.calibration import Calibration, CalibrationConfig, fit_temperature, fit_thresholds, softmax
-from router.classifier import ClassifierConfig, fit_classifier, load_classifier, save_classifier
-from router.decision import Decision
-from router.fitting import FitConfig, fit_router
-from router.pack import PersonaPack, pack_from_dict
-from router.persona_router import PersonaRouter, ensure_router, pack_hash
-from training.records import RoutingRecord
+from persona_router.core.errors import ConfigError, InvalidRequestError, RouterModelError, UnknownPersonaError
+from persona_router.core.pack import PersonaPack, pack_from_dict
+from persona_router.core.records import RoutingRecord
+from persona_router.router.calibration import Calibration, CalibrationConfig, fit_temperature, fit_thresholds, softmax
+from persona_router.router.classifier import ClassifierConfig, fit_classifier, load_classifier, save_classifier
+from persona_router.router.decision import Decision
+from persona_router.router.fitting import FitConfig, ensure_router, fit_router
+from persona_router.router.persona_router import PersonaRouter, pack_hash
 
 DIM = 8
 PERSONAS = ("alpha", "beta", "gamma")

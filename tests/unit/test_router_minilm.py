@@ -7,14 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from adapters.errors import InvalidRequestError, RouterModelError
-from router.cli import main
-from router.encoder import Encoder, load_encoder
-from router.fitting import FitConfig, evaluate, fit_router
-from router.pack import load_pack
-from router.persona_router import PersonaRouter
-from training.loading import demo_routing
+from persona_router.cli.main import main
+from persona_router.core.errors import InvalidRequestError, RouterModelError
+from persona_router.core.pack import load_pack
+from persona_router.core.rows import demo_routing
+from persona_router.router.encoder import Encoder, load_encoder
+from persona_router.router.fitting import FitConfig, evaluate, fit_router
+from persona_router.router.persona_router import PersonaRouter
 
 NONSENSE = ["asdf qwerty", "🤔🤔🤔", "lorem ipsum dolor sit amet", "ok"]
 ODD_INPUTS = [

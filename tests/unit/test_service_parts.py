@@ -4,8 +4,7 @@ Prometheus renderer, OpenAI request mapping, admin path checks and the reference
 from __future__ import annotations
 
 import pytest
-
-from adapters.errors import (
+from persona_router.core.errors import (
     AdapterError,
     AdapterIncompatibleError,
     ConfigError,
@@ -13,9 +12,9 @@ from adapters.errors import (
     QueueFullError,
     UnknownPersonaError,
 )
-from router.metrics import Counter, Histogram
-from router.schemas import AnswerRequest, ChatCompletionRequest, decode_body, sse
-from router.settings import ServiceSettings
+from persona_router.service.metrics import Counter, Histogram
+from persona_router.service.schemas import AnswerRequest, ChatCompletionRequest, decode_body, sse
+from persona_router.service.settings import ServiceSettings
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
@@ -56,7 +55,7 @@ def test_decode_chat_request_names_nested_fields() -> None:
 
 
 def test_error_mapping() -> None:
-    from router.http_errors import error_body, error_response, status_of
+    from persona_router.service.http_errors import error_body, error_response, status_of
 
     assert status_of(UnknownPersonaError("x", ["a"])) == 404
     assert status_of(InvalidRequestError("bad", field="q")) == 400
@@ -85,8 +84,8 @@ def test_prometheus_rendering() -> None:
 
 
 def test_openai_request_mapping() -> None:
-    from router.openai_compat import last_user_text, parse_model, to_input
-    from router.schemas import ChatMessage, ContentPart
+    from persona_router.service.openai_compat import last_user_text, parse_model, to_input
+    from persona_router.service.schemas import ChatMessage, ContentPart
 
     assert parse_model("persona:auto") is None and parse_model("persona:student") == "student"
     for bad in ("gpt-4o", "persona:", "student"):
@@ -108,7 +107,7 @@ def test_openai_request_mapping() -> None:
     ("student", "0", "version"), ("student", "-1", "version"),
 ])
 def test_admin_targets_cannot_leave_the_folder(persona: str, version: str, field: str) -> None:
-    from router.admin import _parse_target
+    from persona_router.service.admin import _parse_target
 
     with pytest.raises(InvalidRequestError) as info:
         _parse_target(persona, version)
@@ -122,9 +121,9 @@ def test_sse_encoding() -> None:
 
 
 def test_reference_engine_batches_only_compatible_sampling() -> None:
-    from adapters.engine_api import GenerationRequest
-    from adapters.engine_reference import _batch_key
-    from adapters.generation import SamplingConfig
+    from persona_router.adapters.engine_api import GenerationRequest
+    from persona_router.adapters.engine_reference import _batch_key
+    from persona_router.adapters.generation import SamplingConfig
 
     def key(**sampling: object) -> object:
         return _batch_key(GenerationRequest("r", (1,), None, SamplingConfig(**sampling)))  # type: ignore[arg-type]

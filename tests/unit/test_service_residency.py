@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from adapters.engine_api import EngineStats
-from adapters.errors import AdapterError, AdapterIncompatibleError, QueueFullError, UnknownPersonaError
-from adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, write_manifest
-from adapters.registry import AdapterRegistry
-from adapters.residency import AdapterNotFoundError, AdapterResidency
+from persona_router.adapters.engine_api import EngineStats
+from persona_router.adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, write_manifest
+from persona_router.adapters.registry import AdapterRegistry
+from persona_router.adapters.residency import AdapterNotFoundError, AdapterResidency
+from persona_router.core.errors import AdapterError, AdapterIncompatibleError, QueueFullError, UnknownPersonaError
 
 BASE = "sha256:" + "a" * 64
 OTHER = "sha256:" + "b" * 64

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-
-from adapters.errors import ConfigError
-from training.cli import build_train_config, register
-from training.config import CPU_DEFAULTS, TrainConfig, load_config_file, parse_set_options
+from persona_router.cli.train import build_train_config, register
+from persona_router.core.errors import ConfigError
+from persona_router.training.config import CPU_DEFAULTS, TrainConfig, load_config_file, parse_set_options
 
 
 def test_defaults_are_the_issue_qlora_settings() -> None:

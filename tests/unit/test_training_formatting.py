@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from adapters.errors import ConfigError
-from training.formatting import (
+from persona_router.core.errors import ConfigError
+from persona_router.core.records import QARecord
+from persona_router.training.formatting import (
     build_examples,
     check_template_prefix,
     count_tokens,
@@ -16,7 +16,6 @@ from training.formatting import (
     records_sha256,
     split_holdout,
 )
-from training.records import QARecord
 
 SYSTEM = "explain simply"
 QUESTION = "why is the sky blue?"
@@ -32,7 +31,7 @@ def tokenizer(tiny_model_dir: Path) -> Any:
 
 
 def _length(tok: Any, record: QARecord, *, context: str | None) -> int:
-    from adapters.prompts import build_messages
+    from persona_router.adapters.prompts import build_messages
 
     prompt = build_messages(record.question, system_prompt=SYSTEM, context=context)
     return count_tokens(tok, prompt, [{"role": "assistant", "content": record.answer}])

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-
-from adapters.errors import DataError, UnknownPersonaError
-from router.pack import load_pack
-from training.jobs import DEMO_EVAL_SOURCE, plan_jobs
+from persona_router.core.errors import DataError, UnknownPersonaError
+from persona_router.core.pack import load_pack
+from persona_router.training.jobs import DEMO_EVAL_SOURCE, plan_jobs
 
 
 def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:

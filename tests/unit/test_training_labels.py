@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from training.config import TrainConfig
-from training.formatting import build_examples
-from training.records import QARecord
+from persona_router.core.records import QARecord
+from persona_router.training.config import TrainConfig
+from persona_router.training.formatting import build_examples
 
 SYSTEM = "explain simply"
 RECORDS = [
@@ -22,13 +21,13 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def base(tiny_model_dir: Path) -> Any:
-    from adapters.base_model import BaseModelConfig, load_base
+    from persona_router.adapters.base_model import BaseModelConfig, load_base
 
     return load_base(BaseModelConfig(base=str(tiny_model_dir)), for_training=True)
 
 
 def _trainer(base: Any, tmp_path: Path, *, packing: bool) -> Any:
-    from training.trainer import build_trainer
+    from persona_router.training.trainer import build_trainer
 
     config = TrainConfig(packing=packing, batch_size=len(RECORDS), max_length=512, max_steps=1).resolved("cpu")
     formatted = build_examples(RECORDS, system_prompt=SYSTEM, tokenizer=base.tokenizer, max_length=512)
@@ -39,7 +38,7 @@ def _trainer(base: Any, tmp_path: Path, *, packing: bool) -> Any:
 
 
 def _expected_answer_ids(tokenizer: Any, record: QARecord) -> list[int]:
-    from adapters.prompts import build_messages
+    from persona_router.adapters.prompts import build_messages
 
     prompt = build_messages(record.question, system_prompt=SYSTEM, context=record.context)
     prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,

@@ -6,10 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-
-from adapters.errors import AdapterError, AdapterIncompatibleError, ConfigError
-from adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, read_manifest_file, write_manifest
-from adapters.registry import LATEST_FILE, AdapterRegistry
+from persona_router.adapters.manifest import (
+    AdapterManifest,
+    DatasetInfo,
+    TrainMetrics,
+    read_manifest_file,
+    write_manifest,
+)
+from persona_router.adapters.registry import LATEST_FILE, AdapterRegistry
+from persona_router.core.errors import AdapterError, AdapterIncompatibleError, ConfigError
 
 FINGERPRINT = "sha256:" + "a" * 64
 

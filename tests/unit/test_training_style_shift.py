@@ -6,13 +6,12 @@ import math
 from pathlib import Path
 
 import pytest
-
-from adapters.errors import AdapterError
-from adapters.fingerprint import fingerprint_folder
-from adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, write_manifest
-from adapters.registry import AdapterRegistry
-from router.pack import load_pack
-from training.style_shift import format_report, measure_style_shift, shared_questions
+from persona_router.adapters.manifest import AdapterManifest, DatasetInfo, TrainMetrics, write_manifest
+from persona_router.adapters.registry import AdapterRegistry
+from persona_router.core.errors import AdapterError
+from persona_router.core.fingerprint import fingerprint_folder
+from persona_router.core.pack import load_pack
+from persona_router.training.style_shift import format_report, measure_style_shift, shared_questions
 
 
 def publish_random(registry: AdapterRegistry, base_dir: Path, persona: str, seed: int, fingerprint: str) -> None:

@@ -12,8 +12,8 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.exceptions import ValidationException as LitestarValidationException
-
-from adapters.errors import (
+from persona_router.adapters.residency import AdapterNotFoundError
+from persona_router.core.errors import (
     AdapterError,
     AdapterIncompatibleError,
     ConfigError,
@@ -22,8 +22,7 @@ from adapters.errors import (
     QueueFullError,
     UnknownPersonaError,
 )
-from adapters.residency import AdapterNotFoundError
-from router.schemas import ErrorBody, ErrorResponse
+from persona_router.service.schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from litestar import Request
-
-from adapters.base_model import LoadedBase
-from adapters.engine_api import Engine
-from adapters.residency import AdapterResidency
-from router.answering import Answerer
-from router.http_errors import NotReadyError
-from router.metrics import ServiceMetrics
-from router.pack import PersonaPack
-from router.settings import ServiceSettings
+from persona_router.adapters.base_model import LoadedBase
+from persona_router.adapters.engine_api import Engine
+from persona_router.adapters.residency import AdapterResidency
+from persona_router.core.pack import PersonaPack
+from persona_router.service.answering import Answerer
+from persona_router.service.http_errors import NotReadyError
+from persona_router.service.metrics import ServiceMetrics
+from persona_router.service.settings import ServiceSettings
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.errors import ConfigError
+from persona_router.core.errors import ConfigError
 
 CONTROL, CANDIDATE = "control", "candidate"
 _SALT = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")

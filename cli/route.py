@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import DataError, InvalidRequestError
-from router.cli_basic import add_pack_argument
+from persona_router.cli.common import add_pack_argument
+from persona_router.core.errors import DataError, InvalidRequestError
 
 ROUTE_CHUNK = 256
 
@@ -54,8 +54,9 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_fit_router(args: argparse.Namespace) -> int:
-    from router.encoder import load_encoder
-    from router.fitting import (
+    from persona_router.core.pack import load_pack
+    from persona_router.router.encoder import load_encoder
+    from persona_router.router.fitting import (
         FitConfig,
         compare_classifiers,
         default_training_records,
@@ -63,8 +64,7 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
         fit_router,
         load_routing_records,
     )
-    from router.pack import load_pack
-    from router.persona_router import default_router_dir, pack_reference
+    from persona_router.router.persona_router import default_router_dir, pack_reference
 
     pack = load_pack(args.pack)
     config = FitConfig(classifier=args.classifier, target_precision=args.target_precision)
@@ -94,7 +94,7 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
 
 
 def _test_records(option: str | None, pack: Any, *, is_demo: bool) -> list[Any]:
-    from router.fitting import load_routing_records
+    from persona_router.router.fitting import load_routing_records
 
     if option is not None and option.lower() == "none":
         return []
@@ -102,13 +102,13 @@ def _test_records(option: str | None, pack: Any, *, is_demo: bool) -> list[Any]:
         return load_routing_records([option], pack)
     if not is_demo:
         return []
-    from training.loading import demo_routing
+    from persona_router.core.rows import demo_routing
 
     return [r for r in demo_routing("test") if r.persona in pack]
 
 
 def _report_markdown(router: Any, reports: list[Any], comparison: list[dict[str, Any]] | None) -> str:
-    from router.fitting import comparison_markdown, describe_classifier
+    from persona_router.router.fitting import comparison_markdown, describe_classifier
 
     chosen = router.info["classifier"]
     thresholds = ", ".join(f"{name} {value:.2f}" for name, value in router.calibration.thresholds.items())
@@ -125,8 +125,9 @@ def _report_markdown(router: Any, reports: list[Any], comparison: list[dict[str,
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from router.pack import load_pack
-    from router.persona_router import PersonaRouter, ensure_router
+    from persona_router.core.pack import load_pack
+    from persona_router.router.fitting import ensure_router
+    from persona_router.router.persona_router import PersonaRouter
 
     if args.batch_size < 1:
         raise InvalidRequestError(f"{args.batch_size} must be at least 1", field="--batch-size")

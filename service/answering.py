@@ -17,16 +17,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters.engine_api import Engine, GenerationHandle, GenerationRequest, TokenEvent
-from adapters.errors import AdapterError, ConfigError, InvalidRequestError, PersonaRouterError
-from adapters.generation import SamplingConfig
-from adapters.prompts import build_messages, prompt_ids
-from adapters.residency import AdapterResidency, Lease
-from eval.ab_split import CONTROL, Assignment, SplitConfig, assign
-from router.decision import Decision
-from router.metrics import ServiceMetrics
-from router.pack import PersonaPack
-from router.settings import ServiceSettings
+from persona_router.adapters.engine_api import Engine, GenerationHandle, GenerationRequest, TokenEvent
+from persona_router.adapters.generation import SamplingConfig
+from persona_router.adapters.prompts import build_messages, prompt_ids
+from persona_router.adapters.residency import AdapterResidency, Lease
+from persona_router.core.errors import AdapterError, ConfigError, InvalidRequestError, PersonaRouterError
+from persona_router.core.pack import PersonaPack
+from persona_router.router.decision import Decision
+from persona_router.service.ab_split import CONTROL, Assignment, SplitConfig, assign
+from persona_router.service.metrics import ServiceMetrics
+from persona_router.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def stop_tokens(tokenizer: Any, generation_config: Any = None) -> tuple[int, ...
 
 def fallback_decider(pack: PersonaPack) -> Decide:
     """Routing without a classifier (``--router fallback``): a named persona, else the fallback, saying so."""
-    from router.decision import explicit
+    from persona_router.router.decision import explicit
 
     def decide(question: str, persona: str | None = None) -> Decision:
         if not isinstance(question, str) or not question.strip():

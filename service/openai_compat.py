@@ -16,11 +16,10 @@ from typing import Any
 
 from litestar import Request, Response, get, post
 from litestar.response import Stream
-
-from adapters.errors import InvalidRequestError, PersonaRouterError
-from router.answering import AnswerInput, Running
-from router.http_errors import error_body
-from router.schemas import (
+from persona_router.core.errors import InvalidRequestError, PersonaRouterError
+from persona_router.service.answering import AnswerInput, Running
+from persona_router.service.http_errors import error_body
+from persona_router.service.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -35,7 +34,7 @@ from router.schemas import (
     decode_body,
     sse,
 )
-from router.state import service
+from persona_router.service.state import service
 
 MODEL_PREFIX = "persona:"
 AUTO = "auto"

@@ -15,11 +15,10 @@ from litestar import Request, Router, delete, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
-
-from adapters.errors import ConfigError, InvalidRequestError
-from adapters.registry import check_persona_name, check_version
-from router.settings import ServiceSettings
-from router.state import service
+from persona_router.core.errors import ConfigError, InvalidRequestError
+from persona_router.core.names import check_persona_name, check_version
+from persona_router.service.settings import ServiceSettings
+from persona_router.service.state import service
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from adapters.errors import DataError
+from persona_router.core.errors import DataError
 
 QA_REQUIRED = ("persona", "question", "answer")
 QA_OPTIONAL = ("context", "domain", "id", "parallel_id")

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import ConfigError, choices
-from adapters.offline_default import DEFAULT_BASE
-from adapters.registry import default_adapters_dir
-from eval.ab_split import SplitConfig
+from persona_router.adapters.offline_default import DEFAULT_BASE
+from persona_router.adapters.registry import default_adapters_dir
+from persona_router.core.errors import ConfigError, choices
+from persona_router.service.ab_split import SplitConfig
 
 ADMIN_TOKEN_ENV = "PERSONA_ROUTER_ADMIN_TOKEN"
 ENGINES: tuple[str, ...] = ("auto", "reference", "fast")

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from adapters.offline_default import DEFAULT_BASE
+from persona_router.adapters.offline_default import DEFAULT_BASE
 
 
 def add_base_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_personas(args: argparse.Namespace) -> int:
-    from router.pack import load_pack
+    from persona_router.core.pack import load_pack
 
     pack = load_pack(args.pack)
     if args.json:
@@ -74,10 +74,10 @@ def cmd_personas(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from adapters.base_model import BaseModelConfig, configure_threads, load_base
-    from adapters.generation import SamplingConfig, generate_one
-    from adapters.prompts import build_messages
-    from router.pack import load_pack
+    from persona_router.adapters.base_model import BaseModelConfig, configure_threads, load_base
+    from persona_router.adapters.generation import SamplingConfig, generate_one
+    from persona_router.adapters.prompts import build_messages
+    from persona_router.core.pack import load_pack
 
     pack = load_pack(args.pack)
     persona = pack.get(args.persona)
@@ -92,9 +92,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from adapters.offline_default import ensure_offline_default
-    from router.pack import load_pack
-    from router.persona_router import default_router_dir, ensure_router
+    from persona_router.adapters.offline_default import ensure_offline_default
+    from persona_router.core.pack import load_pack
+    from persona_router.router.fitting import ensure_router
+    from persona_router.router.persona_router import default_router_dir
 
     print(ensure_offline_default(rebuild=args.rebuild))
     pack = load_pack(args.pack)

@@ -19,16 +19,15 @@ from typing import Any
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.response import Stream
-
-from adapters.engine_api import GenerationRequest
-from adapters.errors import PersonaRouterError
-from adapters.generation import SamplingConfig
-from router.answering import Answerer, AnswerInput, Running, fallback_decider
-from router.http_errors import EXCEPTION_HANDLERS, error_body
-from router.metrics import CONTENT_TYPE, ServiceMetrics
-from router.schemas import AdapterRef, AnswerRequest, AnswerResponse, Usage, decode_body, sse
-from router.settings import ServiceSettings
-from router.state import ServiceState, service
+from persona_router.adapters.engine_api import GenerationRequest
+from persona_router.adapters.generation import SamplingConfig
+from persona_router.core.errors import PersonaRouterError
+from persona_router.service.answering import Answerer, AnswerInput, Running, fallback_decider
+from persona_router.service.http_errors import EXCEPTION_HANDLERS, error_body
+from persona_router.service.metrics import CONTENT_TYPE, ServiceMetrics
+from persona_router.service.schemas import AdapterRef, AnswerRequest, AnswerResponse, Usage, decode_body, sse
+from persona_router.service.settings import ServiceSettings
+from persona_router.service.state import ServiceState, service
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +37,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # -- loading ------------------------------------------------------------------------------------------------
 def load_service(settings: ServiceSettings) -> ServiceState:
     """Everything heavy, once: pack, base model, router, engine, residency (blocking; run in a thread)."""
-    from adapters.base_model import BaseModelConfig, configure_threads, load_base
-    from adapters.registry import AdapterRegistry
-    from adapters.residency import AdapterResidency
-    from router.pack import load_pack
+    from persona_router.adapters.base_model import BaseModelConfig, configure_threads, load_base
+    from persona_router.adapters.registry import AdapterRegistry
+    from persona_router.adapters.residency import AdapterResidency
+    from persona_router.core.pack import load_pack
 
     started = time.perf_counter()
     pack = load_pack(settings.pack)
@@ -72,7 +71,7 @@ def load_service(settings: ServiceSettings) -> ServiceState:
 def _load_router(settings: ServiceSettings, pack: Any) -> tuple[Any, dict[str, Any]]:
     if settings.router == "fallback":
         return fallback_decider(pack), {"mode": "fallback", "fallback": pack.fallback.name}
-    from router.persona_router import ensure_router
+    from persona_router.router.fitting import ensure_router
 
     router = ensure_router(pack)
     router.decide("warm up the encoder")  # the first encode pays one-off costs
@@ -84,7 +83,7 @@ def _build_engine(settings: ServiceSettings, base: Any) -> tuple[Any, str, int |
     kind = settings.engine
     if kind in ("auto", "fast"):
         try:
-            from adapters.engine import EngineConfig, build_engine
+            from persona_router.adapters.engine import EngineConfig, build_engine
         except ImportError as exc:
             if kind == "fast":
                 raise
@@ -100,7 +99,7 @@ def _build_engine(settings: ServiceSettings, base: Any) -> tuple[Any, str, int |
                 if kind == "fast":
                     raise
                 log.warning("the fast engine cannot run this model (%s); using the reference engine", exc)
-    from adapters.engine_reference import ReferenceEngine, ReferenceEngineConfig
+    from persona_router.adapters.engine_reference import ReferenceEngine, ReferenceEngineConfig
 
     config_ref = ReferenceEngineConfig(max_queue=settings.max_queue, max_batch=settings.max_batch)
     return ReferenceEngine(base, config_ref), "reference", None
@@ -161,7 +160,7 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
 
 # -- handlers -----------------------------------------------------------------------------------------------
 def _index_html() -> str:
-    return (resources.files("router") / "static" / "index.html").read_text(encoding="utf-8")
+    return (resources.files("persona_router.service") / "static" / "index.html").read_text(encoding="utf-8")
 
 
 @get("/", include_in_schema=False)
@@ -252,8 +251,8 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[str]:
 
 # -- the app ------------------------------------------------------------------------------------------------
 def create_app(settings: ServiceSettings) -> Litestar:
-    from router.admin import admin_router
-    from router.openai_compat import chat_completions, list_models
+    from persona_router.service.admin import admin_router
+    from persona_router.service.openai_compat import chat_completions, list_models
 
     return Litestar(
         route_handlers=[index, health, ready, answer, personas, metrics, chat_completions, list_models,

@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from router.cli_basic import add_base_arguments, add_pack_argument
-from router.settings import ENGINES, ROUTER_MODES, ServiceSettings, load_ab_splits
+from persona_router.cli.common import add_base_arguments, add_pack_argument
+from persona_router.service.settings import ENGINES, ROUTER_MODES, ServiceSettings, load_ab_splits
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,9 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from adapters.base_model import resolve_base
-    from router.app import create_app
-    from router.pack import load_pack
+    from persona_router.adapters.base_model import resolve_base
+    from persona_router.core.pack import load_pack
+    from persona_router.service.app import create_app
 
     settings = settings_from_args(args)
     pack = load_pack(settings.pack)  # fail with a clean message before uvicorn starts
@@ -112,14 +111,14 @@ class BackgroundTrainer:
         self.log_path = settings.adapters_dir / "train-missing.log"
 
     def missing(self) -> list[str]:
-        from adapters.registry import AdapterRegistry
+        from persona_router.adapters.registry import AdapterRegistry
 
         registry = AdapterRegistry(self.settings.adapters_dir)
         have = set(registry.personas())
         return [p for p in self.personas if p not in have]
 
     def command(self, persona: str) -> list[str]:
-        return [sys.executable, "-m", "router.cli", "-q", "train", "--persona", persona,
+        return [sys.executable, "-m", "persona_router", "-q", "train", "--persona", persona,
                 "--adapters", str(self.settings.adapters_dir), "--base", self.settings.base,
                 "--pack", self.settings.pack, *self.extra]
 

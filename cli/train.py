@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adapters.offline_default import DEFAULT_BASE
+from persona_router.adapters.offline_default import DEFAULT_BASE
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def register(subparsers: Any) -> None:
 
 
 def build_train_config(args: argparse.Namespace) -> Any:
-    from training.config import TrainConfig, load_config_file, parse_set_options
+    from persona_router.training.config import TrainConfig, load_config_file, parse_set_options
 
     overrides: dict[str, Any] = {}
     if args.config:
@@ -91,11 +91,11 @@ def build_train_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from adapters.base_model import BaseModelConfig, configure_threads
-    from adapters.registry import AdapterRegistry
-    from router.pack import load_pack
-    from training.jobs import plan_jobs
-    from training.trainer import train_persona
+    from persona_router.adapters.base_model import BaseModelConfig, configure_threads
+    from persona_router.adapters.registry import AdapterRegistry
+    from persona_router.core.pack import load_pack
+    from persona_router.training.jobs import plan_jobs
+    from persona_router.training.trainer import train_persona
 
     config = build_train_config(args)
     pack = load_pack(args.pack)
@@ -122,17 +122,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_style_shift(args: argparse.Namespace) -> int:
-    from adapters.base_model import configure_threads
-    from adapters.registry import AdapterRegistry
-    from router.pack import load_pack
-    from training.style_shift import format_report, measure_style_shift
+    from persona_router.adapters.base_model import configure_threads
+    from persona_router.adapters.registry import AdapterRegistry
+    from persona_router.core.pack import load_pack
+    from persona_router.training.style_shift import format_report, measure_style_shift
 
     configure_threads()
     registry = AdapterRegistry(Path(args.adapters) if args.adapters else None)
     report = measure_style_shift(registry, load_pack(args.pack), max_questions=args.max_questions)
     print(format_report(report))
     if args.out:
-        from adapters.atomic import atomic_write_json
+        from persona_router.core.atomic import atomic_write_json
 
         atomic_write_json(Path(args.out), report)
     return 0

@@ -9,8 +9,7 @@ import re
 from typing import Any, TypeVar
 
 import msgspec
-
-from adapters.errors import InvalidRequestError
+from persona_router.core.errors import InvalidRequestError
 
 T = TypeVar("T")
 _PATH = re.compile(r"at `\$((?:\.[A-Za-z_][\w-]*|\[\d+\])+)`")

@@ -12,8 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import PackError, UnknownPersonaError
-from adapters.registry import PERSONA_NAME
+from persona_router.core.errors import PackError, UnknownPersonaError
+from persona_router.core.names import PERSONA_NAME
 
 DEMO_PACK = "demo"
 _PERSONA_FIELDS = ("name", "description", "system_prompt", "examples")
@@ -72,7 +72,7 @@ class PersonaPack:
 
 
 def demo_pack_path() -> Path:
-    return Path(str(resources.files("router") / "packs" / f"{DEMO_PACK}.toml"))
+    return Path(str(resources.files("persona_router.core") / "packs" / f"{DEMO_PACK}.toml"))
 
 
 def load_pack(path: str | Path | None = None) -> PersonaPack:

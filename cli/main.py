@@ -1,5 +1,5 @@
-"""The ``persona-router`` command line. Each sub-command lives beside the code it drives and registers
-itself here; heavy libraries load only inside the command that needs them, so ``--help`` is instant."""
+"""The ``persona-router`` command line. Each area's sub-commands live in their own module of this package and
+register themselves here; heavy libraries load only inside the command that needs them, so ``--help`` is instant."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from adapters.errors import PersonaRouterError
+from persona_router.core.errors import PersonaRouterError
 
 # Modules that define ``register(subparsers)``; each adds its own sub-commands.
 COMMAND_MODULES = (
-    "router.cli_basic",
-    "router.cli_route",
-    "router.cli_serve",
-    "eval.cli",
-    "training.cli",
+    "persona_router.cli.common",
+    "persona_router.cli.route",
+    "persona_router.cli.serve",
+    "persona_router.cli.eval",
+    "persona_router.cli.train",
 )
 
 log = logging.getLogger("persona_router")
@@ -41,9 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     try:
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(console=None, show_path=False, rich_tracebacks=False)
+        # stdout is the command's output (``--json`` lines); logs never go there.
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False,
+                                               rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     except ImportError:  # pragma: no cover - rich is a dependency
         handler = logging.StreamHandler(sys.stderr)
@@ -51,8 +54,7 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    for name in ("persona_router", "adapters", "router", "training", "eval"):
-        logging.getLogger(name).setLevel(level)
+    logging.getLogger("persona_router").setLevel(level)
     # Libraries' progress bars and advisory warnings would drown the answer on stdout/stderr.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

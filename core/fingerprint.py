@@ -14,9 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from adapters.atomic import atomic_write_json
-from adapters.errors import BaseModelError
-from adapters.home import home_dir
+from persona_router.core.atomic import atomic_write_json
+from persona_router.core.errors import BaseModelError
+from persona_router.core.home import home_dir
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from eval.specs import VALID_FORMS
-from router.cli_basic import add_base_arguments, add_pack_argument
+from persona_router.cli.common import add_base_arguments, add_pack_argument
+from persona_router.eval.specs import VALID_FORMS
 
 
 def register(subparsers: Any) -> None:
@@ -69,10 +69,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from adapters.base_model import BaseModelConfig
-    from adapters.generation import SamplingConfig
-    from eval.pipeline import EvalConfig
-    from eval.stats import StatsConfig
+    from persona_router.adapters.base_model import BaseModelConfig
+    from persona_router.adapters.generation import SamplingConfig
+    from persona_router.eval.pipeline import EvalConfig
+    from persona_router.eval.stats import StatsConfig
 
     return EvalConfig(
         base=BaseModelConfig(base=args.base, device=args.device, quantization=args.quantization),
@@ -93,17 +93,17 @@ def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]
 def _out_dir(args: argparse.Namespace, name: str) -> Path:
     if args.out:
         return Path(args.out).expanduser()
-    from adapters.home import home_dir
+    from persona_router.core.home import home_dir
 
     return home_dir() / "eval" / "reports" / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def cmd_ab(args: argparse.Namespace) -> int:
-    from adapters.base_model import configure_threads
-    from eval.pipeline import run_ab
-    from eval.report import write_report
-    from eval.specs import parse_spec
-    from router.pack import load_pack
+    from persona_router.adapters.base_model import configure_threads
+    from persona_router.core.pack import load_pack
+    from persona_router.eval.pipeline import run_ab
+    from persona_router.eval.report import write_report
+    from persona_router.eval.specs import parse_spec
 
     parse_spec(args.a, field="a")  # fail on a bad SPEC before loading any model
     parse_spec(args.b, field="b")
@@ -121,10 +121,10 @@ def cmd_ab(args: argparse.Namespace) -> int:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from adapters.base_model import configure_threads
-    from eval.pipeline import run_matrix
-    from eval.report import write_report
-    from router.pack import load_pack
+    from persona_router.adapters.base_model import configure_threads
+    from persona_router.core.pack import load_pack
+    from persona_router.eval.pipeline import run_matrix
+    from persona_router.eval.report import write_report
 
     pack = load_pack(args.pack)
     config = _config(args)

@@ -1,0 +1,1 @@
+../../persona_router/__init__.py

@@ -1,0 +1,1 @@
+../../persona_router/__main__.py

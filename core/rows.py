@@ -1,0 +1,81 @@
+"""Reading rows: JSONL, JSON, CSV and Parquet files (each row with its ``file:line``), and the demo dataset
+that ships with the package (QA records and routing utterances, ``core/demo_data``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from persona_router.core.errors import DataError
+from persona_router.core.records import QARecord, RoutingRecord, qa_from_row, routing_from_row
+
+FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+DEMO_SPLITS = ("train", "test")
+
+
+def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (``file:line``, row) pairs from a JSONL, JSON, CSV or Parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{number}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"invalid JSON ({exc.msg})", path=f"{path}:{number}") from exc
+    elif suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON ({exc.msg})", path=path) from exc
+        if not isinstance(rows, list):
+            raise DataError("a .json data file must hold a list of objects", path=path)
+        for number, row in enumerate(rows):
+            yield f"{path}[{number}]", row
+    elif suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as handle:
+            for number, row in enumerate(csv.DictReader(handle), start=2):
+                yield f"{path}:{number}", {k: (v if v != "" else None) for k, v in row.items()}
+    elif suffix == ".parquet":
+        yield from _iter_parquet(path)
+    else:
+        raise DataError(f"unsupported file type {suffix!r}; valid: {', '.join(FILE_FORMATS)}", path=path)
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DataError("reading Parquet needs pyarrow: pip install pyarrow", path=path) from exc
+    table = pq.read_table(path)
+    for number, row in enumerate(table.to_pylist()):
+        yield f"{path}[row {number}]", row
+
+
+def demo_data_dir() -> Path:
+    return Path(str(resources.files("persona_router.core") / "demo_data"))
+
+
+def demo_qa(split: str) -> list[QARecord]:
+    """The demo dataset's QA records for ``train`` or ``test`` (the test split is never trained on)."""
+    if split not in DEMO_SPLITS:
+        raise DataError(f"unknown split {split!r}; valid: {', '.join(DEMO_SPLITS)}", field="split")
+    records: list[QARecord] = []
+    for path in sorted(demo_data_dir().glob(f"*/qa_{split}.jsonl")):
+        records.extend(qa_from_row(row, where=where) for where, row in iter_rows(path))
+    return records
+
+
+def demo_routing(split: str) -> list[RoutingRecord]:
+    """Routing utterances: ``train`` from each persona's folder, ``test`` from a separately written file."""
+    if split not in DEMO_SPLITS:
+        raise DataError(f"unknown split {split!r}; valid: {', '.join(DEMO_SPLITS)}", field="split")
+    paths = sorted(demo_data_dir().glob("*/routing_train.jsonl")) if split == "train" else [
+        demo_data_dir() / "routing_test.jsonl"]
+    return [routing_from_row(row, where=where) for path in paths for where, row in iter_rows(path)]

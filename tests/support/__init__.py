@@ -1,0 +1,1 @@
+"""Test helpers (tiny random models); never shipped in the wheel."""
