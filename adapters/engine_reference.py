@@ -27,6 +27,7 @@ from typing import Any
 
 from persona_router.adapters.base_model import LoadedBase
 from persona_router.adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
+from persona_router.adapters.generation import eos_token_ids
 from persona_router.core.errors import AdapterError, ConfigError, QueueFullError
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ class ReferenceEngine:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats = EngineStats()
+        # What ``generate`` stops on, for every request (plus a request's own ``stop_token_ids``).
+        self.stop_ids = eos_token_ids(base.tokenizer, getattr(base.model, "generation_config", None))
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -293,7 +296,7 @@ class ReferenceEngine:
         first = rows[0].handle.request
         kwargs = first.sampling.generate_kwargs()
         kwargs["max_new_tokens"] = max(row.handle.request.sampling.max_new_tokens for row in rows)
-        stop_ids = sorted({t for row in rows for t in row.handle.request.stop_token_ids})
+        stop_ids = sorted(self.stop_ids.union(*(row.handle.request.stop_token_ids for row in rows)))
         if stop_ids:
             kwargs["eos_token_id"] = stop_ids
         with self._model_lock:
@@ -325,7 +328,7 @@ class ReferenceEngine:
             self._finish(row, "cancelled")
             return
         self._stats.generated_tokens += 1
-        if token in request.stop_token_ids:
+        if token in self.stop_ids or token in request.stop_token_ids:
             # The stop token counts as generated (as in ``generate``) but adds no text.
             row.done = True
             row.handle.finished = True

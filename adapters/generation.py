@@ -38,6 +38,22 @@ class SamplingConfig:
                 "max_new_tokens": self.max_new_tokens}
 
 
+def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:
+    """What ``generate`` stops on: the generation config's end-of-sequence ids plus the tokenizer's.
+
+    The one definition of the default stop ids; both engines apply it to every request.
+    """
+    ids: set[int] = set()
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list | tuple):
+        ids.update(int(t) for t in configured)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str

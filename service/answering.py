@@ -26,6 +26,7 @@ from persona_router.core.pack import PersonaPack
 from persona_router.router.decision import Decision
 from persona_router.service.ab_split import CONTROL, Assignment, SplitConfig, assign
 from persona_router.service.metrics import ServiceMetrics
+from persona_router.service.schemas import AnswerRequest, Usage
 from persona_router.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -34,21 +35,6 @@ Decide = Callable[[str, str | None], Decision]
 
 
 @dataclass(frozen=True)
-class AnswerInput:
-    """One validated request, whichever API it came from."""
-
-    question: str
-    persona: str | None = None
-    context: str | None = None
-    max_new_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    user: str | None = None
-    endpoint: str = "answer"
-
-
-@dataclass
 class Finished:
     """What a generation produced, for the final response or event."""
 
@@ -58,10 +44,22 @@ class Finished:
     completion_tokens: int
     timings: dict[str, float]
 
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.prompt_tokens, self.completion_tokens, self.prompt_tokens + self.completion_tokens)
+
+
+CloseHook = Callable[["Running"], None]
+
 
 @dataclass
 class Running:
-    """A submitted generation: iterate ``tokens()``, then read ``finished``; ``close`` is idempotent."""
+    """A submitted generation: iterate ``tokens()``, then read ``finished``; ``close`` is idempotent.
+
+    The generation owns its life cycle: ``close`` (the stream's end, a timeout, a client that left or the
+    safety timer) computes ``finished`` and then tells ``on_close`` once, which releases the adapter and
+    records metrics from it without writing back.
+    """
 
     request_id: str
     decision: Decision
@@ -69,17 +67,20 @@ class Running:
     assignment: Assignment | None
     prompt_tokens: int
     handle: GenerationHandle
-    answerer: Answerer
     endpoint: str
     started: float
     deadline: float
+    timeout_s: float
     routing_ms: float
+    decode: Callable[[list[int]], str]
+    on_close: CloseHook
     pieces: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     completion_tokens: int = 0
     first_token_at: float | None = None
     finish_reason: str | None = None
     finished: Finished | None = None
+    _text: str | None = None
     _closed: bool = False
     _timer: asyncio.TimerHandle | None = None
 
@@ -119,17 +120,23 @@ class Running:
         except TimeoutError:
             self.finish_reason = "timeout"
             self.close(cancel=True)
-            raise TimeoutError(f"no answer within the {self.answerer.settings.request_timeout_s:g} s "
-                               "request timeout") from None
+            raise TimeoutError(f"no answer within the {self.timeout_s:g} s request timeout") from None
         finally:
             if self.finish_reason is None:
                 self.finish_reason = "cancelled"  # the consumer stopped early (client disconnected)
             self.close(cancel=self.finish_reason == "cancelled")
 
+    def text(self) -> str:
+        """The decode of every token, exactly what ``generate_one`` returns; decoded once, after the last
+        token (the stream's end or ``close``), and reused by the stream's remainder and the summary."""
+        if self._text is None:
+            self._text = self.decode(self.token_ids) if self.token_ids else ""
+        return self._text
+
     def _remainder(self) -> str:
-        """Text the engine held back (a character cut by the length limit): the final answer is the full
-        decode of every token, as ``generate_one`` returns it, and the stream ends with the same text."""
-        full = self.answerer.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        """Text the engine held back (a character cut by the length limit): the stream ends with the same
+        text as the final answer."""
+        full = self.text()
         sent = "".join(self.pieces)
         if len(full) > len(sent) and full.startswith(sent):
             rest = full[len(sent):]
@@ -166,7 +173,8 @@ class Running:
             self._timer.cancel()
         if cancel:
             self.handle.cancel()
-        self.answerer.finish(self)
+        self.finished = self._summary()
+        self.on_close(self)
 
     def expire(self) -> None:
         """The safety timer: free a request nobody consumed (its client left before the stream began)."""
@@ -174,7 +182,7 @@ class Running:
             self.finish_reason = self.finish_reason or "cancelled"
             self.close(cancel=True)
 
-    def summary(self) -> Finished:
+    def _summary(self) -> Finished:
         now = time.perf_counter()
         total_ms = (now - self.started) * 1000
         timings = {"total_ms": round(total_ms, 2), "routing_ms": round(self.routing_ms, 2)}
@@ -183,9 +191,7 @@ class Running:
             decode_s = now - self.first_token_at
             if self.completion_tokens > 1 and decode_s > 0:
                 timings["tokens_per_s"] = round((self.completion_tokens - 1) / decode_s, 2)
-        # The answer is the decode of every token, exactly what ``generate_one`` returns.
-        text = self.answerer.tokenizer.decode(self.token_ids, skip_special_tokens=True) if self.token_ids else ""
-        return Finished(answer=text.strip(), finish_reason=self.finish_reason or "cancelled",
+        return Finished(answer=self.text().strip(), finish_reason=self.finish_reason or "cancelled",
                         prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, timings=timings)
 
 
@@ -194,11 +200,11 @@ class GenerationFailedError(PersonaRouterError):
 
 
 class Answerer:
-    """Turns ``AnswerInput`` into a running generation; shared by every request of the app."""
+    """Turns an ``AnswerRequest`` (from either API) into a running generation; shared by every request."""
 
     def __init__(self, *, settings: ServiceSettings, pack: PersonaPack, decide: Decide, engine: Engine,
                  residency: AdapterResidency, tokenizer: Any, metrics: ServiceMetrics,
-                 max_positions: int | None = None, generation_config: Any = None) -> None:
+                 max_positions: int | None = None) -> None:
         self.settings = settings
         self.pack = pack
         self.decide = decide
@@ -208,10 +214,9 @@ class Answerer:
         self.metrics = metrics
         self.max_positions = max_positions
         self.splits: dict[str, SplitConfig] = {split.persona: split for split in settings.ab_splits}
-        self.stop_token_ids = stop_tokens(tokenizer, generation_config)
         self.in_flight = 0
 
-    def sampling(self, inp: AnswerInput) -> SamplingConfig:
+    def sampling(self, inp: AnswerRequest) -> SamplingConfig:
         limit = self.settings.max_new_tokens_limit
         max_new = self.settings.default_max_new_tokens if inp.max_new_tokens is None else inp.max_new_tokens
         if not 1 <= max_new <= limit:
@@ -222,7 +227,7 @@ class Answerer:
         except ConfigError as exc:
             raise InvalidRequestError(str(exc).split(": ", 1)[-1], field=exc.field) from exc
 
-    def validate(self, inp: AnswerInput) -> SamplingConfig:
+    def validate(self, inp: AnswerRequest) -> SamplingConfig:
         if not inp.question.strip():
             raise InvalidRequestError("must not be empty or only whitespace", field="question")
         if len(inp.question) > self.settings.max_question_chars:
@@ -239,8 +244,11 @@ class Answerer:
             raise InvalidRequestError(f"{inp.seed} must be between 0 and 2**63 - 1", field="seed")
         return self.sampling(inp)
 
-    async def start(self, inp: AnswerInput) -> Running:
-        """Validate, route, lease the adapter and submit; every failure here maps to a clean status."""
+    async def start(self, inp: AnswerRequest, *, endpoint: str) -> Running:
+        """Validate, route, lease the adapter and submit; every failure here maps to a clean status.
+
+        ``endpoint`` (``answer`` or ``chat``) labels the request's metrics.
+        """
         started = time.perf_counter()
         sampling = self.validate(inp)
         decision = await asyncio.to_thread(self.decide, inp.question, inp.persona)
@@ -254,17 +262,17 @@ class Answerer:
             self._check_length(len(ids), sampling.max_new_tokens, has_context=bool(inp.context))
             request_id = f"ans-{uuid.uuid4().hex[:24]}"
             request = GenerationRequest(request_id=request_id, prompt_ids=tuple(ids),
-                                        adapter=lease.name if lease else None, sampling=sampling,
-                                        stop_token_ids=self.stop_token_ids)
+                                        adapter=lease.name if lease else None, sampling=sampling)
             handle = self.engine.submit(request)
         except BaseException:
             if lease is not None:
                 self.residency.release(lease)
             raise
+        timeout_s = self.settings.request_timeout_s
         running = Running(request_id=request_id, decision=decision, lease=lease, assignment=assignment,
-                          prompt_tokens=len(ids), handle=handle, answerer=self, endpoint=inp.endpoint,
-                          started=started, deadline=asyncio.get_running_loop().time() + self.settings.request_timeout_s,
-                          routing_ms=routing_ms)
+                          prompt_tokens=len(ids), handle=handle, endpoint=endpoint, started=started,
+                          deadline=asyncio.get_running_loop().time() + timeout_s, timeout_s=timeout_s,
+                          routing_ms=routing_ms, decode=self._decode, on_close=self._closed)
         # If nobody consumes the stream (the client left before it began), the deadline still frees it.
         running._timer = asyncio.get_running_loop().call_at(running.deadline + 1.0, running.expire)
         self.in_flight += 1
@@ -298,37 +306,27 @@ class Answerer:
             f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it exceeds the model's "
             f"{self.max_positions}-token window", field=field_name)
 
-    def finish(self, running: Running) -> None:
-        """Release the adapter and record metrics, once per request."""
+    def _decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def _closed(self, running: Running) -> None:
+        """``Running.on_close``: release the adapter and record metrics, once per request."""
+        finished = running.finished
+        assert finished is not None
         self.in_flight -= 1
         if running.lease is not None:
             self.residency.release(running.lease)
-        running.finished = running.summary()
         labels = {"endpoint": running.endpoint, "persona": running.decision.persona,
                   "adapter_version": running.adapter_version}
-        status = {"stop": "200", "length": "200", "timeout": "504", "error": "500"}.get(
-            running.finished.finish_reason, "499")
+        status = {"stop": "200", "length": "200", "timeout": "504", "error": "500"}.get(finished.finish_reason, "499")
         self.metrics.requests.inc(1.0, status=status, **labels)
-        self.metrics.latency.observe(running.finished.timings["total_ms"] / 1000, **labels)
+        self.metrics.latency.observe(finished.timings["total_ms"] / 1000, **labels)
         if running.first_token_at is not None:
             self.metrics.first_token.observe(running.first_token_at - running.started, **labels)
         persona, version = running.decision.persona, running.adapter_version
         self.metrics.tokens.inc(running.prompt_tokens, kind="prompt", persona=persona, adapter_version=version)
         self.metrics.tokens.inc(running.completion_tokens, kind="completion", persona=persona, adapter_version=version)
         self.metrics.completion_tokens.observe(running.completion_tokens, persona=persona, adapter_version=version)
-
-
-def stop_tokens(tokenizer: Any, generation_config: Any = None) -> tuple[int, ...]:
-    """End-of-sequence ids: the tokenizer's and the generation config's, what ``generate`` stops on."""
-    ids: set[int] = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(generation_config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, list | tuple):
-        ids.update(int(t) for t in configured)
-    return tuple(sorted(ids))
 
 
 def fallback_decider(pack: PersonaPack) -> Decide:

@@ -3,7 +3,7 @@
 The lifespan loads the pack, the base model, the router and the engine once, puts them on
 ``app.state.service`` and starts the engine, the adapter watcher and a warm-up; ``/health`` answers as soon
 as the server runs, ``/ready`` once the warm-up generation has gone through. Handlers are thin: they
-decode the body, call ``router.answering`` and encode the result.
+decode the body, call ``service/answering.py`` and encode the result.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from litestar.response import Stream
 from persona_router.adapters.engine_api import GenerationRequest
 from persona_router.adapters.generation import SamplingConfig
 from persona_router.core.errors import PersonaRouterError
-from persona_router.service.answering import Answerer, AnswerInput, Running, fallback_decider
+from persona_router.service.answering import Answerer, Running, fallback_decider
 from persona_router.service.http_errors import EXCEPTION_HANDLERS, error_body
 from persona_router.service.metrics import CONTENT_TYPE, ServiceMetrics
-from persona_router.service.schemas import AdapterRef, AnswerRequest, AnswerResponse, Usage, decode_body, sse
+from persona_router.service.schemas import AdapterRef, AnswerRequest, AnswerResponse, decode_body, sse
 from persona_router.service.settings import ServiceSettings
 from persona_router.service.state import ServiceState, service
 
@@ -58,8 +58,7 @@ def load_service(settings: ServiceSettings) -> ServiceState:
     positions = getattr(base.model.config, "max_position_embeddings", None)
     limits = [n for n in (positions, max_len) if n]
     answerer = Answerer(settings=settings, pack=pack, decide=decide, engine=engine, residency=residency,
-                        tokenizer=base.tokenizer, metrics=metrics, max_positions=min(limits) if limits else None,
-                        generation_config=getattr(base.model, "generation_config", None))
+                        tokenizer=base.tokenizer, metrics=metrics, max_positions=min(limits) if limits else None)
     state = ServiceState(settings=settings, pack=pack, base=base, engine=engine, engine_kind=kind,
                          residency=residency, answerer=answerer, metrics=metrics, router_info=router_info)
     _register_gauges(state)
@@ -191,9 +190,7 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
 async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
     state = service(request)
     body = decode_body(await request.body(), AnswerRequest)
-    running = await state.answerer.start(AnswerInput(
-        question=body.question, persona=body.persona, context=body.context, max_new_tokens=body.max_new_tokens,
-        temperature=body.temperature, top_p=body.top_p, seed=body.seed, user=body.user, endpoint="answer"))
+    running = await state.answerer.start(body, endpoint="answer")
     if body.stream:
         return Stream(_answer_events(running), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
@@ -210,8 +207,7 @@ def _answer_response(running: Running) -> AnswerResponse:
     return AnswerResponse(
         id=running.request_id, answer=finished.answer, decision=running.decision.to_json(),
         adapter=AdapterRef(**adapter) if adapter else None,
-        usage=Usage(finished.prompt_tokens, finished.completion_tokens,
-                    finished.prompt_tokens + finished.completion_tokens),
+        usage=finished.usage,
         timings=finished.timings, finish_reason=finished.finish_reason,
         ab=running.assignment.to_json() if running.assignment else None)
 

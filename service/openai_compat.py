@@ -17,9 +17,10 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 from persona_router.core.errors import InvalidRequestError, PersonaRouterError
-from persona_router.service.answering import AnswerInput, Running
+from persona_router.service.answering import Running
 from persona_router.service.http_errors import error_body
 from persona_router.service.schemas import (
+    AnswerRequest,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -30,7 +31,6 @@ from persona_router.service.schemas import (
     ModelCard,
     ModelList,
     ResponseMessage,
-    Usage,
     decode_body,
     sse,
 )
@@ -62,16 +62,17 @@ def last_user_text(messages: list[ChatMessage]) -> str:
     raise InvalidRequestError("needs a message with role 'user' and text content", field="messages")
 
 
-def to_input(body: ChatCompletionRequest) -> AnswerInput:
+def to_input(body: ChatCompletionRequest) -> AnswerRequest:
+    """The chat request as the ``/v1/answer`` request it amounts to (the question is the last user message)."""
     if body.n not in (None, 1):
         raise InvalidRequestError(f"{body.n} is not supported; only n=1", field="n")
     if body.stop:
         raise InvalidRequestError("stop sequences are not supported", field="stop")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return AnswerInput(
+    return AnswerRequest(
         question=last_user_text(body.messages), persona=parse_model(body.model), max_new_tokens=max_tokens,
         temperature=0.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, user=body.user, endpoint="chat")
+        top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, user=body.user)
 
 
 def routing(running: Running) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def _finish_reason(reason: str) -> str:
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     state = service(request)
     body = decode_body(await request.body(), ChatCompletionRequest)
-    running = await state.answerer.start(to_input(body))
+    running = await state.answerer.start(to_input(body), endpoint="chat")
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
@@ -102,12 +103,10 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
         finished = await running.collect()
     finally:
         running.close(cancel=True)
-    usage = Usage(finished.prompt_tokens, finished.completion_tokens,
-                  finished.prompt_tokens + finished.completion_tokens)
     choice = Choice(index=0, message=ResponseMessage(role="assistant", content=finished.answer),
                     finish_reason=_finish_reason(finished.finish_reason))
     return Response(ChatCompletion(id=completion_id, created=created, model=body.model, choices=[choice],
-                                   usage=usage, persona_routing=routing(running)))
+                                   usage=finished.usage, persona_routing=routing(running)))
 
 
 async def _chunks(running: Running, completion_id: str, created: int, model: str, *,
@@ -128,9 +127,8 @@ async def _chunks(running: Running, completion_id: str, created: int, model: str
     assert finished is not None
     yield chunk(Delta(), _finish_reason(finished.finish_reason), persona_routing=routing(running))
     if include_usage:
-        usage = Usage(finished.prompt_tokens, finished.completion_tokens,
-                      finished.prompt_tokens + finished.completion_tokens)
-        yield sse(ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=usage))
+        yield sse(ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[],
+                                      usage=finished.usage))
     yield sse("[DONE]")
 
 

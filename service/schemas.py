@@ -1,6 +1,8 @@
 """Wire types of the HTTP API (msgspec Structs) and the one function that decodes request bodies.
 
-Only the HTTP edge uses these; the domain works with frozen dataclasses (``router/answering.py``).
+Only the HTTP service uses these. ``AnswerRequest`` is the one description of a question to answer: the
+OpenAI-compatible endpoint maps its request onto it (``service/openai_compat.py``) and
+``service/answering.py`` takes it from either API.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from persona_router.adapters.engine.sampling import RowSampler
 from persona_router.adapters.engine.scheduler import Emitted, Scheduler, Sequence
 from persona_router.adapters.engine.weights import extract_weights
 from persona_router.adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
-from persona_router.adapters.generation import SamplingConfig
+from persona_router.adapters.generation import SamplingConfig, eos_token_ids
 from persona_router.core.errors import ConfigError, InvalidRequestError, PersonaRouterError, QueueFullError
 
 log = logging.getLogger(__name__)
@@ -305,15 +305,6 @@ def _running_loop(fallback: asyncio.AbstractEventLoop | None) -> asyncio.Abstrac
         return fallback
 
 
-def default_stop_ids(model: Any, tokenizer: Any) -> set[int]:
-    """What ``generate`` stops on: the generation config's eos ids, plus the tokenizer's eos."""
-    ids: set[int] = set()
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, list | tuple):
-        ids.update(int(e) for e in eos)
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
+def default_stop_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """What ``generate`` stops on (``eos_token_ids`` of the model's generation config and the tokenizer)."""
+    return eos_token_ids(tokenizer, getattr(model, "generation_config", None))
