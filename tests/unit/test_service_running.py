@@ -129,7 +129,7 @@ def test_consumer_leaving_early_cancels_the_engine_request() -> None:
 def test_timeout_cancels_and_reports() -> None:
     async def scenario() -> None:
         running, _, closed = make_running([ev(1, "a"), ev(2, "b", "stop")], timeout_s=0.05, delay_s=0.5)
-        with pytest.raises(TimeoutError, match="0.05 s request timeout"):
+        with pytest.raises(TimeoutError, match=r"0\.05 s request timeout"):
             await running.collect()
         assert running.handle.cancelled  # type: ignore[attr-defined]
         assert len(closed) == 1 and running.finished is not None
