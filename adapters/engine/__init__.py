@@ -2,9 +2,9 @@
 
 Modules, bottom up: ``config`` (EngineConfig), ``weights`` (a loaded HF Phi-3/Llama model's weights in
 fused groups, dense or NF4), ``peft_adapter`` (reading and checking PEFT LoRA folders), ``lora_bank``
-(resident adapters stacked per layer and group; batched LoRA by one-hot slot masks), ``runner`` (the
+(resident adapters stacked per layer and group; batched LoRA by selecting each row's slot), ``runner`` (the
 forward pass over a static KV cache), ``graphs`` (CUDA graphs for decode), ``sampling``, ``detok``,
-``scheduler`` (continuous batching) and ``engine`` (worker thread, asyncio streaming).
+``scheduler`` (continuous batching, the non-finite watchdog) and ``engine`` (worker thread, asyncio streaming).
 """
 
 from __future__ import annotations

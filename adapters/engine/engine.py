@@ -96,8 +96,11 @@ class BatchedEngine:
 
             decoder = DecodeGraphs(self.runner)
         self.graphs = decoder
+        # Told (on the worker thread) when the watchdog quarantines an adapter: (name, reason). Must not block.
+        self.on_quarantine: Callable[[str, str], None] | None = None
         self.scheduler = Scheduler(self.runner, self.bank, self.config, decoder=decoder,
-                                   on_dequeue=self._dequeued, bucket_rows=use_graphs)
+                                   on_dequeue=self._dequeued, bucket_rows=use_graphs,
+                                   on_quarantine=self._quarantined)
         self.stop_ids = frozenset(self.config.stop_token_ids if self.config.stop_token_ids is not None
                                   else default_stop_ids(model, tokenizer))
         self._lock = threading.Lock()
@@ -159,13 +162,26 @@ class BatchedEngine:
         never overlaps a step or a CUDA graph capture. Blocks until the adapter is usable."""
         weights = load_adapter(Path(folder), groups=self.group_shapes, num_layers=self.num_layers,
                                max_rank=self.config.max_rank)
-        self._in_worker(lambda: self.bank.install(name, weights))
+
+        def install() -> None:
+            self.bank.install(name, weights)
+            self.scheduler.quarantined.pop(name, None)
+
+        self._in_worker(install)
 
     def remove_adapter(self, name: str) -> None:
+        """Unmap ``name``; a quarantined adapter is already unmapped, so removing it only forgets it."""
+        if name in self.scheduler.quarantined and name not in self.bank.names():
+            self._in_worker(lambda: self.scheduler.quarantined.pop(name, None))
+            return
         self.bank.remove(name)
 
     def adapter_names(self) -> list[str]:
         return self.bank.names()
+
+    def quarantined(self) -> dict[str, str]:
+        """Adapters the watchdog took out of service (name -> why) since they were last added."""
+        return dict(self.scheduler.quarantined)
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -211,6 +227,15 @@ class BatchedEngine:
                 log.exception("generation step failed")
                 emitted.extend(self.scheduler.fail_all(f"{type(exc).__name__}: {exc}"))
             self._dispatch(emitted)
+
+    def _quarantined(self, name: str, reason: str) -> None:
+        hook = self.on_quarantine
+        if hook is None:
+            return
+        try:
+            hook(name, reason)
+        except Exception:  # the owner's bookkeeping must not fail the step of every other request
+            log.exception("the quarantine hook failed for %s", name)
 
     def _take_pending(self) -> tuple[list[Sequence], list[_Command]]:
         """Swap out the queued requests and bank commands; the caller holds ``self._lock``."""

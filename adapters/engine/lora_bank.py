@@ -8,11 +8,18 @@ has no storage. An adapter of rank ``r < max_rank`` is zero-padded, which adds e
 Per step, with ``m`` the highest slot id present (rounded up to a power of two), every row computes
 
     t = x @ A[:m].reshape(m*R, in).T        # all m adapters' down-projections in one product
-    y = (t * onehot(slot)) @ Bt[:m].reshape(m*R, out) * scaling[slot]
+    y = where(own(slot), t, 0) @ Bt[:m].reshape(m*R, out) * scaling[slot]
 
 so rows of different adapters share two matrix products per group and no Python loop runs over adapters.
-The one-hot mask zeroes the other adapters' terms exactly, so in float32 each row gets the same
-``x A^T B^T s`` that PEFT computes for it alone (up to summation order inside the products).
+The mask *selects* each row's own adapter's columns and puts exact zeros elsewhere, so in float32 each
+row gets the same ``x A^T B^T s`` that PEFT computes for it alone (up to summation order inside the
+products).
+
+Isolation between rows: a mask that multiplied would turn an inf or NaN in another adapter's columns
+(a diverged adapter, an overflow) into NaN for every row (``inf * 0 = NaN``); selecting replaces them by
+zero. The second product adds ``0 * Bt`` for foreign slots, which is zero only if ``Bt`` is finite, so the
+bank refuses to store non-finite weights (``install``). Together: no value of one slot reaches another
+slot's rows, whatever that slot computes at run time.
 
 Slot life cycle: ``install`` writes a free slot and maps the name to it; a replaced or removed adapter's
 old slot is *retired*: requests that acquired it keep using its weights until they release it, then it
@@ -38,9 +45,9 @@ class LoraBatch:
 
     slot_ids: Any  # [N] int64, one per token row
     m: int  # slots 1..m take part; 0 means no row has an adapter
-    fused: bool = False  # scaling folded into the mask and the update added by addmm (see ``apply``)
+    fused: bool = False  # scaling applied to the selected terms and the update added by addmm (see ``apply``)
     row_scaling: Any = None  # [N, 1] in the compute dtype
-    masks: dict[int, Any] = field(default_factory=dict)  # rank R -> [N, m*R] one-hot (times scaling if fused)
+    masks: dict[int, Any] = field(default_factory=dict)  # rank R -> [N, m*R] bool: the row's own slot's columns
 
 
 @dataclass
@@ -91,7 +98,10 @@ class LoraBank:
             return self._names[name]
 
     def install(self, name: str, weights: AdapterWeights) -> int:
-        """Write ``weights`` into a free slot and point ``name`` at it; the old slot of ``name`` retires."""
+        """Write ``weights`` into a free slot and point ``name`` at it; the old slot of ``name`` retires.
+
+        Non-finite weights are refused: stored, they would reach every row (see the module docstring)."""
+        check_finite(weights)
         with self._lock:
             slot = self._free_slot()
             self._slots[slot] = _Slot(name=name, rank=weights.rank)  # reserved while we write
@@ -115,6 +125,16 @@ class LoraBank:
             if slot is None:
                 raise AdapterError(f"no adapter named {name!r} is loaded")
             self._retire(slot)
+
+    def quarantine(self, slot: int) -> str | None:
+        """Stop new requests from using ``slot``: unmap the name that points at it (if any still does) and
+        retire the slot, which frees once its running requests finish. Returns that name."""
+        with self._lock:
+            name = next((n for n, s in self._names.items() if s == slot), None)
+            if name is not None:
+                del self._names[name]
+                self._retire(slot)
+            return name
 
     def acquire(self, name: str | None) -> int:
         """The slot a new request will use for its whole life (0 for the bare base)."""
@@ -190,11 +210,9 @@ class LoraBank:
         if m == 0:
             return lora
         lora.row_scaling = self.scaling[slot_ids].unsqueeze(-1)
-        onehot = (slot_ids.unsqueeze(-1) == torch.arange(1, m + 1, device=slot_ids.device)).to(self.dtype)
-        if fused:
-            onehot = onehot * lora.row_scaling
+        own = slot_ids.unsqueeze(-1) == torch.arange(1, m + 1, device=slot_ids.device)
         for rank in set(self.ranks.values()):
-            lora.masks[rank] = onehot.unsqueeze(-1).expand(-1, m, rank).reshape(-1, m * rank)
+            lora.masks[rank] = own.unsqueeze(-1).expand(-1, m, rank).reshape(-1, m * rank)
         return lora
 
     def apply(self, layer: int, group: str, x: Any, base_out: Any, lora: LoraBatch) -> Any:
@@ -203,17 +221,34 @@ class LoraBank:
         Exact mode computes PEFT's ``base + (x A^T B^T) * s`` in that order; fused mode computes
         ``base += (x A^T * s) B^T`` in one ``addmm`` (the same up to rounding; exact for power-of-two s).
         """
+        import torch
+
         if lora.m == 0:
             return base_out
         rank = self.ranks[group]
         a = self.a[layer][group][:lora.m].reshape(lora.m * rank, -1)
         bt = self.bt[layer][group][:lora.m].reshape(lora.m * rank, -1)
-        t = (x.to(self.dtype) @ a.T) * lora.masks[rank]
+        t = x.to(self.dtype) @ a.T
+        if lora.fused:
+            t = t * lora.row_scaling
+        # Select, never multiply: foreign slots' terms become exact zeros even when they are inf or NaN.
+        t = torch.where(lora.masks[rank], t, 0.0)
         if lora.fused and base_out.dtype == self.dtype:
             return base_out.addmm_(t, bt)
         if lora.fused:
             return base_out + (t @ bt).to(base_out.dtype)
         return base_out + ((t @ bt) * lora.row_scaling).to(base_out.dtype)
+
+
+def check_finite(weights: AdapterWeights) -> None:
+    """Raise ``AdapterError`` naming the first (layer, group) whose A or B holds an inf or NaN."""
+    import torch
+
+    for (layer, group), pair in sorted(weights.tensors.items()):
+        for label, tensor in zip("AB", pair, strict=True):
+            if not bool(torch.isfinite(tensor).all()):
+                raise AdapterError(f"layer {layer} {group} lora_{label} holds non-finite values (inf or NaN); "
+                                   "a diverged training run? retrain or publish an earlier version")
 
 
 def slot_bucket(max_slot: int, capacity: int) -> int:

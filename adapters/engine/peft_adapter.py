@@ -105,12 +105,21 @@ def load_adapter(folder: Path, *, groups: dict[str, GroupShape], num_layers: int
         if layer >= num_layers:
             raise AdapterError(f"tensor {key!r} names layer {layer}; the base has {num_layers}",
                                path=folder / WEIGHTS_FILE)
+        if not _finite(tensor):
+            raise AdapterError(f"tensor {key!r} holds non-finite values (inf or NaN); a diverged training run? "
+                               "retrain or publish an earlier version", path=folder / WEIGHTS_FILE)
         group, index = owner[match.group(2)]
         found.setdefault((layer, group), {}).setdefault(index, {})[match.group(3)] = tensor
     if not found:
         raise AdapterError("the adapter holds no LoRA weights", path=folder / WEIGHTS_FILE)
     tensors = {key: _fuse(parts, groups[key[1]], rank, folder) for key, parts in found.items()}
     return AdapterWeights(folder=folder, rank=rank, scaling=scaling, tensors=tensors)
+
+
+def _finite(tensor: Any) -> bool:
+    import torch
+
+    return bool(torch.isfinite(tensor).all())
 
 
 def _read_tensors(path: Path) -> dict[str, Any]:

@@ -101,6 +101,7 @@ class ModelRunner:
         slot_ids = torch.tensor(slots, dtype=torch.long, device=self.device).repeat_interleave(longest)
         last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=self.device)
         with torch.inference_mode():
+            self._reset_rows(row_index)
             lora = self.bank.batch(slot_ids, m, fused=self.fused)
             x = self.w.embed[tokens.view(-1)]
             cos = self.cos[:longest].repeat(batch, 1).unsqueeze(1)  # per token: [batch * longest, 1, rotary]
@@ -110,6 +111,13 @@ class ModelRunner:
                                 self._prefill_attention(i, q, k, v, row_index))
             hidden = x.view(batch, longest, -1)[torch.arange(batch, device=self.device), last]
             return self._logits(hidden)
+
+    def _reset_rows(self, row_index: Any) -> None:
+        """Zero whole cache rows before a new request owns them. Decode attends over ``kv_len`` positions and
+        masks the ones past the row's own with -inf, but ``nan + -inf`` is NaN: a value left behind by an
+        earlier request (one that went non-finite, say) would otherwise reach the new one."""
+        for cache in (*self.k_cache, *self.v_cache):
+            cache.index_fill_(0, row_index, 0)
 
     def decode(self, n: int, kv_len: int, m: int) -> Any:
         """One token for each of the first ``n`` rows, from the static ``tokens/positions/slot_ids``."""

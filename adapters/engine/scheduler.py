@@ -4,6 +4,10 @@ One ``step`` (a) drops cancelled requests, (b) admits waiting requests into free
 them together (their first token comes out of the prefill), then (c) decodes one token for every running
 request in a single batched forward pass. The scheduler is single-threaded: the engine's worker thread
 is its only caller.
+
+Watchdog: a row whose logits hold an inf or NaN ends its request with an error, and the adapter it ran
+is quarantined (no new request gets it; ``on_quarantine`` tells the owner). The other rows carry on: the
+forward pass keeps rows apart (see ``lora_bank`` and ``ModelRunner._reset_rows``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from persona_router.adapters.engine_api import GenerationRequest, TokenEvent
 log = logging.getLogger(__name__)
 
 Decoder = Callable[[int, int, int], Any]  # (rows, kv_len, slot bucket) -> logits
+QuarantineHook = Callable[[str, str], None]  # (adapter name, reason), called on the worker thread
 
 
 @dataclass(eq=False)
@@ -58,7 +63,7 @@ Emitted = list[tuple[Sequence, TokenEvent]]
 class Scheduler:
     def __init__(self, runner: ModelRunner, bank: LoraBank, config: EngineConfig, *,
                  decoder: Decoder | None = None, on_dequeue: Callable[[Sequence], None] | None = None,
-                 bucket_rows: bool = False) -> None:
+                 bucket_rows: bool = False, on_quarantine: QuarantineHook | None = None) -> None:
         self.runner = runner
         self.bank = bank
         self.config = config
@@ -72,6 +77,8 @@ class Scheduler:
         heapq.heapify(self._free_rows)
         self.steps = 0
         self.generated_tokens = 0
+        self.on_quarantine = on_quarantine
+        self.quarantined: dict[str, str] = {}  # adapter name -> why
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -134,9 +141,13 @@ class Scheduler:
         slots = [seq.slot for seq in admitted]
         logits = self.runner.prefill([seq.row for seq in admitted], [list(seq.request.prompt_ids) for seq in admitted],
                                      slots, slot_bucket(max(slots), self.bank.capacity))
-        tokens = choose_tokens(logits, [seq.sampler for seq in admitted])
-        for seq, token in zip(admitted, tokens, strict=True):
-            self._accept(seq, token, out)
+        finite = _finite_rows(logits)
+        tokens = choose_tokens(logits, [seq.sampler if ok else None for seq, ok in zip(admitted, finite, strict=True)])
+        for seq, token, ok in zip(admitted, tokens, finite, strict=True):
+            if ok:
+                self._accept(seq, token, out)
+            else:
+                self._poisoned(seq, out)
 
     def _decode(self, out: Emitted) -> None:
         import torch
@@ -149,11 +160,33 @@ class Scheduler:
         self.runner.step_inputs[:rows].copy_(torch.tensor(inputs, dtype=torch.long))
         kv_len = self.runner.kv_len_for(max(r[1] for r in inputs))
         logits = self.decoder(rows, kv_len, slot_bucket(max(r[2] for r in inputs), self.bank.capacity))
-        samplers = [self.running[row].sampler if row in self.running else None for row in range(n)]
+        finite = _finite_rows(logits[:n])
+        samplers = [self.running[row].sampler if row in self.running and finite[row] else None for row in range(n)]
         chosen = choose_tokens(logits[:n], samplers)
         self.steps += 1
         for row, seq in list(self.running.items()):
-            self._accept(seq, chosen[row], out)
+            if finite[row]:
+                self._accept(seq, chosen[row], out)
+            else:
+                self._poisoned(seq, out)
+
+    def _poisoned(self, seq: Sequence, out: Emitted) -> None:
+        """The watchdog: fail this request only, and quarantine its adapter so no new request gets it."""
+        name = self.bank.quarantine(seq.slot) if seq.slot else None
+        adapter = seq.request.adapter
+        message = "the model produced non-finite values (inf or NaN) for this request"
+        if adapter is not None:
+            message += f"; adapter {adapter!r} is quarantined"
+        log.error("request %s: non-finite logits at token %d (adapter %s); failing it", seq.request.request_id,
+                  len(seq.generated), adapter or "none")
+        out.append((seq, TokenEvent(seq.request.request_id, None, "", finish_reason="error", error=message)))
+        self._finish(seq)
+        if name is not None:
+            reason = f"non-finite logits while answering request {seq.request.request_id}"
+            self.quarantined[name] = reason
+            log.error("adapter %s quarantined: %s", name, reason)
+            if self.on_quarantine is not None:
+                self.on_quarantine(name, reason)
 
     def _accept(self, seq: Sequence, token: int, out: Emitted) -> None:
         seq.generated.append(token)
@@ -177,6 +210,12 @@ class Scheduler:
             del self.running[seq.row]
             heapq.heappush(self._free_rows, seq.row)
         self.bank.release(seq.slot)
+
+
+def _finite_rows(logits: Any) -> list[bool]:
+    import torch
+
+    return [bool(v) for v in torch.isfinite(logits).all(dim=-1).tolist()]
 
 
 def _bucket(n: int, cap: int) -> int:
