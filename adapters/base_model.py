@@ -167,6 +167,28 @@ def load_base(config: BaseModelConfig, *, for_training: bool = False) -> LoadedB
     return LoadedBase(model=model, tokenizer=tokenizer, resolved=resolved, device=device, precision=precision)
 
 
+def load_base_meta(config: BaseModelConfig) -> LoadedBase:
+    """The base's tokenizer and configs without its weights, for a service whose upstreams generate
+    (``serve --engine vllm``): ``model`` is None, ``extra`` holds ``config`` and ``generation_config``."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    resolved = resolve_base(config.base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.folder)
+        model_config = AutoConfig.from_pretrained(resolved.folder)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"could not load the tokenizer or config: {exc}", path=resolved.folder,
+                             field="base") from exc
+    try:
+        generation_config: Any = GenerationConfig.from_pretrained(resolved.folder)
+    except OSError:
+        generation_config = None  # no generation_config.json: the tokenizer's EOS is the stop token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedBase(model=None, tokenizer=tokenizer, resolved=resolved, device="upstream", precision="upstream",
+                      extra={"config": model_config, "generation_config": generation_config})
+
+
 def nf4_config(*, double_quant: bool = True, compute_dtype: str = "bfloat16") -> Any:
     """The QLoRA quantisation config: NF4, double quantisation, bf16 compute."""
     try:

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "persona_router.cli.serve",
     "persona_router.cli.eval",
     "persona_router.cli.train",
+    "persona_router.cli.vllm_serve",
 )
 
 log = logging.getLogger("persona_router")

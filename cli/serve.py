@@ -33,7 +33,18 @@ def register(subparsers: Any) -> None:
     add_pack_argument(serve)
     add_base_arguments(serve)
     serve.add_argument("--engine", default="auto", choices=ENGINES,
-                       help="generation engine: fast (continuous batching), reference (HF generate) or auto "
+                       help="generation engine: fast (continuous batching), reference (HF generate), auto, or "
+                       "vllm: hand generation to the vLLM servers given with --upstream (default: %(default)s)")
+    serve.add_argument("--upstream", action="append", default=[], metavar="URL",
+                       help="a vLLM server (http://host:port) for --engine vllm; repeat for several (see "
+                       "'persona-router vllm-serve')")
+    serve.add_argument("--upstream-max-inflight", type=int, default=8, metavar="N",
+                       help="requests per upstream before a persona's requests spill over to its next upstream "
+                       "(default: %(default)s)")
+    serve.add_argument("--upstream-replicas", type=int, default=1, metavar="N",
+                       help="upstreams each adapter is loaded on ahead of use (default: %(default)s)")
+    serve.add_argument("--upstream-wait", type=float, default=300.0, metavar="S",
+                       help="seconds to wait at start for a healthy upstream before reporting not ready "
                        "(default: %(default)s)")
     serve.add_argument("--router", default="fitted", choices=ROUTER_MODES,
                        help="fitted: infer personas with the embedding router; fallback: no classifier, "
@@ -67,6 +78,8 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         "max_resident_adapters": args.max_resident_adapters, "watch_interval_s": args.watch_interval,
         "max_new_tokens_limit": args.max_new_tokens_limit, "warmup": not args.no_warmup,
         "default_max_new_tokens": min(128, args.max_new_tokens_limit),
+        "upstreams": tuple(args.upstream), "upstream_max_in_flight": args.upstream_max_inflight,
+        "upstream_replicas": args.upstream_replicas, "upstream_wait_s": args.upstream_wait,
     }
     if args.adapters is not None:
         overrides["adapters_dir"] = args.adapters
@@ -84,6 +97,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     pack = load_pack(settings.pack)  # fail with a clean message before uvicorn starts
     resolve_base(settings.base)
+    if settings.engine == "vllm":
+        log.info("generation goes to %d vLLM upstream(s): %s; they must serve the same base (%s)",
+                 len(settings.upstreams), ", ".join(settings.upstreams), settings.base)
     trainer = BackgroundTrainer(settings, pack.names, extra=args.train_arg) if args.train_missing else None
     if trainer is not None and settings.watch_interval_s == 0:
         log.warning("--train-missing with --watch-interval 0: new adapters load only on POST /v1/admin/adapters/reload")

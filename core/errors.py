@@ -79,6 +79,26 @@ class QueueFullError(PersonaRouterError):
         super().__init__(message)
 
 
+class UpstreamUnavailableError(PersonaRouterError):
+    """No generation upstream (a vLLM server or an engine of a pool) can take the request now."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 2) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class UpstreamFailedError(PersonaRouterError):
+    """One upstream failed a request (unreachable, 5xx, broken stream, adapter lost by a restart).
+
+    Raised by a pool member's stream; the pool retries the request on another member when no token of it
+    was delivered yet. ``adapter_missing`` says the upstream no longer holds the request's adapter.
+    """
+
+    def __init__(self, message: str, *, adapter_missing: bool = False) -> None:
+        self.adapter_missing = adapter_missing
+        super().__init__(message)
+
+
 def choices(valid: Iterable[str]) -> str:
     """Format valid choices for an error message."""
     return ", ".join(repr(v) for v in valid)

@@ -37,15 +37,19 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # -- loading ------------------------------------------------------------------------------------------------
 def load_service(settings: ServiceSettings) -> ServiceState:
     """Everything heavy, once: pack, base model, router, engine, residency (blocking; run in a thread)."""
-    from persona_router.adapters.base_model import BaseModelConfig, configure_threads, load_base
+    from persona_router.adapters.base_model import BaseModelConfig, configure_threads, load_base, load_base_meta
     from persona_router.adapters.registry import AdapterRegistry
     from persona_router.adapters.residency import AdapterResidency
     from persona_router.core.pack import load_pack
 
     started = time.perf_counter()
     pack = load_pack(settings.pack)
-    configure_threads()
-    base = load_base(BaseModelConfig(base=settings.base, device=settings.device, quantization=settings.quantization))
+    base_config = BaseModelConfig(base=settings.base, device=settings.device, quantization=settings.quantization)
+    if settings.engine == "vllm":
+        base = load_base_meta(base_config)  # the upstreams hold the weights; we need the tokenizer and configs
+    else:
+        configure_threads()
+        base = load_base(base_config)
     metrics = ServiceMetrics()
     decide, router_info = _load_router(settings, pack)
     engine, kind, max_len = _build_engine(settings, base)
@@ -55,7 +59,8 @@ def load_service(settings: ServiceSettings) -> ServiceState:
         on_event=lambda event, persona, version: metrics.adapter_events.inc(
             event=event, persona=persona, adapter_version=str(version)),
     )
-    positions = getattr(base.model.config, "max_position_embeddings", None)
+    model_config = base.model.config if base.model is not None else base.extra.get("config")
+    positions = getattr(model_config, "max_position_embeddings", None)
     limits = [n for n in (positions, max_len) if n]
     answerer = Answerer(settings=settings, pack=pack, decide=decide, engine=engine, residency=residency,
                         tokenizer=base.tokenizer, metrics=metrics, max_positions=min(limits) if limits else None)
@@ -80,6 +85,19 @@ def _load_router(settings: ServiceSettings, pack: Any) -> tuple[Any, dict[str, A
 def _build_engine(settings: ServiceSettings, base: Any) -> tuple[Any, str, int | None]:
     """The engine named by the settings; ``auto`` prefers the fast engine and falls back to the reference."""
     kind = settings.engine
+    if kind == "vllm":
+        from persona_router.adapters.upstream_pool import PoolConfig, UpstreamPool
+        from persona_router.adapters.vllm_upstream import VllmUpstream
+
+        from persona_router.adapters.generation import eos_token_ids
+
+        # What ``generate`` and the in-process engines stop on, sent with every request.
+        stops = tuple(sorted(eos_token_ids(base.tokenizer, base.extra.get("generation_config"))))
+        members = [VllmUpstream(url, read_timeout_s=settings.request_timeout_s, stop_token_ids=stops)
+                   for url in settings.upstreams]
+        pool_config = PoolConfig(max_in_flight=settings.upstream_max_in_flight, replicas=settings.upstream_replicas,
+                                 max_queue=settings.max_queue)
+        return UpstreamPool(members, pool_config), "vllm", None
     if kind in ("auto", "fast"):
         try:
             from persona_router.adapters.engine import EngineConfig, build_engine
@@ -117,16 +135,46 @@ def _register_gauges(state: ServiceState) -> None:
     metrics.add_gauge("persona_router_live_adapter_version", "The adapter version serving each persona "
                       "(0: prompt-only).", ("persona",),
                       lambda: [({"persona": p}, float(state.residency.live(p) or 0)) for p in state.pack.names])
+    describe = getattr(state.engine, "describe", None)
+    if describe is None:
+        return
+    for key, name, help_text in (
+            ("up", "persona_router_upstream_up", "1 while the upstream passes its health checks."),
+            ("in_flight", "persona_router_upstream_in_flight", "Requests on the upstream now."),
+            ("requests", "persona_router_upstream_requests", "Requests placed on the upstream since start."),
+            ("failures", "persona_router_upstream_failures", "Failures seen (probe or request) since start."),
+            ("retries", "persona_router_upstream_retries", "Requests that failed there before their first token "
+             "and were retried on another upstream."),
+            ("adapter_loads", "persona_router_upstream_adapter_loads", "Adapter loads into the upstream."),
+            ("adapters", "persona_router_upstream_adapters", "Adapters resident on the upstream.")):
+        metrics.add_gauge(name, help_text, ("upstream",), _upstream_reader(describe, key))
+
+
+def _upstream_reader(describe: Any, key: str) -> Any:
+    def read() -> list[tuple[dict[str, str], float]]:
+        rows = []
+        for member in describe():
+            value = member[key]
+            rows.append(({"upstream": member["name"]}, float(len(value) if isinstance(value, list) else value)))
+        return rows
+
+    return read
 
 
 async def _warm_up(state: ServiceState) -> None:
     """One short generation through the engine, so the first real request does not pay for it."""
     try:
+        wait_up = getattr(state.engine, "wait_up", None)
+        if wait_up is not None:  # upstreams may still be starting: wait for one of them
+            up = await wait_up(state.settings.upstream_wait_s)
+            if not up:
+                raise TimeoutError(f"no upstream became healthy within {state.settings.upstream_wait_s:g} s")
         ids = state.base.tokenizer("warm up", add_special_tokens=False)["input_ids"] or [0]
         request = GenerationRequest(request_id="warmup", prompt_ids=tuple(ids), adapter=None,
                                     sampling=SamplingConfig(max_new_tokens=2))
-        async for _ in state.engine.submit(request):
-            pass
+        async for event in state.engine.submit(request):
+            if event.finish_reason == "error":
+                raise RuntimeError(f"the warm-up generation failed: {event.error}")
         state.ready = True
         log.info("service ready: http://%s:%d/", state.settings.host, state.settings.port)
     except Exception as exc:  # a failed warm-up leaves the service alive but not ready
@@ -183,7 +231,16 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         return Response(body, status_code=503, headers={"Retry-After": "1"})
     return Response({"status": "ready", "base": state.base.name, "device": state.base.device,
                      "precision": state.base.precision, "engine": state.engine_kind,
-                     "router": state.router_info.get("mode"), "uptime_s": round(time.time() - state.started_at, 1)})
+                     "router": state.router_info.get("mode"), "uptime_s": round(time.time() - state.started_at, 1),
+                     **_upstreams(state)})
+
+
+def _upstreams(state: ServiceState) -> dict[str, Any]:
+    describe = getattr(state.engine, "describe", None)
+    if describe is None:
+        return {}
+    return {"upstreams": [{k: member[k] for k in ("name", "up", "in_flight", "adapters", "last_error")}
+                          for member in describe()]}
 
 
 @post("/v1/answer", status_code=200)

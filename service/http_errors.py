@@ -21,6 +21,8 @@ from persona_router.core.errors import (
     PersonaRouterError,
     QueueFullError,
     UnknownPersonaError,
+    UpstreamFailedError,
+    UpstreamUnavailableError,
 )
 from persona_router.service.schemas import ErrorBody, ErrorResponse
 
@@ -45,14 +47,16 @@ def status_of(exc: BaseException) -> int:
         return 409
     if isinstance(exc, AdapterError):
         return 422
-    if isinstance(exc, NotReadyError):
+    if isinstance(exc, NotReadyError | UpstreamUnavailableError):
         return 503
+    if isinstance(exc, UpstreamFailedError):
+        return 502
     return 500
 
 
 def error_type(exc: BaseException) -> str:
     return {400: "invalid_request_error", 404: "not_found_error", 409: "adapter_conflict_error",
-            422: "adapter_error", 429: "rate_limit_error", 503: "unavailable_error",
+            422: "adapter_error", 429: "rate_limit_error", 502: "upstream_error", 503: "unavailable_error",
             504: "timeout_error"}.get(status_of(exc), "server_error")
 
 
@@ -62,7 +66,7 @@ def error_body(exc: BaseException) -> ErrorBody:
     body = ErrorBody(message=str(exc) or type(exc).__name__, type=error_type(exc), field=field, param=field)
     if isinstance(exc, UnknownPersonaError):
         body.valid = list(exc.valid)
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, QueueFullError | UpstreamUnavailableError):
         body.retry_after_s = exc.retry_after_s
     if isinstance(exc, TimeoutError) and not str(exc):
         body.message = "the request timed out"
@@ -71,7 +75,8 @@ def error_body(exc: BaseException) -> ErrorBody:
 
 def error_response(exc: BaseException) -> Response[Any]:
     status = status_of(exc)
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFullError) else {}
+    headers = ({"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFullError | UpstreamUnavailableError)
+               else {})
     if isinstance(exc, NotReadyError):
         headers["Retry-After"] = "1"
     if status >= 500 and status not in (503, 504):

@@ -15,7 +15,7 @@ from persona_router.core.errors import ConfigError, choices
 from persona_router.service.ab_split import SplitConfig
 
 ADMIN_TOKEN_ENV = "PERSONA_ROUTER_ADMIN_TOKEN"
-ENGINES: tuple[str, ...] = ("auto", "reference", "fast")
+ENGINES: tuple[str, ...] = ("auto", "reference", "fast", "vllm")
 ROUTER_MODES: tuple[str, ...] = ("fitted", "fallback")
 _HOST = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
 
@@ -25,7 +25,9 @@ class ServiceSettings:
     """Everything the service needs to start; validated here so a bad value fails before any model loads.
 
     ``engine``: ``reference`` (``adapters/engine_reference.py``: static batches through ``generate``),
-    ``fast`` (``adapters/engine``: continuous batching) or ``auto`` (fast when importable).
+    ``fast`` (``adapters/engine``: continuous batching), ``auto`` (fast when importable) or ``vllm``: a pool
+    of vLLM servers at ``upstreams`` (``adapters/upstream_pool.py``), each taking ``upstream_max_in_flight``
+    requests before the next spills over, each adapter loaded eagerly on ``upstream_replicas`` of them.
     ``router``: ``fitted`` loads (or fits once) the pack's embedding router; ``fallback`` skips the
     embedder and sends every request without a persona to the pack's fallback persona, saying so.
     ``watch_interval_s``: how often the adapters folder is checked for new versions (0 turns it off).
@@ -53,6 +55,10 @@ class ServiceSettings:
     default_max_new_tokens: int = 128
     warmup: bool = True
     ab_splits: tuple[SplitConfig, ...] = ()
+    upstreams: tuple[str, ...] = ()
+    upstream_max_in_flight: int = 8
+    upstream_replicas: int = 1
+    upstream_wait_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not self.host or not _HOST.match(self.host):
@@ -80,6 +86,19 @@ class ServiceSettings:
         if self.admin_token is not None and len(self.admin_token) < 8:
             raise ConfigError("must be at least 8 characters (or unset to disable admin auth)",
                               field=ADMIN_TOKEN_ENV)
+        if self.engine == "vllm" and not self.upstreams:
+            raise ConfigError("--engine vllm needs at least one --upstream URL", field="upstreams")
+        if self.upstreams and self.engine != "vllm":
+            raise ConfigError("--upstream is only used with --engine vllm", field="upstreams")
+        for url in self.upstreams:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{url!r} is not an http(s):// URL", field="upstreams")
+        if len(set(self.upstreams)) != len(self.upstreams):
+            raise ConfigError("the same upstream URL is listed twice", field="upstreams")
+        _at_least(self.upstream_max_in_flight, 1, "upstream_max_in_flight")
+        _at_least(self.upstream_replicas, 1, "upstream_replicas")
+        if not 0 <= self.upstream_wait_s <= 3600:
+            raise ConfigError(f"{self.upstream_wait_s} must be between 0 and 3600 s", field="upstream_wait_s")
         personas = [split.persona for split in self.ab_splits]
         if len(personas) != len(set(personas)):
             raise ConfigError("at most one A/B split per persona", field="ab_splits")
