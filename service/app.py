@@ -86,10 +86,9 @@ def _build_engine(settings: ServiceSettings, base: Any) -> tuple[Any, str, int |
     """The engine named by the settings; ``auto`` prefers the fast engine and falls back to the reference."""
     kind = settings.engine
     if kind == "vllm":
+        from persona_router.adapters.generation import eos_token_ids
         from persona_router.adapters.upstream_pool import PoolConfig, UpstreamPool
         from persona_router.adapters.vllm_upstream import VllmUpstream
-
-        from persona_router.adapters.generation import eos_token_ids
 
         # What ``generate`` and the in-process engines stop on, sent with every request.
         stops = tuple(sorted(eos_token_ids(base.tokenizer, base.extra.get("generation_config"))))
