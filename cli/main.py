@@ -15,6 +15,7 @@ from persona_router.core.errors import PersonaRouterError
 # Modules that define ``register(subparsers)``; each adds its own sub-commands.
 COMMAND_MODULES = (
     "persona_router.cli.common",
+    "persona_router.cli.persona",
     "persona_router.cli.route",
     "persona_router.cli.serve",
     "persona_router.cli.eval",

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from persona_router.core.errors import PackError, UnknownPersonaError
+from persona_router.core.home import home_dir
 from persona_router.core.names import PERSONA_NAME
 
 DEMO_PACK = "demo"
+USER_PACK = "user"  # the user's own pack, created from the demo pack by `persona add`
 _PERSONA_FIELDS = ("name", "description", "system_prompt", "examples")
 _OPTIONAL_FIELDS = ("fallback", "aliases")
 
@@ -75,12 +77,27 @@ def demo_pack_path() -> Path:
     return Path(str(resources.files("persona_router.core") / "packs" / f"{DEMO_PACK}.toml"))
 
 
-def load_pack(path: str | Path | None = None) -> PersonaPack:
-    """Load and validate a pack; ``None`` or ``"demo"`` gives the bundled demo pack."""
+def user_pack_path() -> Path:
+    """``$PERSONA_ROUTER_HOME/packs/user.toml``: where ``persona add`` keeps the user's pack."""
+    return home_dir() / "packs" / f"{USER_PACK}.toml"
+
+
+def resolve_pack_path(path: str | Path | None) -> Path:
+    """The file behind a pack reference: ``None``/``"demo"`` the bundled pack, ``"user"`` the user pack."""
     if path is None or str(path) == DEMO_PACK:
-        path = demo_pack_path()
-    path = Path(path)
+        return demo_pack_path()
+    if str(path) == USER_PACK:
+        return user_pack_path()
+    return Path(path).expanduser()
+
+
+def load_pack(path: str | Path | None = None) -> PersonaPack:
+    """Load and validate a pack; ``None`` or ``"demo"`` gives the bundled demo pack, ``"user"`` the user pack."""
+    reference = path
+    path = resolve_pack_path(path)
     if not path.is_file():
+        if str(reference) == USER_PACK:
+            raise PackError("no user pack yet: `persona-router persona add` creates it from the demo pack", path=path)
         raise PackError("no such pack file", path=path)
     try:
         if path.suffix in (".yaml", ".yml"):

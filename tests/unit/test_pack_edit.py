@@ -1,0 +1,118 @@
+"""Pack editing (``persona add/remove``): the demo pack is copied, never modified; entries obey the loader's
+rules; writes are atomic (a failed edit leaves the file as it was); the CLI says what comes next."""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+
+import pytest
+from persona_router.cli.main import main
+from persona_router.core.errors import PackError
+from persona_router.core.pack import demo_pack_path, load_pack, user_pack_path
+from persona_router.core.pack_edit import add_persona, dumps_toml, read_examples, remove_persona
+
+PATIENT = {"name": "patient", "description": "Patients who want plain words.",
+           "system_prompt": "You answer a patient in plain words.", "examples": ["does this pill work?"]}
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PERSONA_ROUTER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_add_creates_user_pack_from_demo_and_keeps_demo_untouched() -> None:
+    before = digest(demo_pack_path())
+    edit = add_persona(dict(PATIENT))
+    assert edit.created_from_demo and edit.path == user_pack_path()
+    assert digest(demo_pack_path()) == before
+    demo, user = load_pack("demo"), load_pack("user")
+    assert user.names == (*demo.names, "patient") and user.name == "user"
+    assert user.get("patient").examples == ("does this pill work?",)
+    for name in demo.names:  # the demo personas survive the rewrite field for field
+        assert user.get(name) == demo.get(name)
+    assert tomllib.loads(user_pack_path().read_text())["version"] == 1  # keys the loader ignores survive
+    # A second edit edits the user pack in place (no second copy from the demo pack).
+    again = add_persona({**PATIENT, "name": "carer"}, pack="demo")
+    assert not again.created_from_demo and load_pack("user").names[-2:] == ("patient", "carer")
+
+
+@pytest.mark.parametrize(("entry", "field"), [
+    ({**PATIENT, "name": "Patient!"}, "name"),
+    ({**PATIENT, "name": "a" * 41}, "name"),
+    ({**PATIENT, "description": "  "}, "description"),
+    ({**PATIENT, "examples": []}, "examples"),
+    ({**PATIENT, "examples": ["ok", " "]}, "examples"),
+    ({**PATIENT, "colour": "red"}, "personas[6]"),
+    ({**PATIENT, "name": "student"}, "name"),
+    ({**PATIENT, "fallback": True}, "fallback"),
+])
+def test_invalid_entries_are_refused_and_nothing_is_written(entry: dict, field: str) -> None:
+    add_persona({**PATIENT, "name": "first"})
+    before = digest(user_pack_path())
+    with pytest.raises(PackError) as caught:
+        add_persona(entry)
+    assert field in str(caught.value)
+    assert digest(user_pack_path()) == before
+    assert not [p for p in user_pack_path().parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_replace_and_remove_round_trip(tmp_path: Path) -> None:
+    add_persona(dict(PATIENT))
+    add_persona({**PATIENT, "system_prompt": "New prompt."}, replace=True)
+    assert load_pack("user").get("patient").system_prompt == "New prompt."
+    edit = remove_persona("patient")
+    assert "patient" not in edit.pack and load_pack("user").names == load_pack("demo").names
+    with pytest.raises(PackError, match="no persona 'patient'"):
+        remove_persona("patient")
+    with pytest.raises(PackError, match="fallback"):
+        remove_persona("general-reader")
+    with pytest.raises(PackError, match="no such pack file"):
+        add_persona(dict(PATIENT), pack=tmp_path / "missing.toml")
+
+
+def test_yaml_pack_is_edited_as_yaml(tmp_path: Path) -> None:
+    pack = tmp_path / "mine.yaml"
+    pack.write_text("name: mine\npersonas:\n  - name: a\n    description: d\n    system_prompt: s\n"
+                    "    examples: [q]\n    fallback: true\n")
+    add_persona(dict(PATIENT), pack=pack)
+    assert load_pack(pack).names == ("a", "patient")
+
+
+def test_toml_writer_escapes_what_toml_needs() -> None:
+    raw = {"name": "x", "personas": [{**PATIENT, "system_prompt": 'quote " back \\ tab \t newline \n é',
+                                      "fallback": True}]}
+    assert tomllib.loads(dumps_toml(raw)) == raw
+
+
+def test_read_examples_text_and_jsonl(tmp_path: Path) -> None:
+    text = tmp_path / "ex.txt"
+    text.write_text("# comment\nfirst question\n\n  second one  \n")
+    assert read_examples(text) == ["first question", "second one"]
+    rows = tmp_path / "ex.jsonl"
+    rows.write_text('{"question": "a?"}\n{"question": "b?", "persona": "x"}\n')
+    assert read_examples(rows) == ["a?", "b?"]
+    rows.write_text('{"text": "a?"}\n')
+    with pytest.raises(PackError, match="row 1"):
+        read_examples(rows)
+
+
+def test_cli_add_and_remove(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    examples = tmp_path / "ex.txt"
+    examples.write_text("is this treatment safe for me?\n")
+    code = main(["persona", "add", "patient", "--description", "Patients.", "--system-prompt", "Plain words.",
+                 "--examples", str(examples), "--example", "what did the study find?"])
+    out = capsys.readouterr().out
+    assert code == 0 and "created the user pack" in out and "fit-router" in out and "train" in out
+    assert load_pack("user").get("patient").examples == ("what did the study find?", "is this treatment safe for me?")
+    assert main(["persona", "add", "patient", "--description", "d", "--system-prompt", "s", "--example", "q"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["persona", "remove", "patient"]) == 0
+    assert "removed persona 'patient'" in capsys.readouterr().out
+    assert main(["persona", "add", "bad_name", "--description", "d", "--system-prompt", "s", "--example", "q"]) == 2
