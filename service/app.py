@@ -24,7 +24,7 @@ from persona_router.adapters.generation import SamplingConfig
 from persona_router.core.errors import PersonaRouterError
 from persona_router.service.answering import Answerer, Running, fallback_decider
 from persona_router.service.http_errors import EXCEPTION_HANDLERS, error_body
-from persona_router.service.metrics import CONTENT_TYPE, ServiceMetrics
+from persona_router.service.metrics import ServiceMetrics
 from persona_router.service.schemas import AdapterRef, AnswerRequest, AnswerResponse, decode_body, sse
 from persona_router.service.settings import ServiceSettings
 from persona_router.service.state import ServiceState, service
@@ -296,9 +296,10 @@ async def personas(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 
 @get("/metrics")
-async def metrics(request: Request[Any, Any, Any]) -> Response[str]:
-    state = service(request)
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    body, content_type = service(request).metrics.render(request.headers.get("accept", ""))
+    # Litestar appends the charset to every text/* media type itself; given one that has it, it doubled it.
+    return Response(body, media_type=content_type.replace("; charset=utf-8", ""))
 
 
 # -- the app ------------------------------------------------------------------------------------------------
