@@ -305,14 +305,15 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
 # -- the app ------------------------------------------------------------------------------------------------
 def create_app(settings: ServiceSettings) -> Litestar:
     from persona_router.service.admin import admin_router
+    from persona_router.service.compare import JudgeHolder, compare
     from persona_router.service.openai_compat import chat_completions, list_models
 
     return Litestar(
-        route_handlers=[index, health, ready, answer, personas, metrics, chat_completions, list_models,
+        route_handlers=[index, health, ready, answer, personas, metrics, compare, chat_completions, list_models,
                         admin_router(settings)],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
-        state=State({"settings": settings}),
+        state=State({"settings": settings, "judge": JudgeHolder()}),
         openapi_config=None,
         logging_config=None,  # keep the CLI's logging set-up
         request_max_body_size=1024 * 1024,

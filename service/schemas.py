@@ -30,6 +30,9 @@ class AnswerRequest(msgspec.Struct, forbid_unknown_fields=True):
     seed: int | None = None
     user: str | None = None
     stream: bool = False
+    # Which adapter answers: omitted or "live" = the persona's live version (and its A/B split, if any),
+    # "none" = the system prompt alone, "3" = that version. The compare view sets it per arm.
+    adapter: str | None = None
 
 
 class AdapterRef(msgspec.Struct):
