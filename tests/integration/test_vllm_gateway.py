@@ -87,10 +87,11 @@ def factory(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Adapter
 
 
 @pytest.fixture(scope="module")
-def upstreams(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Upstream]]:
+def started(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Upstream]]:
+    """Two vLLM servers, launched (the reference answers are computed while they start)."""
     assert VLLM_PYTHON is not None
     logs = tmp_path_factory.mktemp("vllm-logs")
-    started: list[Upstream] = []
+    launched: list[Upstream] = []
     try:
         for core in (0, 1):  # one core each, as one GPU each would be
             port = free_port()
@@ -101,19 +102,24 @@ def upstreams(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             with open(log_path, "wb") as sink:
                 process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True)
-            started.append(Upstream(f"http://127.0.0.1:{port}", process, log_path))
-        for upstream in started:
-            _wait_upstream(upstream, timeout_s=600)
-        yield started
+            launched.append(Upstream(f"http://127.0.0.1:{port}", process, log_path))
+        yield launched
     finally:
-        for upstream in started:
+        for upstream in launched:
             if upstream.process.poll() is None:
                 os.killpg(upstream.process.pid, signal.SIGTERM)
-        for upstream in started:
+        for upstream in launched:
             try:
                 upstream.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 upstream.kill()
+
+
+@pytest.fixture(scope="module")
+def upstreams(started: list[Upstream]) -> list[Upstream]:
+    for upstream in started:
+        _wait_upstream(upstream, timeout_s=600)
+    return started
 
 
 def _wait_upstream(upstream: Upstream, timeout_s: float) -> None:
@@ -134,11 +140,11 @@ def _settings(factory: AdapterFactory, **overrides: Any) -> Any:
     from persona_router.service.settings import ServiceSettings
 
     return ServiceSettings(router="fallback", adapters_dir=factory.registry.root, request_timeout_s=600,
-                           max_new_tokens_limit=64, **overrides)
+                           max_new_tokens_limit=64, default_max_new_tokens=32, **overrides)
 
 
 @pytest.fixture(scope="module")
-def reference(factory: AdapterFactory) -> dict[tuple[str, str], dict[str, Any]]:
+def reference(factory: AdapterFactory, started: list[Upstream]) -> dict[tuple[str, str], dict[str, Any]]:
     """The in-process engine's answers (greedy, fp32) for every case."""
     with serve(_settings(factory, engine="fast", watch_interval_s=0)) as local, local.client(timeout=600) as client:
         return {(persona, question): _answer(client, persona, question) for persona, question in CASES}
