@@ -210,6 +210,7 @@ def main() -> int:
         "trainer-padded": {**BEFORE, "packing": False},
         "trainer-bf16": {**BEFORE, "mixed_precision": "bf16"},
         "trainer-padded-bf16": {**BEFORE, "packing": False, "mixed_precision": "bf16"},
+        "trainer-bf16-nodropout": {**BEFORE, "mixed_precision": "bf16", "lora_dropout": 0.0},
         "trainer-after": {},
     }
     out = Path(args.out)

@@ -29,6 +29,8 @@ def lora_config(config: TrainConfig) -> Any:
     """LoRA on every linear layer but the LM head, no ``modules_to_save``: the format vLLM and PEFT both load."""
     from peft import LoraConfig
 
+    if config.lora_dropout is None:
+        raise ConfigError("resolve the config for a device first (TrainConfig.resolved)", field="lora_dropout")
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,

@@ -14,7 +14,7 @@ from persona_router.cli.main import main
 from persona_router.core.errors import AdapterError, AdapterIncompatibleError
 from persona_router.core.pack import load_pack
 from persona_router.core.records import QARecord
-from persona_router.training.config import TrainConfig
+from persona_router.training.config import CPU_DEFAULTS, TrainConfig
 from persona_router.training.jobs import PersonaJob
 
 WORDS = ["the heart pumps blood.", "code runs fast.", "light scatters in air.", "a teacher answers it."]
@@ -75,7 +75,8 @@ def test_trained_adapter_loads_with_peft_and_has_a_full_manifest(tiny_model_dir:
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
     assert adapter_config["modules_to_save"] is None
     assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
-    assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"]) == (16, 32, 0.05)
+    assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"]) == (
+        16, 32, CPU_DEFAULTS["lora_dropout"])
     assert set(adapter_config["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

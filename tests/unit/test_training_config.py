@@ -13,8 +13,8 @@ from persona_router.training.config import CPU_DEFAULTS, TrainConfig, load_confi
 
 def test_defaults_are_the_issue_qlora_settings() -> None:
     config = TrainConfig()
-    assert (config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules) == (16, 32, 0.05,
-                                                                                              "all-linear")
+    assert (config.lora_r, config.lora_alpha, config.resolved("cuda").lora_dropout, config.target_modules) == (
+        16, 32, 0.05, "all-linear")
     cuda = config.resolved("cuda")
     assert (cuda.learning_rate, cuda.lr_scheduler, cuda.warmup_ratio) == (2e-4, "cosine", 0.03)
     assert cuda.optim == "paged_adamw_8bit"
