@@ -58,41 +58,116 @@ def run(cmd: list[str], log_path: Path) -> tuple[float, str]:
     return seconds, proc.stdout
 
 
+def epoch_snapshots(folder: Path, persona: str, base_path: str) -> Any:
+    """A callback saving the adapter at the end of every epoch (for the learning curve; ~1 s each)."""
+    from persona_router.training.trainer import save_adapter
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            save_adapter(model, folder / f"epoch-{round(state.epoch or 0)}" / persona, base_path)
+
+    return Snapshot()
+
+
 def phase_train(args: argparse.Namespace, out: Path) -> None:
+    """What ``persona-router train --all`` does (cli/train.py: cmd_train), plus per-epoch snapshots."""
+    from persona_router.adapters.base_model import BaseModelConfig, configure_threads, resolve_base
+    from persona_router.adapters.offline_default import DEFAULT_BASE
+    from persona_router.adapters.registry import AdapterRegistry
+    from persona_router.core.pack import load_pack
+    from persona_router.training.config import TrainConfig
+    from persona_router.training.jobs import plan_jobs
+    from persona_router.training.trainer import train_persona
+
     adapters = Path(args.adapters)
     if any(adapters.glob("*/LATEST")):
         raise SystemExit(f"{adapters} already holds adapters; pass a fresh --adapters folder")
-    info = {"machine": machine(), "load_avg_before": load_avg(), "adapters": str(adapters),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    extra = [*(["--epochs", str(args.epochs)] if args.epochs else [])]
-    seconds, stdout = run([*CLI, "-q", "train", "--all", "--adapters", str(adapters), "--json", *extra],
-                          out / "train.log")
+    info: dict[str, Any] = {"machine": machine(), "load_avg_before": load_avg(), "adapters": str(adapters),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "command": "persona-router train --all (same calls as cli/train.py)"}
+    config = TrainConfig(epochs=args.epochs) if args.epochs else TrainConfig()
+    pack = load_pack("demo")
+    jobs = plan_jobs(pack, list(pack.names), eval_fraction=config.eval_fraction)
+    base_config = BaseModelConfig(base=args.base or DEFAULT_BASE)
+    registry = AdapterRegistry(adapters)
+    configure_threads()
+    snapshots = adapters.parent / (adapters.name + "-epochs")
+    base_path = str(resolve_base(args.base or DEFAULT_BASE).folder)
+    started = time.perf_counter()
+    results = [train_persona(job, config, base_config, registry,
+                             callbacks=[epoch_snapshots(snapshots, job.persona.name, base_path)]) for job in jobs]
+    info["wall_s"] = round(time.perf_counter() - started, 1)
     info["load_avg_after"] = load_avg()
-    info["wall_s"] = seconds
-    rows = json.loads(stdout)
     info["personas"] = {}
-    for row in rows:
-        folder = adapters / row["persona"] / str(row["version"])
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    for result in results:
+        assert result.manifest is not None and result.path is not None
+        manifest = json.loads((result.path / "manifest.json").read_text(encoding="utf-8"))
         metrics = manifest["metrics"]
-        info["personas"][row["persona"]] = {
-            "version": row["version"], "steps": metrics["steps"], "epochs": metrics["epochs"],
+        info["personas"][result.persona] = {
+            "version": result.version, "steps": metrics["steps"], "epochs": metrics["epochs"],
             "tokens_seen": metrics["tokens_seen"], "train_time_s": metrics["train_time_s"],
             "wall_time_s": metrics["wall_time_s"], "tokens_per_s": metrics["tokens_per_s"],
             "train_loss": metrics["train_loss"], "eval_loss_before": metrics["eval_loss_before"],
             "eval_loss_after": metrics["eval_loss"], "compute_precision": manifest["extra"].get("compute_precision"),
             "hyperparameters": {k: manifest["hyperparameters"][k] for k in (
                 "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "packing",
-                "mixed_precision", "prompt_free_fraction", "lora_r")}}
+                "mixed_precision", "prompt_free_fraction", "lora_r", "lora_dropout")}}
+        publish_snapshots(snapshots, result)
     (out / "train.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    print(f"trained {len(rows)} adapters in {seconds:.0f} s (load {info['load_avg_before']} -> "
+    print(f"trained {len(results)} adapters in {info['wall_s']:.0f} s (load {info['load_avg_before']} -> "
           f"{info['load_avg_after']})")
+
+
+def publish_snapshots(root: Path, result: Any) -> None:
+    """Turn each epoch's saved adapter into version 1 of a registry of its own (``root/epoch-K``)."""
+    import shutil
+    from dataclasses import replace
+
+    from persona_router.adapters.manifest import write_manifest
+    from persona_router.adapters.registry import AdapterRegistry
+
+    for epoch_dir in sorted(root.glob("epoch-*")):
+        folder = epoch_dir / result.persona
+        if not folder.is_dir() or (epoch_dir / "registry" / result.persona / "LATEST").exists():
+            continue
+        registry = AdapterRegistry(epoch_dir / "registry")
+        staged = registry.staging_dir(result.persona)
+        shutil.rmtree(staged)
+        shutil.copytree(folder, staged)
+        manifest = replace(result.manifest, version=1, extra={**result.manifest.extra,
+                                                              "snapshot_epoch": epoch_dir.name})
+        write_manifest(staged, manifest)
+        registry.publish(result.persona, staged)
+
+
+def phase_curve(args: argparse.Namespace, out: Path) -> None:
+    """Judge accuracy of each epoch's snapshot (with the system prompt, all items): the learning curve."""
+    snapshots = Path(args.adapters).parent / (Path(args.adapters).name + "-epochs")
+    curve = []
+    for epoch_dir in sorted(snapshots.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1])):
+        report_dir = out / "curve" / epoch_dir.name
+        seconds, _ = run([*CLI, "-q", "eval", "matrix", "--adapters", str(epoch_dir / "registry"), "--items", "all",
+                          "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
+                          "--cochrane-pairs", "0", *(["--limit", str(args.limit)] if args.limit else []),
+                          *(["--base", args.base] if args.base else []),
+                          "--out", str(report_dir)], out / f"curve_{epoch_dir.name}.log")
+        report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
+        summary = condition_summary(report)
+        curve.append({"epoch": int(epoch_dir.name.split("-")[1]), "adapter_accuracy": summary["adapter_accuracy"],
+                      "prompt_accuracy": summary["baseline_accuracy"], "accuracy_diff": summary["accuracy_diff"],
+                      "accuracy_diff_ci": summary["accuracy_diff_ci"],
+                      "per_persona_adapter": summary["per_persona_adapter"], "wall_s": seconds})
+        (out / "curve.json").write_text(json.dumps({"curve": curve, "load_avg": load_avg()}, indent=2) + "\n",
+                                        encoding="utf-8")
+        print(f"epoch {curve[-1]['epoch']}: judge accuracy {curve[-1]['adapter_accuracy']:.3f}", flush=True)
 
 
 def phase_eval(args: argparse.Namespace, out: Path) -> None:
     info: dict[str, Any] = {"machine": machine(), "load_avg_before": load_avg()}
     common = ["--adapters", args.adapters, "--items", "all", "--max-new-tokens", str(args.max_new_tokens),
-              "--batch-size", str(args.batch_size)]
+              "--batch-size", str(args.batch_size), *(["--limit", str(args.limit)] if args.limit else []),
+              *(["--base", args.base] if args.base else [])]
     for name, flags in (("with_prompt", []), ("without_prompt", ["--no-system-prompt"])):
         seconds, _ = run([*CLI, "-q", "eval", "matrix", *common, *flags, "--out", str(out / name)],
                          out / f"eval_{name}.log")
@@ -171,6 +246,8 @@ def phase_report(args: argparse.Namespace, out: Path) -> None:
                   "cochrane_two_class_accuracy": cochrane.get("two_class_accuracy"),
                   "cochrane_pair_order_accuracy": cochrane.get("pair_order_accuracy"),
                   "cochrane_pairs": cochrane.get("pairs"), "cochrane_status": cochrane.get("status")},
+        "learning_curve": (json.loads((out / "curve.json").read_text(encoding="utf-8"))["curve"]
+                           if (out / "curve.json").is_file() else None),
         "generation": {k: reports["with_prompt"]["meta"]["config"].get(k)
                        for k in ("max_new_tokens", "temperature", "batch_size", "max_context_chars")},
     }
@@ -213,6 +290,14 @@ def markdown(s: dict[str, Any]) -> str:
                   "Per persona (judge accuracy, adapter / baseline): " + ", ".join(
                       f"{p} {a:.2f} / {c['per_persona_baseline'][p]:.2f}"
                       for p, a in c["per_persona_adapter"].items()) + "."]
+    if s.get("learning_curve"):
+        lines += ["", "## Learning curve (per-epoch snapshots of the same runs; with the system prompt, all items)",
+                  "", "| epochs | judge accuracy (adapter) | prompt-only | difference (95% CI) | per persona |",
+                  "|---|---|---|---|---|"]
+        for p in s["learning_curve"]:
+            lines.append(f"| {p['epoch']} | {p['adapter_accuracy']:.3f} | {p['prompt_accuracy']:.3f} | "
+                         f"{p['accuracy_diff']:+.3f} [{p['accuracy_diff_ci'][0]:+.3f}, {p['accuracy_diff_ci'][1]:+.3f}]"
+                         " | " + ", ".join(f"{k} {v:.2f}" for k, v in p["per_persona_adapter"].items()) + " |")
     spec = s["style_shift_specificity"]
     j = s["judge"]
     lines += ["", "## Style shift (loss gain on own vs other personas' held-out answers)", "",
@@ -232,13 +317,15 @@ def _yes(flag: bool) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--phase", choices=("train", "eval", "report", "all"), default="all")
+    parser.add_argument("--phase", choices=("train", "eval", "curve", "report", "all"), default="all")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/quality_cpu"))
     parser.add_argument("--adapters", default=None, help="registry for the trained adapters (default: OUT/../"
                         "$PERSONA_ROUTER_HOME/quality-adapters)")
     parser.add_argument("--epochs", type=float, default=None, help="override the CPU default epochs")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=None, help="smoke runs only: questions per item kind")
+    parser.add_argument("--base", default=None, help="smoke runs only: another base model folder")
     args = parser.parse_args()
     if args.adapters is None:
         from persona_router.core.home import home_dir
@@ -248,7 +335,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     phases = ("train", "eval", "report") if args.phase == "all" else (args.phase,)
     for phase in phases:
-        {"train": phase_train, "eval": phase_eval, "report": phase_report}[phase](args, out)
+        {"train": phase_train, "eval": phase_eval, "curve": phase_curve, "report": phase_report}[phase](args, out)
     return 0
 
 

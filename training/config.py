@@ -39,7 +39,7 @@ CUDA_DEFAULTS: dict[str, Any] = {
     "prompt_free_fraction": 0.0, "lora_dropout": 0.05,
 }
 CPU_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-3, "batch_size": 2, "grad_accum": 2, "max_length": 512, "epochs": 5.0,
+    "learning_rate": 1e-3, "batch_size": 1, "grad_accum": 4, "max_length": 512, "epochs": 3.0,
     "optim": "adamw_torch", "gradient_checkpointing": "off", "mixed_precision": "no", "save_steps": 10,
     "prompt_free_fraction": 0.5, "lora_dropout": 0.0,
 }
