@@ -168,7 +168,8 @@ def phase_eval(args: argparse.Namespace, out: Path) -> None:
     common = ["--adapters", args.adapters, "--items", "all", "--max-new-tokens", str(args.max_new_tokens),
               "--batch-size", str(args.batch_size), *(["--limit", str(args.limit)] if args.limit else []),
               *(["--base", args.base] if args.base else [])]
-    for name, flags in (("with_prompt", []), ("without_prompt", ["--no-system-prompt"])):
+    # The judge and its Cochrane check are the same for both runs: check once.
+    for name, flags in (("with_prompt", []), ("without_prompt", ["--no-system-prompt", "--cochrane-pairs", "0"])):
         seconds, _ = run([*CLI, "-q", "eval", "matrix", *common, *flags, "--out", str(out / name)],
                          out / f"eval_{name}.log")
         info[f"{name}_wall_s"] = seconds
@@ -194,6 +195,8 @@ def condition_summary(report: dict[str, Any]) -> dict[str, Any]:
     adapter, prompt = report["conditions"]["adapter"], report["conditions"]["prompt"]
     return {
         "n_items": adapter["n"], "baseline": report.get("baseline", "prompt"),
+        "n_parallel": sum(":" in row["id"] for row in report["items"] if "adapter" in row),
+        "n_own": sum(":" not in row["id"] for row in report["items"] if "adapter" in row),
         "adapter_accuracy": round(adapter["accuracy"], 3), "baseline_accuracy": round(prompt["accuracy"], 3),
         "accuracy_diff": round(hit["mean_diff"], 3), "accuracy_diff_ci": [round(hit["ci_low"], 3),
                                                                           round(hit["ci_high"], 3)],
@@ -275,7 +278,8 @@ def markdown(s: dict[str, Any]) -> str:
         c = s["conditions"][name]
         tg = s[f"targets_{name}"]
         lines += ["", f"## {title}", "",
-                  f"n = {c['n_items']} items (10 parallel x 5 + 10 own x 5), greedy, "
+                  f"n = {c['n_items']} items ({c['n_parallel']} parallel-question items, {c['n_own']} own-question "
+                  "items), greedy, "
                   f"{s['generation']['max_new_tokens']} new tokens.", "",
                   "| | adapter | baseline | paired difference (95% CI) | target met |", "|---|---|---|---|---|",
                   f"| judge: own persona (all items) | **{c['adapter_accuracy']:.3f}** | {c['baseline_accuracy']:.3f} "
