@@ -23,6 +23,7 @@ class GenerationRequest:
     adapter: str | None
     sampling: SamplingConfig
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings (``adapters/stop_strings.py``): neither they nor later text is sent
 
 
 @dataclass(frozen=True)

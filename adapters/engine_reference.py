@@ -28,6 +28,7 @@ from typing import Any
 from persona_router.adapters.base_model import LoadedBase
 from persona_router.adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
 from persona_router.adapters.generation import eos_token_ids
+from persona_router.adapters.stop_strings import StopStrings
 from persona_router.core.errors import AdapterError, ConfigError, QueueFullError
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     done: bool = False
+    stops: StopStrings | None = None
 
 
 class _BatchStreamer:
@@ -280,7 +282,8 @@ class ReferenceEngine:
     def _generate(self, batch: list[ReferenceHandle]) -> None:
         import torch
 
-        rows = [_Row(handle) for handle in batch if not handle.cancelled.is_set()]
+        rows = [_Row(handle, stops=StopStrings(handle.request.stop) if handle.request.stop else None)
+                for handle in batch if not handle.cancelled.is_set()]
         for handle in batch:
             if handle.cancelled.is_set():
                 handle.push(TokenEvent(handle.request_id, None, "", finish_reason="cancelled"))
@@ -340,6 +343,15 @@ class ReferenceEngine:
         delta = "" if text.endswith("\ufffd") else text[len(row.text):]
         if delta:
             row.text = text
+        if row.stops is not None:
+            delta, reached = row.stops.feed(delta)
+            if reached:
+                row.done = True
+                row.handle.finished = True
+                row.handle.push(TokenEvent(request.request_id, token, delta, finish_reason="stop"))
+                return
+            if len(row.tokens) >= request.sampling.max_new_tokens:
+                delta += row.stops.flush()
         row.handle.push(TokenEvent(request.request_id, token, delta))
         if len(row.tokens) >= request.sampling.max_new_tokens:
             self._finish(row, "length")

@@ -6,6 +6,7 @@ Layout::
                               /adapter_model.safetensors
                               /manifest.json            adapters/manifest.py
     <root>/<persona>/LATEST                              the published version number, e.g. "3\\n"
+    <root>/<persona>/DISABLED.json                       versions an admin disabled: {"disabled": [1]}
 
 Versions are integers 1, 2, 3, ... A version folder appears only complete: the trainer builds it under a
 ``.tmp-*`` name and :meth:`AdapterRegistry.publish` renames it into place, then rewrites ``LATEST`` atomically.
@@ -29,10 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from persona_router.adapters.manifest import MANIFEST_FILE, AdapterManifest, read_manifest_file, write_manifest
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 ADAPTERS_ENV = "PERSONA_ROUTER_ADAPTERS"
 LATEST_FILE = "LATEST"
+DISABLED_FILE = "DISABLED.json"
 LATEST = "latest"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST_FILE)
 _VERSION_DIR = re.compile(r"^[1-9][0-9]*$")
@@ -178,6 +181,30 @@ class AdapterRegistry:
             raise AdapterError(f"version {version} of {persona!r} is missing or incomplete",
                                path=self.persona_dir(persona))
         atomic_write_text(self.persona_dir(persona) / LATEST_FILE, f"{version}\n")
+
+    def disabled(self, persona: str) -> set[int]:
+        """Versions an admin disabled: they stay on disk but never serve, across restarts."""
+        path = self.persona_dir(persona) / DISABLED_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as exc:
+            raise AdapterError(f"unreadable {DISABLED_FILE} ({exc})", path=path) from exc
+        versions = raw.get("disabled") if isinstance(raw, dict) else None
+        if not isinstance(versions, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in versions):
+            raise AdapterError('must hold {"disabled": [version, ...]}', path=path)
+        return set(versions)
+
+    def set_disabled(self, persona: str, versions: Iterable[int]) -> None:
+        """Record the disabled versions atomically (temp file + rename); none: the marker goes away."""
+        path = self.persona_dir(persona) / DISABLED_FILE
+        ordered = sorted({check_version(v) for v in versions})
+        if ordered:
+            atomic_write_text(path, json.dumps({"disabled": ordered}) + "\n")
+        else:
+            path.unlink(missing_ok=True)
 
     def staging_dir(self, persona: str) -> Path:
         """A fresh temp folder inside the persona's folder for building a new version."""

@@ -13,7 +13,11 @@ The registry (``adapters/registry.py``) says what exists on disk; this module de
   loaded beside the old one and only then becomes live, and an adapter that requests are using is removed
   only after the last of them finishes: a hot swap never drops a request in flight.
 - A refused version is remembered with the stamp of its files so a periodic reload does not retry it
-  until its files change; the other adapters keep serving.
+  until its files change; the other adapters keep serving. So is a version the engine's watchdog
+  quarantined (it produced non-finite values): the persona falls back to its next usable version.
+- A version disabled by an admin is recorded in the adapters folder (``DISABLED.json``, written
+  atomically), so it stays disabled across restarts and for every server reading that folder.
+- Errors shown to clients name persona and version, never a file-system path (the log has those).
 
 All methods run on the event loop; disk reads and engine loads run in worker threads. One asyncio lock
 serialises loads and unloads.
@@ -39,6 +43,7 @@ from persona_router.core.errors import (
     PersonaRouterError,
     QueueFullError,
     UnknownPersonaError,
+    public_message,
 )
 
 log = logging.getLogger(__name__)
@@ -68,7 +73,7 @@ class Lease:
 class _Refusal:
     stamp: Stamp
     error: str
-    kind: str  # "incompatible" or "broken"
+    kind: str  # "incompatible", "broken" or "quarantined"
 
 
 class AdapterResidency:
@@ -124,8 +129,6 @@ class AdapterResidency:
             if wanted is None:
                 return None
             name = engine_name(persona, wanted)
-            if version is not None and name not in self._resident:
-                self._check_exists(persona, version)  # a version that was never published is a 404, not a 422
             try:
                 if name not in self._resident:
                     async with self._lock:
@@ -167,7 +170,7 @@ class AdapterResidency:
         except AdapterError as exc:
             stamp = await asyncio.to_thread(self._file_stamp, persona, version)
             kind = "incompatible" if isinstance(exc, AdapterIncompatibleError) else "broken"
-            self._refused[(persona, version)] = _Refusal(stamp, str(exc), kind)
+            self._refused[(persona, version)] = _Refusal(stamp, public_message(exc), kind)
             log.warning("refused adapter %s: %s", name, exc)
             self._event("refused", persona, version)
             raise
@@ -234,10 +237,12 @@ class AdapterResidency:
         """Re-read the registry, load every persona's live version, retire what is gone or disabled."""
         async with self._lock:
             scanned = await asyncio.to_thread(self._scan)
-            for persona, (versions, latest, error) in scanned.items():
+            for persona, (versions, latest, disabled, error) in scanned.items():
                 self._versions[persona] = versions
                 if error is None:
                     self._latest[persona] = latest
+                    self._disabled = {(p, v) for p, v in self._disabled if p != persona}
+                    self._disabled.update((persona, v) for v in disabled)
                     self._persona_errors.pop(persona, None)
                 else:
                     self._persona_errors[persona] = error  # keep serving what it served
@@ -271,8 +276,8 @@ class AdapterResidency:
             else:
                 await self._unload(name)
 
-    def _scan(self) -> dict[str, tuple[list[int], int | None, str | None]]:
-        found: dict[str, tuple[list[int], int | None, str | None]] = {}
+    def _scan(self) -> dict[str, tuple[list[int], int | None, set[int], str | None]]:
+        found: dict[str, tuple[list[int], int | None, set[int], str | None]] = {}
         on_disk = set(self.registry.personas())
         unknown = on_disk - set(self.personas)
         if unknown:
@@ -281,10 +286,12 @@ class AdapterResidency:
             try:
                 versions = self.registry.versions(persona)
                 latest = self.registry.latest(persona)
+                disabled = self.registry.disabled(persona)
             except PersonaRouterError as exc:
-                found[persona] = (self._versions.get(persona, []), None, str(exc))
+                log.warning("adapters of %s: %s", persona, exc)
+                found[persona] = (self._versions.get(persona, []), None, set(), public_message(exc))
                 continue
-            found[persona] = (versions, latest, None)
+            found[persona] = (versions, latest, disabled, None)
         return found
 
     def folder_stamp(self) -> tuple[Any, ...]:
@@ -338,6 +345,7 @@ class AdapterResidency:
         await asyncio.to_thread(self._check_exists, persona, version)
         async with self._lock:
             self._disabled.discard((persona, version))
+            await asyncio.to_thread(self._save_disabled, persona)
             self._refused.pop((persona, version), None)
             if version not in self._versions[persona]:
                 self._versions[persona] = sorted([*self._versions[persona], version])
@@ -355,9 +363,48 @@ class AdapterResidency:
             await asyncio.to_thread(self._check_exists, persona, version)
         async with self._lock:
             self._disabled.add((persona, version))
+            await asyncio.to_thread(self._save_disabled, persona)
             await self._retire()
             await self._load_live(persona)
         return self.describe_persona(persona)
+
+    def _save_disabled(self, persona: str) -> None:
+        try:
+            self.registry.set_disabled(persona, (v for p, v in self._disabled if p == persona))
+        except OSError as exc:
+            log.error("could not record the disabled versions of %s: %s", persona, exc)
+            raise AdapterError(f"could not record the disabled versions of {persona!r} in the adapters folder "
+                               f"({type(exc).__name__}); the change holds until restart only") from exc
+
+    # -- the engine's watchdog --------------------------------------------------------------------------
+    def quarantine(self, name: str, reason: str) -> None:
+        """The engine took ``name`` out of service (non-finite values); call on the event loop.
+
+        Recorded at once, so the very next request of the persona goes to its next usable version; the
+        unload and that version's load follow under the lock."""
+        found = self._resident.get(name)
+        if found is None:
+            return
+        persona, version = found
+        stamp = self._file_stamp(persona, version)  # a few stat calls
+        self._refused[(persona, version)] = _Refusal(stamp, f"quarantined by the engine: {reason}; fix or replace "
+                                                     "its files, or POST it to retry", "quarantined")
+        log.error("adapter %s quarantined (%s); %s falls back to its next usable version", name, reason, persona)
+        self._spawn(self._quarantine(name))
+
+    async def _quarantine(self, name: str) -> None:
+        async with self._lock:
+            found = self._resident.pop(name, None)
+            if found is None:
+                return
+            persona, version = found
+            self._remove_when_idle.discard(name)
+            try:
+                await asyncio.to_thread(self.engine.remove_adapter, name)
+            except AdapterError as exc:
+                log.warning("removing quarantined adapter %s: %s", name, exc)
+            self._event("quarantined", persona, version)
+            await self._load_live(persona)
 
     # -- reporting --------------------------------------------------------------------------------------
     def _event(self, event: str, persona: str, version: int) -> None:

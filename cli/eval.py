@@ -38,12 +38,6 @@ def register(subparsers: Any) -> None:
         "same parallel questions; the style judge's confusion matrix shows whether adapters separate personas.")
     matrix.add_argument("--use", nargs="+", default=(), metavar="NAME@VERSION",
                         help="pin adapter versions (default: each persona's latest)")
-    matrix.add_argument("--items", choices=("parallel", "own", "all"), default="parallel",
-                        help="parallel: the shared held-out questions, once per persona; own: each persona's own "
-                        "held-out questions; all: both (default: %(default)s)")
-    matrix.add_argument("--no-system-prompt", dest="system_prompt", action="store_false",
-                        help="withhold the persona's system prompt from both arms (baseline: the bare base), to see "
-                        "whether the adapters carry the style on their own")
     _common(matrix)
     matrix.set_defaults(handler=cmd_matrix)
 
@@ -70,9 +64,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="cut contexts to this many characters, as the original notebook did "
                         "(default: %(default)s)")
     parser.add_argument("--bootstrap", type=int, default=5000, help="bootstrap resamples (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="answers decoded together by the batched engine; 0 = one generate() call per answer "
-                        "(default: %(default)s)")
     parser.add_argument("--cochrane-pairs", type=int, default=200,
                         help="pairs for the judge's Cochrane check; 0 skips it (default: %(default)s)")
 
@@ -88,8 +79,7 @@ def _config(args: argparse.Namespace) -> Any:
         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p),
         adapters_root=Path(args.adapters).expanduser() if args.adapters else None, data=args.data,
         train_data=args.train_data, limit=args.limit, seed=args.seed, max_context_chars=args.max_context_chars,
-        cochrane_pairs=args.cochrane_pairs, stats=StatsConfig(n_boot=args.bootstrap, seed=args.seed),
-        batch_size=args.batch_size)
+        cochrane_pairs=args.cochrane_pairs, stats=StatsConfig(n_boot=args.bootstrap, seed=args.seed))
 
 
 @contextlib.contextmanager
@@ -139,8 +129,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     pack = load_pack(args.pack)
     config = _config(args)
     configure_threads()
-    report = run_matrix(pack, config, progress_bar, pins=args.use, items_kind=args.items,
-                        system_prompt=args.system_prompt)
+    report = run_matrix(pack, config, progress_bar, pins=args.use)
     out = _out_dir(args, "matrix")
     write_report(report, out)
     for name, condition in report["conditions"].items():

@@ -60,6 +60,11 @@ def register(subparsers: Any) -> None:
                        help="largest max_new_tokens a request may ask for (default: %(default)s)")
     serve.add_argument("--ab", type=Path, default=None,
                        help="JSON file with live A/B splits: {persona, control, candidate, share, salt}")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a Host name clients use to reach the server besides the bind address (repeatable); "
+                       "other Host headers are refused (DNS rebinding)")
+    serve.add_argument("--allow-open-admin", action="store_true",
+                       help="start on a non-loopback address without PERSONA_ROUTER_ADMIN_TOKEN (refused otherwise)")
     serve.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up generation")
     serve.add_argument("--train-missing", action="store_true",
                        help="demo mode: train adapters for personas that have none in a separate process while "
@@ -80,6 +85,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         "default_max_new_tokens": min(128, args.max_new_tokens_limit),
         "upstreams": tuple(args.upstream), "upstream_max_in_flight": args.upstream_max_inflight,
         "upstream_replicas": args.upstream_replicas, "upstream_wait_s": args.upstream_wait,
+        "allowed_hosts": tuple(args.allowed_host), "allow_open_admin": args.allow_open_admin,
     }
     if args.adapters is not None:
         overrides["adapters_dir"] = args.adapters

@@ -7,6 +7,7 @@ bottom layer that every other package may import.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ class PersonaRouterError(Exception):
     def __init__(self, message: str, *, path: str | Path | None = None, field: str | None = None) -> None:
         self.path = str(path) if path is not None else None
         self.field = field
+        self.detail = message  # without the location prefix
         where = []
         if self.path:
             where.append(self.path)
@@ -52,10 +54,6 @@ class AdapterError(PersonaRouterError):
 
 class AdapterIncompatibleError(AdapterError):
     """An adapter trained on another base model (fingerprint mismatch)."""
-
-
-class TrainingDivergedError(AdapterError):
-    """A training run whose loss or adapter weights are not finite: it is never published."""
 
 
 class UnknownPersonaError(PersonaRouterError):
@@ -106,3 +104,28 @@ class UpstreamFailedError(PersonaRouterError):
 def choices(valid: Iterable[str]) -> str:
     """Format valid choices for an error message."""
     return ", ".join(repr(v) for v in valid)
+
+
+# An absolute POSIX path of at least two parts; API routes (/v1/...) and URLs are not file-system paths.
+_ABS_PATH = re.compile(r"(?<![\w.~:/-])/(?!v1/)(?:[^\s/'\"`:,;()\[\]{}<>]+/)+[^\s/'\"`:,;()\[\]{}<>]*")
+_QUOTED_PATH = re.compile(r"(['\"])(/[^'\"\n]*/[^'\"\n]*)\1")  # quoted, so it may hold spaces
+
+
+def redact_paths(text: str) -> str:
+    """Replace every absolute path in ``text`` by its last part (a file or folder name)."""
+
+    def name(path: str) -> str:
+        return next((part for part in reversed(path.split("/")) if part), "/")
+
+    text = _QUOTED_PATH.sub(lambda match: f"{match.group(1)}{name(match.group(2))}{match.group(1)}", text)
+    return _ABS_PATH.sub(lambda match: name(match.group(0)), text)
+
+
+def public_message(exc: BaseException) -> str:
+    """``exc``'s message for a client of the HTTP API: the field it names, never a file-system location
+    (the server's log has those)."""
+    if isinstance(exc, PersonaRouterError):
+        text = f"field {exc.field!r}: {exc.detail}" if exc.field else exc.detail
+    else:
+        text = str(exc)
+    return redact_paths(text)

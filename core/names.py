@@ -7,7 +7,7 @@ import re
 from persona_router.core.errors import ConfigError
 
 # The one persona-name rule: packs validate with it, and it keeps registry paths inside the adapters folder.
-PERSONA_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+PERSONA_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}\Z")  # \Z, not $: "$" also matches before a final newline
 
 
 def check_persona_name(persona: str) -> str:

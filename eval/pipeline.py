@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,6 @@ class EvalConfig:
     max_context_chars: int = DEFAULT_MAX_CONTEXT_CHARS
     cochrane_pairs: int = 200
     stats: StatsConfig = field(default_factory=StatsConfig)
-    batch_size: int = 32  # sequences per forward pass of the batched engine; 0: one generate() call per answer
 
     def __post_init__(self) -> None:
         from persona_router.core.errors import ConfigError
@@ -56,8 +55,6 @@ class EvalConfig:
             raise ConfigError(f"{self.limit} must be >= 1", field="limit")
         if self.cochrane_pairs < 0:
             raise ConfigError(f"{self.cochrane_pairs} must be >= 0", field="cochrane_pairs")
-        if self.batch_size < 0:
-            raise ConfigError(f"{self.batch_size} must be >= 0", field="batch_size")
 
     def to_json(self) -> dict[str, Any]:
         return {"base": self.base.base, "device": self.base.device, "quantization": self.base.quantization,
@@ -66,7 +63,6 @@ class EvalConfig:
                 "data": self.data or "demo test split", "train_data": self.train_data or "demo train split",
                 "limit": self.limit, "seed": self.seed, "max_context_chars": self.max_context_chars,
                 "cochrane_pairs": self.cochrane_pairs, "n_boot": self.stats.n_boot,
-                "batch_size": self.batch_size,
                 "confidence": self.stats.confidence, "alpha": self.stats.alpha}
 
 
@@ -90,29 +86,8 @@ def ab_items(records: Sequence[QARecord], persona: str, limit: int | None) -> li
     return items[:limit] if limit else items
 
 
-MATRIX_ITEMS = ("parallel", "own", "all")
-
-
-def matrix_items(records: Sequence[QARecord], personas: Sequence[str], limit: int | None,
-                 kind: str = "parallel") -> list[EvalItem]:
-    """``parallel``: each parallel question once per persona, the reference being that persona's own answer to
-    it; ``own``: each persona's own held-out questions (no ``parallel_id``); ``all``: both. ``limit`` caps the
-    parallel questions and the own questions per persona."""
-    if kind not in MATRIX_ITEMS:
-        from persona_router.core.errors import ConfigError
-
-        raise ConfigError(f"{kind!r} is not one of {', '.join(MATRIX_ITEMS)}", field="items")
-    items = _parallel_items(records, personas, limit) if kind in ("parallel", "all") else []
-    if kind in ("own", "all"):
-        for persona in personas:
-            own = [r for r in records if r.persona == persona and not r.parallel_id]
-            items += [EvalItem.from_record(r, k) for k, r in enumerate(own[:limit] if limit else own)]
-        if not items:
-            raise DataError("no held-out questions of the personas' own", field="items")
-    return items
-
-
-def _parallel_items(records: Sequence[QARecord], personas: Sequence[str], limit: int | None) -> list[EvalItem]:
+def matrix_items(records: Sequence[QARecord], personas: Sequence[str], limit: int | None) -> list[EvalItem]:
+    """Each parallel question once per persona; the reference is that persona's own answer to it."""
     by_question: dict[str, dict[str, QARecord]] = {}
     for record in records:
         if record.parallel_id:
@@ -218,8 +193,7 @@ def run_ab(pack: PersonaPack, persona: str, spec_a: str, spec_b: str, config: Ev
     arms = _resolve_pair(specs, persona=persona, config=config, fingerprint=resolve_base(config.base.base).fingerprint)
     scorer, judge_info = build_judge(pack, config, items, test_records)
     base = load_base(config.base)
-    runner = ArmRunner(base=base, pack=pack, sampling=config.sampling, max_context_chars=config.max_context_chars,
-                       batch_size=config.batch_size)
+    runner = ArmRunner(base=base, pack=pack, sampling=config.sampling, max_context_chars=config.max_context_chars)
     with progress(len(items) * 2, f"eval ab {persona}") as tick:
         answers = runner.run(arms, items, seed=config.seed, progress=tick)
     scores = {a.label: scorer.score(items, answers[a.label]) for a in arms}
@@ -246,18 +220,14 @@ def _resolve_pair(specs: tuple[ArmSpec, ArmSpec], *, persona: str, config: EvalC
 
 
 def run_matrix(pack: PersonaPack, config: EvalConfig, progress: ProgressFactory, *,
-               pins: Sequence[str] = (), items_kind: str = "parallel", system_prompt: bool = True) -> dict[str, Any]:
-    """Each persona's adapter and the ``prompt`` baseline answer the same questions.
-
-    With ``system_prompt=False`` neither arm sees the persona's system prompt: the baseline is the bare base
-    and each adapter must carry its persona's style on its own.
-    """
+               pins: Sequence[str] = ()) -> dict[str, Any]:
+    """Each persona's adapter and the ``prompt`` baseline answer the same parallel questions."""
     from persona_router.adapters.base_model import load_base, resolve_base
     from persona_router.adapters.registry import AdapterRegistry
 
     personas = list(pack.names)
     test_records = load_records(config.data, pack, split="test")
-    items = matrix_items(test_records, personas, config.limit, items_kind)
+    items = matrix_items(test_records, personas, config.limit)
     fingerprint = resolve_base(config.base.base).fingerprint
     registry = AdapterRegistry(config.adapters_root)
     pinned = _pins(pins, personas)
@@ -268,24 +238,22 @@ def run_matrix(pack: PersonaPack, config: EvalConfig, progress: ProgressFactory,
         if spec is None:
             missing[persona] = f"no trained adapter in {registry.root}"
             continue
-        arm = resolve_arm(spec, persona=persona, adapters_root=config.adapters_root,
-                          base_fingerprint=fingerprint, label=f"adapter {spec.label}")
-        adapter_arms[persona] = arm if system_prompt else replace(arm, without_system_prompt=True)
+        adapter_arms[persona] = resolve_arm(spec, persona=persona, adapters_root=config.adapters_root,
+                                            base_fingerprint=fingerprint, label=f"adapter {spec.label}")
     scorer, judge_info = build_judge(pack, config, items, test_records)
     base = load_base(config.base)
-    baseline = "prompt" if system_prompt else "base"
-    prompt_arm = ResolvedArm(label="prompt", spec=parse_spec(baseline))
-    runner = ArmRunner(base=base, pack=pack, sampling=config.sampling, max_context_chars=config.max_context_chars,
-                       batch_size=config.batch_size)
+    prompt_arm = ResolvedArm(label="prompt", spec=parse_spec("prompt"))
+    runner = ArmRunner(base=base, pack=pack, sampling=config.sampling, max_context_chars=config.max_context_chars)
     adapted_items = [i for i in items if i.persona in adapter_arms]
-    pairs: list[tuple[ResolvedArm, EvalItem]] = []
-    for index, item in enumerate(items):
-        pair = [prompt_arm] + ([adapter_arms[item.persona]] if item.persona in adapter_arms else [])
-        pairs += [(arm, item) for arm in (pair if index % 2 == 0 else reversed(pair))]
-    with progress(len(pairs), "eval matrix") as tick:
-        answers = runner.answer_many(pairs, seed=config.seed, progress=tick)
-    prompt_answers = [a for (arm, _), a in zip(pairs, answers, strict=True) if arm is prompt_arm]
-    adapter_answers = [a for (arm, _), a in zip(pairs, answers, strict=True) if arm is not prompt_arm]
+    prompt_answers: list[ArmAnswer] = []
+    adapter_answers: list[ArmAnswer] = []
+    with progress(len(items) + len(adapted_items), "eval matrix") as tick:
+        for index, item in enumerate(items):
+            pair = [prompt_arm] + ([adapter_arms[item.persona]] if item.persona in adapter_arms else [])
+            for arm in pair if index % 2 == 0 else reversed(pair):
+                answer = runner.answer(arm, item, seed=config.seed)
+                (prompt_answers if arm is prompt_arm else adapter_answers).append(answer)
+                tick(1)
     prompt_scores = scorer.score(items, prompt_answers)
     adapter_scores = scorer.score(adapted_items, adapter_answers)
     conditions = {"prompt": _matrix_condition(items, prompt_scores, scorer.judge.classes)}
@@ -296,7 +264,6 @@ def run_matrix(pack: PersonaPack, config: EvalConfig, progress: ProgressFactory,
         comparisons = compare_all(adapter_scores, paired_prompt, stats=config.stats, labels=("adapter", "prompt"))
     return {
         "kind": "matrix", "meta": _meta("eval matrix", config, base), "personas": personas,
-        "items_kind": items_kind, "system_prompt": system_prompt, "baseline": baseline, "n_items": len(items),
         "n_questions": len({i.parallel_id for i in items}), "judge": judge_info,
         "adapters": {p: a.to_json() for p, a in adapter_arms.items()}, "missing_adapters": missing,
         "conditions": conditions,

@@ -1,14 +1,17 @@
 """Admin endpoints: reload the adapters folder, load or unload one adapter version.
 
 When ``PERSONA_ROUTER_ADMIN_TOKEN`` is set every admin call needs ``Authorization: Bearer <token>``.
-Persona and version arrive as path segments and are checked against the registry's name rules before
-any path is built, so ``..``, slashes or absolute paths never reach the file system.
+Every call changes state, so each must be ``Content-Type: application/json`` and must not come from
+another site (``service/protection.py``). Persona and version arrive as path segments and are checked
+against the registry's name rules (versions: ASCII digits only) before any path is built, so ``..``,
+slashes, absolute paths or look-alike digits never reach the file system.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import re
 from typing import Any
 
 from litestar import Request, Router, delete, post
@@ -17,10 +20,12 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 from persona_router.core.errors import ConfigError, InvalidRequestError
 from persona_router.core.names import check_persona_name, check_version
-from persona_router.service.settings import ServiceSettings
+from persona_router.service.protection import json_body_guard, same_site_guard
+from persona_router.service.settings import ServiceSettings, is_loopback
 from persona_router.service.state import service
 
 log = logging.getLogger(__name__)
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")  # ASCII only: str.isdigit() also accepts '²' and Arabic-Indic digits
 
 
 def _parse_target(persona: str, version: str) -> tuple[str, int]:
@@ -28,8 +33,9 @@ def _parse_target(persona: str, version: str) -> tuple[str, int]:
         check_persona_name(persona)
     except ConfigError as exc:
         raise InvalidRequestError(str(exc).split(": ", 1)[-1], field="persona") from exc
-    if not version.isdigit():
-        raise InvalidRequestError(f"{version!r} is not a version (an integer >= 1)", field="version")
+    if not _VERSION.fullmatch(version):
+        raise InvalidRequestError(f"{version!r} is not a version (an integer from 1 to 999999999 in ASCII "
+                                  "digits)", field="version")
     try:
         return persona, check_version(int(version))
     except ConfigError as exc:
@@ -68,7 +74,7 @@ async def unload_adapter(request: Request[Any, Any, Any], persona: str, version:
 
 
 def admin_router(settings: ServiceSettings) -> Router:
-    if settings.admin_token is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+    if settings.admin_token is None and not is_loopback(settings.host):  # only with --allow-open-admin
         log.warning("admin endpoints are open on %s: set PERSONA_ROUTER_ADMIN_TOKEN to protect them", settings.host)
     return Router(path="/v1/admin", route_handlers=[reload_adapters, load_adapter, unload_adapter],
-                  guards=[bearer_guard(settings.admin_token)])
+                  guards=[bearer_guard(settings.admin_token), same_site_guard, json_body_guard])

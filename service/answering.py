@@ -4,7 +4,8 @@ Both HTTP APIs (``/v1/answer`` and the OpenAI-compatible one) go through ``Answe
 everything that can fail with a clean HTTP status (bad input, unknown persona, full queue) before any
 byte of the response is sent, and returns a ``Running`` generation that streams ``TokenEvent``s and then
 a ``Finished`` summary. A request that outlives the timeout is cancelled in the engine; so is one whose
-client went away (the stream's consumer closes it).
+client went away: a stream's consumer closes it, and ``collect_or_cancel`` watches a non-streaming
+request's connection while it waits.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from persona_router.adapters.engine_api import Engine, GenerationHandle, Generat
 from persona_router.adapters.generation import SamplingConfig
 from persona_router.adapters.prompts import build_messages, prompt_ids
 from persona_router.adapters.residency import AdapterResidency, Lease
+from persona_router.adapters.stop_strings import check_stop_strings, truncate_at_stop
 from persona_router.core.errors import AdapterError, ConfigError, InvalidRequestError, PersonaRouterError
 from persona_router.core.pack import PersonaPack
 from persona_router.router.decision import Decision
@@ -30,8 +32,6 @@ from persona_router.service.schemas import AnswerRequest, Usage
 from persona_router.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
-LIVE = "live"
-PROMPT_ONLY = "none"
 
 Decide = Callable[[str, str | None], Decision]
 
@@ -76,6 +76,7 @@ class Running:
     routing_ms: float
     decode: Callable[[list[int]], str]
     on_close: CloseHook
+    stop: tuple[str, ...] = ()
     pieces: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     completion_tokens: int = 0
@@ -132,7 +133,8 @@ class Running:
         """The decode of every token, exactly what ``generate_one`` returns; decoded once, after the last
         token (the stream's end or ``close``), and reused by the stream's remainder and the summary."""
         if self._text is None:
-            self._text = self.decode(self.token_ids) if self.token_ids else ""
+            text = self.decode(self.token_ids) if self.token_ids else ""
+            self._text = truncate_at_stop(text, self.stop) if self.stop else text
         return self._text
 
     def _remainder(self) -> str:
@@ -166,6 +168,24 @@ class Running:
             pass
         assert self.finished is not None
         return self.finished
+
+    async def collect_or_cancel(self, receive: Callable[[], Awaitable[Any]]) -> Finished:
+        """``collect``, but cancel the generation as soon as the client disconnects (``receive`` is the
+        request's ASGI receive; once the body is read, its next message is ``http.disconnect``)."""
+        collecting = asyncio.ensure_future(self.collect())
+        watching = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+        if not collecting.done():
+            log.info("request %s: the client went away; cancelling its generation", self.request_id)
+            self.finish_reason = "cancelled"
+            self.close(cancel=True)
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
+            raise ClientDisconnectedError("the client closed the connection before the answer was ready")
+        return collecting.result()
 
     def close(self, *, cancel: bool) -> None:
         if self._closed:
@@ -201,6 +221,17 @@ class GenerationFailedError(PersonaRouterError):
     """The engine reported an error for this request."""
 
 
+class ClientDisconnectedError(PersonaRouterError):
+    """The client went away before a non-streaming answer was ready (nobody reads the response)."""
+
+
+async def _disconnected(receive: Callable[[], Awaitable[Any]]) -> None:
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
 class Answerer:
     """Turns an ``AnswerRequest`` (from either API) into a running generation; shared by every request."""
 
@@ -224,10 +255,11 @@ class Answerer:
         if not 1 <= max_new <= limit:
             raise InvalidRequestError(f"{max_new} must be between 1 and {limit}", field="max_new_tokens")
         try:
+            check_stop_strings(tuple(inp.stop or ()))
             return SamplingConfig(max_new_tokens=max_new, temperature=inp.temperature, top_p=inp.top_p,
                                   seed=inp.seed)
         except ConfigError as exc:
-            raise InvalidRequestError(str(exc).split(": ", 1)[-1], field=exc.field) from exc
+            raise InvalidRequestError(exc.detail, field=exc.field) from exc
 
     def validate(self, inp: AnswerRequest) -> SamplingConfig:
         if not inp.question.strip():
@@ -240,7 +272,6 @@ class Answerer:
                                       f"{self.settings.max_context_chars}", field="context")
         if inp.persona is not None and (not inp.persona.strip() or len(inp.persona) > 64):
             raise InvalidRequestError("must be a persona name (at most 64 characters) or omitted", field="persona")
-        adapter_choice(inp.adapter)
         if inp.user is not None and len(inp.user) > 256:
             raise InvalidRequestError("must be at most 256 characters", field="user")
         if inp.seed is not None and not 0 <= inp.seed < 2**63:
@@ -258,14 +289,15 @@ class Answerer:
         routing_ms = (time.perf_counter() - started) * 1000
         self.metrics.decisions.inc(source=decision.source, persona=decision.persona)
         persona = self.pack.get(decision.persona)
-        assignment, lease = await self._lease(persona.name, inp.user, adapter_choice(inp.adapter))
+        assignment, lease = await self._lease(persona.name, inp.user)
         try:
             messages = build_messages(inp.question, system_prompt=persona.system_prompt, context=inp.context)
             ids = prompt_ids(self.tokenizer, messages)
             self._check_length(len(ids), sampling.max_new_tokens, has_context=bool(inp.context))
             request_id = f"ans-{uuid.uuid4().hex[:24]}"
+            stop = tuple(inp.stop or ())
             request = GenerationRequest(request_id=request_id, prompt_ids=tuple(ids),
-                                        adapter=lease.name if lease else None, sampling=sampling)
+                                        adapter=lease.name if lease else None, sampling=sampling, stop=stop)
             handle = self.engine.submit(request)
         except BaseException:
             if lease is not None:
@@ -275,18 +307,13 @@ class Answerer:
         running = Running(request_id=request_id, decision=decision, lease=lease, assignment=assignment,
                           prompt_tokens=len(ids), handle=handle, endpoint=endpoint, started=started,
                           deadline=asyncio.get_running_loop().time() + timeout_s, timeout_s=timeout_s,
-                          routing_ms=routing_ms, decode=self._decode, on_close=self._closed)
+                          routing_ms=routing_ms, decode=self._decode, on_close=self._closed, stop=stop)
         # If nobody consumes the stream (the client left before it began), the deadline still frees it.
         running._timer = asyncio.get_running_loop().call_at(running.deadline + 1.0, running.expire)
         self.in_flight += 1
         return running
 
-    async def _lease(self, persona: str, user: str | None,
-                     choice: int | str = LIVE) -> tuple[Assignment | None, Lease | None]:
-        if choice == PROMPT_ONLY:
-            return None, None
-        if isinstance(choice, int):  # a named version: no A/B, and no silent substitute if it is unusable
-            return None, await self.residency.acquire(persona, choice)
+    async def _lease(self, persona: str, user: str | None) -> tuple[Assignment | None, Lease | None]:
         split = self.splits.get(persona)
         if split is None:
             return None, await self.residency.acquire(persona)
@@ -335,18 +362,6 @@ class Answerer:
         self.metrics.tokens.inc(running.prompt_tokens, kind="prompt", persona=persona, adapter_version=version)
         self.metrics.tokens.inc(running.completion_tokens, kind="completion", persona=persona, adapter_version=version)
         self.metrics.completion_tokens.observe(running.completion_tokens, persona=persona, adapter_version=version)
-
-
-def adapter_choice(raw: str | None) -> int | str:
-    """``AnswerRequest.adapter``: the live version (default), prompt-only, or a version number."""
-    if raw is None or raw == LIVE:
-        return LIVE
-    if raw == PROMPT_ONLY:
-        return PROMPT_ONLY
-    if raw.isascii() and raw.isdigit() and int(raw) >= 1:
-        return int(raw)
-    raise InvalidRequestError(f"{raw!r} is not an adapter choice; valid: {LIVE!r}, {PROMPT_ONLY!r} or a version "
-                              "number such as '2'", field="adapter")
 
 
 def fallback_decider(pack: PersonaPack) -> Decide:

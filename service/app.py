@@ -21,10 +21,12 @@ from litestar.datastructures import State
 from litestar.response import Stream
 from persona_router.adapters.engine_api import GenerationRequest
 from persona_router.adapters.generation import SamplingConfig
-from persona_router.core.errors import PersonaRouterError
+from persona_router.core.errors import PersonaRouterError, redact_paths
 from persona_router.service.answering import Answerer, Running, fallback_decider
-from persona_router.service.http_errors import EXCEPTION_HANDLERS, error_body
-from persona_router.service.metrics import ServiceMetrics
+from persona_router.service.http_errors import EXCEPTION_HANDLERS, MAX_BODY_BYTES, error_body
+from persona_router.service.metrics import CONTENT_TYPE, ServiceMetrics
+from persona_router.service.openapi import openapi_config
+from persona_router.service.protection import host_guard, json_body_guard
 from persona_router.service.schemas import AdapterRef, AnswerRequest, AnswerResponse, decode_body, sse
 from persona_router.service.settings import ServiceSettings
 from persona_router.service.state import ServiceState, service
@@ -185,7 +187,11 @@ async def _warm_up(state: ServiceState) -> None:
 async def lifespan(app: Litestar) -> AsyncIterator[None]:
     settings: ServiceSettings = app.state.settings
     state = await asyncio.to_thread(load_service, settings)
-    state.engine.start(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    state.engine.start(loop)
+    if hasattr(state.engine, "on_quarantine"):  # the fast engine's watchdog reports poisoned adapters
+        state.engine.on_quarantine = lambda name, reason: loop.call_soon_threadsafe(
+            state.residency.quarantine, name, reason)
     try:
         await state.residency.reload()
         if settings.watch_interval_s > 0:
@@ -211,7 +217,7 @@ def _index_html() -> str:
 
 @get("/", include_in_schema=False)
 async def index() -> Response[str]:
-    return Response(_index_html(), media_type="text/html; charset=utf-8")
+    return Response(_index_html(), media_type="text/html")  # Litestar appends "; charset=utf-8"
 
 
 @get("/health")
@@ -228,7 +234,7 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         if state is not None and state.warmup_error:
             body = {"status": "failed", "error": state.warmup_error}
         return Response(body, status_code=503, headers={"Retry-After": "1"})
-    return Response({"status": "ready", "base": state.base.name, "device": state.base.device,
+    return Response({"status": "ready", "base": redact_paths(state.base.name), "device": state.base.device,
                      "precision": state.base.precision, "engine": state.engine_kind,
                      "router": state.router_info.get("mode"), "uptime_s": round(time.time() - state.started_at, 1),
                      **_upstreams(state)})
@@ -242,7 +248,7 @@ def _upstreams(state: ServiceState) -> dict[str, Any]:
                           for member in describe()]}
 
 
-@post("/v1/answer", status_code=200)
+@post("/v1/answer", status_code=200, guards=[json_body_guard])
 async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
     state = service(request)
     body = decode_body(await request.body(), AnswerRequest)
@@ -250,7 +256,7 @@ async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
     if body.stream:
         return Stream(_answer_events(running), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
-        await running.collect()
+        await running.collect_or_cancel(request.receive)
     finally:
         running.close(cancel=True)  # a no-op unless collecting was interrupted
     return Response(_answer_response(running))
@@ -295,28 +301,41 @@ async def personas(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return {"pack": state.pack.name, "router": state.router_info.get("mode"), "personas": listed}
 
 
-@get("/metrics")
-async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
-    body, content_type = service(request).metrics.render(request.headers.get("accept", ""))
-    # Litestar appends the charset to every text/* media type itself; given one that has it, it doubled it.
-    return Response(body, media_type=content_type.replace("; charset=utf-8", ""))
+@get("/metrics", media_type="text/plain")  # documents it; the handler sets the exposition version
+async def metrics(request: Request[Any, Any, Any]) -> Response[str]:
+    state = service(request)
+    return Response(state.metrics.render(), media_type=_without_charset(CONTENT_TYPE))
+
+
+def _without_charset(media_type: str) -> str:
+    """Litestar appends the response charset to text types itself; a second one would be a duplicate."""
+    return "; ".join(p for p in (part.strip() for part in media_type.split(";")) if not p.startswith("charset="))
 
 
 # -- the app ------------------------------------------------------------------------------------------------
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("persona-router")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
 def create_app(settings: ServiceSettings) -> Litestar:
     from persona_router.service.admin import admin_router
-    from persona_router.service.compare import JudgeHolder, compare
-    from persona_router.service.openai_compat import chat_completions, list_models
+    from persona_router.service.openai_compat import chat_completions, list_models, retrieve_model
 
     return Litestar(
-        route_handlers=[index, health, ready, answer, personas, metrics, compare, chat_completions, list_models,
+        route_handlers=[index, health, ready, answer, personas, metrics, chat_completions, list_models, retrieve_model,
                         admin_router(settings)],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
-        state=State({"settings": settings, "judge": JudgeHolder()}),
-        openapi_config=None,
+        state=State({"settings": settings}),
+        guards=[host_guard(settings)],
+        openapi_config=openapi_config(_version()),
         logging_config=None,  # keep the CLI's logging set-up
-        request_max_body_size=1024 * 1024,
+        request_max_body_size=MAX_BODY_BYTES,
     )
 
 

@@ -23,19 +23,40 @@ from persona_router.core.errors import (
     UnknownPersonaError,
     UpstreamFailedError,
     UpstreamUnavailableError,
+    public_message,
 )
+from persona_router.service.answering import ClientDisconnectedError
 from persona_router.service.schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024  # request bodies above this are refused with 413
 
 
 class NotReadyError(PersonaRouterError):
     """The service is still loading its models."""
 
 
+class ModelNotFoundError(PersonaRouterError):
+    """An OpenAI ``model`` this server does not serve (OpenAI's 404 ``model_not_found``)."""
+
+    def __init__(self, model: str, valid: list[str]) -> None:
+        self.valid = valid
+        super().__init__(f"the model {model!r} does not exist; models: {', '.join(valid)} (GET /v1/models)",
+                         field="model")
+
+
+class ForbiddenError(PersonaRouterError):
+    """A request refused for where it comes from (a cross-site admin call)."""
+
+
+class UnsupportedMediaTypeError(PersonaRouterError):
+    """A request body that is not declared as JSON."""
+
+
 def status_of(exc: BaseException) -> int:
     """The HTTP status for a domain error; the order matters because the classes nest."""
-    if isinstance(exc, UnknownPersonaError | AdapterNotFoundError):
+    if isinstance(exc, UnknownPersonaError | AdapterNotFoundError | ModelNotFoundError):
         return 404
     if isinstance(exc, InvalidRequestError | ConfigError):
         return 400
@@ -51,21 +72,31 @@ def status_of(exc: BaseException) -> int:
         return 503
     if isinstance(exc, UpstreamFailedError):
         return 502
+    if isinstance(exc, ForbiddenError):
+        return 403
+    if isinstance(exc, ClientDisconnectedError):
+        return 499  # nginx's "client closed request": nobody receives it, the metrics count it
+    if isinstance(exc, UnsupportedMediaTypeError):
+        return 415
     return 500
 
 
 def error_type(exc: BaseException) -> str:
-    return {400: "invalid_request_error", 404: "not_found_error", 409: "adapter_conflict_error",
-            422: "adapter_error", 429: "rate_limit_error", 502: "upstream_error", 503: "unavailable_error",
+    return {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
+            409: "adapter_conflict_error", 415: "invalid_request_error", 422: "adapter_error",
+            429: "rate_limit_error", 502: "upstream_error", 503: "unavailable_error",
             504: "timeout_error"}.get(status_of(exc), "server_error")
 
 
 def error_body(exc: BaseException) -> ErrorBody:
-    """The JSON error for ``exc`` (also used for errors sent inside an event stream)."""
+    """The JSON error for ``exc`` (also used for errors sent inside an event stream); its message names no
+    file-system path."""
     field = getattr(exc, "field", None)
-    body = ErrorBody(message=str(exc) or type(exc).__name__, type=error_type(exc), field=field, param=field)
-    if isinstance(exc, UnknownPersonaError):
+    body = ErrorBody(message=public_message(exc) or type(exc).__name__, type=error_type(exc), field=field,
+                     param=field)
+    if isinstance(exc, UnknownPersonaError | ModelNotFoundError):
         body.valid = list(exc.valid)
+        body.code = "model_not_found" if isinstance(exc, ModelNotFoundError) else "persona_not_found"
     if isinstance(exc, QueueFullError | UpstreamUnavailableError):
         body.retry_after_s = exc.retry_after_s
     if isinstance(exc, TimeoutError) and not str(exc):
@@ -81,6 +112,8 @@ def error_response(exc: BaseException) -> Response[Any]:
         headers["Retry-After"] = "1"
     if status >= 500 and status not in (503, 504):
         log.error("request failed: %s", exc)
+    elif isinstance(exc, PersonaRouterError) and exc.path:
+        log.info("request refused: %s", exc)  # the location stays in the log
     return Response(ErrorResponse(error=error_body(exc)), status_code=status, headers=headers)
 
 
@@ -99,8 +132,10 @@ def _domain_handler(request: Request[Any, Any, Any], exc: Exception) -> Response
 def _http_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     """Litestar's own errors (no route, wrong method, bad path parameter, auth) in the same shape."""
     kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            405: "method_not_allowed"}.get(exc.status_code, "http_error")
+            405: "method_not_allowed", 413: "invalid_request_error"}.get(exc.status_code, "http_error")
     message = exc.detail
+    if exc.status_code == 413:
+        message = f"the request body is larger than the limit of {MAX_BODY_BYTES} bytes ({MAX_BODY_BYTES // 1024} KiB)"
     field = None
     if isinstance(exc, LitestarValidationException) and isinstance(exc.extra, list) and exc.extra:
         first = exc.extra[0]

@@ -1,10 +1,12 @@
-"""OpenAI-compatible endpoints: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+"""OpenAI-compatible endpoints: ``POST /v1/chat/completions``, ``GET /v1/models`` and ``GET /v1/models/{id}``.
 
 ``model`` is ``persona:<name>`` for an explicit persona or ``persona:auto`` to infer it from the last user
 message. The last user message is the question; the persona supplies the system prompt, so client system
 messages and earlier turns are not used. Omitted ``temperature`` means greedy (OpenAI's default is 1).
 The routing decision travels in the extra field ``persona_routing`` of the response (and of the first and
-last chunk when streaming).
+last chunk when streaming). ``stop`` strings end the answer (the engine stops there; they are not part of
+the text, streamed or not). Errors name OpenAI's parameters (``max_tokens``, ``messages``, ``model``), and
+an unknown model or persona is a 404 with code ``model_not_found``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Any
 
 from litestar import Request, Response, get, post
 from litestar.response import Stream
-from persona_router.core.errors import InvalidRequestError, PersonaRouterError
+from persona_router.core.errors import InvalidRequestError, PersonaRouterError, UnknownPersonaError
 from persona_router.service.answering import Running
-from persona_router.service.http_errors import error_body
+from persona_router.service.http_errors import ModelNotFoundError, error_body
+from persona_router.service.protection import json_body_guard
 from persona_router.service.schemas import (
     AnswerRequest,
     ChatCompletion,
@@ -41,13 +44,34 @@ AUTO = "auto"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def parse_model(model: str) -> str | None:
-    """``persona:auto`` -> None (infer), ``persona:NAME`` -> NAME; anything else is a 400 on ``model``."""
-    if not model.startswith(MODEL_PREFIX) or not model[len(MODEL_PREFIX):]:
-        raise InvalidRequestError(f"{model!r} is not a model of this server; use 'persona:auto' or "
-                                  "'persona:<name>' (GET /v1/models lists them)", field="model")
-    name = model[len(MODEL_PREFIX):]
-    return None if name == AUTO else name
+# Our request fields as OpenAI calls them, for the ``param`` of an error.
+OPENAI_PARAMS = {"question": "messages", "context": "messages", "persona": "model", "max_new_tokens": "max_tokens"}
+# Unsupported request fields: (is it set to something we cannot honour?, why).
+UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "tools": (lambda v: v is not None, "tool calls are not supported"),
+    "tool_choice": (lambda v: v not in (None, "none"), "tool calls are not supported"),
+    "functions": (lambda v: v is not None, "function calls are not supported"),
+    "function_call": (lambda v: v not in (None, "none"), "function calls are not supported"),
+    "response_format": (lambda v: v is not None and v.get("type") != "text",
+                        "structured output is not supported (only response_format type 'text')"),
+    "logprobs": (lambda v: bool(v), "log probabilities are not supported"),
+    "top_logprobs": (lambda v: v is not None, "log probabilities are not supported"),
+    "n": (lambda v: v not in (None, 1), "more than one choice per request is not supported (n=1)"),
+}
+
+
+def model_ids(personas: list[str]) -> list[str]:
+    return [f"{MODEL_PREFIX}{name}" for name in (AUTO, *personas)]
+
+
+def parse_model(model: str, personas: list[str]) -> str | None:
+    """``persona:auto`` -> None (infer), ``persona:NAME`` -> NAME; anything else is a 404 on ``model``."""
+    name = model[len(MODEL_PREFIX):] if model.startswith(MODEL_PREFIX) else None
+    if name == AUTO:
+        return None
+    if name is None or name not in personas:
+        raise ModelNotFoundError(model, model_ids(personas))
+    return name
 
 
 def last_user_text(messages: list[ChatMessage]) -> str:
@@ -62,17 +86,28 @@ def last_user_text(messages: list[ChatMessage]) -> str:
     raise InvalidRequestError("needs a message with role 'user' and text content", field="messages")
 
 
-def to_input(body: ChatCompletionRequest) -> AnswerRequest:
+def to_input(body: ChatCompletionRequest, personas: list[str]) -> AnswerRequest:
     """The chat request as the ``/v1/answer`` request it amounts to (the question is the last user message)."""
-    if body.n not in (None, 1):
-        raise InvalidRequestError(f"{body.n} is not supported; only n=1", field="n")
-    if body.stop:
-        raise InvalidRequestError("stop sequences are not supported", field="stop")
+    for name, (refused, why) in UNSUPPORTED.items():
+        if refused(getattr(body, name)):
+            raise InvalidRequestError(f"{why}; leave {name!r} out", field=name)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return AnswerRequest(
-        question=last_user_text(body.messages), persona=parse_model(body.model), max_new_tokens=max_tokens,
-        temperature=0.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, user=body.user)
+        question=last_user_text(body.messages), persona=parse_model(body.model, personas),
+        max_new_tokens=max_tokens, temperature=0.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, user=body.user, stop=stop or None)
+
+
+def openai_error(exc: PersonaRouterError, body: ChatCompletionRequest) -> PersonaRouterError:
+    """The same error, naming OpenAI's parameter; an unknown persona is an unknown model."""
+    if isinstance(exc, UnknownPersonaError):
+        return ModelNotFoundError(body.model, model_ids(exc.valid))
+    if exc.field in OPENAI_PARAMS:
+        exc.field = OPENAI_PARAMS[exc.field]
+        if exc.field == "max_tokens" and body.max_completion_tokens is not None:
+            exc.field = "max_completion_tokens"
+    return exc
 
 
 def routing(running: Running) -> dict[str, Any]:
@@ -88,11 +123,15 @@ def _finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-@post("/v1/chat/completions", status_code=200)
+@post("/v1/chat/completions", status_code=200, guards=[json_body_guard])
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     state = service(request)
     body = decode_body(await request.body(), ChatCompletionRequest)
-    running = await state.answerer.start(to_input(body), endpoint="chat")
+    personas = list(state.pack.names)
+    try:
+        running = await state.answerer.start(to_input(body, personas), endpoint="chat")
+    except PersonaRouterError as exc:
+        raise openai_error(exc, body) from exc
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
@@ -100,7 +139,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
         chunks = _chunks(running, completion_id, created, body.model, include_usage=include_usage)
         return Stream(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
     try:
-        finished = await running.collect()
+        finished = await running.collect_or_cancel(request.receive)
     finally:
         running.close(cancel=True)
     choice = Choice(index=0, message=ResponseMessage(role="assistant", content=finished.answer),
@@ -136,5 +175,13 @@ async def _chunks(running: Running, completion_id: str, created: int, model: str
 async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     state = service(request)
     created = int(state.started_at)
-    names = [AUTO, *state.pack.names]
-    return ModelList(data=[ModelCard(id=f"{MODEL_PREFIX}{name}", created=created) for name in names])
+    return ModelList(data=[ModelCard(id=model, created=created) for model in model_ids(list(state.pack.names))])
+
+
+@get("/v1/models/{model_id:str}")
+async def retrieve_model(request: Request[Any, Any, Any], model_id: str) -> ModelCard:
+    state = service(request)
+    known = model_ids(list(state.pack.names))
+    if model_id not in known:
+        raise ModelNotFoundError(model_id, known)
+    return ModelCard(id=model_id, created=int(state.started_at))

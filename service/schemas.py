@@ -30,9 +30,7 @@ class AnswerRequest(msgspec.Struct, forbid_unknown_fields=True):
     seed: int | None = None
     user: str | None = None
     stream: bool = False
-    # Which adapter answers: omitted or "live" = the persona's live version (and its A/B split, if any),
-    # "none" = the system prompt alone, "3" = that version. The compare view sets it per arm.
-    adapter: str | None = None
+    stop: list[str] | None = None  # stop strings: generation ends there, they are not part of the answer
 
 
 class AdapterRef(msgspec.Struct):
@@ -74,7 +72,9 @@ class StreamOptions(msgspec.Struct):
 
 
 class ChatCompletionRequest(msgspec.Struct):
-    """OpenAI's request; fields we do not use are accepted and ignored, as OpenAI-compatible servers do."""
+    """OpenAI's request. Fields that change what the answer must be and that this server cannot honour
+    (``tools``, ``response_format`` other than text, ``logprobs``, ``n > 1``) are refused with a 400 naming
+    them; other unknown fields are ignored, as OpenAI-compatible servers do."""
 
     model: str
     messages: list[ChatMessage]
@@ -88,6 +88,13 @@ class ChatCompletionRequest(msgspec.Struct):
     user: str | None = None
     n: int | None = None
     stop: str | list[str] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class ResponseMessage(msgspec.Struct):
@@ -150,6 +157,7 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
     type: str
     field: str | None = None
     param: str | None = None  # OpenAI clients read the offending parameter from here
+    code: str | None = None  # OpenAI's machine-readable code, e.g. "model_not_found"
     valid: list[str] | None = None
     retry_after_s: int | None = None
 

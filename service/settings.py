@@ -32,6 +32,9 @@ class ServiceSettings:
     embedder and sends every request without a persona to the pack's fallback persona, saying so.
     ``watch_interval_s``: how often the adapters folder is checked for new versions (0 turns it off).
     ``ab_splits``: live A/B experiments as ``eval.ab_split.SplitConfig`` JSON objects.
+    ``allowed_hosts``: Host names the server answers to besides its bind address (``service/protection.py``).
+    ``allow_open_admin``: start on a non-loopback address without an admin token anyway (refused otherwise:
+    anyone who can reach the port could load and unload adapters).
     """
 
     host: str = "127.0.0.1"
@@ -59,10 +62,19 @@ class ServiceSettings:
     upstream_max_in_flight: int = 8
     upstream_replicas: int = 1
     upstream_wait_s: float = 300.0
+    allowed_hosts: tuple[str, ...] = ()
+    allow_open_admin: bool = False
 
     def __post_init__(self) -> None:
         if not self.host or not _HOST.match(self.host):
             raise ConfigError(f"{self.host!r} is not a host name or IP address", field="host")
+        for name in self.allowed_hosts:
+            if not name or not _HOST.match(name):
+                raise ConfigError(f"{name!r} is not a host name or IP address", field="allowed_hosts")
+        if self.admin_token is None and not is_loopback(self.host) and not self.allow_open_admin:
+            raise ConfigError(f"binding {self.host} without {ADMIN_TOKEN_ENV} would let anyone who reaches the "
+                              "port load and unload adapters; set the token, or pass --allow-open-admin",
+                              field="host")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{self.port} must be between 0 and 65535", field="port")
         if self.engine not in ENGINES:
@@ -112,6 +124,12 @@ class ServiceSettings:
 
     def with_overrides(self, **changes: Any) -> ServiceSettings:
         return replace(self, **changes)
+
+
+def is_loopback(host: str) -> bool:
+    """True for names and addresses that only this machine can reach."""
+    name = host.strip("[]").lower()
+    return name in ("localhost", "::1") or name.startswith("127.")
 
 
 def load_ab_splits(path: str | Path) -> tuple[SplitConfig, ...]:

@@ -28,7 +28,14 @@ from persona_router.adapters.engine.scheduler import Emitted, Scheduler, Sequenc
 from persona_router.adapters.engine.weights import extract_weights
 from persona_router.adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
 from persona_router.adapters.generation import SamplingConfig, eos_token_ids
-from persona_router.core.errors import ConfigError, InvalidRequestError, PersonaRouterError, QueueFullError
+from persona_router.adapters.stop_strings import StopStrings
+from persona_router.core.errors import (
+    AdapterError,
+    ConfigError,
+    InvalidRequestError,
+    PersonaRouterError,
+    QueueFullError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +149,9 @@ class BatchedEngine:
     def submit(self, request: GenerationRequest) -> EngineHandle:
         self._validate(request)
         loop = _running_loop(self._loop)
+        reason = self.scheduler.quarantined.get(request.adapter or "")
+        if reason is not None:
+            raise AdapterError(f"adapter {request.adapter!r} is quarantined ({reason})")
         with self._lock:
             if self._pending >= self.config.max_queue:
                 raise QueueFullError(f"the generation queue holds {self.config.max_queue} requests; retry shortly")
@@ -150,7 +160,8 @@ class BatchedEngine:
         handle = EngineHandle(request.request_id, loop, self)
         sampler = RowSampler.create(request.sampling, self._seed.getrandbits(63))
         seq = Sequence(request=request, slot=slot, sampler=sampler, detok=Detokenizer(self.tokenizer),
-                       stop_ids=self.stop_ids | frozenset(request.stop_token_ids), sink=handle)
+                       stop_ids=self.stop_ids | frozenset(request.stop_token_ids), sink=handle,
+                       stops=StopStrings(request.stop) if request.stop else None)
         handle._seq = seq
         with self._lock:
             self._inbox.append(seq)

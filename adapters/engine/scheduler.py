@@ -25,6 +25,7 @@ from persona_router.adapters.engine.lora_bank import LoraBank, slot_bucket
 from persona_router.adapters.engine.runner import ModelRunner
 from persona_router.adapters.engine.sampling import RowSampler, choose_tokens
 from persona_router.adapters.engine_api import GenerationRequest, TokenEvent
+from persona_router.adapters.stop_strings import StopStrings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Sequence:
     sampler: RowSampler
     detok: Detokenizer
     stop_ids: frozenset[int]
+    stops: StopStrings | None = None  # the request's stop strings, if any
     sink: Any = None  # where the engine delivers this request's events
     row: int = -1
     generated: list[int] = field(default_factory=list)
@@ -197,7 +199,15 @@ class Scheduler:
             self._finish(seq)
             return
         text = seq.detok.step(token)
+        if seq.stops is not None:
+            text, reached = seq.stops.feed(text)
+            if reached:
+                out.append((seq, TokenEvent(rid, token, text, finish_reason="stop")))
+                self._finish(seq)
+                return
         full = len(seq.generated) >= seq.request.sampling.max_new_tokens or seq.position >= self.config.max_len
+        if full and seq.stops is not None:
+            text += seq.stops.flush()
         out.append((seq, TokenEvent(rid, token, text, finish_reason="length" if full else None)))
         if full:
             self._finish(seq)

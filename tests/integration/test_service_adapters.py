@@ -17,7 +17,6 @@ from tests.integration.service_support import (
     AdapterFactory,
     RunningServer,
     answer,
-    metric_samples,
     serve,
     sse_events,
     wait_until,
@@ -42,7 +41,9 @@ def server(factory: AdapterFactory, tiny_model_dir: Path) -> Iterator[RunningSer
 
 
 def admin(client: httpx.Client, method: str, path: str, token: str | None = TOKEN) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = {"Content-Type": "application/json"}  # admin calls must declare JSON (no cross-site forms)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     return client.request(method, f"/v1/admin{path}", headers=headers)
 
 
@@ -215,5 +216,4 @@ def test_live_ab_split_is_sticky_per_user(tiny_model_dir: Path, tmp_path_factory
         assert "unusable" in unusable["ab"]["reason"]
         assert persona_state(client, "student")["ab"]["candidate"] == "1"
         metrics = client.get("/metrics").text
-        assert metric_samples(metrics, "persona_router_ab_assignments_total", persona="student", arm="candidate",
-                              adapter_version="1")
+        assert 'persona_router_ab_assignments_total{persona="student",arm="candidate",adapter_version="1"}' in metrics
