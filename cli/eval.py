@@ -29,6 +29,12 @@ def register(subparsers: Any) -> None:
     ab.add_argument("--persona", required=True, help="persona whose items are evaluated")
     ab.add_argument("--a", required=True, metavar="SPEC", help="arm A")
     ab.add_argument("--b", required=True, metavar="SPEC", help="arm B")
+    ab.add_argument("--engine", default="sequential", choices=("sequential", "batched"),
+                    help="sequential: one generate call per answer; batched: every answer queued at once in the "
+                    "batched engine, --max-batch rows per forward pass (same greedy tokens in float32; latency_s "
+                    "then compares nothing) (default: %(default)s)")
+    ab.add_argument("--max-batch", type=int, default=16, help="rows per forward pass with --engine batched "
+                    "(default: %(default)s)")
     _common(ab)
     ab.set_defaults(handler=cmd_ab)
 
@@ -79,7 +85,8 @@ def _config(args: argparse.Namespace) -> Any:
         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p),
         adapters_root=Path(args.adapters).expanduser() if args.adapters else None, data=args.data,
         train_data=args.train_data, limit=args.limit, seed=args.seed, max_context_chars=args.max_context_chars,
-        cochrane_pairs=args.cochrane_pairs, stats=StatsConfig(n_boot=args.bootstrap, seed=args.seed))
+        cochrane_pairs=args.cochrane_pairs, stats=StatsConfig(n_boot=args.bootstrap, seed=args.seed),
+        engine=getattr(args, "engine", "sequential"), max_batch=getattr(args, "max_batch", 16))
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from persona_router.core.errors import DataError
 from persona_router.core.pack import PersonaPack
 from persona_router.core.records import QARecord
 from persona_router.eval.arms import DEFAULT_MAX_CONTEXT_CHARS, ArmAnswer, ArmRunner, EvalItem, ResolvedArm, resolve_arm
+from persona_router.eval.batched import EngineArmRunner
 from persona_router.eval.judge import COCHRANE_DIR, StyleJudge, cochrane_check, confusion, heldout_report, train_judge
 from persona_router.eval.metrics import METRICS, ReferenceRange, reference_range, text_metrics
 from persona_router.eval.specs import ArmSpec, parse_spec
@@ -29,6 +30,7 @@ from persona_router.eval.stats import PairedComparison, StatsConfig, compare_pai
 
 log = logging.getLogger(__name__)
 
+ENGINES = ("sequential", "batched")
 Progress = Callable[[int], None]
 ProgressFactory = Callable[[int, str], Any]  # (total, description) -> context manager yielding Progress
 
@@ -47,10 +49,16 @@ class EvalConfig:
     max_context_chars: int = DEFAULT_MAX_CONTEXT_CHARS
     cochrane_pairs: int = 200
     stats: StatsConfig = field(default_factory=StatsConfig)
+    engine: str = "sequential"  # "batched": every answer queued at once in the batched engine (eval ab)
+    max_batch: int = 16
 
     def __post_init__(self) -> None:
-        from persona_router.core.errors import ConfigError
+        from persona_router.core.errors import ConfigError, choices
 
+        if self.engine not in ENGINES:
+            raise ConfigError(f"{self.engine!r} is not one of {choices(ENGINES)}", field="engine")
+        if self.max_batch < 1:
+            raise ConfigError(f"{self.max_batch} must be >= 1", field="max_batch")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"{self.limit} must be >= 1", field="limit")
         if self.cochrane_pairs < 0:
@@ -62,7 +70,8 @@ class EvalConfig:
                 "top_p": self.sampling.top_p, "adapters_root": str(self.adapters_root) if self.adapters_root else None,
                 "data": self.data or "demo test split", "train_data": self.train_data or "demo train split",
                 "limit": self.limit, "seed": self.seed, "max_context_chars": self.max_context_chars,
-                "cochrane_pairs": self.cochrane_pairs, "n_boot": self.stats.n_boot,
+                "cochrane_pairs": self.cochrane_pairs, "n_boot": self.stats.n_boot, "engine": self.engine,
+                "max_batch": self.max_batch,
                 "confidence": self.stats.confidence, "alpha": self.stats.alpha}
 
 
@@ -193,7 +202,12 @@ def run_ab(pack: PersonaPack, persona: str, spec_a: str, spec_b: str, config: Ev
     arms = _resolve_pair(specs, persona=persona, config=config, fingerprint=resolve_base(config.base.base).fingerprint)
     scorer, judge_info = build_judge(pack, config, items, test_records)
     base = load_base(config.base)
-    runner = ArmRunner(base=base, pack=pack, sampling=config.sampling, max_context_chars=config.max_context_chars)
+    runner: ArmRunner | EngineArmRunner
+    if config.engine == "batched":
+        runner = EngineArmRunner(base=base, pack=pack, sampling=config.sampling,
+                                 max_context_chars=config.max_context_chars, max_batch=config.max_batch)
+    else:
+        runner = ArmRunner(base=base, pack=pack, sampling=config.sampling, max_context_chars=config.max_context_chars)
     with progress(len(items) * 2, f"eval ab {persona}") as tick:
         answers = runner.run(arms, items, seed=config.seed, progress=tick)
     scores = {a.label: scorer.score(items, answers[a.label]) for a in arms}

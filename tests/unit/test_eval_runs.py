@@ -164,3 +164,29 @@ def test_run_ab_and_matrix_write_reports(base: Any, registry_root: Path, tmp_pat
     write_report(matrix, tmp_path / "matrix")
     assert (tmp_path / "matrix" / "confusion_prompt.png").is_file()
     assert (tmp_path / "matrix" / "confusion_adapter.png").is_file()
+
+
+def test_batched_engine_answers_equal_sequential(base: Any, registry_root: Path) -> None:
+    """``eval ab --engine batched``: the same greedy answers as one generate call per answer (float32 CPU)."""
+    from persona_router.eval.batched import EngineArmRunner
+
+    pack = load_pack("demo")
+    greedy = SamplingConfig(max_new_tokens=6)
+    arms = [resolve_arm(parse_spec("student@1"), persona="student", adapters_root=registry_root,
+                        base_fingerprint=base.fingerprint, label="v1"),
+            resolve_arm(parse_spec("student@2"), persona="student", adapters_root=registry_root,
+                        base_fingerprint=base.fingerprint, label="v2"),
+            ResolvedArm("prompt", parse_spec("prompt"))]
+    items = [*ITEMS, EvalItem(id="ctx", persona="student", question="summarise", reference="r",
+                              context="a long technical paragraph " * 20)]
+    sequential = ArmRunner(base=load_base(BaseModelConfig(base=str(base.resolved.folder), device="cpu")),
+                           pack=pack, sampling=greedy, max_context_chars=200).run(arms, items, seed=0)
+    ticks: list[int] = []
+    batched = EngineArmRunner(base=base, pack=pack, sampling=greedy, max_context_chars=200,
+                              max_batch=4).run(arms, items, seed=0, progress=ticks.append)
+    assert len(ticks) == len(arms) * len(items)
+    for arm in arms:
+        assert [a.item_id for a in batched[arm.label]] == [i.id for i in items]
+        assert [a.text for a in batched[arm.label]] == [a.text for a in sequential[arm.label]]
+        assert [a.prompt_tokens for a in batched[arm.label]] == [a.prompt_tokens for a in sequential[arm.label]]
+    assert [a.text for a in batched["v1"]] != [a.text for a in batched["prompt"]]  # the adapter really applied
