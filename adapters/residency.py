@@ -331,6 +331,23 @@ class AdapterResidency:
                 stamp.append((path.name, info.st_size, info.st_mtime_ns))
         return tuple(stamp)
 
+    async def set_personas(self, personas: Sequence[str]) -> dict[str, Any]:
+        """The pack changed: serve these personas from now on. New ones are scanned and their live adapter
+        loaded; the adapters of removed ones are unloaded once their last request finishes."""
+        async with self._lock:
+            self.personas = tuple(personas)
+            for persona in self.personas:
+                self._versions.setdefault(persona, [])
+                self._latest.setdefault(persona, None)
+            for persona in [p for p in self._versions if p not in self.personas]:
+                del self._versions[persona]
+                self._latest.pop(persona, None)
+                self._persona_errors.pop(persona, None)
+            self._disabled = {key for key in self._disabled if key[0] in self.personas}
+            self._refused = {key: value for key, value in self._refused.items() if key[0] in self.personas}
+            await self._retire()  # a removed persona has no versions left: its adapters retire
+        return await self.reload()
+
     # -- admin ------------------------------------------------------------------------------------------
     def _check_exists(self, persona: str, version: int) -> None:
         if persona not in self.personas:

@@ -32,7 +32,7 @@ from persona_router.router.calibration import (
 )
 from persona_router.router.classifier import CLASSIFIER_KINDS, ClassifierConfig, fit_classifier
 from persona_router.router.encoder import Encoder, load_encoder
-from persona_router.router.persona_router import ROUTER_FILE, PersonaRouter, default_router_dir, pack_reference
+from persona_router.router.persona_router import ROUTER_FILE, PersonaRouter, default_router_dir
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +149,16 @@ class FitResult:
 
 
 def default_training_records(pack: PersonaPack) -> list[RoutingRecord]:
-    """The demo pack's routing utterances; other packs fit on their examples (add data with --data)."""
-    if pack_reference(pack) != DEMO_PACK:
-        return []
+    """The demo routing utterances of every persona the pack shares unchanged (same name and description) with
+    the demo pack: all of them for the demo pack and for a user pack copied from it (``persona add``). Other
+    personas fit on their pack examples (add utterances with --data)."""
     from persona_router.core.rows import demo_routing
 
-    return [r for r in demo_routing("train") if r.persona in pack]
+    demo = load_pack(DEMO_PACK)
+    shared = {p.name for p in pack.personas if p.name in demo and demo.get(p.name).description == p.description}
+    if not shared:
+        return []
+    return [r for r in demo_routing("train") if r.persona in shared]
 
 
 def load_routing_records(paths: Iterable[str | Path], pack: PersonaPack) -> list[RoutingRecord]:

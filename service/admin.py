@@ -1,4 +1,4 @@
-"""Admin endpoints: reload the adapters folder, load or unload one adapter version.
+"""Admin endpoints: reload the pack and router, reload the adapters folder, load or unload one adapter version.
 
 When ``PERSONA_ROUTER_ADMIN_TOKEN`` is set every admin call needs ``Authorization: Bearer <token>``.
 Every call changes state, so each must be ``Content-Type: application/json`` and must not come from
@@ -56,6 +56,15 @@ def bearer_guard(token: str | None) -> Any:
     return guard
 
 
+@post("/reload", status_code=200)
+async def reload_all(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """Re-read the pack and its router now (a pack that fails validation leaves the old one serving and is
+    reported in ``pack.error``), then the adapters folder."""
+    state = service(request)
+    pack = await state.reloader.reload(force=True)
+    return {"pack": pack, "adapters": await state.residency.reload()}
+
+
 @post("/adapters/reload", status_code=200)
 async def reload_adapters(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return await service(request).residency.reload()
@@ -76,5 +85,5 @@ async def unload_adapter(request: Request[Any, Any, Any], persona: str, version:
 def admin_router(settings: ServiceSettings) -> Router:
     if settings.admin_token is None and not is_loopback(settings.host):  # only with --allow-open-admin
         log.warning("admin endpoints are open on %s: set PERSONA_ROUTER_ADMIN_TOKEN to protect them", settings.host)
-    return Router(path="/v1/admin", route_handlers=[reload_adapters, load_adapter, unload_adapter],
+    return Router(path="/v1/admin", route_handlers=[reload_all, reload_adapters, load_adapter, unload_adapter],
                   guards=[bearer_guard(settings.admin_token), same_site_guard, json_body_guard])

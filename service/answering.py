@@ -27,13 +27,12 @@ from persona_router.core.errors import AdapterError, ConfigError, InvalidRequest
 from persona_router.core.pack import PersonaPack
 from persona_router.router.decision import Decision
 from persona_router.service.ab_split import CONTROL, Assignment, SplitConfig, assign
+from persona_router.service.catalog import CatalogHolder, Decide, fallback_decider
 from persona_router.service.metrics import ServiceMetrics
 from persona_router.service.schemas import AnswerRequest, Usage
 from persona_router.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
-
-Decide = Callable[[str, str | None], Decision]
 
 
 @dataclass(frozen=True)
@@ -235,12 +234,11 @@ async def _disconnected(receive: Callable[[], Awaitable[Any]]) -> None:
 class Answerer:
     """Turns an ``AnswerRequest`` (from either API) into a running generation; shared by every request."""
 
-    def __init__(self, *, settings: ServiceSettings, pack: PersonaPack, decide: Decide, engine: Engine,
+    def __init__(self, *, settings: ServiceSettings, catalog: CatalogHolder, engine: Engine,
                  residency: AdapterResidency, tokenizer: Any, metrics: ServiceMetrics,
                  max_positions: int | None = None) -> None:
         self.settings = settings
-        self.pack = pack
-        self.decide = decide
+        self.catalog = catalog
         self.engine = engine
         self.residency = residency
         self.tokenizer = tokenizer
@@ -248,6 +246,14 @@ class Answerer:
         self.max_positions = max_positions
         self.splits: dict[str, SplitConfig] = {split.persona: split for split in settings.ab_splits}
         self.in_flight = 0
+
+    @property
+    def pack(self) -> PersonaPack:
+        return self.catalog.current.pack
+
+    @property
+    def decide(self) -> Decide:
+        return self.catalog.current.decide
 
     def sampling(self, inp: AnswerRequest) -> SamplingConfig:
         limit = self.settings.max_new_tokens_limit
@@ -285,10 +291,11 @@ class Answerer:
         """
         started = time.perf_counter()
         sampling = self.validate(inp)
-        decision = await asyncio.to_thread(self.decide, inp.question, inp.persona)
+        catalog = self.catalog.current  # one snapshot of pack + router for the whole request
+        decision = await asyncio.to_thread(catalog.decide, inp.question, inp.persona)
         routing_ms = (time.perf_counter() - started) * 1000
         self.metrics.decisions.inc(source=decision.source, persona=decision.persona)
-        persona = self.pack.get(decision.persona)
+        persona = catalog.pack.get(decision.persona)
         assignment, lease = await self._lease(persona.name, inp.user)
         try:
             messages = build_messages(inp.question, system_prompt=persona.system_prompt, context=inp.context)
@@ -364,16 +371,4 @@ class Answerer:
         self.metrics.completion_tokens.observe(running.completion_tokens, persona=persona, adapter_version=version)
 
 
-def fallback_decider(pack: PersonaPack) -> Decide:
-    """Routing without a classifier (``--router fallback``): a named persona, else the fallback, saying so."""
-    from persona_router.router.decision import explicit
-
-    def decide(question: str, persona: str | None = None) -> Decision:
-        if not isinstance(question, str) or not question.strip():
-            raise InvalidRequestError("must not be empty or only whitespace", field="question")
-        if persona is not None:
-            return explicit(pack.get(persona).name)
-        return Decision(persona=pack.fallback.name, source="fallback", confidence=0.0,
-                        reason="the service runs without a persona classifier (--router fallback)")
-
-    return decide
+__all__ = ["Answerer", "Running", "fallback_decider"]

@@ -22,7 +22,7 @@ from litestar.response import Stream
 from persona_router.adapters.engine_api import GenerationRequest
 from persona_router.adapters.generation import SamplingConfig
 from persona_router.core.errors import PersonaRouterError, redact_paths
-from persona_router.service.answering import Answerer, Running, fallback_decider
+from persona_router.service.answering import Answerer, Running
 from persona_router.service.http_errors import EXCEPTION_HANDLERS, MAX_BODY_BYTES, error_body
 from persona_router.service.metrics import CONTENT_TYPE, ServiceMetrics
 from persona_router.service.openapi import openapi_config
@@ -42,10 +42,12 @@ def load_service(settings: ServiceSettings) -> ServiceState:
     from persona_router.adapters.base_model import BaseModelConfig, configure_threads, load_base, load_base_meta
     from persona_router.adapters.registry import AdapterRegistry
     from persona_router.adapters.residency import AdapterResidency
-    from persona_router.core.pack import load_pack
+    from persona_router.service.catalog import CatalogBuilder, CatalogHolder, CatalogReloader
 
     started = time.perf_counter()
-    pack = load_pack(settings.pack)
+    builder = CatalogBuilder(settings.pack, settings.router)
+    catalog = builder.build()
+    pack, router_info = catalog.pack, catalog.router_info
     base_config = BaseModelConfig(base=settings.base, device=settings.device, quantization=settings.quantization)
     if settings.engine == "vllm":
         base = load_base_meta(base_config)  # the upstreams hold the weights; we need the tokenizer and configs
@@ -53,7 +55,6 @@ def load_service(settings: ServiceSettings) -> ServiceState:
         configure_threads()
         base = load_base(base_config)
     metrics = ServiceMetrics()
-    decide, router_info = _load_router(settings, pack)
     engine, kind, max_len = _build_engine(settings, base)
     residency = AdapterResidency(
         engine, AdapterRegistry(settings.adapters_dir), base_fingerprint=base.fingerprint, personas=pack.names,
@@ -64,24 +65,16 @@ def load_service(settings: ServiceSettings) -> ServiceState:
     model_config = base.model.config if base.model is not None else base.extra.get("config")
     positions = getattr(model_config, "max_position_embeddings", None)
     limits = [n for n in (positions, max_len) if n]
-    answerer = Answerer(settings=settings, pack=pack, decide=decide, engine=engine, residency=residency,
+    holder = CatalogHolder(catalog)
+    answerer = Answerer(settings=settings, catalog=holder, engine=engine, residency=residency,
                         tokenizer=base.tokenizer, metrics=metrics, max_positions=min(limits) if limits else None)
-    state = ServiceState(settings=settings, pack=pack, base=base, engine=engine, engine_kind=kind,
-                         residency=residency, answerer=answerer, metrics=metrics, router_info=router_info)
+    state = ServiceState(settings=settings, catalog=holder, reloader=CatalogReloader(holder, builder, residency),
+                         base=base, engine=engine, engine_kind=kind, residency=residency, answerer=answerer,
+                         metrics=metrics)
     _register_gauges(state)
     log.info("service loaded in %.1f s: base %s (%s, %s), engine %s, router %s", time.perf_counter() - started,
              base.name, base.device, base.precision, kind, router_info.get("mode"))
     return state
-
-
-def _load_router(settings: ServiceSettings, pack: Any) -> tuple[Any, dict[str, Any]]:
-    if settings.router == "fallback":
-        return fallback_decider(pack), {"mode": "fallback", "fallback": pack.fallback.name}
-    from persona_router.router.fitting import ensure_router
-
-    router = ensure_router(pack)
-    router.decide("warm up the encoder")  # the first encode pays one-off costs
-    return router.decide, {"mode": "fitted", **router.describe()}
 
 
 def _build_engine(settings: ServiceSettings, base: Any) -> tuple[Any, str, int | None]:
@@ -196,6 +189,7 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await state.residency.reload()
         if settings.watch_interval_s > 0:
             state.tasks.append(asyncio.create_task(state.residency.watch(settings.watch_interval_s)))
+            state.tasks.append(asyncio.create_task(state.reloader.watch(settings.watch_interval_s)))
         if settings.warmup:
             state.tasks.append(asyncio.create_task(_warm_up(state)))
         else:
@@ -290,15 +284,17 @@ async def _answer_events(running: Running) -> AsyncIterator[bytes]:
 @get("/v1/personas")
 async def personas(request: Request[Any, Any, Any]) -> dict[str, Any]:
     state = service(request)
+    catalog = state.catalog.current  # one snapshot: the pack and router of the same generation
     listed = []
-    for persona in state.pack.personas:
+    for persona in catalog.pack.personas:
         entry = state.residency.describe_persona(persona.name)
         entry.update(description=persona.description, fallback=persona.fallback)
         split = state.answerer.splits.get(persona.name)
         if split is not None:
             entry["ab"] = split.to_json()
         listed.append(entry)
-    return {"pack": state.pack.name, "router": state.router_info.get("mode"), "personas": listed}
+    return {"pack": catalog.pack.name, "router": catalog.router_info.get("mode"),
+            "pack_generation": catalog.generation, "personas": listed}
 
 
 @get("/metrics", media_type="text/plain")  # documents it; the handler sets the exposition version
