@@ -21,7 +21,9 @@ def add_base_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_pack_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pack", default="demo", help="persona pack: 'demo' or a TOML/YAML file (default: demo)")
+    parser.add_argument("--pack", default="demo",
+                        help="persona pack: 'demo', 'user' ($PERSONA_ROUTER_HOME/packs/user.toml, made by "
+                        "'persona add') or a TOML/YAML file (default: demo)")
 
 
 def register(subparsers: Any) -> None:

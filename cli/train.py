@@ -23,7 +23,9 @@ def register(subparsers: Any) -> None:
     who = train.add_mutually_exclusive_group(required=True)
     who.add_argument("--persona", help="persona name from the pack")
     who.add_argument("--all", action="store_true", help="every persona of the pack, one after another")
-    train.add_argument("--pack", default="demo", help="persona pack: 'demo' or a TOML/YAML file (default: demo)")
+    train.add_argument("--pack", default="demo",
+                       help="persona pack: 'demo', 'user' ($PERSONA_ROUTER_HOME/packs/user.toml, made by "
+                       "'persona add') or a TOML/YAML file (default: demo)")
     train.add_argument("--data", default=None,
                        help="training rows: a JSONL/JSON/CSV/Parquet file or a hub dataset id (default: the demo "
                        "dataset's train split)")
