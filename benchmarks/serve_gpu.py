@@ -78,7 +78,8 @@ def build_model(folder: Path, smoke: bool) -> float:
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     config: Any = tiny_phi3_config(512) if smoke else Phi3Config()
-    save_random_model(folder, config, seed=0, dtype=torch.float32 if smoke else torch.bfloat16)
+    save_random_model(folder, config, seed=0, dtype=torch.float32 if smoke else torch.bfloat16,
+                      device=None if smoke else "cuda")
     save_tokenizer(folder, config.vocab_size, config.eos_token_id)
     return time.perf_counter() - started
 

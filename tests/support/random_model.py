@@ -56,13 +56,17 @@ def tiny_phi3_config(vocab_size: int, **overrides: Any) -> Any:
     return Phi3Config(**settings)
 
 
-def save_random_model(folder: Path, config: Any, *, seed: int = 0, dtype: Any = None) -> Any:
-    """Initialise ``config``'s architecture with a fixed seed and save it (weights + config)."""
+def save_random_model(folder: Path, config: Any, *, seed: int = 0, dtype: Any = None, device: Any = None) -> Any:
+    """Initialise ``config``'s architecture with a fixed seed and save it (weights + config).
+
+    ``device="cuda"`` draws the random weights on the GPU: minutes faster for a 3.8B model than the CPU.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     model.eval()
     model.save_pretrained(folder)
     return model

@@ -1,0 +1,270 @@
+"""Where one engine step's GPU time goes: decode at batch 1 and 64, and a 128-token prefill.
+
+Model: Phi-3-mini's shape with random weights (the folder ``serve_gpu.py`` builds), 4 random r=16 adapters.
+For each NF4 mode of the engine and each case, this measures the step three ways: the CUDA-graph replay
+(what the server runs), the eager step, and a torch-profiler trace of the eager step whose kernels are
+attributed to the engine's parts by ``record_function`` ranges wrapped around them (base weight products,
+LoRA, LoRA masks, attention with KV writes, pointwise norm/rotary/activation, LM head, the rest). It also
+times greedy token choice with its device-to-host copy, and measures copy bandwidth in the same process,
+so every time can be set against the floor for the bytes it must read.
+
+    python3 benchmarks/profile_decode_gpu.py --out /tmp/profile.json      # on the GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("profile_decode_gpu")
+PARTS = ("linear", "lora", "lora_masks", "attention", "pointwise", "lm_head")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/persona-router-bench/phi3-mini-random"))
+    parser.add_argument("--modes", default="dequantize,kernel")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--position", type=int, default=160, help="decode position of every row")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    return parser.parse_args()
+
+
+def timed(fn: Callable[[], Any], repeats: int = 30, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn`` between CUDA events."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> dict[str, float]:
+    """Device-to-device copy of 2 GiB, bytes read plus written, over the median time."""
+    import torch
+
+    size = 2 << 30
+    src = torch.empty(size, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), repeats=20)
+    return {"bytes_moved": 2 * size, "ms": ms, "tb_s": 2 * size / ms / 1e9}
+
+
+def instrument(runner: Any) -> None:
+    """Wrap the runner's parts in profiler ranges (instance attributes shadow the class methods)."""
+    from torch.profiler import record_function
+
+    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with record_function(name):
+                return fn(*args, **kwargs)
+        return wrapped
+
+    runner._linear = wrap("linear", runner._linear)
+    runner._decode_attention = wrap("attention", runner._decode_attention)
+    runner._prefill_attention = wrap("attention", runner._prefill_attention)
+    runner._logits = wrap("lm_head", runner._logits)
+    runner.bank.apply = wrap("lora", runner.bank.apply)
+    runner.bank.batch = wrap("lora_masks", runner.bank.batch)
+    pw = runner.pw
+    pw.norm, pw.rotate, pw.act_mul = (wrap("pointwise", f) for f in (pw.norm, pw.rotate, pw.act_mul))
+
+
+def breakdown(fn: Callable[[], Any]) -> dict[str, Any]:
+    """Device milliseconds per engine part for one call of ``fn`` (eager), plus the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    parts = dict.fromkeys(PARTS, 0.0)
+    for event in events:
+        if event.name in parts:
+            parts[event.name] += _device_us(event) / 1e3
+    kernels: dict[str, float] = {}
+    dequant_ms = 0.0
+    for avg in prof.key_averages():
+        us = getattr(avg, "self_device_time_total", None) or getattr(avg, "self_cuda_time_total", 0.0)
+        if us and str(getattr(avg, "device_type", "")).endswith("CUDA"):
+            kernels[avg.key] = us / 1e3
+            if "dequant" in avg.key.lower():
+                dequant_ms += us / 1e3
+    total = sum(kernels.values())
+    base_ms = parts["linear"] - parts["lora"]  # the LoRA range sits inside the linear range
+    result = {
+        "kernel_total_ms": total,
+        "parts_ms": {"base_weights": base_ms - dequant_ms, "dequantize": dequant_ms, "lora": parts["lora"],
+                     "lora_masks": parts["lora_masks"], "attention": parts["attention"],
+                     "pointwise": parts["pointwise"], "lm_head": parts["lm_head"],
+                     "other": total - sum(parts[p] for p in PARTS if p != "lora")},
+        "kernel_count": sum(int(a.count) for a in prof.key_averages()
+                            if str(getattr(a, "device_type", "")).endswith("CUDA")),
+        "top_kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15]),
+    }
+    return result
+
+
+def _device_us(event: Any) -> float:
+    value = getattr(event, "device_time_total", None)
+    return float(value if value is not None else event.cuda_time_total)
+
+
+def weight_bytes(runner: Any) -> int:
+    """Bytes the base weights of one step occupy as stored (what a step must read at least once)."""
+    total = runner.w.lm_head.numel() * runner.w.lm_head.element_size()
+    for layer in runner.w.layers:
+        for group in layer.groups.values():
+            if group.weight is not None:
+                total += group.weight.numel() * group.weight.element_size()
+            for module in group.modules:
+                state = module.weight.quant_state
+                total += module.weight.numel() * module.weight.element_size()
+                total += state.absmax.numel() * state.absmax.element_size()
+                if state.state2 is not None:
+                    total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return total
+
+
+def profile_mode(model: Any, tokenizer: Any, mode: str, adapters: list[Path], args: argparse.Namespace,
+                 bandwidth: float) -> dict[str, Any]:
+    import torch
+    from persona_router.adapters.engine import BatchedEngine, EngineConfig
+    from persona_router.adapters.engine.lora_bank import slot_bucket
+    from persona_router.adapters.engine.sampling import choose_tokens
+
+    batches = [int(b) for b in args.batches.split(",")]
+    config = EngineConfig(max_batch=max(batches), max_len=256, max_adapters=8, max_rank=16, stop_token_ids=(),
+                          nf4_mode=mode)
+    engine = BatchedEngine(model, tokenizer, config)
+    names = [f"a{i}" for i in range(len(adapters))]
+    for name, folder in zip(names, adapters, strict=True):
+        engine.add_adapter(name, folder)
+    slots = [engine.bank.slot_of(n) for n in names]
+    runner = engine.runner
+    kv_cache_gib = runner.kv_bytes() / 2**30
+    wbytes = weight_bytes(runner)
+    result: dict[str, Any] = {"weight_bytes": wbytes, "kv_cache_gib": kv_cache_gib,
+                              "weight_floor_ms": wbytes / bandwidth / 1e9, "decode": {}}
+    gen = torch.Generator().manual_seed(3)
+    for batch in batches:
+        rows_slots = [slots[i % len(slots)] for i in range(batch)]
+        tokens = torch.randint(10, 30000, (batch,), generator=gen)
+        inputs = torch.stack([tokens, torch.full((batch,), args.position), torch.tensor(rows_slots)], dim=1)
+        runner.step_inputs[:batch].copy_(inputs)
+        kv_len, m = runner.kv_len_for(args.position), slot_bucket(max(rows_slots), engine.bank.capacity)
+        case: dict[str, Any] = {"kv_len": kv_len, "slot_bucket": m}
+        if engine.graphs is not None:
+            case["graph_ms"] = timed(partial(engine.graphs, batch, kv_len, m))
+        case["eager_ms"] = timed(partial(runner.decode, batch, kv_len, m), repeats=10)
+        logits = runner.decode(batch, kv_len, m)
+        samplers: list[Any] = [None] * batch
+        case["greedy_choice_ms"] = timed(lambda lg=logits, s=samplers: choose_tokens(lg, s))
+        # KV bytes a step reads as the code stands (every row up to kv_len), and what live lengths need.
+        per_pos = 2 * len(runner.w.layers) * runner.w.num_kv_heads * runner.w.head_dim * 2
+        case["kv_read_bytes"] = batch * kv_len * per_pos
+        case["kv_live_bytes"] = batch * (args.position + 1) * per_pos
+        case["floor_ms"] = (wbytes + case["kv_live_bytes"]) / bandwidth / 1e9
+        instrumented_decode = _instrumented(runner)
+        try:
+            case["profile"] = breakdown(partial(instrumented_decode, batch, kv_len, m))
+        except Exception as exc:  # a profiler failure keeps the timings already taken
+            log.exception("profile of %s batch %d failed", mode, batch)
+            case["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+        result["decode"][str(batch)] = case
+        log.info("%s batch %d: graph %.3f ms, eager %.3f ms", mode, batch, case.get("graph_ms", float("nan")),
+                 case["eager_ms"])
+    prompt = torch.randint(10, 30000, (args.prompt_len,), generator=gen).tolist()
+    slot = slots[0]
+    prefill = _instrumented(runner, prefill=True)
+    result["prefill"] = {
+        "prompt_len": args.prompt_len,
+        "ms": timed(lambda: runner.prefill([0], [prompt], [slot], slot_bucket(slot, engine.bank.capacity)),
+                    repeats=10),
+    }
+    try:
+        result["prefill"]["profile"] = breakdown(lambda: prefill([0], [prompt], [slot],
+                                                                  slot_bucket(slot, engine.bank.capacity)))
+    except Exception as exc:  # a profiler failure keeps the timings already taken
+        log.exception("prefill profile failed")
+        result["prefill"]["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+    result["memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    engine.stop()
+    return result
+
+
+def _instrumented(runner: Any, *, prefill: bool = False) -> Callable[..., Any]:
+    """A copy of the runner whose parts are wrapped in profiler ranges (graphs keep the plain one)."""
+    import copy
+
+    clone = copy.copy(runner)
+    clone.bank = copy.copy(runner.bank)
+    clone.pw = copy.copy(runner.pw)
+    instrument(clone)
+    return clone.prefill if prefill else clone.decode
+
+
+def main() -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args()
+    from benchmarks.serve_gpu import build_model, load_model, write_adapters
+
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report["bandwidth"] = copy_bandwidth()
+    bandwidth = report["bandwidth"]["tb_s"] * 1e12
+    report["model_build_s"] = build_model(args.model_dir, smoke=False)
+    model = load_model(args.model_dir, "nf4")
+    adapters = write_adapters(model, args.model_dir.parent / f"{args.model_dir.name}-adapters", 4, 16)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    report["modes"] = {}
+    for mode in args.modes.split(","):
+        report["modes"][mode] = profile_mode(model, tokenizer, mode, adapters, args, bandwidth)
+        args.out.write_text(json.dumps(report, indent=1))
+        torch.cuda.empty_cache()
+    args.out.write_text(json.dumps(report, indent=1))
+    print(summary(report))
+    return 0
+
+
+def summary(report: dict[str, Any]) -> str:
+    lines = [f"{report['device']}: copy {report['bandwidth']['tb_s']:.2f} TB/s"]
+    for mode, data in report["modes"].items():
+        lines.append(f"{mode}: weights {data['weight_bytes'] / 1e9:.2f} GB, floor {data['weight_floor_ms']:.3f} ms")
+        for batch, case in [*data["decode"].items(), ("prefill", data["prefill"])]:
+            prof = case["profile"]
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in prof.get("parts_ms", {}).items()) or prof.get("error")
+            lines.append(f"  {batch}: graph {case.get('graph_ms', float('nan')):.3f} eager "
+                         f"{case.get('eager_ms', case.get('ms')):.3f} kernels "
+                         f"{prof.get('kernel_total_ms', float('nan')):.3f} ms ({parts})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
