@@ -25,7 +25,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))  # after the installed package: the repo root holds a bare persona_router folder
 
 log = logging.getLogger("profile_decode_gpu")
 PARTS = ("linear", "lora", "lora_masks", "attention", "pointwise", "lm_head")

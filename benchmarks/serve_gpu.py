@@ -30,7 +30,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))  # after the installed package: the repo root holds a bare persona_router folder
 
 log = logging.getLogger("serve_gpu")
 TARGETS = {"batch1_speedup": 6.0, "mixed8_speedup": 5.0, "mixed_vs_single_32": 0.8}

@@ -1,0 +1,140 @@
+"""The engine's Triton kernels against plain PyTorch references (fused NF4 product, BGMV LoRA).
+
+Without a GPU they run under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton loads) in
+float32; the ``gpu``-marked cases run compiled on CUDA in bfloat16. Shapes are deliberately odd: rows not a
+multiple of any tile, output widths not a multiple of the column block, K a multiple of 64 but not of 256,
+ranks that are not powers of two, and rows without an adapter (slot 0) mixed with rows that have one.
+Tolerances: float32 (interpreter) 1e-4 relative, only summation order differs; bfloat16 (GPU) 1e-2
+relative, bf16 operands with float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported anywhere in this process
+pytest.importorskip("triton")
+pytest.importorskip("bitsandbytes")
+
+from persona_router.adapters.engine import lora_kernels, nf4_kernels  # noqa: E402
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype() -> Any:
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+TOL = 1e-2 if torch.cuda.is_available() else 1e-4
+
+
+class _Module:
+    """What ``nf4_weight`` reads off a bitsandbytes ``Linear4bit``: ``weight.data`` and ``weight.quant_state``."""
+
+    def __init__(self, packed: Any, state: Any) -> None:
+        self.weight = type("W", (), {})()
+        self.weight.data = packed
+        self.weight.quant_state = state
+
+
+def _quantized(n: int, k: int, *, double: bool = True, seed: int = 0) -> _Module:
+    import bitsandbytes.functional as bnbf
+
+    gen = torch.Generator().manual_seed(seed)
+    dense = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16).to(_device())
+    packed, state = bnbf.quantize_4bit(dense, blocksize=64, compress_statistics=double, quant_type="nf4",
+                                       quant_storage=torch.uint8)
+    return _Module(packed, state)
+
+
+def _rel(got: Any, want: Any) -> float:
+    assert not torch.isnan(got).any()
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+@pytest.mark.parametrize("double", [True, False])
+def test_dequantize_matches_bitsandbytes(double: bool) -> None:
+    import bitsandbytes.functional as bnbf
+
+    module = _quantized(96, 192, double=double)
+    weight = nf4_kernels.nf4_weight([module])
+    assert weight is not None
+    want = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    assert torch.equal(nf4_kernels.dequantize(weight, want.dtype), want)
+
+
+def test_unsupported_layouts_are_refused() -> None:
+    import bitsandbytes.functional as bnbf
+
+    dense = torch.randn(32, 96, dtype=torch.bfloat16, device=_device())  # K not a multiple of 64
+    packed, state = bnbf.quantize_4bit(dense, blocksize=32, quant_type="nf4")
+    assert nf4_kernels.nf4_weight([_Module(packed, state)]) is None
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 192), (3, 80, 256), (17, 130, 512), (70, 96, 320)])
+def test_nf4_matmul_matches_reference(m: int, n: int, k: int) -> None:
+    weight = nf4_kernels.nf4_weight([_quantized(n, k, seed=m)])
+    assert weight is not None
+    x = torch.randn(m, k, device=_device()).to(_dtype())
+    residual = torch.randn(m, n, device=_device()).to(_dtype())
+    got = nf4_kernels.nf4_matmul(x, weight, residual=residual)
+    assert _rel(got, nf4_kernels.reference_matmul(x, weight, residual=residual)) < TOL
+    plain = nf4_kernels.nf4_matmul(x, weight)
+    assert _rel(plain, nf4_kernels.reference_matmul(x, weight)) < TOL
+
+
+def test_fused_parts_equal_separate_parts() -> None:
+    """Llama's q/k/v stacked along N give the same product as each part on its own."""
+    parts = [_quantized(64, 256, seed=s) for s in range(3)]  # 64*256/64 = 256 scales: whole second-level blocks
+    fused = nf4_kernels.nf4_weight(parts)
+    assert fused is not None and fused.n == 192
+    x = torch.randn(5, 256, device=_device()).to(_dtype())
+    want = torch.cat([nf4_kernels.reference_matmul(x, nf4_kernels.nf4_weight([p])) for p in parts], dim=1)
+    assert _rel(nf4_kernels.nf4_matmul(x, fused), want) < TOL
+
+
+def _bank(capacity: int, rank: int, k: int, n: int) -> tuple[Any, Any, Any]:
+    gen = torch.Generator().manual_seed(rank)
+    a = (torch.randn(capacity, rank, k, generator=gen) / k ** 0.5).to(_device()).to(_dtype())
+    bt = (torch.randn(capacity, rank, n, generator=gen) * 0.1).to(_device()).to(_dtype())
+    scaling = torch.cat([torch.zeros(1), torch.rand(capacity, generator=gen) + 0.5]).to(_device()).to(_dtype())
+    return a, bt, scaling
+
+
+@pytest.mark.parametrize(("m", "rank"), [(1, 16), (3, 5), (20, 48), (70, 16)])
+def test_lora_shrink_expand_match_reference(m: int, rank: int) -> None:
+    k, n, capacity = 320, 96, 4
+    a, bt, scaling = _bank(capacity, rank, k, n)
+    slots = torch.tensor([(i * 3) % (capacity + 1) for i in range(m)], device=_device())  # includes slot 0
+    x = torch.randn(m, k, device=_device()).to(_dtype())
+    base = torch.randn(m, n, device=_device()).to(_dtype())
+    want = base.float() + lora_kernels.reference(x, a, bt, slots, scaling)
+    shrunk = lora_kernels.shrink(x, a, bt, slots, scaling)
+    got = lora_kernels.expand_(base.clone(), shrunk)
+    assert _rel(got, want) < TOL
+    no_adapter = slots == 0
+    if no_adapter.any():  # rows without an adapter are left exactly as they were
+        assert torch.equal(got[no_adapter], base[no_adapter])
+
+
+@pytest.mark.parametrize("m", [1, 6, 33])
+def test_nf4_matmul_with_lora_and_residual(m: int) -> None:
+    k, n, capacity, rank = 256, 80, 3, 16
+    weight = nf4_kernels.nf4_weight([_quantized(n, k, seed=7)])
+    assert weight is not None
+    a, bt, scaling = _bank(capacity, rank, k, n)
+    slots = torch.tensor([i % (capacity + 1) for i in range(m)], device=_device())
+    x = torch.randn(m, k, device=_device()).to(_dtype())
+    residual = torch.randn(m, n, device=_device()).to(_dtype())
+    lora = lora_kernels.reference(x, a, bt, slots, scaling)
+    want = nf4_kernels.reference_matmul(x, weight, residual=residual, lora=lora)
+    got = nf4_kernels.nf4_matmul(x, weight, residual=residual,
+                                 lora=lora_kernels.shrink(x, a, bt, slots, scaling))
+    assert _rel(got, want) < TOL
