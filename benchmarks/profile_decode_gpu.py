@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -42,35 +41,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def timed(fn: Callable[[], Any], repeats: int = 30, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn`` between CUDA events."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> dict[str, float]:
-    """Device-to-device copy of 2 GiB, bytes read plus written, over the median time."""
-    import torch
-
-    size = 2 << 30
-    src = torch.empty(size, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    ms = timed(lambda: dst.copy_(src), repeats=20)
-    return {"bytes_moved": 2 * size, "ms": ms, "tb_s": 2 * size / ms / 1e9}
-
-
 def instrument(runner: Any) -> None:
     """Wrap the runner's parts in profiler ranges (instance attributes shadow the class methods)."""
     from torch.profiler import record_function
@@ -83,6 +53,7 @@ def instrument(runner: Any) -> None:
 
     runner._linear = wrap("linear", runner._linear)
     runner._decode_attention = wrap("attention", runner._decode_attention)
+    runner._decode_attention_kernel = wrap("attention", runner._decode_attention_kernel)
     runner._prefill_attention = wrap("attention", runner._prefill_attention)
     runner._logits = wrap("lm_head", runner._logits)
     runner.bank.apply = wrap("lora", runner.bank.apply)
@@ -110,7 +81,8 @@ def breakdown(fn: Callable[[], Any]) -> dict[str, Any]:
     dequant_ms = 0.0
     for avg in prof.key_averages():
         us = getattr(avg, "self_device_time_total", None) or getattr(avg, "self_cuda_time_total", 0.0)
-        if us and str(getattr(avg, "device_type", "")).endswith("CUDA"):
+        # record_function ranges also show up as device events spanning their kernels and gaps: not kernels.
+        if us and str(getattr(avg, "device_type", "")).endswith("CUDA") and avg.key not in PARTS:
             kernels[avg.key] = us / 1e3
             if "dequant" in avg.key.lower():
                 dequant_ms += us / 1e3
@@ -123,31 +95,16 @@ def breakdown(fn: Callable[[], Any]) -> dict[str, Any]:
                      "pointwise": parts["pointwise"], "lm_head": parts["lm_head"],
                      "other": total - sum(parts[p] for p in PARTS if p != "lora")},
         "kernel_count": sum(int(a.count) for a in prof.key_averages()
-                            if str(getattr(a, "device_type", "")).endswith("CUDA")),
+                            if str(getattr(a, "device_type", "")).endswith("CUDA") and a.key not in PARTS),
         "top_kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15]),
     }
     return result
 
 
 def _device_us(event: Any) -> float:
-    value = getattr(event, "device_time_total", None)
-    return float(value if value is not None else event.cuda_time_total)
-
-
-def weight_bytes(runner: Any) -> int:
-    """Bytes the base weights of one step occupy as stored (what a step must read at least once)."""
-    total = runner.w.lm_head.numel() * runner.w.lm_head.element_size()
-    for layer in runner.w.layers:
-        for group in layer.groups.values():
-            if group.weight is not None:
-                total += group.weight.numel() * group.weight.element_size()
-            for module in group.modules:
-                state = module.weight.quant_state
-                total += module.weight.numel() * module.weight.element_size()
-                total += state.absmax.numel() * state.absmax.element_size()
-                if state.state2 is not None:
-                    total += state.state2.absmax.numel() * state.state2.absmax.element_size()
-    return total
+    """Kernel microseconds launched inside ``event`` and its children, without the range's own device span."""
+    own = sum(float(k.duration) for k in getattr(event, "kernels", []) if getattr(k, "name", "") not in PARTS)
+    return own + sum(_device_us(child) for child in event.cpu_children)
 
 
 def profile_mode(model: Any, tokenizer: Any, mode: str, adapters: list[Path], args: argparse.Namespace,
@@ -156,6 +113,8 @@ def profile_mode(model: Any, tokenizer: Any, mode: str, adapters: list[Path], ar
     from persona_router.adapters.engine import BatchedEngine, EngineConfig
     from persona_router.adapters.engine.lora_bank import slot_bucket
     from persona_router.adapters.engine.sampling import choose_tokens
+
+    from benchmarks.serve_gpu import timed, weight_bytes
 
     batches = [int(b) for b in args.batches.split(",")]
     config = EngineConfig(max_batch=max(batches), max_len=256, max_adapters=8, max_rank=16, stop_token_ids=(),
@@ -168,8 +127,9 @@ def profile_mode(model: Any, tokenizer: Any, mode: str, adapters: list[Path], ar
     runner = engine.runner
     kv_cache_gib = runner.kv_bytes() / 2**30
     wbytes = weight_bytes(runner)
-    result: dict[str, Any] = {"weight_bytes": wbytes, "kv_cache_gib": kv_cache_gib,
-                              "weight_floor_ms": wbytes / bandwidth / 1e9, "decode": {}}
+    result: dict[str, Any] = {"nf4_mode": engine.nf4_mode, "kernels": runner.kernels,
+                              "weight_bytes": wbytes, "kv_cache_gib": kv_cache_gib,
+                              "weight_floor_ms": wbytes / bandwidth * 1e3, "decode": {}}
     gen = torch.Generator().manual_seed(3)
     for batch in batches:
         rows_slots = [slots[i % len(slots)] for i in range(batch)]
@@ -188,7 +148,7 @@ def profile_mode(model: Any, tokenizer: Any, mode: str, adapters: list[Path], ar
         per_pos = 2 * len(runner.w.layers) * runner.w.num_kv_heads * runner.w.head_dim * 2
         case["kv_read_bytes"] = batch * kv_len * per_pos
         case["kv_live_bytes"] = batch * (args.position + 1) * per_pos
-        case["floor_ms"] = (wbytes + case["kv_live_bytes"]) / bandwidth / 1e9
+        case["floor_ms"] = (wbytes + case["kv_live_bytes"]) / bandwidth * 1e3
         instrumented_decode = _instrumented(runner)
         try:
             case["profile"] = breakdown(partial(instrumented_decode, batch, kv_len, m))
@@ -234,7 +194,7 @@ def main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args()
-    from benchmarks.serve_gpu import build_model, load_model, write_adapters
+    from benchmarks.serve_gpu import build_model, copy_bandwidth, load_model, write_adapters
 
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["bandwidth"] = copy_bandwidth()

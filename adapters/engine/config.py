@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from persona_router.core.errors import ConfigError, choices
 
-NF4_MODES: tuple[str, ...] = ("auto", "dequantize", "kernel")
+NF4_MODES: tuple[str, ...] = ("auto", "fused", "dequantize", "kernel")
 SWITCHES: tuple[str, ...] = ("auto", "on", "off")
 
 
@@ -18,14 +18,20 @@ class EngineConfig:
     ``max_adapters`` LoRA adapters are resident at once, each of rank at most ``max_rank``. ``max_queue``
     requests may wait for a free sequence slot before ``submit`` raises ``QueueFullError``.
 
-    ``nf4_mode`` applies to a base loaded in 4-bit: ``dequantize`` unpacks each NF4 weight once to the
-    activations' dtype (the values bitsandbytes computes with, 4x the memory, plain matrix products);
-    ``kernel`` keeps the 4-bit weights and calls the bitsandbytes module itself (least memory; the same call
-    PEFT makes, so the reference on a CPU float32 model). ``auto`` is ``dequantize`` on CUDA, ``kernel`` on CPU.
+    ``nf4_mode`` applies to a base loaded in 4-bit: ``fused`` (CUDA, Triton) reads the 4-bit weights inside
+    the engine's own matrix-product kernel (least memory and fewest bytes per step, see ``nf4_kernels``);
+    ``dequantize`` unpacks each NF4 weight once to the activations' dtype (the values bitsandbytes computes
+    with, 4x the memory, plain matrix products); ``kernel`` keeps the 4-bit weights and calls the bitsandbytes
+    module itself (the same call PEFT makes, so the reference on a CPU float32 model). ``auto`` is ``fused``
+    on CUDA when Triton is installed (else ``dequantize``), ``kernel`` on CPU.
     ``cuda_graphs`` captures the decode step per batch shape on CUDA. ``fuse`` folds the residual add and
     the LoRA update into ``addmm`` calls and ``compile`` fuses the pointwise pieces with ``torch.compile``:
     fewer kernels, the same function up to rounding order. Each switch's ``auto`` means on for CUDA, off on
     CPU (where the unfused path reproduces Hugging Face + PEFT float32 outputs exactly).
+
+    ``kernels`` runs the batched LoRA (one gather-by-slot kernel pair per projection instead of a mask over
+    all resident slots) and decode attention (each row reads only its own live cache length) as Triton
+    kernels; ``auto`` is on for CUDA when Triton is installed, off on CPU.
 
     ``kv_block`` rounds the attended cache length up (fewer graph shapes; at most that many masked positions).
     ``stop_token_ids`` end every request in addition to its own; ``None`` takes the tokenizer's and the
@@ -42,6 +48,7 @@ class EngineConfig:
     cuda_graphs: str = "auto"
     fuse: str = "auto"
     compile: str = "auto"
+    kernels: str = "auto"
     kv_block: int = 256
     stop_token_ids: tuple[int, ...] | None = None
 
@@ -56,7 +63,7 @@ class EngineConfig:
             raise ConfigError(f"{self.max_prefill_tokens} must be at least 1", field="max_prefill_tokens")
         if self.nf4_mode not in NF4_MODES:
             raise ConfigError(f"{self.nf4_mode!r} is not one of {choices(NF4_MODES)}", field="nf4_mode")
-        for name in ("cuda_graphs", "fuse", "compile"):
+        for name in ("cuda_graphs", "fuse", "compile", "kernels"):
             value = getattr(self, name)
             if value not in SWITCHES:
                 raise ConfigError(f"{value!r} is not one of {choices(SWITCHES)}", field=name)

@@ -81,10 +81,16 @@ class BatchedEngine:
 
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
+        from persona_router.adapters.engine import triton_ops
+
+        model_on_cuda = model.device.type == "cuda"
         nf4_mode = self.config.nf4_mode
         if nf4_mode == "auto":
-            nf4_mode = "dequantize" if model.device.type == "cuda" else "kernel"
+            nf4_mode = ("fused" if triton_ops.available() else "dequantize") if model_on_cuda else "kernel"
+        if nf4_mode == "fused":
+            triton_ops.require_triton()
         weights = extract_weights(model, nf4_mode=nf4_mode)
+        self.nf4_mode = nf4_mode  # as resolved (applies only to a 4-bit base)
         self.vocab_size = weights.vocab_size
         self.group_shapes = {name: GroupShape(tuple(group.parts), group.in_features)
                              for name, group in weights.layers[0].groups.items()}
@@ -96,7 +102,10 @@ class BatchedEngine:
                                        for name in ("cuda_graphs", "fuse", "compile"))
         if use_graphs and not on_cuda:
             raise ConfigError("CUDA graphs need a CUDA device", field="cuda_graphs")
-        self.runner = ModelRunner(weights, self.bank, self.config, fused=fused, compiled=compiled)
+        kernels = _switch(self.config.kernels, on_cuda and triton_ops.available())
+        if kernels:
+            triton_ops.require_triton()
+        self.runner = ModelRunner(weights, self.bank, self.config, fused=fused, compiled=compiled, kernels=kernels)
         decoder = None
         if use_graphs:
             from persona_router.adapters.engine.graphs import DecodeGraphs
@@ -120,9 +129,9 @@ class BatchedEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seed = random.Random()
         log.info("engine ready: %d rows x %d tokens (KV cache %.1f MiB), %d adapter slots of rank %d; "
-                 "graphs %s, fused %s, compiled %s", self.config.max_batch, self.config.max_len,
+                 "graphs %s, fused %s, compiled %s, kernels %s, nf4 %s", self.config.max_batch, self.config.max_len,
                  self.runner.kv_bytes() / 2**20, self.config.max_adapters, self.config.max_rank, use_graphs, fused,
-                 self.runner.pw.compiled)
+                 self.runner.pw.compiled, kernels, nf4_mode)
 
     # -- Engine protocol ---------------------------------------------------------------------------
 

@@ -43,7 +43,6 @@ def splits_for(rows: int) -> int:
 def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any) -> LoraShrunk:
     """Per-row down-projection ``x[m] @ A[slot_m]^T * scaling[slot_m]`` for ``x`` [M, K]."""
     import torch
-
     from persona_router.adapters.engine.triton_ops import require_triton
 
     m, k = x.shape

@@ -123,7 +123,8 @@ def _config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     return 64, 128, 64, 8, 3
 
 
-def nf4_matmul(x: Any, w: Nf4Weight, *, residual: Any = None, lora: Any = None) -> Any:
+def nf4_matmul(x: Any, w: Nf4Weight, *, residual: Any = None, lora: Any = None,
+               config: tuple[int, int, int, int, int] | None = None) -> Any:
     """``[residual +] x W^T [+ LoRA(x)]`` for 2-D ``x`` ([M, K]); ``lora`` is a ``LoraShrunk`` (``lora_kernels``)."""
     import torch
 
@@ -137,7 +138,7 @@ def nf4_matmul(x: Any, w: Nf4Weight, *, residual: Any = None, lora: Any = None) 
         return out
     if residual is not None and (residual.stride(1) != 1 or tuple(residual.shape) != (m, w.n)):
         raise ValueError("residual must be a row-major [M, N] tensor")
-    bm, bn, bk, warps, stages = _config(m, w.n, w.k)
+    bm, bn, bk, warps, stages = config or _config(m, w.n, w.k)
     grid = ((w.n + bn - 1) // bn, (m + bm - 1) // bm)
     dummy = out
     t, bt, slots = (lora.t, lora.bt, lora.slot_ids) if lora is not None else (dummy, dummy, dummy)

@@ -33,13 +33,14 @@ class ModelRunner:
     """Owns the KV cache and the step inputs; ``prefill`` and ``decode`` return float32 logits."""
 
     def __init__(self, weights: ModelWeights, bank: LoraBank, config: EngineConfig, *, fused: bool = False,
-                 compiled: bool = False) -> None:
+                 compiled: bool = False, kernels: bool = False) -> None:
         import torch
 
         self.w = weights
         self.bank = bank
         self.config = config
         self.fused = fused
+        self.kernels = kernels  # Triton LoRA (gather by slot) and decode attention (live lengths); see config
         self.device = weights.device
         self.dtype = weights.dtype
         self.max_batch = config.max_batch
@@ -102,7 +103,7 @@ class ModelRunner:
         last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             self._reset_rows(row_index)
-            lora = self.bank.batch(slot_ids, m, fused=self.fused)
+            lora = self._lora_batch(slot_ids, m)
             x = self.w.embed[tokens.view(-1)]
             cos = self.cos[:longest].repeat(batch, 1).unsqueeze(1)  # per token: [batch * longest, 1, rotary]
             sin = self.sin[:longest].repeat(batch, 1).unsqueeze(1)
@@ -130,9 +131,16 @@ class ModelRunner:
         import torch
 
         positions = self.positions[:n]
-        lora = self.bank.batch(self.slot_ids[:n], m, fused=self.fused)
         x = self.w.embed[self.tokens[:n]]  # [n, hidden]
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [n, 1, rotary]
+        if self.kernels:  # per-row slots and positions go to the kernels as they are: no masks to build
+            lora = self._lora_batch(self.slot_ids[:n].contiguous(), m)
+            live = positions.contiguous()
+            for index in range(len(self.w.layers)):
+                x = self._layer(index, x, n, 1, lora, cos, sin, lambda q, k, v, i=index:
+                                self._decode_attention_kernel(i, q, k, v, live, kv_len))
+            return self._logits(x)
+        lora = self.bank.batch(self.slot_ids[:n], m, fused=self.fused)
         keys = self.kv_arange[:kv_len].unsqueeze(0)
         visible = keys <= positions.unsqueeze(1)
         if self.w.sliding_window is not None:
@@ -165,15 +173,52 @@ class ModelRunner:
         act = self.pw.act_mul(self._linear(index, "gate_up", h, lora))
         return self._linear(index, "down", act, lora, residual=x)
 
+    def _lora_batch(self, slot_ids: Any, m: int) -> Any:
+        from persona_router.adapters.engine.lora_bank import LoraBatch
+
+        # The kernels gather each row's adapter by slot id: the bank's one-hot masks are not needed.
+        return LoraBatch(slot_ids=slot_ids, m=m, fused=True) if self.kernels else self.bank.batch(
+            slot_ids, m, fused=self.fused)
+
     def _linear(self, index: int, group: str, x: Any, lora: Any, residual: Any = None) -> Any:
         """``[residual +] x W^T + LoRA(x)`` for 2-D ``x``."""
         import torch
 
         linear = self.w.layers[index].groups[group]
+        if self.kernels:
+            return self._linear_kernels(index, group, linear, x, lora, residual)
         if self.fused and residual is not None and linear.weight is not None and linear.bias is None:
             return self.bank.apply(index, group, x, torch.addmm(residual, x, linear.weight.t()), lora)
         out = self.bank.apply(index, group, x, linear(x), lora)
         return out if residual is None else residual + out
+
+    def _linear_kernels(self, index: int, group: str, linear: Any, x: Any, lora: Any, residual: Any) -> Any:
+        """The Triton path: LoRA shrink by slot, then the base product with the LoRA expand (and residual) in
+        its epilogue (4-bit weights), or cuBLAS followed by an in-place expand (dense weights)."""
+        import torch
+        from persona_router.adapters.engine import lora_kernels
+
+        shrunk = None
+        if lora.m > 0:
+            shrunk = lora_kernels.shrink(x, self.bank.a[index][group], self.bank.bt[index][group], lora.slot_ids,
+                                         self.bank.scaling)
+        if linear.nf4 is not None and linear.bias is None:
+            from persona_router.adapters.engine.nf4_kernels import nf4_matmul
+
+            return nf4_matmul(x, linear.nf4, residual=residual, lora=shrunk)
+        if residual is not None and linear.weight is not None and linear.bias is None:
+            out = torch.addmm(residual, x, linear.weight.t())
+        else:
+            out = linear(x)
+            out = out if residual is None else residual + out
+        return out if shrunk is None else lora_kernels.expand_(out, shrunk)
+
+    def _decode_attention_kernel(self, index: int, q: Any, k: Any, v: Any, positions: Any, kv_len: int) -> Any:
+        from persona_router.adapters.engine.attention_kernels import decode_attention
+
+        out = decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.k_cache[index], self.v_cache[index],
+                               positions, kv_len, self.w.sliding_window)
+        return out.unsqueeze(2)  # [n, heads, 1, dim], as SDPA returns it
 
     def _logits(self, hidden: Any) -> Any:
         import torch
@@ -190,6 +235,14 @@ class ModelRunner:
         self.v_cache[index][row_index, :, :seq] = v
         gqa = self.w.num_heads != self.w.num_kv_heads
         window = self.w.sliding_window
+        if self.kernels and q.is_cuda and (window is None or seq <= window):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            # Flash attention first (causal, no mask tensor); the others only where flash refuses the shapes.
+            order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                     SDPBackend.MATH]
+            with sdpa_kernel(order, set_priority=True):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if window is None or seq <= window:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         pos = torch.arange(seq, device=q.device)

@@ -96,9 +96,10 @@ if triton is not None:
 
     @triton.jit
     def nf4_matmul(x_ptr, q_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, code_ptr, out_ptr, res_ptr,
-                   t_ptr, bt_ptr, slot_ptr, M, N, K: tl.constexpr, stride_xm, stride_om, stride_rm, stride_ts, stride_tm,
-                   stride_bs, stride_br, R: tl.constexpr, BLOCK2: tl.constexpr, DOUBLE: tl.constexpr, SPLITS: tl.constexpr,
-                   RP: tl.constexpr, HAS_RES: tl.constexpr, HAS_LORA: tl.constexpr, BM: tl.constexpr,
+                   t_ptr, bt_ptr, slot_ptr, M, N, K: tl.constexpr, stride_xm, stride_om, stride_rm, stride_ts,
+                   stride_tm, stride_bs, stride_br, R: tl.constexpr, BLOCK2: tl.constexpr, DOUBLE: tl.constexpr,
+                   SPLITS: tl.constexpr, RP: tl.constexpr, HAS_RES: tl.constexpr, HAS_LORA: tl.constexpr,
+                   BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr):
         """``out = [res +] x W^T [+ LoRA]`` with W unpacked from 4-bit codes in registers (see nf4_kernels)."""
         rm = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -138,3 +139,51 @@ if triton is not None:
             acc += tl.load(res_ptr + rm_safe[:, None] * stride_rm + rn_safe[None, :], mask=mask,
                            other=0.0).to(tl.float32)
         tl.store(out_ptr + rm_safe[:, None] * stride_om + rn_safe[None, :], acc.to(dtype), mask=mask)
+
+    @triton.jit
+    def decode_attention(q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, stride_qn, stride_qh,
+                         stride_kn, stride_kh, stride_vn, stride_vh, stride_cb, stride_ch, stride_cl, stride_on,
+                         stride_oh, scale, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BL: tl.constexpr,
+                         NBLK: tl.constexpr, WINDOW: tl.constexpr):
+        """One query token of row ``n``, head ``h`` over cache positions ``0..pos`` (``pos`` is the row's own).
+
+        The new key and value (position ``pos``) come from registers and are written to the cache by the
+        first query head of each KV group; blocks past ``pos`` are skipped, so a row reads only its live
+        length. Online softmax in float32.
+        """
+        n = tl.program_id(0)
+        h = tl.program_id(1)
+        kv = h // GROUP
+        pos = tl.load(pos_ptr + n)
+        d = tl.arange(0, DP)
+        d_ok = d < D
+        q = tl.load(q_ptr + n * stride_qn + h * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32) * scale
+        k_new = tl.load(k_new_ptr + n * stride_kn + kv * stride_kh + d, mask=d_ok, other=0.0)
+        v_new = tl.load(v_new_ptr + n * stride_vn + kv * stride_vh + d, mask=d_ok, other=0.0)
+        cache = n * stride_cb + kv * stride_ch
+        if h % GROUP == 0:
+            tl.store(k_cache_ptr + cache + pos * stride_cl + d, k_new, mask=d_ok)
+            tl.store(v_cache_ptr + cache + pos * stride_cl + d, v_new, mask=d_ok)
+        # The current position first: it is always visible, so the running max starts finite.
+        m_i = tl.sum(q * k_new.to(tl.float32), axis=0)
+        l_i = m_i * 0.0 + 1.0
+        acc = v_new.to(tl.float32)
+        lowest = pos - WINDOW + 1 if WINDOW > 0 else pos * 0
+        for b in tl.static_range(NBLK):
+            start = b * BL
+            if (start < pos) & (start + BL > lowest):
+                ll = start + tl.arange(0, BL)
+                live = (ll < pos) & (ll >= lowest)
+                offs = cache + ll[:, None] * stride_cl + d[None, :]
+                both = live[:, None] & d_ok[None, :]
+                k = tl.load(k_cache_ptr + offs, mask=both, other=0.0).to(tl.float32)
+                scores = tl.where(live, tl.sum(k * q[None, :], axis=1), float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(scores - m_new)
+                v = tl.load(v_cache_ptr + offs, mask=both, other=0.0).to(tl.float32)
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+                m_i = m_new
+        # acc started as v_new with weight exp(s_new - m) where m began at s_new: consistent with l_i.
+        tl.store(out_ptr + n * stride_on + h * stride_oh + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)

@@ -44,6 +44,7 @@ class LinearGroup:
     weight: Any = None  # dense [out, in] in the compute dtype
     bias: Any = None
     modules: list[Any] = field(default_factory=list)  # bitsandbytes Linear4bit modules (kernel mode)
+    nf4: Any = None  # nf4_kernels.Nf4Weight (fused mode): the modules' 4-bit tensors, read by the Triton kernel
 
     @property
     def out_features(self) -> int:
@@ -55,6 +56,11 @@ class LinearGroup:
 
         if self.weight is not None:
             return F.linear(x, self.weight, self.bias)
+        if self.nf4 is not None:
+            from persona_router.adapters.engine.nf4_kernels import nf4_matmul
+
+            out = nf4_matmul(x, self.nf4)
+            return out if self.bias is None else out + self.bias
         outs = [module(x) for module in self.modules]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
@@ -154,6 +160,19 @@ def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any) -> 
     if all(quantized) and nf4_mode == "kernel":
         group.modules = modules
         return group
+    if all(quantized) and nf4_mode == "fused":
+        from persona_router.adapters.engine.nf4_kernels import nf4_weight
+
+        group.nf4 = nf4_weight(modules)
+        if group.nf4 is not None:
+            biases = [module.bias for module in modules]
+            if any(b is not None for b in biases):
+                if not all(b is not None for b in biases):
+                    raise ConfigError("a fused group has a bias on some parts only", field="base")
+                group.bias = torch.cat([b.detach() for b in biases]).to(dtype)
+            return group
+        log.warning("%s: 4-bit layout the fused kernel does not read (block size or shape); dequantizing it",
+                    ", ".join(paths))
     weights = [_dense_weight(module, dtype) for module in modules]
     biases = [module.bias for module in modules]
     group.weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)

@@ -169,16 +169,19 @@ def test_fp32_adapter_swap_during_graph_replay(cuda_required: None, tiny_model_d
     assert new_tokens == expected_new
 
 
-@pytest.mark.parametrize(("precision", "nf4_mode"), [("bf16", "auto"), ("nf4", "dequantize"), ("nf4", "kernel")])
+@pytest.mark.parametrize(("precision", "nf4_mode", "kernels"), [
+    ("bf16", "auto", "auto"), ("bf16", "auto", "off"), ("nf4", "fused", "auto"), ("nf4", "dequantize", "off"),
+    ("nf4", "kernel", "off")])
 def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_dir: Path,
                                                engine_adapters: dict[str, Path], precision: str,
-                                               nf4_mode: str) -> None:
+                                               nf4_mode: str, kernels: str) -> None:
     import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     peft_model = _peft(tiny_model_dir, engine_adapters, precision)
-    engine = _engine(tiny_model_dir, engine_adapters, precision, nf4_mode=nf4_mode)
+    engine = _engine(tiny_model_dir, engine_adapters, precision, nf4_mode=nf4_mode, kernels=kernels)
+    assert engine.runner.kernels == (kernels == "auto")
     for prompt in prompts(tokenizer)[:2]:
         for adapter in (None, *ADAPTER_SPECS):
             continuation = _greedy(peft_model, prompt, adapter, NEW_TOKENS)

@@ -23,6 +23,21 @@ pytest.importorskip("bitsandbytes")
 
 from persona_router.adapters.engine import lora_kernels, nf4_kernels  # noqa: E402
 
+from tests.support.nf4 import FakeLinear4bit  # noqa: E402
+from tests.unit.test_engine_equivalence import (  # noqa: E402
+    ADAPTER_SPECS,
+    collect,
+    engine_adapters,
+    generated,
+    make_engine,
+    peft_reference,
+    prompts,
+    request,
+    run_with,
+)
+
+__all__ = ["engine_adapters", "peft_reference"]  # fixtures
+
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,23 +50,14 @@ def _dtype() -> Any:
 TOL = 1e-2 if torch.cuda.is_available() else 1e-4
 
 
-class _Module:
-    """What ``nf4_weight`` reads off a bitsandbytes ``Linear4bit``: ``weight.data`` and ``weight.quant_state``."""
-
-    def __init__(self, packed: Any, state: Any) -> None:
-        self.weight = type("W", (), {})()
-        self.weight.data = packed
-        self.weight.quant_state = state
-
-
-def _quantized(n: int, k: int, *, double: bool = True, seed: int = 0) -> _Module:
+def _quantized(n: int, k: int, *, double: bool = True, seed: int = 0) -> FakeLinear4bit:
     import bitsandbytes.functional as bnbf
 
     gen = torch.Generator().manual_seed(seed)
     dense = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16).to(_device())
     packed, state = bnbf.quantize_4bit(dense, blocksize=64, compress_statistics=double, quant_type="nf4",
                                        quant_storage=torch.uint8)
-    return _Module(packed, state)
+    return FakeLinear4bit(packed, state)
 
 
 def _rel(got: Any, want: Any) -> float:
@@ -75,7 +81,7 @@ def test_unsupported_layouts_are_refused() -> None:
 
     dense = torch.randn(32, 96, dtype=torch.bfloat16, device=_device())  # K not a multiple of 64
     packed, state = bnbf.quantize_4bit(dense, blocksize=32, quant_type="nf4")
-    assert nf4_kernels.nf4_weight([_Module(packed, state)]) is None
+    assert nf4_kernels.nf4_weight([FakeLinear4bit(packed, state)]) is None
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 192), (3, 80, 256), (17, 130, 512), (70, 96, 320)])
@@ -138,3 +144,50 @@ def test_nf4_matmul_with_lora_and_residual(m: int) -> None:
     got = nf4_kernels.nf4_matmul(x, weight, residual=residual,
                                  lora=lora_kernels.shrink(x, a, bt, slots, scaling))
     assert _rel(got, want) < TOL
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window"), [(4, 4, 96, None), (6, 2, 40, None), (4, 2, 32, 5)])
+def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int, window: int | None) -> None:
+    from persona_router.adapters.engine import attention_kernels
+
+    rows, cache_len, n = 5, 160, 4
+    gen = torch.Generator().manual_seed(heads * dim)
+
+    def rand(*shape: int) -> Any:
+        return torch.randn(*shape, generator=gen).to(_device()).to(_dtype())
+
+    k_cache, v_cache = rand(rows, kv_heads, cache_len, dim), rand(rows, kv_heads, cache_len, dim)
+    # Non-finite junk past every row's position: the kernel must never read it.
+    k_cache[:, :, 150:] = float("nan")
+    positions = torch.tensor([0, 63, 64, 149], device=_device())
+    qkv = rand(n, (heads + 2 * kv_heads) * dim)  # strided views into one buffer, as in the forward pass
+    q = qkv[:, :heads * dim].view(n, heads, dim)
+    k_new = qkv[:, heads * dim:(heads + kv_heads) * dim].view(n, kv_heads, dim)
+    v_new = qkv[:, (heads + kv_heads) * dim:].view(n, kv_heads, dim)
+    want, k_want, v_want = attention_kernels.reference(q, k_new, v_new, k_cache, v_cache, positions, window)
+    got = attention_kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, positions, kv_len=160, window=window)
+    assert _rel(got, want) < TOL
+    assert torch.equal(k_cache[:n], k_want[:n].to(k_cache.dtype)) or torch.allclose(
+        k_cache[:n].nan_to_num(), k_want[:n].nan_to_num())
+    assert torch.equal(v_cache[:n].nan_to_num(), v_want[:n].nan_to_num())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU machines; on CUDA the GPU "
+                    "integration tests run the engine's kernel path")
+def test_engine_with_kernels_matches_peft(tiny_model_dir: Any, engine_adapters: Any, peft_reference: Any) -> None:
+    """The whole engine on its kernel path (gathered LoRA, live-length decode attention) in a mixed batch
+    gives PEFT's greedy tokens (float32: on CPU the kernels run in Triton's interpreter)."""
+    import asyncio
+
+    engine = make_engine(tiny_model_dir, engine_adapters, max_batch=8, kernels="on")
+    assert engine.runner.kernels
+    cases = [(adapter, prompt) for prompt in prompts(peft_reference.tokenizer)[:2]
+             for adapter in (None, *ADAPTER_SPECS)]
+
+    async def body(engine: Any) -> list[list[int]]:
+        handles = [engine.submit(request(f"r{i}", prompt, adapter, max_new_tokens=6))
+                   for i, (adapter, prompt) in enumerate(cases)]
+        return [generated(events) for events in await asyncio.gather(*(collect(h) for h in handles))]
+
+    for (adapter, prompt), tokens in zip(cases, run_with(engine, body), strict=True):
+        assert tokens == peft_reference.tokens(adapter, prompt, max_new_tokens=6), (adapter, prompt)

@@ -1,0 +1,59 @@
+"""Decode attention over the static KV cache that reads only each row's live length.
+
+The torch path attends every row over the first ``kv_len`` cache positions (the batch's longest, rounded up)
+with an additive mask, so a batch of short and long requests reads the long one's length for every row.
+``decode_attention`` runs one Triton program per (row, query head): it writes the step's new key and value
+into the cache, then reads positions ``0..pos`` of its own row only (``pos`` = the row's position), with an
+online softmax in float32. The kernel is in ``triton_ops``; ``reference`` is the plain-torch definition.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+BLOCK = 64  # cache positions per loop step
+
+
+def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, positions: Any, kv_len: int,
+                     window: int | None = None) -> Any:
+    """``q`` [n, heads, dim], ``k_new``/``v_new`` [n, kv_heads, dim] (any strides, last dim contiguous),
+    caches [rows, kv_heads, cache_len, dim]; returns [n, heads, dim]. Row ``i`` attends ``0..positions[i]``
+    (all positions below ``kv_len``), after writing ``k_new[i]``/``v_new[i]`` at ``positions[i]``."""
+    import torch
+    from persona_router.adapters.engine.triton_ops import require_triton
+
+    n, heads, dim = q.shape
+    kv_heads = k_new.shape[1]
+    if heads % kv_heads or k_cache.stride(3) != 1 or q.stride(2) != 1 or k_new.stride(2) != 1 or v_new.stride(2) != 1:
+        raise ValueError("decode_attention wants whole query groups per KV head and a contiguous head dim")
+    out = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
+    nblk = -(-kv_len // BLOCK)
+    require_triton().decode_attention[(n, heads)](
+        q, k_new, v_new, k_cache, v_cache, positions, out, q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
+        v_new.stride(0), v_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
+        out.stride(1), 1.0 / math.sqrt(dim), GROUP=heads // kv_heads, D=dim, DP=1 << (dim - 1).bit_length(),
+        BL=BLOCK, NBLK=nblk, WINDOW=window or 0, num_warps=4)
+    return out
+
+
+def reference(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, positions: Any,
+              window: int | None = None) -> Any:
+    """Plain torch, float32: write the new keys/values into (copies of) the caches, attend ``0..pos`` per row."""
+    import torch
+
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    n, heads, dim = q.shape
+    group = heads // k_new.shape[1]
+    rows = torch.arange(n, device=q.device)
+    k_cache[rows, :, positions] = k_new
+    v_cache[rows, :, positions] = v_new
+    out = torch.empty(n, heads, dim, dtype=torch.float32, device=q.device)
+    for i in range(n):
+        pos = int(positions[i])
+        lo = max(0, pos - window + 1) if window else 0
+        keys = k_cache[i, :, lo:pos + 1].float().repeat_interleave(group, dim=0)  # [heads, L, dim]
+        values = v_cache[i, :, lo:pos + 1].float().repeat_interleave(group, dim=0)
+        scores = torch.einsum("hd,hld->hl", q[i].float(), keys) / math.sqrt(dim)
+        out[i] = torch.einsum("hl,hld->hd", scores.softmax(-1), values)
+    return out.to(q.dtype), k_cache, v_cache
