@@ -34,7 +34,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/persona-router-bench/phi3-mini-random"))
-    parser.add_argument("--modes", default="dequantize,kernel")
+    parser.add_argument("--modes", default="dequantize:off,kernel:off,fused:auto",
+                        help="comma-separated nf4_mode:kernels pairs (EngineConfig fields)")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--position", type=int, default=160, help="decode position of every row")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -117,8 +118,9 @@ def profile_mode(model: Any, tokenizer: Any, mode: str, adapters: list[Path], ar
     from benchmarks.serve_gpu import timed, weight_bytes
 
     batches = [int(b) for b in args.batches.split(",")]
+    nf4_mode, _, kernels = mode.partition(":")
     config = EngineConfig(max_batch=max(batches), max_len=256, max_adapters=8, max_rank=16, stop_token_ids=(),
-                          nf4_mode=mode)
+                          nf4_mode=nf4_mode, kernels=kernels or "auto")
     engine = BatchedEngine(model, tokenizer, config)
     names = [f"a{i}" for i in range(len(adapters))]
     for name, folder in zip(names, adapters, strict=True):
