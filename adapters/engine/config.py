@@ -22,8 +22,9 @@ class EngineConfig:
     the engine's own matrix-product kernel (least memory and fewest bytes per step, see ``nf4_kernels``);
     ``dequantize`` unpacks each NF4 weight once to the activations' dtype (the values bitsandbytes computes
     with, 4x the memory, plain matrix products); ``kernel`` keeps the 4-bit weights and calls the bitsandbytes
-    module itself (the same call PEFT makes, so the reference on a CPU float32 model). ``auto`` is ``fused``
-    on CUDA when Triton is installed (else ``dequantize``), ``kernel`` on CPU.
+    module itself (the same call PEFT makes, so the reference on a CPU float32 model). ``auto`` is
+    ``dequantize`` on CUDA, ``kernel`` on CPU: the fused kernel is correct but measured slower on an H200
+    than cuBLAS on the dequantised copy (see the README's GPU serving section), so it is opt-in.
     ``cuda_graphs`` captures the decode step per batch shape on CUDA. ``fuse`` folds the residual add and
     the LoRA update into ``addmm`` calls and ``compile`` fuses the pointwise pieces with ``torch.compile``:
     fewer kernels, the same function up to rounding order. Each switch's ``auto`` means on for CUDA, off on
@@ -31,7 +32,8 @@ class EngineConfig:
 
     ``kernels`` runs the batched LoRA (one gather-by-slot kernel pair per projection instead of a mask over
     all resident slots) and decode attention (each row reads only its own live cache length) as Triton
-    kernels; ``auto`` is on for CUDA when Triton is installed, off on CPU.
+    kernels; ``auto`` is on for CUDA when Triton is installed, off on CPU. The default is ``off``: on an
+    H200 these first kernels measured slower than the torch path (README, GPU serving section).
 
     ``kv_block`` rounds the attended cache length up (fewer graph shapes; at most that many masked positions).
     ``stop_token_ids`` end every request in addition to its own; ``None`` takes the tokenizer's and the
@@ -48,7 +50,7 @@ class EngineConfig:
     cuda_graphs: str = "auto"
     fuse: str = "auto"
     compile: str = "auto"
-    kernels: str = "auto"
+    kernels: str = "off"
     kv_block: int = 256
     stop_token_ids: tuple[int, ...] | None = None
 

@@ -86,7 +86,7 @@ class BatchedEngine:
         model_on_cuda = model.device.type == "cuda"
         nf4_mode = self.config.nf4_mode
         if nf4_mode == "auto":
-            nf4_mode = ("fused" if triton_ops.available() else "dequantize") if model_on_cuda else "kernel"
+            nf4_mode = "dequantize" if model_on_cuda else "kernel"
         if nf4_mode == "fused":
             triton_ops.require_triton()
         weights = extract_weights(model, nf4_mode=nf4_mode)
@@ -106,15 +106,17 @@ class BatchedEngine:
         if kernels:
             triton_ops.require_triton()
         self.runner = ModelRunner(weights, self.bank, self.config, fused=fused, compiled=compiled, kernels=kernels)
-        decoder = None
+        decoder = prefiller = None
         if use_graphs:
-            from persona_router.adapters.engine.graphs import DecodeGraphs
+            from persona_router.adapters.engine.graphs import DecodeGraphs, PrefillGraphs
 
             decoder = DecodeGraphs(self.runner)
+            prefiller = PrefillGraphs(self.runner, decoder.pool)
         self.graphs = decoder
+        self.prefill_graphs = prefiller
         # Told (on the worker thread) when the watchdog quarantines an adapter: (name, reason). Must not block.
         self.on_quarantine: Callable[[str, str], None] | None = None
-        self.scheduler = Scheduler(self.runner, self.bank, self.config, decoder=decoder,
+        self.scheduler = Scheduler(self.runner, self.bank, self.config, decoder=decoder, prefiller=prefiller,
                                    on_dequeue=self._dequeued, bucket_rows=use_graphs,
                                    on_quarantine=self._quarantined)
         self.stop_ids = frozenset(self.config.stop_token_ids if self.config.stop_token_ids is not None

@@ -17,6 +17,7 @@ the same function up to rounding order.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from persona_router.adapters.engine.config import EngineConfig
@@ -27,6 +28,14 @@ from persona_router.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 _DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+@dataclass
+class PrefillInputs:
+    tokens: Any  # [batch, length] int64, right-padded with token 0
+    row_index: Any  # [batch] cache rows
+    slot_ids: Any  # [batch * length] LoRA slot per token
+    last: Any  # [batch] index of each prompt's last token
 
 
 class ModelRunner:
@@ -91,26 +100,40 @@ class ModelRunner:
 
     def prefill(self, rows: list[int], prompts: list[list[int]], slots: list[int], m: int) -> Any:
         """Run whole prompts into cache ``rows``; returns [len(rows), vocab] logits of each last token."""
+        return self.prefill_forward(self.prefill_inputs(rows, prompts, slots, max(len(p) for p in prompts)), m)
+
+    def prefill_inputs(self, rows: list[int], prompts: list[list[int]], slots: list[int], length: int
+                       ) -> PrefillInputs:
+        """Device tensors for a prefill of prompts right-padded to ``length`` (at least the longest prompt).
+
+        Padding positions compute values from token 0 that land in the row's cache past its prompt; decode
+        never attends a position before writing it, and causal attention keeps them out of the prompt's own."""
         import torch
 
-        batch, longest = len(rows), max(len(p) for p in prompts)
-        tokens = torch.zeros(batch, longest, dtype=torch.long)
+        tokens = torch.zeros(len(rows), length, dtype=torch.long)
         for i, prompt in enumerate(prompts):
             tokens[i, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        tokens = tokens.to(self.device)
-        row_index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        slot_ids = torch.tensor(slots, dtype=torch.long, device=self.device).repeat_interleave(longest)
-        last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=self.device)
+        return PrefillInputs(
+            tokens=tokens.to(self.device),
+            row_index=torch.tensor(rows, dtype=torch.long, device=self.device),
+            slot_ids=torch.tensor(slots, dtype=torch.long, device=self.device).repeat_interleave(length),
+            last=torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=self.device))
+
+    def prefill_forward(self, inputs: PrefillInputs, m: int) -> Any:
+        """The prefill on device tensors only (no host work: a CUDA graph can capture it)."""
+        import torch
+
+        batch, length = inputs.tokens.shape
         with torch.inference_mode():
-            self._reset_rows(row_index)
-            lora = self._lora_batch(slot_ids, m)
-            x = self.w.embed[tokens.view(-1)]
-            cos = self.cos[:longest].repeat(batch, 1).unsqueeze(1)  # per token: [batch * longest, 1, rotary]
-            sin = self.sin[:longest].repeat(batch, 1).unsqueeze(1)
+            self._reset_rows(inputs.row_index)
+            lora = self._lora_batch(inputs.slot_ids, m)
+            x = self.w.embed[inputs.tokens.view(-1)]
+            cos = self.cos[:length].repeat(batch, 1).unsqueeze(1)  # per token: [batch * length, 1, rotary]
+            sin = self.sin[:length].repeat(batch, 1).unsqueeze(1)
             for index in range(len(self.w.layers)):
-                x = self._layer(index, x, batch, longest, lora, cos, sin, lambda q, k, v, i=index:
-                                self._prefill_attention(i, q, k, v, row_index))
-            hidden = x.view(batch, longest, -1)[torch.arange(batch, device=self.device), last]
+                x = self._layer(index, x, batch, length, lora, cos, sin, lambda q, k, v, i=index:
+                                self._prefill_attention(i, q, k, v, inputs.row_index))
+            hidden = x.view(batch, length, -1)[torch.arange(batch, device=self.device), inputs.last]
             return self._logits(hidden)
 
     def _reset_rows(self, row_index: Any) -> None:

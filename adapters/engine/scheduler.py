@@ -30,6 +30,7 @@ from persona_router.adapters.stop_strings import StopStrings
 log = logging.getLogger(__name__)
 
 Decoder = Callable[[int, int, int], Any]  # (rows, kv_len, slot bucket) -> logits
+Prefiller = Callable[[list[int], list[list[int]], list[int], int], Any]  # (rows, prompts, slots, bucket) -> logits
 QuarantineHook = Callable[[str, str], None]  # (adapter name, reason), called on the worker thread
 
 
@@ -64,12 +65,14 @@ Emitted = list[tuple[Sequence, TokenEvent]]
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, bank: LoraBank, config: EngineConfig, *,
-                 decoder: Decoder | None = None, on_dequeue: Callable[[Sequence], None] | None = None,
+                 decoder: Decoder | None = None, prefiller: Prefiller | None = None,
+                 on_dequeue: Callable[[Sequence], None] | None = None,
                  bucket_rows: bool = False, on_quarantine: QuarantineHook | None = None) -> None:
         self.runner = runner
         self.bank = bank
         self.config = config
         self.decoder: Decoder = decoder or runner.decode
+        self.prefiller: Prefiller = prefiller or runner.prefill
         self.on_dequeue = on_dequeue or (lambda seq: None)
         # Graph replay wants few distinct batch shapes; eager CPU runs want no padding rows.
         self.bucket_rows = bucket_rows
@@ -141,7 +144,7 @@ class Scheduler:
 
     def _prefill(self, admitted: list[Sequence], out: Emitted) -> None:
         slots = [seq.slot for seq in admitted]
-        logits = self.runner.prefill([seq.row for seq in admitted], [list(seq.request.prompt_ids) for seq in admitted],
+        logits = self.prefiller([seq.row for seq in admitted], [list(seq.request.prompt_ids) for seq in admitted],
                                      slots, slot_bucket(max(slots), self.bank.capacity))
         finite = _finite_rows(logits)
         tokens = choose_tokens(logits, [seq.sampler if ok else None for seq, ok in zip(admitted, finite, strict=True)])

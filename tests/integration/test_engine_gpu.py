@@ -170,7 +170,7 @@ def test_fp32_adapter_swap_during_graph_replay(cuda_required: None, tiny_model_d
 
 
 @pytest.mark.parametrize(("precision", "nf4_mode", "kernels"), [
-    ("bf16", "auto", "auto"), ("bf16", "auto", "off"), ("nf4", "fused", "auto"), ("nf4", "dequantize", "off"),
+    ("bf16", "auto", "on"), ("bf16", "auto", "off"), ("nf4", "fused", "on"), ("nf4", "dequantize", "off"),
     ("nf4", "kernel", "off")])
 def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_dir: Path,
                                                engine_adapters: dict[str, Path], precision: str,
@@ -181,7 +181,7 @@ def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_d
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     peft_model = _peft(tiny_model_dir, engine_adapters, precision)
     engine = _engine(tiny_model_dir, engine_adapters, precision, nf4_mode=nf4_mode, kernels=kernels)
-    assert engine.runner.kernels == (kernels == "auto")
+    assert engine.runner.kernels == (kernels == "on")
     for prompt in prompts(tokenizer)[:2]:
         for adapter in (None, *ADAPTER_SPECS):
             continuation = _greedy(peft_model, prompt, adapter, NEW_TOKENS)
@@ -192,3 +192,24 @@ def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_d
             top2 = ref.topk(2, dim=-1).values
             decisive = (top2[:, 0] - top2[:, 1]) > MARGIN
             assert torch.equal(got.argmax(-1)[decisive], ref.argmax(-1)[decisive]), adapter
+
+
+def test_prefill_graph_replay_equals_eager(cuda_required: None, tiny_model_dir: Path,
+                                           engine_adapters: dict[str, Path]) -> None:
+    """The first prefill of a shape captures a graph, later ones replay it with new prompts, rows and slots:
+    each must give the eager prefill's logits (float32, TF32 off)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = _engine(tiny_model_dir, engine_adapters, "fp32")
+    graphs = engine.prefill_graphs
+    assert graphs is not None
+    cases = [([1], [list(p)], [engine.bank.acquire(a)]) for p in prompts(tokenizer) for a in ("alpha", None)]
+    for rows, batch, slots in cases:
+        m = slot_bucket(max(slots), engine.bank.capacity)
+        got = graphs(rows, batch, slots, m).clone()
+        want = engine.runner.prefill(rows, batch, slots, m)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), float((got - want).abs().max())
+    assert graphs.captures >= 1 and not graphs.disabled
+    assert graphs.captures < len(cases)  # later prompts of the same padded length replayed a captured graph
