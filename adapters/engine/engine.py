@@ -81,14 +81,15 @@ class BatchedEngine:
 
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        from persona_router.adapters.engine import triton_ops
+        from persona_router.adapters.engine.triton_ops import available as triton_available
+        from persona_router.adapters.engine.triton_ops import require_triton
 
         model_on_cuda = model.device.type == "cuda"
         nf4_mode = self.config.nf4_mode
         if nf4_mode == "auto":
             nf4_mode = "dequantize" if model_on_cuda else "kernel"
         if nf4_mode == "fused":
-            triton_ops.require_triton()
+            require_triton()
         weights = extract_weights(model, nf4_mode=nf4_mode)
         self.nf4_mode = nf4_mode  # as resolved (applies only to a 4-bit base)
         self.vocab_size = weights.vocab_size
@@ -102,9 +103,9 @@ class BatchedEngine:
                                        for name in ("cuda_graphs", "fuse", "compile"))
         if use_graphs and not on_cuda:
             raise ConfigError("CUDA graphs need a CUDA device", field="cuda_graphs")
-        kernels = _switch(self.config.kernels, on_cuda and triton_ops.available())
+        kernels = _switch(self.config.kernels, on_cuda and triton_available())
         if kernels:
-            triton_ops.require_triton()
+            require_triton()
         self.runner = ModelRunner(weights, self.bank, self.config, fused=fused, compiled=compiled, kernels=kernels)
         decoder = prefiller = None
         if use_graphs:

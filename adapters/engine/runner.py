@@ -219,11 +219,11 @@ class ModelRunner:
         """The Triton path: LoRA shrink by slot, then the base product with the LoRA expand (and residual) in
         its epilogue (4-bit weights), or cuBLAS followed by an in-place expand (dense weights)."""
         import torch
-        from persona_router.adapters.engine import lora_kernels
+        from persona_router.adapters.engine.lora_kernels import expand_, shrink
 
         shrunk = None
         if lora.m > 0:
-            shrunk = lora_kernels.shrink(x, self.bank.a[index][group], self.bank.bt[index][group], lora.slot_ids,
+            shrunk = shrink(x, self.bank.a[index][group], self.bank.bt[index][group], lora.slot_ids,
                                          self.bank.scaling)
         if linear.nf4 is not None and linear.bias is None:
             from persona_router.adapters.engine.nf4_kernels import nf4_matmul
@@ -234,7 +234,7 @@ class ModelRunner:
         else:
             out = linear(x)
             out = out if residual is None else residual + out
-        return out if shrunk is None else lora_kernels.expand_(out, shrunk)
+        return out if shrunk is None else expand_(out, shrunk)
 
     def _decode_attention_kernel(self, index: int, q: Any, k: Any, v: Any, positions: Any, kv_len: int) -> Any:
         from persona_router.adapters.engine.attention_kernels import decode_attention

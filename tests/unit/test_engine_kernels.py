@@ -33,7 +33,6 @@ from tests.unit.test_engine_equivalence import (  # noqa: E402
     peft_reference,
     prompts,
     request,
-    run_with,
 )
 
 __all__ = ["engine_adapters", "peft_reference"]  # fixtures
@@ -172,6 +171,7 @@ def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int,
     assert torch.equal(v_cache[:n].nan_to_num(), v_want[:n].nan_to_num())
 
 
+@pytest.mark.slow  # about a minute of CPU: Triton's interpreter runs every kernel program in Python
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is for CPU machines; on CUDA the GPU "
                     "integration tests run the engine's kernel path")
 def test_engine_with_kernels_matches_peft(tiny_model_dir: Any, engine_adapters: Any, peft_reference: Any) -> None:
@@ -189,5 +189,12 @@ def test_engine_with_kernels_matches_peft(tiny_model_dir: Any, engine_adapters: 
                    for i, (adapter, prompt) in enumerate(cases)]
         return [generated(events) for events in await asyncio.gather(*(collect(h) for h in handles))]
 
-    for (adapter, prompt), tokens in zip(cases, run_with(engine, body), strict=True):
+    async def main() -> list[list[int]]:  # run_with's 60 s limit is too short for the interpreter on a busy CPU
+        engine.start(asyncio.get_running_loop())
+        try:
+            return await asyncio.wait_for(body(engine), timeout=900)
+        finally:
+            engine.stop()
+
+    for (adapter, prompt), tokens in zip(cases, asyncio.run(main()), strict=True):
         assert tokens == peft_reference.tokens(adapter, prompt, max_new_tokens=6), (adapter, prompt)
