@@ -76,6 +76,22 @@ class MemberState:
         return self.member.name
 
 
+class Placement(Protocol):
+    """What a request's handle needs from its pool (``UpstreamPool`` implements it)."""
+
+    def choose(self, adapter: str | None, *, exclude: Sequence[str] = ()) -> MemberState: ...
+
+    async def ensure_adapter(self, state: MemberState, name: str) -> None: ...
+
+    async def check(self, state: MemberState) -> bool: ...
+
+    def mark_down(self, state: MemberState, reason: str) -> None: ...
+
+    def release(self, state: MemberState, *, retried: bool) -> None: ...
+
+    def forget(self, state: MemberState, adapter: str) -> None: ...
+
+
 def rendezvous_order(key: str, names: Sequence[str]) -> list[str]:
     """Members ranked for ``key``, highest random weight first (stable for a given key and member set)."""
     def weight(name: str) -> bytes:

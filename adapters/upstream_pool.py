@@ -14,9 +14,11 @@ members there are or what they are.
   beyond the pool's total capacity; past that ``submit`` raises ``QueueFullError``.
 - **Failures.** A member's stream raises ``UpstreamFailedError`` when the member fails the request (it is
   unreachable, answers 5xx, drops the stream, or lost the adapter in a restart); an in-process member reports
-  an ``error`` event and then fails its probe. If no token of the request was delivered yet, the member is
-  marked down and the request is submitted again on the next member of its ranking: a request is never
-  lost, and never duplicated, because nothing is retried once its first token went out.
+  an ``error`` event and then fails its probe. The member is marked down and the request goes to the next
+  member of its ranking. Before its first token it is simply submitted again; after it, it *continues*: the
+  next member gets the prompt plus the tokens already delivered and the remaining token budget, so nothing
+  delivered is repeated and nothing is lost (under greedy decoding the continuation is exactly the answer the
+  first member would have given; sampled answers continue from a new random state).
 - **Health.** A background task probes every member each ``health_interval_s``. A probe returns the adapter
   names the member holds (None when it is unhealthy). A member that is down is skipped; when it answers
   again, or when it no longer holds adapters the pool loaded into it (it restarted between two probes), it
@@ -31,11 +33,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from persona_router.adapters.engine_api import EngineStats, GenerationHandle, GenerationRequest, TokenEvent
+from persona_router.adapters.engine_api import EngineStats, GenerationHandle, GenerationRequest
+from persona_router.adapters.pool_handle import PoolHandle
 from persona_router.adapters.upstream_member import MemberState, PoolConfig, PoolMember, rendezvous_order
 from persona_router.core.errors import (
     AdapterError,
@@ -108,7 +111,7 @@ class UpstreamPool:
                 self._load_on(state, name)
                 loaded += 1
             except UpstreamFailedError as exc:
-                self._mark_down(state, str(exc))
+                self.mark_down(state, str(exc))
                 errors.append(f"{state.name}: {exc}")
         if loaded == 0 and errors:
             log.warning("adapter %s is registered but no upstream could load it now (%s); it loads on first use",
@@ -200,7 +203,7 @@ class UpstreamPool:
         await asyncio.to_thread(self._load_on, state, name)
 
     # -- health ----------------------------------------------------------------------------------------
-    def _mark_down(self, state: MemberState, reason: str) -> None:
+    def mark_down(self, state: MemberState, reason: str) -> None:
         with self._lock:
             was_up = state.up
             state.up = False
@@ -208,6 +211,18 @@ class UpstreamPool:
             state.last_error = reason
         if was_up:
             log.warning("upstream %s is down: %s", state.name, reason)
+
+    def release(self, state: MemberState, *, retried: bool) -> None:
+        """A request left ``state`` (``retried``: it failed there and goes to another member)."""
+        with self._lock:
+            state.in_flight -= 1
+            if retried:
+                state.retries += 1
+
+    def forget(self, state: MemberState, adapter: str) -> None:
+        """``state`` does not hold ``adapter`` any more (it restarted): the next use loads it again."""
+        with self._lock:
+            state.held.discard(adapter)
 
     def _down_summary(self) -> str:
         return "; ".join(f"{s.name}: {s.last_error or 'down'}" for s in self.members.values() if not s.up) or "none"
@@ -225,7 +240,7 @@ class UpstreamPool:
             state.last_error = str(exc)
         if reported is None:
             if state.up:
-                self._mark_down(state, state.last_error or "health probe failed")
+                self.mark_down(state, state.last_error or "health probe failed")
             return False
         with self._lock:
             lost = state.held - set(reported)
@@ -236,7 +251,7 @@ class UpstreamPool:
             try:
                 await asyncio.to_thread(self._resync, state, reported)
             except (PersonaRouterError, OSError) as exc:
-                self._mark_down(state, f"re-sync failed: {exc}")
+                self.mark_down(state, f"re-sync failed: {exc}")
                 return False
             with self._lock:
                 came_back = not state.up
@@ -277,133 +292,3 @@ class UpstreamPool:
             if any(results) or loop.time() >= deadline:
                 return sum(results)
             await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
-
-
-class PoolHandle:
-    """One request through the pool: placement, adapter load, member stream, retry before the first token."""
-
-    def __init__(self, pool: UpstreamPool, request: GenerationRequest) -> None:
-        self.request_id = request.request_id
-        self._pool = pool
-        self._request = request
-        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._member_handle: GenerationHandle | None = None
-        self._cancelled = False
-        self._done = False
-        self.served_by: list[str] = []  # members tried, in order (the last one answered)
-
-    def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        if self._task is None and not self._done:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        return self._events()
-
-    async def _events(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            event = await self._queue.get()
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    def cancel(self) -> None:
-        if self._done or self._cancelled:
-            return
-        self._cancelled = True
-        if self._member_handle is not None:
-            self._member_handle.cancel()  # the member ends its stream with a "cancelled" event
-        else:
-            if self._task is not None:
-                self._task.cancel()
-            self._finish(TokenEvent(self.request_id, None, "", finish_reason="cancelled"))
-
-    def _finish(self, event: TokenEvent) -> None:
-        if not self._done:
-            self._done = True
-            self._queue.put_nowait(event)
-
-    def _error(self, message: str) -> None:
-        self._finish(TokenEvent(self.request_id, None, "", finish_reason="error", error=message))
-
-    async def _run(self) -> None:
-        tried: list[str] = []
-        adapter = self._request.adapter
-        while not self._done:
-            try:
-                state = self._pool.choose(adapter, exclude=tried)
-            except UpstreamUnavailableError as exc:
-                self._error(f"{exc} (tried: {', '.join(tried) or 'none'})")
-                return
-            tried.append(state.name)
-            self.served_by.append(state.name)
-            try:
-                retry = await self._attempt(state, adapter)
-            except asyncio.CancelledError:
-                self._finish(TokenEvent(self.request_id, None, "", finish_reason="cancelled"))
-                raise
-            except Exception as exc:  # a bug or an unforeseen library error must still end the stream
-                log.exception("request %s failed on upstream %s", self.request_id, state.name)
-                self._error(f"upstream {state.name} failed: {type(exc).__name__}: {exc}")
-                return
-            finally:
-                with self._pool._lock:
-                    state.in_flight -= 1
-            if not retry:
-                return
-            with self._pool._lock:
-                state.retries += 1
-            log.warning("request %s failed on upstream %s before its first token; retrying elsewhere",
-                        self.request_id, state.name)
-
-    async def _attempt(self, state: MemberState, adapter: str | None) -> bool:
-        """Run the request on one member; True when it failed before any token and may go to another.
-
-        A member that lost the adapter (restarted between two probes) gets it again and one more try."""
-        reloaded = False
-        while True:
-            try:
-                return await self._stream(state, adapter)
-            except QueueFullError:
-                return True  # this member's own queue is full: spill to the next one
-            except UpstreamFailedError as exc:
-                if exc.adapter_missing and adapter is not None and not reloaded:
-                    with self._pool._lock:
-                        state.held.discard(adapter)
-                    reloaded = True
-                    continue
-                self._pool._mark_down(state, str(exc))
-                return True
-            except AdapterError as exc:
-                self._error(str(exc))
-                return False
-
-    async def _stream(self, state: MemberState, adapter: str | None) -> bool:
-        delivered = False
-        try:
-            if adapter is not None:
-                await self._pool.ensure_adapter(state, adapter)
-            if self._cancelled:
-                self._finish(TokenEvent(self.request_id, None, "", finish_reason="cancelled"))
-                return False
-            handle = state.member.submit(self._request)
-            self._member_handle = handle
-            async for event in handle:
-                failed_early = event.finish_reason == "error" and not delivered and event.token_id is None
-                if failed_early and not await self._pool.check(state):  # the member itself failed: go elsewhere
-                    return True
-                delivered = delivered or event.token_id is not None or bool(event.text)
-                if event.finish_reason is not None:
-                    self._finish(event)
-                    return False
-                self._queue.put_nowait(event)
-            self._finish(TokenEvent(self.request_id, None, "", finish_reason="stop"))
-            return False
-        except UpstreamFailedError as exc:
-            if delivered:  # tokens went out: retrying would duplicate them
-                self._pool._mark_down(state, str(exc))
-                self._error(f"upstream {state.name} failed mid-answer: {exc}")
-                return False
-            raise
-        finally:
-            if self._member_handle is not None and not self._done:
-                self._member_handle.cancel()
-            self._member_handle = None

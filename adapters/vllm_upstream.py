@@ -142,7 +142,7 @@ class VllmUpstream:
         body: dict[str, Any] = {
             "model": request.adapter or self.base_model, "prompt": list(request.prompt_ids),
             "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True,
+            "stream": True, "return_token_ids": True,
             "stop_token_ids": sorted({*self.stop_token_ids, *request.stop_token_ids}), "skip_special_tokens": True,
         }
         if sampling.seed is not None:

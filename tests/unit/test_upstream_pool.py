@@ -198,15 +198,32 @@ def test_an_upstream_that_restarted_between_probes_gets_the_adapter_again(tmp_pa
     run(tmp_path, scenario, health_interval_s=3600)  # the request path must notice on its own
 
 
-def test_a_failure_after_the_first_token_is_an_error_and_never_a_duplicate(tmp_path: Path) -> None:
+def test_a_failure_mid_answer_continues_on_another_upstream_without_repeating_a_token(tmp_path: Path) -> None:
     async def scenario(upstreams: UpstreamPool, fakes: dict[str, FakeVllm]) -> None:
         adapter = ADAPTERS[4]
-        home = rendezvous_order(adapter, list(fakes))[0]
-        fakes[home].break_after = 1
-        events = await collect(upstreams, request("mid", adapter))
-        assert events[-1].finish_reason == "error" and "mid-answer" in (events[-1].error or "")
-        assert text(events) == f"[{home}|{adapter}|0]"
-        assert sum(len(f.completions) for f in fakes.values()) == 1
+        home, second = rendezvous_order(adapter, list(fakes))[:2]
+        fakes[home].break_after = 1  # one token, then the connection drops
+        events = await collect(upstreams, request("mid", adapter, max_tokens=16))
+        assert events[-1].finish_reason == "stop"
+        # The first token came from the home; the rest from the next upstream, which was asked to continue.
+        assert text(events) == f"[{home}|{adapter}|0]" + "".join(f"[{second}|{adapter}|{k}]" for k in range(3))
+        assert [e.token_id for e in events] == [100, 100, 101, 102, EOS]
+        continuation = fakes[second].completions[-1]
+        assert continuation["prompt"] == [1, 2, 3, 100] and continuation["max_tokens"] == 15
+        assert len(fakes[home].completions) == 1 and len(fakes[second].completions) == 1
+        assert {m["name"]: m for m in upstreams.describe()}[home]["retries"] == 1
+
+    run(tmp_path, scenario)
+
+
+def test_a_continuation_keeps_the_token_budget(tmp_path: Path) -> None:
+    async def scenario(upstreams: UpstreamPool, fakes: dict[str, FakeVllm]) -> None:
+        adapter = ADAPTERS[4]
+        home, second = rendezvous_order(adapter, list(fakes))[:2]
+        fakes[home].break_after = 2
+        events = await collect(upstreams, request("budget", adapter, max_tokens=3))
+        assert [e.token_id for e in events] == [100, 101, 100] and events[-1].finish_reason == "length"
+        assert fakes[second].completions[-1]["max_tokens"] == 1
 
     run(tmp_path, scenario)
 

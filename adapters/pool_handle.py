@@ -1,0 +1,161 @@
+"""One request through an upstream pool (``adapters/upstream_pool.py``): placement, the adapter load, the
+member's stream, and the retry or continuation on another member when one fails."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from persona_router.adapters.engine_api import GenerationHandle, GenerationRequest, TokenEvent
+from persona_router.adapters.upstream_member import MemberState, Placement
+from persona_router.core.errors import AdapterError, QueueFullError, UpstreamFailedError, UpstreamUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+class PoolHandle:
+    """One request through the pool: placement, adapter load, member stream, retry or continuation."""
+
+    def __init__(self, pool: Placement, request: GenerationRequest) -> None:
+        self.request_id = request.request_id
+        self._pool = pool
+        self._request = request
+        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._member_handle: GenerationHandle | None = None
+        self._cancelled = False
+        self._done = False
+        self.served_by: list[str] = []  # members tried, in order (the last one answered)
+        self._generated: list[int] = []  # token ids delivered so far
+        self._untracked_text = False  # text delivered without a token id: a failure then cannot be resumed
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        if self._task is None and not self._done:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            event = await self._queue.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        if self._done or self._cancelled:
+            return
+        self._cancelled = True
+        if self._member_handle is not None:
+            self._member_handle.cancel()  # the member ends its stream with a "cancelled" event
+        else:
+            if self._task is not None:
+                self._task.cancel()
+            self._finish(TokenEvent(self.request_id, None, "", finish_reason="cancelled"))
+
+    def _finish(self, event: TokenEvent) -> None:
+        if not self._done:
+            self._done = True
+            self._queue.put_nowait(event)
+
+    def _error(self, message: str) -> None:
+        self._finish(TokenEvent(self.request_id, None, "", finish_reason="error", error=message))
+
+    async def _run(self) -> None:
+        tried: list[str] = []
+        adapter = self._request.adapter
+        while not self._done:
+            try:
+                state = self._pool.choose(adapter, exclude=tried)
+            except UpstreamUnavailableError as exc:
+                self._error(f"{exc} (tried: {', '.join(tried) or 'none'})")
+                return
+            tried.append(state.name)
+            self.served_by.append(state.name)
+            retry = False
+            try:
+                retry = await self._attempt(state, adapter)
+            except asyncio.CancelledError:
+                self._finish(TokenEvent(self.request_id, None, "", finish_reason="cancelled"))
+                raise
+            except Exception as exc:  # a bug or an unforeseen library error must still end the stream
+                log.exception("request %s failed on upstream %s", self.request_id, state.name)
+                self._error(f"upstream {state.name} failed: {type(exc).__name__}: {exc}")
+            finally:
+                self._pool.release(state, retried=retry)
+            if not retry:
+                return
+            log.warning("request %s failed on upstream %s after %d tokens; %s elsewhere", self.request_id,
+                        state.name, len(self._generated), "continuing" if self._generated else "retrying")
+
+    async def _attempt(self, state: MemberState, adapter: str | None) -> bool:
+        """Run the request on one member; True when the member failed and the request may go to another.
+
+        A member that lost the adapter (restarted between two probes) gets it again and one more try."""
+        reloaded = False
+        while True:
+            try:
+                return await self._stream(state, adapter)
+            except QueueFullError:
+                return True  # this member's own queue is full: spill to the next one
+            except UpstreamFailedError as exc:
+                if exc.adapter_missing and adapter is not None and not reloaded:
+                    self._pool.forget(state, adapter)
+                    reloaded = True
+                    continue
+                self._pool.mark_down(state, str(exc))
+                return True
+            except AdapterError as exc:
+                self._error(str(exc))
+                return False
+
+    def _resumable(self) -> bool:
+        return not self._untracked_text
+
+    def _next_request(self) -> GenerationRequest | None:
+        """The request for the next attempt: the original, or after a failure mid-answer its continuation
+        (the prompt plus the tokens already delivered, for the tokens still allowed). None: nothing is left."""
+        if not self._generated:
+            return self._request
+        remaining = self._request.sampling.max_new_tokens - len(self._generated)
+        if remaining < 1:
+            return None
+        return replace(self._request, prompt_ids=(*self._request.prompt_ids, *self._generated),
+                       sampling=replace(self._request.sampling, max_new_tokens=remaining))
+
+    async def _stream(self, state: MemberState, adapter: str | None) -> bool:
+        try:
+            if adapter is not None:
+                await self._pool.ensure_adapter(state, adapter)
+            request = self._next_request()
+            if self._cancelled or request is None:
+                reason = "cancelled" if self._cancelled else "length"
+                self._finish(TokenEvent(self.request_id, None, "", finish_reason=reason))
+                return False
+            handle = state.member.submit(request)
+            self._member_handle = handle
+            async for event in handle:
+                member_failed = event.finish_reason == "error" and event.token_id is None and self._resumable()
+                if member_failed and not await self._pool.check(state):  # the member itself failed: go elsewhere
+                    return True
+                if event.token_id is not None:
+                    self._generated.append(event.token_id)
+                elif event.text:
+                    self._untracked_text = True
+                if event.finish_reason is not None:
+                    self._finish(event)
+                    return False
+                self._queue.put_nowait(event)
+            self._finish(TokenEvent(self.request_id, None, "", finish_reason="stop"))
+            return False
+        except UpstreamFailedError as exc:
+            if not self._resumable():  # text went out that we cannot continue from exactly
+                self._pool.mark_down(state, str(exc))
+                self._error(f"upstream {state.name} failed mid-answer: {exc}")
+                return False
+            raise
+        finally:
+            if self._member_handle is not None and not self._done:
+                self._member_handle.cancel()
+            self._member_handle = None
