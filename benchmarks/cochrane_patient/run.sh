@@ -30,7 +30,8 @@ $PR fit-router --pack user --test none
 # 5. A/B on held-out test rows: the adapter against prompt-only, batched generation.
 $PR eval ab --pack user --persona patient --a patient@latest --b prompt --adapters "$WORK/adapters-train" \
   --data "$WORK/test.jsonl" --train-data "$WORK/judge_train.jsonl" --engine batched --max-batch 24 \
-  --max-context-chars 1000 --cochrane-pairs 0 --limit "${LIMIT:-120}" --max-new-tokens "${NEW:-128}" --out "$OUT"
+  --quantization bf16 --max-context-chars 1000 --cochrane-pairs 0 --limit "${LIMIT:-100}" --max-new-tokens "${NEW:-128}" --out "$WORK/ab"
+.venv/bin/python benchmarks/cochrane_patient/publish_report.py "$WORK/ab" "$OUT/ab"   # without Cochrane text
 
 # 6. Hot-add to a running server: serve without the persona, add it, publish the adapter, remove it.
 .venv/bin/python benchmarks/cochrane_patient/hot_add.py --adapter "$WORK/adapters-train/patient/$(cat "$WORK/adapters-train/patient/LATEST")" \
