@@ -44,6 +44,18 @@ def register(subparsers: Any) -> None:
         "same parallel questions; the style judge's confusion matrix shows whether adapters separate personas.")
     matrix.add_argument("--use", nargs="+", default=(), metavar="NAME@VERSION",
                         help="pin adapter versions (default: each persona's latest)")
+    matrix.add_argument("--engine", default="sequential", choices=("sequential", "batched"),
+                        help="sequential: one generate call per answer; batched: every answer queued at once in the "
+                        "batched engine, --max-batch rows per forward pass (same greedy tokens in float32) "
+                        "(default: %(default)s)")
+    matrix.add_argument("--max-batch", type=int, default=16, help="rows per forward pass with --engine batched "
+                        "(default: %(default)s)")
+    matrix.add_argument("--items", choices=("parallel", "own", "all"), default="parallel",
+                        help="parallel: the shared held-out questions, once per persona; own: each persona's own "
+                        "held-out questions; all: both (default: %(default)s)")
+    matrix.add_argument("--no-system-prompt", dest="system_prompt", action="store_false",
+                        help="withhold the persona's system prompt from both arms (baseline: the bare base), to see "
+                        "whether the adapters carry the style on their own")
     _common(matrix)
     matrix.set_defaults(handler=cmd_matrix)
 
@@ -136,7 +148,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     pack = load_pack(args.pack)
     config = _config(args)
     configure_threads()
-    report = run_matrix(pack, config, progress_bar, pins=args.use)
+    report = run_matrix(pack, config, progress_bar, pins=args.use, items_kind=args.items,
+                        system_prompt=args.system_prompt)
     out = _out_dir(args, "matrix")
     write_report(report, out)
     for name, condition in report["conditions"].items():

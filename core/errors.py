@@ -56,6 +56,10 @@ class AdapterIncompatibleError(AdapterError):
     """An adapter trained on another base model (fingerprint mismatch)."""
 
 
+class TrainingDivergedError(AdapterError):
+    """A training run whose loss or adapter weights are not finite: it is never published."""
+
+
 class UnknownPersonaError(PersonaRouterError):
     """A persona name that the pack does not define."""
 

@@ -59,10 +59,11 @@ class ResolvedArm:
     adapter_version: int | None = None
     adapter_persona: str | None = None
     trained_system_prompt: str | None = None  # the prompt the adapter was trained with (manifest)
+    without_system_prompt: bool = False  # answer with no persona prompt: does the adapter carry the style alone?
 
     @property
     def uses_system_prompt(self) -> bool:
-        return self.spec.kind != "base"
+        return self.spec.kind != "base" and not self.without_system_prompt
 
     def system_prompt(self, pack: PersonaPack, persona: str) -> str | None:
         if not self.uses_system_prompt:
@@ -132,6 +133,7 @@ class ArmRunner:
     pack: PersonaPack
     sampling: SamplingConfig
     max_context_chars: int = DEFAULT_MAX_CONTEXT_CHARS
+    batch_size: int = 0  # > 0: answer through the batched engine, this many sequences per forward pass
     _model: Any = None
     _adapters: dict[str, str] = field(default_factory=dict)  # adapter folder -> PEFT adapter name
 
@@ -171,9 +173,8 @@ class ArmRunner:
 
     def answer(self, arm: ResolvedArm, item: EvalItem, *, seed: int) -> ArmAnswer:
         self.add(arm)
-        per_item = item_seed(seed, item.id)
-        sampling = SamplingConfig(max_new_tokens=self.sampling.max_new_tokens, temperature=self.sampling.temperature,
-                                  top_p=self.sampling.top_p, seed=per_item)
+        sampling = self._item_sampling(item, seed)
+        per_item = sampling.seed
         start = time.perf_counter()
         completion = generate_one(self._model, self.base.tokenizer, self.messages(arm, item), sampling,
                                   adapter_name=self._adapter_for(arm))
@@ -182,21 +183,45 @@ class ArmRunner:
                          prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
                          seed=per_item)
 
+    def answer_many(self, pairs: Sequence[tuple[ResolvedArm, EvalItem]], *, seed: int,
+                    progress: Callable[[int], None] | None = None) -> list[ArmAnswer]:
+        """Answer (arm, item) pairs, in order: one at a time, or all through the batched engine."""
+        if self.batch_size <= 0:
+            out = []
+            for arm, item in pairs:
+                out.append(self.answer(arm, item, seed=seed))
+                if progress is not None:
+                    progress(1)
+            return out
+        from persona_router.adapters.prompts import prompt_ids
+        from persona_router.eval.batch_generation import PromptJob, generate_batched
+
+        jobs = [PromptJob(tuple(prompt_ids(self.base.tokenizer, self.messages(arm, item))), arm.adapter_path,
+                          self._item_sampling(item, seed)) for arm, item in pairs]
+        done = generate_batched(self.base, jobs, max_batch=self.batch_size, progress=progress)
+        return [ArmAnswer(item_id=item.id, arm=arm.label, text=d.completion.text, latency_s=d.latency_s,
+                          prompt_tokens=d.completion.prompt_tokens, completion_tokens=d.completion.completion_tokens,
+                          seed=job.sampling.seed)
+                for (arm, item), job, d in zip(pairs, jobs, done, strict=True)]
+
+    def _item_sampling(self, item: EvalItem, seed: int) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.sampling.max_new_tokens, temperature=self.sampling.temperature,
+                              top_p=self.sampling.top_p, seed=item_seed(seed, item.id))
+
     def run(self, arms: Sequence[ResolvedArm], items: Sequence[EvalItem], *, seed: int,
             progress: Callable[[int], None] | None = None) -> dict[str, list[ArmAnswer]]:
         """Every arm answers every item; returns answers per arm label, in item order."""
         labels = [a.label for a in arms]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"arm labels must differ, got {labels}", field="arms")
-        for arm in arms:
-            self.add(arm)
+        if self.batch_size <= 0:
+            for arm in arms:
+                self.add(arm)
+        pairs = [(arm, item) for index, item in enumerate(items)
+                 for arm in (list(arms) if index % 2 == 0 else list(reversed(arms)))]
         out: dict[str, list[ArmAnswer]] = {a.label: [] for a in arms}
-        for index, item in enumerate(items):
-            order = list(arms) if index % 2 == 0 else list(reversed(arms))
-            for arm in order:
-                out[arm.label].append(self.answer(arm, item, seed=seed))
-                if progress is not None:
-                    progress(1)
+        for (arm, _), answer in zip(pairs, self.answer_many(pairs, seed=seed, progress=progress), strict=True):
+            out[arm.label].append(answer)
         return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -95,8 +95,29 @@ def ab_items(records: Sequence[QARecord], persona: str, limit: int | None) -> li
     return items[:limit] if limit else items
 
 
-def matrix_items(records: Sequence[QARecord], personas: Sequence[str], limit: int | None) -> list[EvalItem]:
-    """Each parallel question once per persona; the reference is that persona's own answer to it."""
+MATRIX_ITEMS = ("parallel", "own", "all")
+
+
+def matrix_items(records: Sequence[QARecord], personas: Sequence[str], limit: int | None,
+                 kind: str = "parallel") -> list[EvalItem]:
+    """``parallel``: each parallel question once per persona, the reference being that persona's own answer to
+    it; ``own``: each persona's own held-out questions (no ``parallel_id``); ``all``: both. ``limit`` caps the
+    parallel questions and the own questions per persona."""
+    if kind not in MATRIX_ITEMS:
+        from persona_router.core.errors import ConfigError
+
+        raise ConfigError(f"{kind!r} is not one of {', '.join(MATRIX_ITEMS)}", field="items")
+    items = _parallel_items(records, personas, limit) if kind in ("parallel", "all") else []
+    if kind in ("own", "all"):
+        for persona in personas:
+            own = [r for r in records if r.persona == persona and not r.parallel_id]
+            items += [EvalItem.from_record(r, k) for k, r in enumerate(own[:limit] if limit else own)]
+        if not items:
+            raise DataError("no held-out questions of the personas' own", field="items")
+    return items
+
+
+def _parallel_items(records: Sequence[QARecord], personas: Sequence[str], limit: int | None) -> list[EvalItem]:
     by_question: dict[str, dict[str, QARecord]] = {}
     for record in records:
         if record.parallel_id:
@@ -234,14 +255,18 @@ def _resolve_pair(specs: tuple[ArmSpec, ArmSpec], *, persona: str, config: EvalC
 
 
 def run_matrix(pack: PersonaPack, config: EvalConfig, progress: ProgressFactory, *,
-               pins: Sequence[str] = ()) -> dict[str, Any]:
-    """Each persona's adapter and the ``prompt`` baseline answer the same parallel questions."""
+               pins: Sequence[str] = (), items_kind: str = "parallel", system_prompt: bool = True) -> dict[str, Any]:
+    """Each persona's adapter and the ``prompt`` baseline answer the same questions.
+
+    With ``system_prompt=False`` neither arm sees the persona's system prompt: the baseline is the bare base
+    and each adapter must carry its persona's style on its own.
+    """
     from persona_router.adapters.base_model import load_base, resolve_base
     from persona_router.adapters.registry import AdapterRegistry
 
     personas = list(pack.names)
     test_records = load_records(config.data, pack, split="test")
-    items = matrix_items(test_records, personas, config.limit)
+    items = matrix_items(test_records, personas, config.limit, items_kind)
     fingerprint = resolve_base(config.base.base).fingerprint
     registry = AdapterRegistry(config.adapters_root)
     pinned = _pins(pins, personas)
@@ -252,22 +277,25 @@ def run_matrix(pack: PersonaPack, config: EvalConfig, progress: ProgressFactory,
         if spec is None:
             missing[persona] = f"no trained adapter in {registry.root}"
             continue
-        adapter_arms[persona] = resolve_arm(spec, persona=persona, adapters_root=config.adapters_root,
-                                            base_fingerprint=fingerprint, label=f"adapter {spec.label}")
+        arm = resolve_arm(spec, persona=persona, adapters_root=config.adapters_root,
+                          base_fingerprint=fingerprint, label=f"adapter {spec.label}")
+        adapter_arms[persona] = arm if system_prompt else replace(arm, without_system_prompt=True)
     scorer, judge_info = build_judge(pack, config, items, test_records)
     base = load_base(config.base)
-    prompt_arm = ResolvedArm(label="prompt", spec=parse_spec("prompt"))
-    runner = ArmRunner(base=base, pack=pack, sampling=config.sampling, max_context_chars=config.max_context_chars)
+    baseline = "prompt" if system_prompt else "base"
+    prompt_arm = ResolvedArm(label="prompt", spec=parse_spec(baseline))
+    # --engine batched: every answer queued at once in the batched engine (eval/batch_generation.py).
+    runner = ArmRunner(base=base, pack=pack, sampling=config.sampling, max_context_chars=config.max_context_chars,
+                       batch_size=config.max_batch if config.engine == "batched" else 0)
     adapted_items = [i for i in items if i.persona in adapter_arms]
-    prompt_answers: list[ArmAnswer] = []
-    adapter_answers: list[ArmAnswer] = []
-    with progress(len(items) + len(adapted_items), "eval matrix") as tick:
-        for index, item in enumerate(items):
-            pair = [prompt_arm] + ([adapter_arms[item.persona]] if item.persona in adapter_arms else [])
-            for arm in pair if index % 2 == 0 else reversed(pair):
-                answer = runner.answer(arm, item, seed=config.seed)
-                (prompt_answers if arm is prompt_arm else adapter_answers).append(answer)
-                tick(1)
+    pairs: list[tuple[ResolvedArm, EvalItem]] = []
+    for index, item in enumerate(items):
+        pair = [prompt_arm] + ([adapter_arms[item.persona]] if item.persona in adapter_arms else [])
+        pairs += [(arm, item) for arm in (pair if index % 2 == 0 else reversed(pair))]
+    with progress(len(pairs), "eval matrix") as tick:
+        answers = runner.answer_many(pairs, seed=config.seed, progress=tick)
+    prompt_answers = [a for (arm, _), a in zip(pairs, answers, strict=True) if arm is prompt_arm]
+    adapter_answers = [a for (arm, _), a in zip(pairs, answers, strict=True) if arm is not prompt_arm]
     prompt_scores = scorer.score(items, prompt_answers)
     adapter_scores = scorer.score(adapted_items, adapter_answers)
     conditions = {"prompt": _matrix_condition(items, prompt_scores, scorer.judge.classes)}
@@ -278,6 +306,7 @@ def run_matrix(pack: PersonaPack, config: EvalConfig, progress: ProgressFactory,
         comparisons = compare_all(adapter_scores, paired_prompt, stats=config.stats, labels=("adapter", "prompt"))
     return {
         "kind": "matrix", "meta": _meta("eval matrix", config, base), "personas": personas,
+        "items_kind": items_kind, "system_prompt": system_prompt, "baseline": baseline, "n_items": len(items),
         "n_questions": len({i.parallel_id for i in items}), "judge": judge_info,
         "adapters": {p: a.to_json() for p, a in adapter_arms.items()}, "missing_adapters": missing,
         "conditions": conditions,

@@ -125,7 +125,11 @@ def ab_markdown(report: dict[str, Any]) -> str:
 
 def matrix_markdown(report: dict[str, Any]) -> str:
     lines = ["# Persona matrix: does each adapter sound like its persona?", "",
-             f"- {report['n_questions']} parallel questions x {len(report['personas'])} personas",
+             f"- {report['n_questions']} parallel questions x {len(report['personas'])} personas"
+             + (f"; items: {report.get('items_kind')} ({report.get('n_items')} in all)" if "items_kind" in report
+                else ""),
+             "- persona system prompt: " + ("given to both arms" if report.get("system_prompt", True) else
+                                            "withheld (baseline = the bare base; adapters carry the style alone)"),
              "- adapters: " + (", ".join(f"{p}: {a['spec']}" for p, a in report["adapters"].items()) or "none")]
     for persona, reason in report["missing_adapters"].items():
         lines.append(f"- no adapter for {persona}: {reason}")

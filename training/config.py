@@ -36,11 +36,12 @@ MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
 CUDA_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-4, "batch_size": 4, "grad_accum": 2, "max_length": 1024, "epochs": 1.0,
     "optim": "paged_adamw_8bit", "gradient_checkpointing": "on", "mixed_precision": "bf16", "save_steps": 50,
+    "prompt_free_fraction": 0.0, "lora_dropout": 0.05,
 }
 CPU_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-3, "batch_size": 2, "grad_accum": 2, "max_length": 512, "epochs": 1.0,
-    "optim": "adamw_torch", "gradient_checkpointing": "off", "mixed_precision": "no", "max_steps": 6,
-    "save_steps": 3,
+    "learning_rate": 1e-3, "batch_size": 1, "grad_accum": 4, "max_length": 512, "epochs": 3.0,
+    "optim": "adamw_torch", "gradient_checkpointing": "off", "mixed_precision": "no", "save_steps": 10,
+    "prompt_free_fraction": 0.5, "lora_dropout": 0.0,
 }
 
 
@@ -51,7 +52,7 @@ class TrainConfig:
     # LoRA
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float | None = None  # CUDA 0.05 (QLoRA); CPU 0.0: dropout masks cost ~15% of a CPU step
     target_modules: str = "all-linear"  # or a comma-separated list of module names
     # optimisation
     learning_rate: float | None = None  # CUDA 2e-4 (QLoRA); CPU 1e-3, so a few steps move a 135M model
@@ -67,6 +68,9 @@ class TrainConfig:
     epochs: float | None = None
     max_steps: int | None = None  # overrides epochs when set
     packing: bool = True  # best-fit packing without padding; attention never crosses examples
+    # Rows (by question hash) trained without the persona's system prompt, so the adapter carries the style on
+    # its own (None: CPU/demo 0.5, CUDA 0.0).
+    prompt_free_fraction: float | None = None
     gradient_checkpointing: str = "auto"
     mixed_precision: str = "auto"
     # evaluation and checkpoints
@@ -79,7 +83,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _positive_int(self, "lora_r")
         _positive_int(self, "lora_alpha")
-        _fraction(self, "lora_dropout", upper_open=True)
+        if self.lora_dropout is not None:
+            _fraction(self, "lora_dropout", upper_open=True)
         if not self.target_modules.strip():
             raise ConfigError("must be 'all-linear' or a comma-separated list of module names", field="target_modules")
         if self.learning_rate is not None and not 0 < self.learning_rate < 1:
@@ -103,19 +108,30 @@ class TrainConfig:
         _choice(self, "gradient_checkpointing", SWITCHES)
         _choice(self, "mixed_precision", MIXED_PRECISIONS)
         _fraction(self, "eval_fraction", upper_open=True)
+        if self.prompt_free_fraction is not None and not 0 <= self.prompt_free_fraction <= 1:
+            raise ConfigError(f"{self.prompt_free_fraction} must be in [0, 1]", field="prompt_free_fraction")
         if self.save_steps is not None:
             _positive_int(self, "save_steps")
         _positive_int(self, "logging_steps")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"{self.seed!r} must be an integer >= 0", field="seed")
 
-    def resolved(self, device: str, *, bf16_supported: bool = True) -> TrainConfig:
-        """Fill every ``None``/``"auto"`` with the device's default; explicit values win."""
+    def resolved(self, device: str, *, bf16_supported: bool | None = None) -> TrainConfig:
+        """Fill every ``None``/``"auto"`` with the device's default; explicit values win.
+
+        ``bf16_supported`` (None: assumed on CUDA, not on CPU) picks the mixed precision: bf16 or fp16 on CUDA,
+        bf16 autocast or none on CPU.
+        """
+        if bf16_supported is None:
+            bf16_supported = device == "cuda"
         if device not in ("cpu", "cuda"):
             raise ConfigError(f"{device!r} is not one of {choices(('cpu', 'cuda'))}", field="device")
         defaults = dict(CUDA_DEFAULTS if device == "cuda" else CPU_DEFAULTS)
         if device == "cuda" and not bf16_supported:
             defaults["mixed_precision"] = "fp16"
+        if device == "cpu":
+            # bf16 autocast only where the CPU has native bf16 instructions (training/cpu_precision.py).
+            defaults["mixed_precision"] = "bf16" if bf16_supported else "no"
         updates: dict[str, Any] = {}
         for name, value in defaults.items():
             current = getattr(self, name)

@@ -62,13 +62,19 @@ def records_sha256(records: Iterable[QARecord]) -> str:
 
 
 def build_examples(records: Sequence[QARecord], *, system_prompt: str, tokenizer: Any,
-                   max_length: int) -> FormatResult:
-    """Format and fit every record; see the module docstring for the truncation rule."""
+                   max_length: int, prompt_free_fraction: float = 0.0) -> FormatResult:
+    """Format and fit every record; see the module docstring for the truncation rule.
+
+    ``prompt_free_fraction`` of the records (chosen by a hash of the question, so the same rows every run)
+    are rendered without the persona's system prompt, so the adapter learns to carry the persona's style on
+    its own rather than only in the presence of the prompt.
+    """
     if records:
         check_template_prefix(tokenizer)
     result = FormatResult()
     for record in records:
-        example = fit_example(record, system_prompt=system_prompt, tokenizer=tokenizer, max_length=max_length)
+        prompt = None if _question_bucket(record.question) < prompt_free_fraction else system_prompt
+        example = fit_example(record, system_prompt=prompt, tokenizer=tokenizer, max_length=max_length)
         if example is None:
             result.skipped += 1
             continue
@@ -82,7 +88,8 @@ def build_examples(records: Sequence[QARecord], *, system_prompt: str, tokenizer
     return result
 
 
-def fit_example(record: QARecord, *, system_prompt: str, tokenizer: Any, max_length: int) -> ChatExample | None:
+def fit_example(record: QARecord, *, system_prompt: str | None, tokenizer: Any,
+                max_length: int) -> ChatExample | None:
     """One example within ``max_length`` tokens, cutting only the context; None if even that cannot fit."""
     completion = [{"role": "assistant", "content": record.answer}]
     prompt = build_messages(record.question, system_prompt=system_prompt, context=record.context)
@@ -139,11 +146,15 @@ def split_holdout(records: Sequence[QARecord], fraction: float) -> tuple[list[QA
     train: list[QARecord] = []
     held: list[QARecord] = []
     for record in records:
-        bucket = int(hashlib.sha256(record.question.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held if bucket < fraction else train).append(record)
+        (held if _question_bucket(record.question) < fraction else train).append(record)
     if not train:
         raise DataError(f"holding out {fraction:.0%} for evaluation left no training rows", field="eval_fraction")
     return train, held
+
+
+def _question_bucket(question: str) -> float:
+    """A stable number in [0, 1] per question (same on every machine and row order)."""
+    return int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 
 def _render_ids(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:

@@ -29,6 +29,8 @@ def lora_config(config: TrainConfig) -> Any:
     """LoRA on every linear layer but the LM head, no ``modules_to_save``: the format vLLM and PEFT both load."""
     from peft import LoraConfig
 
+    if config.lora_dropout is None:
+        raise ConfigError("resolve the config for a device first (TrainConfig.resolved)", field="lora_dropout")
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -47,7 +49,10 @@ def sft_config(config: TrainConfig, *, output_dir: Path, device: str, eval_rows:
     if batch is None or accum is None or lr is None or config.max_length is None:
         raise ConfigError("resolve the config for a device first (TrainConfig.resolved)", field="config")
     trl = require_trl()
-    mixed = config.mixed_precision if device == "cuda" else "no"
+    mixed = config.mixed_precision
+    if device == "cpu" and mixed == "fp16":
+        raise ConfigError("fp16 mixed precision needs CUDA; on CPU use 'bf16' (CPUs with AVX512-BF16/AMX) or 'no'",
+                          field="mixed_precision")
     optim = config.optim
     if device == "cpu" and optim in ("paged_adamw_8bit", "adamw_8bit"):
         raise ConfigError(f"{optim!r} needs CUDA; on CPU use 'adamw_torch'", field="optim")

@@ -34,7 +34,7 @@ from persona_router.adapters.manifest import (
     write_manifest,
 )
 from persona_router.adapters.registry import AdapterRegistry
-from persona_router.core.errors import AdapterError, DataError, PersonaRouterError
+from persona_router.core.errors import AdapterError, DataError, PersonaRouterError, TrainingDivergedError
 from persona_router.training.config import TrainConfig
 from persona_router.training.formatting import FormatResult, build_examples, records_sha256
 from persona_router.training.jobs import PersonaJob
@@ -88,7 +88,8 @@ def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseMo
     base = load_base(base_config, for_training=True)
     assert config.max_length is not None  # resolved
     train_fmt = build_examples(job.train_records, system_prompt=job.persona.system_prompt,
-                               tokenizer=base.tokenizer, max_length=config.max_length)
+                               tokenizer=base.tokenizer, max_length=config.max_length,
+                               prompt_free_fraction=config.prompt_free_fraction or 0.0)
     eval_records = job.eval_records[: config.eval_max_rows] if config.eval_max_rows else job.eval_records
     eval_fmt = build_examples(eval_records, system_prompt=job.persona.system_prompt, tokenizer=base.tokenizer,
                               max_length=config.max_length)
@@ -106,6 +107,7 @@ def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseMo
         raise AdapterError(f"training {name!r} failed writing a checkpoint ({exc}); the published adapters are "
                            "unchanged, fix the cause and rerun with --resume", path=work) from exc
     loss_after = _evaluate(trainer) if eval_fmt.examples else None
+    refuse_diverged(trainer.model, name, train_loss=float(output.training_loss), eval_loss=loss_after)
     metrics = TrainMetrics(
         train_loss=float(output.training_loss), eval_loss=loss_after, eval_loss_before=loss_before,
         steps=int(trainer.state.global_step), epochs=float(trainer.state.epoch or 0.0),
@@ -122,6 +124,7 @@ def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseMo
         base_fingerprint=base.fingerprint, dataset=dataset, hyperparameters=config.to_json(), metrics=metrics,
         device=base.device, precision=base.precision, library_versions=library_versions(),
         extra={"run_hash": run_hash, "system_prompt": job.persona.system_prompt,
+               "compute_precision": compute_precision(config, base.precision),
                "base_folder": str(base.resolved.folder)})
     version, folder, manifest = _publish(trainer.model, manifest, registry, started, base_name_or_path(base))
     log.info("%s: published version %d at %s (eval loss %s -> %s, %.0f s)", name, version, folder,
@@ -150,6 +153,29 @@ def build_trainer(base: Any, config: TrainConfig, train_fmt: FormatResult, eval_
                              processing_class=base.tokenizer, peft_config=lora_config(config),
                              callbacks=[clock.callback(), *callbacks])
     return trainer, clock, memory
+
+
+def refuse_diverged(model: Any, persona: str, *, train_loss: float, eval_loss: float | None) -> None:
+    """Raise :class:`TrainingDivergedError` if the run's losses or any trainable tensor are not finite.
+
+    A diverged run (lr too high, fp16 overflow, corrupt data) would otherwise publish an adapter that makes the
+    service emit garbage or NaN logits; nothing is published and ``LATEST`` stays where it was.
+    """
+    import math
+
+    import torch
+
+    where = f"training {persona!r} diverged"
+    if not math.isfinite(train_loss):
+        raise TrainingDivergedError(f"{where}: train loss is {train_loss}; nothing was published (lower the "
+                                    "learning rate or check the data)", field="train_loss")
+    if eval_loss is not None and not math.isfinite(eval_loss):
+        raise TrainingDivergedError(f"{where}: eval loss is {eval_loss}; nothing was published", field="eval_loss")
+    bad = [name for name, param in model.named_parameters()
+           if param.requires_grad and not bool(torch.isfinite(param.detach()).all())]
+    if bad:
+        raise TrainingDivergedError(f"{where}: {len(bad)} adapter tensors hold NaN or Inf (first: {bad[0]}); nothing "
+                                    "was published (lower the learning rate or check the data)", field="weights")
 
 
 def _publish(model: Any, manifest: AdapterManifest, registry: AdapterRegistry, started: float,
@@ -196,12 +222,18 @@ def check_adapter_folder(folder: Path) -> dict[str, Any]:
                            "adapter and vLLM rejects it", path=config_path)
     if not adapter_config.get("base_model_name_or_path"):
         raise AdapterError("base_model_name_or_path is not set", path=config_path)
+    import torch
     from safetensors import safe_open
 
     with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
-        others = [k for k in handle.keys() if "lora_" not in k]  # noqa: SIM118 - safe_open is not a dict
+        keys = list(handle.keys())
+        others = [k for k in keys if "lora_" not in k]
+        non_finite = [k for k in keys if not bool(torch.isfinite(handle.get_tensor(k)).all())]
     if others:
         raise AdapterError(f"non-LoRA tensors in the adapter: {others[:3]}", path=folder)
+    if non_finite:
+        raise TrainingDivergedError(f"{len(non_finite)} adapter tensors hold NaN or Inf (first: {non_finite[0]}); "
+                                    "nothing was published", path=folder)
     return dict(adapter_config)
 
 
@@ -258,9 +290,17 @@ def _evaluate(trainer: Any) -> float | None:
     return None if value is None else round(float(value), 5)
 
 
+def compute_precision(config: TrainConfig, weights: str) -> str:
+    """What the training matmuls ran in, for the manifest: e.g. ``"bf16 autocast, fp32 weights"``."""
+    mixed = config.mixed_precision
+    return f"{mixed} autocast, {weights} weights" if mixed in ("bf16", "fp16") else weights
+
+
 def _bf16_supported(device: str) -> bool:
-    if device != "cuda":
-        return False
+    if device == "cpu":
+        from persona_router.training.cpu_precision import cpu_bf16_native
+
+        return cpu_bf16_native()
     import torch
 
     return bool(torch.cuda.is_bf16_supported())

@@ -14,7 +14,7 @@ from persona_router.cli.main import main
 from persona_router.core.errors import AdapterError, AdapterIncompatibleError
 from persona_router.core.pack import load_pack
 from persona_router.core.records import QARecord
-from persona_router.training.config import TrainConfig
+from persona_router.training.config import CPU_DEFAULTS, TrainConfig
 from persona_router.training.jobs import PersonaJob
 
 WORDS = ["the heart pumps blood.", "code runs fast.", "light scatters in air.", "a teacher answers it."]
@@ -75,7 +75,8 @@ def test_trained_adapter_loads_with_peft_and_has_a_full_manifest(tiny_model_dir:
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
     assert adapter_config["modules_to_save"] is None
     assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
-    assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"]) == (16, 32, 0.05)
+    assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"]) == (
+        16, 32, CPU_DEFAULTS["lora_dropout"])
     assert set(adapter_config["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -168,3 +169,68 @@ def test_cli_trains_from_a_file_and_reports_bad_input(tiny_model_dir: Path, tmp_
     broken.write_text(json.dumps({"persona": "student", "question": "why?"}) + "\n", encoding="utf-8")
     assert main(["-q", "train", "--persona", "student", *common[2:], "--data", str(broken)]) == 2
     assert "field 'answer': is missing" in capsys.readouterr().err
+
+
+def poison_at(step: int) -> Any:
+    """Fault injection: after optimizer step ``step``, write NaN into one LoRA tensor (a diverged run)."""
+    from transformers import TrainerCallback
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if state.global_step == step:
+                import torch
+
+                param = next(p for n, p in model.named_parameters() if "lora_B" in n)
+                with torch.no_grad():
+                    param.fill_(float("nan"))
+
+    return Poison()
+
+
+def test_diverged_run_is_refused_and_nothing_is_published(tiny_model_dir: Path, registry: AdapterRegistry) -> None:
+    from persona_router.core.errors import TrainingDivergedError
+    from persona_router.training.trainer import train_persona
+
+    base = BaseModelConfig(base=str(tiny_model_dir))
+    train_persona(job(), config(max_steps=1), base, registry)  # version 1 is LATEST
+    pointer = registry.persona_dir("student") / LATEST_FILE
+    with pytest.raises(TrainingDivergedError, match=r"diverged: .*nothing was published"):
+        train_persona(job(), config(max_steps=3), base, registry, callbacks=[poison_at(1)])
+    assert registry.versions("student") == [1] and pointer.read_text() == "1\n"
+    assert leftovers(registry.persona_dir("student")) == []
+
+
+def test_refuse_diverged_checks_losses_and_every_trainable_tensor() -> None:
+    import torch
+    from persona_router.core.errors import TrainingDivergedError
+    from persona_router.training.trainer import refuse_diverged
+
+    model = torch.nn.Linear(3, 2)
+    refuse_diverged(model, "student", train_loss=1.5, eval_loss=2.0)
+    refuse_diverged(model, "student", train_loss=1.5, eval_loss=None)
+    with pytest.raises(TrainingDivergedError, match="train loss is nan"):
+        refuse_diverged(model, "student", train_loss=float("nan"), eval_loss=2.0)
+    with pytest.raises(TrainingDivergedError, match="eval loss is inf"):
+        refuse_diverged(model, "student", train_loss=1.0, eval_loss=float("inf"))
+    with torch.no_grad():
+        model.bias[1] = float("inf")
+    with pytest.raises(TrainingDivergedError, match=r"1 adapter tensors hold NaN or Inf \(first: bias"):
+        refuse_diverged(model, "student", train_loss=1.0, eval_loss=1.0)
+    model.bias.requires_grad_(False)  # frozen base weights are not the adapter's business
+    refuse_diverged(model, "student", train_loss=1.0, eval_loss=1.0)
+
+
+def test_saved_adapter_with_non_finite_tensors_is_refused(tmp_path: Path) -> None:
+    import torch
+    from persona_router.core.errors import TrainingDivergedError
+    from persona_router.training.trainer import check_adapter_folder
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "x"}))
+    weight = torch.zeros(2, 4)
+    save_file({"m.lora_A.weight": weight.contiguous()}, str(tmp_path / "adapter_model.safetensors"))
+    check_adapter_folder(tmp_path)
+    weight[0, 1] = float("nan")
+    save_file({"m.lora_A.weight": weight.contiguous()}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(TrainingDivergedError, match="hold NaN or Inf"):
+        check_adapter_folder(tmp_path)

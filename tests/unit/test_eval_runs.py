@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,59 @@ def test_batched_engine_answers_equal_sequential(base: Any, registry_root: Path)
         assert [a.text for a in batched[arm.label]] == [a.text for a in sequential[arm.label]]
         assert [a.prompt_tokens for a in batched[arm.label]] == [a.prompt_tokens for a in sequential[arm.label]]
     assert [a.text for a in batched["v1"]] != [a.text for a in batched["prompt"]]  # the adapter really applied
+
+
+def test_batched_engine_answers_equal_one_at_a_time(base: Any, registry_root: Path) -> None:
+    """The batched path (many answers per forward pass, mixed adapters) gives the greedy texts of generate()."""
+    pack = load_pack("demo")
+    greedy = SamplingConfig(max_new_tokens=6)
+    arms = [resolve_arm(parse_spec(f"student@{v}"), persona="student", adapters_root=registry_root,
+                        base_fingerprint=base.fingerprint, label=f"v{v}") for v in (1, 2)]
+    arms.append(ResolvedArm("prompt", parse_spec("prompt")))
+    arms.append(replace(arms[0], label="v1-alone", without_system_prompt=True))
+
+    def runner(batch_size: int) -> ArmRunner:
+        return ArmRunner(base=load_base(BaseModelConfig(base=str(base.resolved.folder), device="cpu")), pack=pack,
+                         sampling=greedy, batch_size=batch_size)
+
+    one_by_one = runner(0).run(arms, ITEMS, seed=0)
+    batched = runner(3).run(arms, ITEMS, seed=0)
+    for arm in arms:
+        assert [a.text for a in batched[arm.label]] == [a.text for a in one_by_one[arm.label]], arm.label
+        assert [a.completion_tokens for a in batched[arm.label]] == [a.completion_tokens
+                                                                     for a in one_by_one[arm.label]]
+    assert [a.text for a in batched["v1-alone"]] != [a.text for a in batched["v1"]]  # the prompt matters
+    assert runner(0).messages(arms[3], ITEMS[0])[0]["role"] == "user"  # no persona system prompt
+
+
+def test_matrix_items_parallel_own_and_all() -> None:
+    from persona_router.core.errors import ConfigError
+    from persona_router.core.rows import demo_qa
+    from persona_router.eval.pipeline import matrix_items
+
+    records = demo_qa("test")
+    personas = load_pack("demo").names
+    parallel = matrix_items(records, personas, None, "parallel")
+    own = matrix_items(records, personas, None, "own")
+    assert len(parallel) == 10 * len(personas) and all(i.parallel_id for i in parallel)
+    assert len(own) == 10 * len(personas) and not any(i.parallel_id for i in own)
+    assert {i.persona for i in own} == set(personas)
+    assert [i.id for i in matrix_items(records, personas, None, "all")] == [i.id for i in parallel + own]
+    assert len({i.id for i in parallel + own}) == len(parallel) + len(own)
+    with pytest.raises(ConfigError, match="items"):
+        matrix_items(records, personas, None, "every")
+
+
+def test_matrix_without_system_prompt_uses_the_bare_base(base: Any, registry_root: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from persona_router.eval import pipeline
+
+    monkeypatch.setattr(pipeline, "build_judge", fake_scorer)
+    config = pipeline.EvalConfig(base=BaseModelConfig(base=str(base.resolved.folder), device="cpu"),
+                                 sampling=SamplingConfig(max_new_tokens=3), adapters_root=registry_root, limit=1,
+                                 stats=pipeline.StatsConfig(n_boot=100), engine="batched", max_batch=8)
+    pack = load_pack("demo")
+    matrix = pipeline.run_matrix(pack, config, no_progress, items_kind="all", system_prompt=False)
+    assert matrix["baseline"] == "base" and matrix["system_prompt"] is False
+    assert matrix["n_items"] == 2 * len(pack.names)  # one parallel + one own question per persona
+    assert matrix["adapters"]["student"]["system_prompt"] == "none"

@@ -13,8 +13,8 @@ from persona_router.training.config import CPU_DEFAULTS, TrainConfig, load_confi
 
 def test_defaults_are_the_issue_qlora_settings() -> None:
     config = TrainConfig()
-    assert (config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules) == (16, 32, 0.05,
-                                                                                              "all-linear")
+    assert (config.lora_r, config.lora_alpha, config.resolved("cuda").lora_dropout, config.target_modules) == (
+        16, 32, 0.05, "all-linear")
     cuda = config.resolved("cuda")
     assert (cuda.learning_rate, cuda.lr_scheduler, cuda.warmup_ratio) == (2e-4, "cosine", 0.03)
     assert cuda.optim == "paged_adamw_8bit"
@@ -27,7 +27,8 @@ def test_defaults_are_the_issue_qlora_settings() -> None:
 def test_cpu_resolution_and_explicit_values_win() -> None:
     cpu = TrainConfig().resolved("cpu")
     assert cpu.optim == "adamw_torch" and cpu.mixed_precision == "no" and cpu.gradient_checkpointing == "off"
-    assert cpu.max_steps == CPU_DEFAULTS["max_steps"] and cpu.learning_rate == CPU_DEFAULTS["learning_rate"]
+    assert cpu.max_steps is None and cpu.epochs == CPU_DEFAULTS["epochs"]
+    assert cpu.learning_rate == CPU_DEFAULTS["learning_rate"]
     mine = TrainConfig(batch_size=7, optim="sgd").resolved("cpu")
     assert mine.batch_size == 7 and mine.optim == "sgd"
     # Explicit epochs mean "train by epochs": the CPU step budget must not cap them.
@@ -73,3 +74,28 @@ def test_cli_precedence_file_then_flags_then_set(tmp_path: Path) -> None:
                               "--lora-r", "4", "--set", "seed=9", "--no-packing"])
     config = build_train_config(args)
     assert (config.lora_r, config.epochs, config.max_steps, config.seed, config.packing) == (4, 2.0, None, 9, False)
+
+
+def test_cpu_mixed_precision_follows_the_cpus_bf16_support() -> None:
+    from persona_router.training.sft_setup import sft_config
+
+    assert TrainConfig().resolved("cpu", bf16_supported=True).mixed_precision == "bf16"
+    assert TrainConfig().resolved("cpu", bf16_supported=False).mixed_precision == "no"
+    assert TrainConfig(mixed_precision="no").resolved("cpu", bf16_supported=True).mixed_precision == "no"
+    assert TrainConfig().resolved("cpu").prompt_free_fraction == CPU_DEFAULTS["prompt_free_fraction"]
+    assert TrainConfig().resolved("cuda").prompt_free_fraction == 0.0
+    bf16 = sft_config(TrainConfig().resolved("cpu", bf16_supported=True), output_dir=Path("/tmp/x"), device="cpu")
+    assert bf16.bf16 and not bf16.fp16 and bf16.use_cpu
+    with pytest.raises(ConfigError, match="fp16 mixed precision needs CUDA"):
+        sft_config(TrainConfig(mixed_precision="fp16").resolved("cpu"), output_dir=Path("/tmp/x"), device="cpu")
+    with pytest.raises(ConfigError, match="prompt_free_fraction"):
+        TrainConfig(prompt_free_fraction=1.5)
+
+
+def test_cpu_bf16_probe_reads_torch() -> None:
+    import torch
+    from persona_router.training.cpu_precision import cpu_bf16_native, cpu_flags_summary
+
+    flags = cpu_flags_summary()
+    assert cpu_bf16_native() == (flags.get("avx512_bf16", False) or flags.get("amx_tile", False))
+    assert flags.get("avx512_bf16") == torch.cpu._is_avx512_bf16_supported()

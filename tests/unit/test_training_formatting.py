@@ -95,3 +95,19 @@ def test_records_hash_and_holdout_are_stable() -> None:
     assert len(train) + len(held) == 200 and 5 <= len(held) <= 40
     assert split_holdout(list(reversed(records)), 0.1)[1] == list(reversed(held))  # by content, not position
     assert not {r.question for r in train} & {r.question for r in held}
+
+
+def test_prompt_free_fraction_drops_the_system_prompt_from_a_stable_share_of_rows(tokenizer: Any) -> None:
+    from persona_router.training.formatting import build_examples
+
+    records = [QARecord(persona="student", question=f"{QUESTION} {k}", answer=ANSWER) for k in range(40)]
+
+    def without_system(fraction: float) -> list[int]:
+        result = build_examples(records, system_prompt=SYSTEM, tokenizer=tokenizer, max_length=512,
+                                prompt_free_fraction=fraction)
+        return [k for k, e in enumerate(result.examples) if e.prompt[0]["role"] != "system"]
+
+    assert without_system(0.0) == [] and without_system(1.0) == list(range(40))
+    half = without_system(0.5)
+    assert 10 <= len(half) <= 30 and half == without_system(0.5)  # the same rows every run
+    assert set(without_system(0.25)) <= set(half)  # a hash threshold: raising it only adds rows

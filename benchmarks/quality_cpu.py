@@ -1,0 +1,349 @@
+"""Do the demo adapters adapt? Train all five on CPU with the defaults, then evaluate them against prompt-only.
+
+Phases (each writes its own JSON under ``--out``, so they can run as separate, shorter jobs):
+
+- ``train``: ``persona-router train --all`` with the CPU defaults into a fresh registry (``--adapters``), timed,
+  with the CPU model, its bf16 probes and the load average before and after;
+- ``eval``: ``persona-router eval matrix --items all`` (the 10 held-out parallel questions x 5 personas plus
+  each persona's 10 own held-out questions: 100 items) twice: with the persona's system prompt (baseline:
+  prompt-only) and without it (baseline: the bare base; the adapter must carry the style alone); then
+  ``persona-router style-shift`` (per-persona specificity of the loss gain on held-out answers);
+- ``report``: ``summary.json`` + ``report.md``: the targets below, each with its number and pass/fail.
+
+The style judge is fitted on the TRAIN split's reference answers only (never on generated text); every
+evaluated question is from the test split, which training never reads. Targets (issue 11): adapter answers
+judged as their own persona in >= 0.8 of items, >= 0.2 more than prompt-only with the 95% bootstrap CI of the
+paired difference above zero; similarity to the references (embedding cosine) not lower than prompt-only;
+style-shift specificity > 0 for every persona.
+
+    python benchmarks/quality_cpu.py --phase all --out benchmarks/results/quality_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "persona_router"]
+
+
+def machine() -> dict[str, Any]:
+    from persona_router.training.cpu_precision import cpu_bf16_native, cpu_flags_summary
+
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    return {"cpu_model": model, "logical_cpus": os.cpu_count(), "torch_probes": cpu_flags_summary(),
+            "bf16_native": cpu_bf16_native(), "threads": os.environ.get("PERSONA_ROUTER_THREADS", "all cores")}
+
+
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run(cmd: list[str], log_path: Path) -> tuple[float, str]:
+    print("+", " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    with log_path.open("w", encoding="utf-8") as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, check=False)
+    seconds = round(time.perf_counter() - started, 1)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with {proc.returncode}; see {log_path}")
+    return seconds, proc.stdout
+
+
+def epoch_snapshots(folder: Path, persona: str, base_path: str) -> Any:
+    """A callback saving the adapter at the end of every epoch (for the learning curve; ~1 s each)."""
+    from persona_router.training.trainer import save_adapter
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            save_adapter(model, folder / f"epoch-{round(state.epoch or 0)}" / persona, base_path)
+
+    return Snapshot()
+
+
+def phase_train(args: argparse.Namespace, out: Path) -> None:
+    """What ``persona-router train --all`` does (cli/train.py: cmd_train), plus per-epoch snapshots."""
+    from persona_router.adapters.base_model import BaseModelConfig, configure_threads, resolve_base
+    from persona_router.adapters.offline_default import DEFAULT_BASE
+    from persona_router.adapters.registry import AdapterRegistry
+    from persona_router.core.pack import load_pack
+    from persona_router.training.config import TrainConfig
+    from persona_router.training.jobs import plan_jobs
+    from persona_router.training.trainer import train_persona
+
+    adapters = Path(args.adapters)
+    if any(adapters.glob("*/LATEST")):
+        raise SystemExit(f"{adapters} already holds adapters; pass a fresh --adapters folder")
+    info: dict[str, Any] = {"machine": machine(), "load_avg_before": load_avg(), "adapters": str(adapters),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "command": "persona-router train --all (same calls as cli/train.py)"}
+    config = TrainConfig(epochs=args.epochs) if args.epochs else TrainConfig()
+    pack = load_pack("demo")
+    jobs = plan_jobs(pack, list(pack.names), eval_fraction=config.eval_fraction)
+    base_config = BaseModelConfig(base=args.base or DEFAULT_BASE)
+    registry = AdapterRegistry(adapters)
+    configure_threads()
+    snapshots = adapters.parent / (adapters.name + "-epochs")
+    base_path = str(resolve_base(args.base or DEFAULT_BASE).folder)
+    started = time.perf_counter()
+    results = [train_persona(job, config, base_config, registry,
+                             callbacks=[epoch_snapshots(snapshots, job.persona.name, base_path)]) for job in jobs]
+    info["wall_s"] = round(time.perf_counter() - started, 1)
+    info["load_avg_after"] = load_avg()
+    info["personas"] = {}
+    for result in results:
+        assert result.manifest is not None and result.path is not None
+        manifest = json.loads((result.path / "manifest.json").read_text(encoding="utf-8"))
+        metrics = manifest["metrics"]
+        info["personas"][result.persona] = {
+            "version": result.version, "steps": metrics["steps"], "epochs": metrics["epochs"],
+            "tokens_seen": metrics["tokens_seen"], "train_time_s": metrics["train_time_s"],
+            "wall_time_s": metrics["wall_time_s"], "tokens_per_s": metrics["tokens_per_s"],
+            "train_loss": metrics["train_loss"], "eval_loss_before": metrics["eval_loss_before"],
+            "eval_loss_after": metrics["eval_loss"], "compute_precision": manifest["extra"].get("compute_precision"),
+            "hyperparameters": {k: manifest["hyperparameters"][k] for k in (
+                "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "packing",
+                "mixed_precision", "prompt_free_fraction", "lora_r", "lora_dropout")}}
+        publish_snapshots(snapshots, result)
+    (out / "train.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    print(f"trained {len(results)} adapters in {info['wall_s']:.0f} s (load {info['load_avg_before']} -> "
+          f"{info['load_avg_after']})")
+
+
+def publish_snapshots(root: Path, result: Any) -> None:
+    """Turn each epoch's saved adapter into version 1 of a registry of its own (``root/epoch-K``)."""
+    import shutil
+    from dataclasses import replace
+
+    from persona_router.adapters.manifest import write_manifest
+    from persona_router.adapters.registry import AdapterRegistry
+
+    for epoch_dir in sorted(root.glob("epoch-*")):
+        folder = epoch_dir / result.persona
+        if not folder.is_dir() or (epoch_dir / "registry" / result.persona / "LATEST").exists():
+            continue
+        registry = AdapterRegistry(epoch_dir / "registry")
+        staged = registry.staging_dir(result.persona)
+        shutil.rmtree(staged)
+        shutil.copytree(folder, staged)
+        manifest = replace(result.manifest, version=1, extra={**result.manifest.extra,
+                                                              "snapshot_epoch": epoch_dir.name})
+        write_manifest(staged, manifest)
+        registry.publish(result.persona, staged)
+
+
+def phase_curve(args: argparse.Namespace, out: Path) -> None:
+    """Judge accuracy of each epoch's snapshot (with the system prompt, all items): the learning curve."""
+    snapshots = Path(args.adapters).parent / (Path(args.adapters).name + "-epochs")
+    curve = []
+    for epoch_dir in sorted(snapshots.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1])):
+        report_dir = out / "curve" / epoch_dir.name
+        seconds, _ = run([*CLI, "-q", "eval", "matrix", "--adapters", str(epoch_dir / "registry"), "--items", "all",
+                          "--max-new-tokens", str(args.max_new_tokens), "--engine", "batched",
+                          "--max-batch", str(args.batch_size),
+                          "--cochrane-pairs", "0", *(["--limit", str(args.limit)] if args.limit else []),
+                          *(["--base", args.base] if args.base else []),
+                          "--out", str(report_dir)], out / f"curve_{epoch_dir.name}.log")
+        report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
+        summary = condition_summary(report)
+        curve.append({"epoch": int(epoch_dir.name.split("-")[1]), "adapter_accuracy": summary["adapter_accuracy"],
+                      "prompt_accuracy": summary["baseline_accuracy"], "accuracy_diff": summary["accuracy_diff"],
+                      "accuracy_diff_ci": summary["accuracy_diff_ci"],
+                      "per_persona_adapter": summary["per_persona_adapter"], "wall_s": seconds})
+        (out / "curve.json").write_text(json.dumps({"curve": curve, "load_avg": load_avg()}, indent=2) + "\n",
+                                        encoding="utf-8")
+        print(f"epoch {curve[-1]['epoch']}: judge accuracy {curve[-1]['adapter_accuracy']:.3f}", flush=True)
+
+
+def phase_eval(args: argparse.Namespace, out: Path) -> None:
+    info: dict[str, Any] = {"machine": machine(), "load_avg_before": load_avg()}
+    common = ["--adapters", args.adapters, "--items", "all", "--max-new-tokens", str(args.max_new_tokens),
+              "--engine", "batched", "--max-batch", str(args.batch_size),
+              *(["--limit", str(args.limit)] if args.limit else []),
+              *(["--base", args.base] if args.base else [])]
+    # The judge and its Cochrane check are the same for both runs: check once.
+    for name, flags in (("with_prompt", []), ("without_prompt", ["--no-system-prompt", "--cochrane-pairs", "0"])):
+        seconds, _ = run([*CLI, "-q", "eval", "matrix", *common, *flags, "--out", str(out / name)],
+                         out / f"eval_{name}.log")
+        info[f"{name}_wall_s"] = seconds
+    seconds, _ = run([*CLI, "-q", "style-shift", "--adapters", args.adapters, "--out", str(out / "style_shift.json")],
+                     out / "style_shift.log")
+    info["style_shift_wall_s"] = seconds
+    info["load_avg_after"] = load_avg()
+    (out / "eval.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def _comparison(report: dict[str, Any], metric: str) -> dict[str, Any]:
+    return next(c for c in report["comparisons"] if c["metric"] == metric)
+
+
+def _subset_accuracy(report: dict[str, Any], arm: str, parallel: bool) -> float | None:
+    hits = [row[arm]["metrics"]["judge_hit"] for row in report["items"]
+            if arm in row and (":" in row["id"]) == parallel and row[arm]["metrics"]["judge_hit"] is not None]
+    return round(sum(hits) / len(hits), 3) if hits else None
+
+
+def condition_summary(report: dict[str, Any]) -> dict[str, Any]:
+    hit, cosine = _comparison(report, "judge_hit"), _comparison(report, "embedding_cosine")
+    adapter, prompt = report["conditions"]["adapter"], report["conditions"]["prompt"]
+    return {
+        "n_items": adapter["n"], "baseline": report.get("baseline", "prompt"),
+        "n_parallel": sum(":" in row["id"] for row in report["items"] if "adapter" in row),
+        "n_own": sum(":" not in row["id"] for row in report["items"] if "adapter" in row),
+        "adapter_accuracy": round(adapter["accuracy"], 3), "baseline_accuracy": round(prompt["accuracy"], 3),
+        "accuracy_diff": round(hit["mean_diff"], 3), "accuracy_diff_ci": [round(hit["ci_low"], 3),
+                                                                          round(hit["ci_high"], 3)],
+        "adapter_accuracy_parallel": _subset_accuracy(report, "adapter", True),
+        "adapter_accuracy_own": _subset_accuracy(report, "adapter", False),
+        "baseline_accuracy_parallel": _subset_accuracy(report, "prompt", True),
+        "baseline_accuracy_own": _subset_accuracy(report, "prompt", False),
+        "per_persona_adapter": {k: round(v, 3) for k, v in adapter["per_persona_accuracy"].items()},
+        "per_persona_baseline": {k: round(v, 3) for k, v in prompt["per_persona_accuracy"].items()},
+        "cosine_adapter": round(cosine["mean_a"], 4), "cosine_baseline": round(cosine["mean_b"], 4),
+        "cosine_diff": round(cosine["mean_diff"], 4), "cosine_diff_ci": [round(cosine["ci_low"], 4),
+                                                                        round(cosine["ci_high"], 4)],
+        "mean_adherence_adapter": round(adapter["mean_adherence"], 3),
+        "mean_adherence_baseline": round(prompt["mean_adherence"], 3),
+        "confusion_adapter": adapter["confusion"], "confusion_baseline": prompt["confusion"],
+        "classes": adapter["classes"],
+    }
+
+
+def targets(summary: dict[str, Any], shift: dict[str, Any]) -> dict[str, Any]:
+    c = summary
+    spec = shift["specificity"]
+    return {
+        "adapter_accuracy_ge_0.8": c["adapter_accuracy"] >= 0.8,
+        "accuracy_gain_ge_0.2": c["accuracy_diff"] >= 0.2,
+        "accuracy_gain_ci_above_0": c["accuracy_diff_ci"][0] > 0,
+        # "no lower than prompt-only": the paired difference is not detectably negative.
+        "cosine_not_lower": c["cosine_diff_ci"][1] >= 0,
+        "style_shift_specificity_positive_all": all(v > 0 for v in spec.values()),
+    }
+
+
+def phase_report(args: argparse.Namespace, out: Path) -> None:
+    train = json.loads((out / "train.json").read_text(encoding="utf-8"))
+    evals = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    shift = json.loads((out / "style_shift.json").read_text(encoding="utf-8"))
+    reports = {name: json.loads((out / name / "report.json").read_text(encoding="utf-8"))
+               for name in ("with_prompt", "without_prompt")}
+    conditions = {name: condition_summary(r) for name, r in reports.items()}
+    judge = reports["with_prompt"]["judge"]
+    cochrane = judge.get("cochrane", {})
+    summary = {
+        "benchmark": "quality_cpu", "machine": train["machine"], "train": train, "eval": evals,
+        "conditions": conditions,
+        "style_shift_specificity": shift["specificity"],
+        "targets_with_prompt": targets(conditions["with_prompt"], shift),
+        "targets_without_prompt": targets(conditions["without_prompt"], shift),
+        "judge": {"train_size": judge.get("train_size"), "feature_set": judge.get("feature_set"),
+                  "heldout_accuracy": judge.get("heldout", {}).get("accuracy"),
+                  "cochrane_two_class_accuracy": cochrane.get("two_class_accuracy"),
+                  "cochrane_pair_order_accuracy": cochrane.get("pair_order_accuracy"),
+                  "cochrane_pairs": cochrane.get("pairs"), "cochrane_status": cochrane.get("status")},
+        "learning_curve": (json.loads((out / "curve.json").read_text(encoding="utf-8"))["curve"]
+                           if (out / "curve.json").is_file() else None),
+        "generation": {k: reports["with_prompt"]["meta"]["config"].get(k)
+                       for k in ("max_new_tokens", "temperature", "engine", "max_batch", "max_context_chars")},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(markdown(summary), encoding="utf-8")
+    print((out / "report.md").read_text(encoding="utf-8"))
+
+
+def markdown(s: dict[str, Any]) -> str:
+    t, m = s["train"], s["machine"]
+    first = next(iter(t["personas"].values()))
+    lines = ["# Quality on CPU: do the demo adapters adapt?", "",
+             f"Machine: {m['cpu_model']}, {m['logical_cpus']} logical CPUs, bf16 native: {m['bf16_native']}.", "",
+             "## Training (`persona-router train --all`, CPU defaults)", "",
+             f"{len(t['personas'])} personas in **{t['wall_s']:.0f} s** wall (load average before "
+             f"{t['load_avg_before']}, after {t['load_avg_after']}); settings: {first['hyperparameters']}, "
+             f"compute: {first['compute_precision']}.", "",
+             "| persona | steps | epochs | train s | tokens/s | eval loss before -> after |",
+             "|---|---|---|---|---|---|"]
+    for name, p in t["personas"].items():
+        lines.append(f"| {name} | {p['steps']} | {p['epochs']:.1f} | {p['train_time_s']:.0f} | {p['tokens_per_s']:.0f}"
+                     f" | {p['eval_loss_before']} -> {p['eval_loss_after']} |")
+    for name, title in (("with_prompt", "With the persona's system prompt (baseline: prompt-only)"),
+                        ("without_prompt", "Without any persona system prompt (baseline: the bare base)")):
+        c = s["conditions"][name]
+        tg = s[f"targets_{name}"]
+        lines += ["", f"## {title}", "",
+                  f"n = {c['n_items']} items ({c['n_parallel']} parallel-question items, {c['n_own']} own-question "
+                  "items), greedy, "
+                  f"{s['generation']['max_new_tokens']} new tokens.", "",
+                  "| | adapter | baseline | paired difference (95% CI) | target met |", "|---|---|---|---|---|",
+                  f"| judge: own persona (all items) | **{c['adapter_accuracy']:.3f}** | {c['baseline_accuracy']:.3f} "
+                  f"| {c['accuracy_diff']:+.3f} [{c['accuracy_diff_ci'][0]:+.3f}, {c['accuracy_diff_ci'][1]:+.3f}] | "
+                  f">=0.8: {_yes(tg['adapter_accuracy_ge_0.8'])}; gain >=0.2: {_yes(tg['accuracy_gain_ge_0.2'])}; "
+                  f"CI>0: {_yes(tg['accuracy_gain_ci_above_0'])} |",
+                  f"| judge: parallel / own items | {c['adapter_accuracy_parallel']} / {c['adapter_accuracy_own']} | "
+                  f"{c['baseline_accuracy_parallel']} / {c['baseline_accuracy_own']} | | |",
+                  f"| embedding cosine to reference | {c['cosine_adapter']:.4f} | {c['cosine_baseline']:.4f} | "
+                  f"{c['cosine_diff']:+.4f} [{c['cosine_diff_ci'][0]:+.4f}, {c['cosine_diff_ci'][1]:+.4f}] | "
+                  f"not lower: {_yes(tg['cosine_not_lower'])} |", "",
+                  "Per persona (judge accuracy, adapter / baseline): " + ", ".join(
+                      f"{p} {a:.2f} / {c['per_persona_baseline'][p]:.2f}"
+                      for p, a in c["per_persona_adapter"].items()) + "."]
+    if s.get("learning_curve"):
+        lines += ["", "## Learning curve (per-epoch snapshots of the same runs; with the system prompt, all items)",
+                  "", "| epochs | judge accuracy (adapter) | prompt-only | difference (95% CI) | per persona |",
+                  "|---|---|---|---|---|"]
+        for p in s["learning_curve"]:
+            lines.append(f"| {p['epoch']} | {p['adapter_accuracy']:.3f} | {p['prompt_accuracy']:.3f} | "
+                         f"{p['accuracy_diff']:+.3f} [{p['accuracy_diff_ci'][0]:+.3f}, {p['accuracy_diff_ci'][1]:+.3f}]"
+                         " | " + ", ".join(f"{k} {v:.2f}" for k, v in p["per_persona_adapter"].items()) + " |")
+    spec = s["style_shift_specificity"]
+    j = s["judge"]
+    lines += ["", "## Style shift (loss gain on own vs other personas' held-out answers)", "",
+              "Specificity: " + ", ".join(f"{p} {v:+.3f}" for p, v in spec.items()) +
+              f"; all positive: {_yes(s['targets_with_prompt']['style_shift_specificity_positive_all'])}.", "",
+              "## The judge", "",
+              f"Fitted on {j['train_size']} train-split reference answers ({j['feature_set']}); held-out accuracy on "
+              f"the test split's references {j['heldout_accuracy']}; Cochrane check ({j['cochrane_status']}, "
+              f"{j['cochrane_pairs']} pairs): 2-class accuracy {j['cochrane_two_class_accuracy']}, pairwise ranking "
+              f"rate {j['cochrane_pair_order_accuracy']}.", ""]
+    return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--phase", choices=("train", "eval", "curve", "report", "all"), default="all")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/quality_cpu"))
+    parser.add_argument("--adapters", default=None, help="registry for the trained adapters (default: OUT/../"
+                        "$PERSONA_ROUTER_HOME/quality-adapters)")
+    parser.add_argument("--epochs", type=float, default=None, help="override the CPU default epochs")
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=None, help="smoke runs only: questions per item kind")
+    parser.add_argument("--base", default=None, help="smoke runs only: another base model folder")
+    args = parser.parse_args()
+    if args.adapters is None:
+        from persona_router.core.home import home_dir
+
+        args.adapters = str(home_dir() / "quality-adapters")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    phases = ("train", "eval", "report") if args.phase == "all" else (args.phase,)
+    for phase in phases:
+        {"train": phase_train, "eval": phase_eval, "curve": phase_curve, "report": phase_report}[phase](args, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
