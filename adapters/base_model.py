@@ -27,6 +27,7 @@ Device = Literal["auto", "cpu", "cuda"]
 QUANTIZATIONS: tuple[str, ...] = ("auto", "nf4", "bf16", "fp16", "fp32")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CUDA_INDEX = re.compile(r"^cuda:\d+$")  # one GPU of several (serve --devices)
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,8 @@ class BaseModelConfig:
     def __post_init__(self) -> None:
         if not self.base or not self.base.strip():
             raise ConfigError("must name a model", field="base")
-        if self.device not in DEVICES:
-            raise ConfigError(f"{self.device!r} is not one of {choices(DEVICES)}", field="device")
+        if self.device not in DEVICES and not _CUDA_INDEX.match(self.device):
+            raise ConfigError(f"{self.device!r} is not one of {choices(DEVICES)} or cuda:N", field="device")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"{self.quantization!r} is not one of {choices(QUANTIZATIONS)}", field="quantization")
 
@@ -117,8 +118,10 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 def pick_device(device: str) -> str:
     if device != "auto":
-        if device == "cuda" and not _cuda_available():
+        if device.startswith("cuda") and not _cuda_available():
             raise ConfigError("CUDA was requested but torch sees no GPU", field="device")
+        if _CUDA_INDEX.match(device) and int(device.split(":")[1]) >= _cuda_count():
+            raise ConfigError(f"{device} does not exist: torch sees {_cuda_count()} GPU(s)", field="device")
         return device
     return "cuda" if _cuda_available() else "cpu"
 
@@ -126,7 +129,7 @@ def pick_device(device: str) -> str:
 def pick_precision(quantization: str, device: str) -> str:
     if quantization != "auto":
         return quantization
-    return "nf4" if device == "cuda" else "fp32"
+    return "nf4" if device.startswith("cuda") else "fp32"
 
 
 def load_base(config: BaseModelConfig, *, for_training: bool = False) -> LoadedBase:
@@ -140,9 +143,9 @@ def load_base(config: BaseModelConfig, *, for_training: bool = False) -> LoadedB
     kwargs: dict[str, Any] = {}
     if precision == "nf4":
         kwargs["quantization_config"] = nf4_config(double_quant=config.double_quant)
-        kwargs["dtype"] = torch.bfloat16 if device == "cuda" else torch.float32
-        if device == "cuda":
-            kwargs["device_map"] = {"": 0}
+        kwargs["dtype"] = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if device.startswith("cuda"):
+            kwargs["device_map"] = {"": int(device.split(":")[1]) if ":" in device else 0}
     else:
         kwargs["dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     if device == "cpu" and config.quantization == "auto":
@@ -210,6 +213,25 @@ def _cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+def expand_devices(spec: str) -> tuple[str, ...]:
+    """``--devices``: a comma-separated list (``cuda:0,cuda:1``, ``cpu,cpu``) or ``all`` (every visible GPU)."""
+    if spec.strip() == "all":
+        count = _cuda_count() if _cuda_available() else 0
+        if count == 0:
+            raise ConfigError("'all' needs CUDA GPUs; torch sees none", field="devices")
+        return tuple(f"cuda:{i}" for i in range(count))
+    devices = tuple(d.strip() for d in spec.split(",") if d.strip())
+    if not devices:
+        raise ConfigError("name at least one device", field="devices")
+    return devices
 
 
 def configure_threads(default: int | None = None) -> int:

@@ -43,6 +43,9 @@ def register(subparsers: Any) -> None:
                        "(default: %(default)s)")
     serve.add_argument("--upstream-replicas", type=int, default=1, metavar="N",
                        help="upstreams each adapter is loaded on ahead of use (default: %(default)s)")
+    serve.add_argument("--devices", default=None, metavar="LIST",
+                       help="one in-process engine per device in one pool, requests placed by adapter affinity: "
+                       "cuda:0,cuda:1,... or 'all' (every visible GPU); --max-batch applies per device")
     serve.add_argument("--upstream-wait", type=float, default=300.0, metavar="S",
                        help="seconds to wait at start for a healthy upstream before reporting not ready "
                        "(default: %(default)s)")
@@ -89,6 +92,10 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     }
     if args.adapters is not None:
         overrides["adapters_dir"] = args.adapters
+    if args.devices:
+        from persona_router.adapters.base_model import expand_devices
+
+        overrides["devices"] = expand_devices(args.devices)
     if args.ab is not None:
         overrides["ab_splits"] = load_ab_splits(args.ab)
     return ServiceSettings.from_env(**overrides)

@@ -49,13 +49,17 @@ def load_service(settings: ServiceSettings) -> ServiceState:
     catalog = builder.build()
     pack, router_info = catalog.pack, catalog.router_info
     base_config = BaseModelConfig(base=settings.base, device=settings.device, quantization=settings.quantization)
+    metrics = ServiceMetrics()
     if settings.engine == "vllm":
         base = load_base_meta(base_config)  # the upstreams hold the weights; we need the tokenizer and configs
+        engine, kind, max_len = _build_engine(settings, base)
+    elif settings.devices:
+        configure_threads()
+        engine, kind, max_len, base = _build_device_pool(settings, base_config)
     else:
         configure_threads()
         base = load_base(base_config)
-    metrics = ServiceMetrics()
-    engine, kind, max_len = _build_engine(settings, base)
+        engine, kind, max_len = _build_engine(settings, base)
     residency = AdapterResidency(
         engine, AdapterRegistry(settings.adapters_dir), base_fingerprint=base.fingerprint, personas=pack.names,
         max_resident=settings.max_resident_adapters,
@@ -114,6 +118,33 @@ def _build_engine(settings: ServiceSettings, base: Any) -> tuple[Any, str, int |
 
     config_ref = ReferenceEngineConfig(max_queue=settings.max_queue, max_batch=settings.max_batch)
     return ReferenceEngine(base, config_ref), "reference", None
+
+
+def _build_device_pool(settings: ServiceSettings, base_config: Any) -> tuple[Any, str, int | None, Any]:
+    """``--devices``: the base loaded on every device, one engine each, pooled with adapter affinity."""
+    from dataclasses import replace
+
+    from persona_router.adapters.base_model import load_base
+    from persona_router.adapters.engine_member import EngineMember
+    from persona_router.adapters.upstream_member import PoolConfig
+    from persona_router.adapters.upstream_pool import UpstreamPool
+
+    members, kinds, limits, bases = [], set(), [], []
+    for index, device in enumerate(settings.devices):
+        base = load_base(replace(base_config, device=device))
+        engine, kind, max_len = _build_engine(settings, base)
+        name = device if settings.devices.count(device) == 1 else f"{device}#{index}"
+        members.append(EngineMember(name, engine))
+        kinds.add(kind)
+        limits.append(max_len)
+        bases.append(base)
+    if len({b.fingerprint for b in bases}) != 1:
+        raise PersonaRouterError("the base differs between devices")
+    config = PoolConfig(max_in_flight=settings.max_batch, replicas=settings.upstream_replicas,
+                        max_queue=settings.max_queue)
+    known = [n for n in limits if n]
+    kind = f"{'+'.join(sorted(kinds))} x{len(members)}"
+    return UpstreamPool(members, config), kind, min(known) if known else None, bases[0]
 
 
 def _register_gauges(state: ServiceState) -> None:

@@ -17,6 +17,7 @@ from persona_router.service.ab_split import SplitConfig
 ADMIN_TOKEN_ENV = "PERSONA_ROUTER_ADMIN_TOKEN"
 ENGINES: tuple[str, ...] = ("auto", "reference", "fast", "vllm")
 ROUTER_MODES: tuple[str, ...] = ("fitted", "fallback")
+_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 _HOST = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
 
 
@@ -28,6 +29,8 @@ class ServiceSettings:
     ``fast`` (``adapters/engine``: continuous batching), ``auto`` (fast when importable) or ``vllm``: a pool
     of vLLM servers at ``upstreams`` (``adapters/upstream_pool.py``), each taking ``upstream_max_in_flight``
     requests before the next spills over, each adapter loaded eagerly on ``upstream_replicas`` of them.
+    ``devices``: one in-process engine per device (``cuda:0``, ``cuda:1``, ...) in the same pool, placed by the
+    same rule (``max_batch`` requests per device before spill-over); ``device`` is then unused.
     ``router``: ``fitted`` loads (or fits once) the pack's embedding router; ``fallback`` skips the
     embedder and sends every request without a persona to the pack's fallback persona, saying so.
     ``watch_interval_s``: how often the adapters folder is checked for new versions (0 turns it off).
@@ -64,6 +67,7 @@ class ServiceSettings:
     upstream_wait_s: float = 300.0
     allowed_hosts: tuple[str, ...] = ()
     allow_open_admin: bool = False
+    devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.host or not _HOST.match(self.host):
@@ -111,6 +115,11 @@ class ServiceSettings:
         _at_least(self.upstream_replicas, 1, "upstream_replicas")
         if not 0 <= self.upstream_wait_s <= 3600:
             raise ConfigError(f"{self.upstream_wait_s} must be between 0 and 3600 s", field="upstream_wait_s")
+        if self.devices and self.engine == "vllm":
+            raise ConfigError("--devices builds in-process engines; it does not go with --engine vllm", field="devices")
+        for device in self.devices:
+            if not _DEVICE.match(device):
+                raise ConfigError(f"{device!r} is not cpu, cuda or cuda:N", field="devices")
         personas = [split.persona for split in self.ab_splits]
         if len(personas) != len(set(personas)):
             raise ConfigError("at most one A/B split per persona", field="ab_splits")

@@ -1,0 +1,76 @@
+"""An in-process engine on one device as a member of an upstream pool (``adapters/upstream_pool.py``).
+
+``serve --devices cuda:0,cuda:1`` builds one engine per device and pools them, so requests are placed by the
+same adapter-affinity rule as vLLM upstreams. The health probe is a real one: a one-token generation on the
+bare base through the engine's own queue; a device whose engine cannot produce it within ``probe_timeout_s``
+(its worker died, every step fails) is unhealthy and the pool takes it out of rotation, sending its requests
+to the other devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from pathlib import Path
+
+from persona_router.adapters.engine_api import Engine, EngineStats, GenerationHandle, GenerationRequest
+from persona_router.adapters.generation import SamplingConfig
+from persona_router.core.errors import PersonaRouterError, QueueFullError
+
+log = logging.getLogger(__name__)
+
+_PROBE_IDS = itertools.count()
+
+
+class EngineMember:
+    """A ``PoolMember`` over an ``Engine`` (``name`` is the device, e.g. ``cuda:1``)."""
+
+    def __init__(self, name: str, engine: Engine, *, probe_prompt: tuple[int, ...] = (0, 1, 2, 3),
+                 probe_timeout_s: float = 60.0) -> None:
+        self.name = name
+        self.engine = engine
+        self.probe_prompt = probe_prompt
+        self.probe_timeout_s = probe_timeout_s
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine.start(loop)
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        return self.engine.submit(request)
+
+    def add_adapter(self, name: str, folder: Path) -> None:
+        self.engine.add_adapter(name, folder)
+
+    def remove_adapter(self, name: str) -> None:
+        self.engine.remove_adapter(name)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    async def probe(self) -> list[str] | None:
+        """One greedy token on the bare base; the engine's adapters when it came back, else None."""
+        request = GenerationRequest(request_id=f"probe-{self.name}-{next(_PROBE_IDS)}", prompt_ids=self.probe_prompt,
+                                    adapter=None, sampling=SamplingConfig(max_new_tokens=1))
+        try:
+            handle = self.engine.submit(request)
+        except QueueFullError:  # busy, not broken
+            return self.engine.adapter_names()
+        except PersonaRouterError as exc:
+            log.warning("engine %s refused its probe: %s", self.name, exc)
+            return None
+        try:
+            async with asyncio.timeout(self.probe_timeout_s):
+                async for event in handle:
+                    if event.finish_reason is not None:
+                        if event.finish_reason in ("stop", "length"):
+                            return self.engine.adapter_names()
+                        log.warning("engine %s failed its probe: %s", self.name, event.error or event.finish_reason)
+                        return None
+        except TimeoutError:
+            handle.cancel()
+            log.warning("engine %s did not answer its probe within %.0f s", self.name, self.probe_timeout_s)
+        return None
