@@ -64,11 +64,11 @@ def test_each_adapter_lives_on_its_home_device_and_answers_match_peft(
         for adapter in engine_adapters:
             assert [n for n, e in engines.items() if adapter in e.adapter_names()] == [home(adapter)]
         for adapter in [*engine_adapters, None]:
-            before = {n: e.stats().generated_tokens for n, e in engines.items()}
+            before = {m["name"]: m["requests"] for m in pool.describe()}
             events = await collect(pool.submit(request(f"p-{adapter}", prompt, adapter)))
             assert generated(events) == peft_reference.tokens(adapter, prompt)
             if adapter is not None:  # it ran on its home device
-                grew = [n for n, e in engines.items() if e.stats().generated_tokens > before[n]]
+                grew = [m["name"] for m in pool.describe() if m["requests"] > before[m["name"]]]
                 assert grew == [home(adapter)]
         loads = {m["name"]: m["adapter_loads"] for m in pool.describe()}
         assert sum(loads.values()) == len(engine_adapters)  # one load per adapter, on its home only
