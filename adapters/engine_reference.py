@@ -28,6 +28,7 @@ from typing import Any
 from persona_router.adapters.base_model import LoadedBase
 from persona_router.adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
 from persona_router.adapters.generation import eos_token_ids
+from persona_router.adapters.peft_folder import check_adapter_folder
 from persona_router.adapters.stop_strings import StopStrings
 from persona_router.core.errors import AdapterError, ConfigError, QueueFullError
 
@@ -192,8 +193,7 @@ class ReferenceEngine:
     def add_adapter(self, name: str, folder: Path) -> None:
         """Load a PEFT folder under ``name``; the model lock keeps it out of any running batch."""
         folder = Path(folder)
-        if not (folder / "adapter_config.json").is_file():
-            raise AdapterError("not a PEFT adapter folder (adapter_config.json is missing)", path=folder)
+        check_adapter_folder(folder)
         with self._model_lock:
             if name in self._adapters:
                 self._model.delete_adapter(name)

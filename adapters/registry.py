@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from persona_router.adapters.manifest import MANIFEST_FILE, AdapterManifest, read_manifest_file, write_manifest
+from persona_router.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE
 from persona_router.core.atomic import TMP_PREFIX, atomic_write_text, remove_stale_temps
 from persona_router.core.errors import AdapterError, AdapterIncompatibleError, ConfigError
 from persona_router.core.home import home_dir
@@ -49,7 +50,7 @@ ADAPTERS_ENV = "PERSONA_ROUTER_ADAPTERS"
 LATEST_FILE = "LATEST"
 DISABLED_FILE = "DISABLED.json"
 LATEST = "latest"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST_FILE)
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE)  # a complete version; contents: peft_folder
 _VERSION_DIR = re.compile(r"^[1-9][0-9]*$")
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_router.adapters.engine_api import Engine
+from persona_router.adapters.peft_folder import check_adapter_folder
 from persona_router.adapters.registry import LATEST_FILE, AdapterRegistry
 from persona_router.core.errors import (
     AdapterError,
@@ -181,23 +181,7 @@ class AdapterResidency:
     def _validate(self, persona: str, version: int) -> None:
         """Manifest, base fingerprint, config and weights header: cheap checks before the engine loads."""
         self.registry.verify_compatible(persona, version, self.base_fingerprint)
-        folder = self.registry.path(persona, version)
-        try:
-            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise AdapterError(f"unreadable adapter_config.json ({exc})", path=folder) from exc
-        if not isinstance(config, dict) or "r" not in config:
-            raise AdapterError("adapter_config.json is not a LoRA config (no 'r')", path=folder)
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
-                if not list(handle.keys()):
-                    raise AdapterError("adapter_model.safetensors holds no tensors", path=folder)
-        except AdapterError:
-            raise
-        except Exception as exc:  # safetensors raises its own error type for a corrupt header
-            raise AdapterError(f"corrupt adapter_model.safetensors ({exc})", path=folder) from exc
+        check_adapter_folder(self.registry.path(persona, version))
 
     def _engine_add(self, name: str, folder: Path) -> None:
         try:

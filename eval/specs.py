@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona_router.core.errors import ConfigError
+from persona_router.adapters.peft_folder import check_adapter_folder
+from persona_router.core.errors import AdapterError, ConfigError
 from persona_router.core.names import PERSONA_NAME
 
 BASELINES = ("base", "prompt")
@@ -85,7 +86,8 @@ def _path_spec(raw: str, *, field: str) -> ArmSpec:
     path = Path(raw).expanduser()
     if not path.is_dir():
         raise ConfigError(f"{raw!r}: no such adapter folder; valid forms: {VALID_FORMS}", field=field)
-    if not (path / "adapter_config.json").is_file():
-        raise ConfigError(f"{raw!r}: not a PEFT adapter folder (adapter_config.json is missing); "
-                          f"valid forms: {VALID_FORMS}", field=field)
+    try:
+        check_adapter_folder(path)
+    except AdapterError as exc:
+        raise ConfigError(f"{raw!r}: {exc}; valid forms: {VALID_FORMS}", field=field) from exc
     return ArmSpec(raw=raw, kind="adapter", path=path.resolve())

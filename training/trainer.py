@@ -33,6 +33,7 @@ from persona_router.adapters.manifest import (
     read_manifest_file,
     write_manifest,
 )
+from persona_router.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE, check_adapter_folder
 from persona_router.adapters.registry import AdapterRegistry
 from persona_router.core.errors import AdapterError, DataError, PersonaRouterError, TrainingDivergedError
 from persona_router.training.config import TrainConfig
@@ -207,34 +208,24 @@ def save_adapter(model: Any, folder: Path, base_path: str) -> None:
         peft_config.target_modules = sorted({name.split(".")[-1] for name in peft_config.target_modules})
     model.save_pretrained(str(folder), safe_serialization=True)
     (folder / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card
-    check_adapter_folder(folder)
+    check_trained_adapter(folder)
 
 
-def check_adapter_folder(folder: Path) -> dict[str, Any]:
-    """Validate a saved adapter: config present, no ``modules_to_save``, base named, only LoRA tensors."""
-    config_path = folder / "adapter_config.json"
-    try:
-        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"unreadable adapter_config.json ({exc})", path=folder) from exc
-    if adapter_config.get("modules_to_save"):
-        raise AdapterError(f"modules_to_save={adapter_config['modules_to_save']} would copy whole layers into the "
-                           "adapter and vLLM rejects it", path=config_path)
-    if not adapter_config.get("base_model_name_or_path"):
-        raise AdapterError("base_model_name_or_path is not set", path=config_path)
+def check_trained_adapter(folder: Path) -> dict[str, Any]:
+    """The shared folder check (``adapters/peft_folder.py``) plus what a training run promises on top: the base
+    is named (vLLM and ``PeftModel.from_pretrained`` read it) and every tensor is finite (a diverged run)."""
+    config = check_adapter_folder(folder)
+    if not config.get("base_model_name_or_path"):
+        raise AdapterError("base_model_name_or_path is not set", path=folder / CONFIG_FILE)
     import torch
     from safetensors import safe_open
 
-    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
-        keys = list(handle.keys())
-        others = [k for k in keys if "lora_" not in k]
-        non_finite = [k for k in keys if not bool(torch.isfinite(handle.get_tensor(k)).all())]
-    if others:
-        raise AdapterError(f"non-LoRA tensors in the adapter: {others[:3]}", path=folder)
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
+        non_finite = [k for k in handle.keys() if not bool(torch.isfinite(handle.get_tensor(k)).all())]  # noqa: SIM118
     if non_finite:
         raise TrainingDivergedError(f"{len(non_finite)} adapter tensors hold NaN or Inf (first: {non_finite[0]}); "
                                     "nothing was published", path=folder)
-    return dict(adapter_config)
+    return config
 
 
 def base_name_or_path(base: Any) -> str:

@@ -8,17 +8,15 @@ is either applied exactly or not at all.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persona_router.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
 from persona_router.core.errors import AdapterError
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
 # Fields whose presence (truthy) means a LoRA variant the engine does not implement.
 _UNSUPPORTED_TRUTHY = (
@@ -50,16 +48,9 @@ class GroupShape:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterError(f"not a PEFT adapter folder: {CONFIG_FILE} is missing", path=folder)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"unreadable adapter config ({exc})", path=path) from exc
-    if not isinstance(config, dict):
-        raise AdapterError("the adapter config is not a JSON object", path=path)
-    return config
+    """The folder's adapter config, read by the one shared reader (``adapters/peft_folder.py``); the checks
+    below are what this engine can apply, on top of that folder check."""
+    return read_adapter_config(folder)
 
 
 def lora_scaling(config: dict[str, Any], path: Path) -> tuple[int, float]:

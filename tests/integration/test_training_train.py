@@ -223,14 +223,14 @@ def test_refuse_diverged_checks_losses_and_every_trainable_tensor() -> None:
 def test_saved_adapter_with_non_finite_tensors_is_refused(tmp_path: Path) -> None:
     import torch
     from persona_router.core.errors import TrainingDivergedError
-    from persona_router.training.trainer import check_adapter_folder
+    from persona_router.training.trainer import check_trained_adapter
     from safetensors.torch import save_file
 
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "x"}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "x", "r": 2}))
     weight = torch.zeros(2, 4)
     save_file({"m.lora_A.weight": weight.contiguous()}, str(tmp_path / "adapter_model.safetensors"))
-    check_adapter_folder(tmp_path)
+    check_trained_adapter(tmp_path)
     weight[0, 1] = float("nan")
     save_file({"m.lora_A.weight": weight.contiguous()}, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(TrainingDivergedError, match="hold NaN or Inf"):
-        check_adapter_folder(tmp_path)
+        check_trained_adapter(tmp_path)

@@ -8,6 +8,8 @@ import pytest
 from persona_router.core.errors import ConfigError
 from persona_router.eval.specs import parse_spec
 
+from tests.support.adapter_files import write_adapter_folder
+
 
 def test_valid_forms(tmp_path: Path) -> None:
     assert parse_spec("base").kind == "base"
@@ -15,9 +17,7 @@ def test_valid_forms(tmp_path: Path) -> None:
     spec = parse_spec("clinician@3")
     assert (spec.kind, spec.persona, spec.version, spec.label) == ("adapter", "clinician", "3", "clinician@3")
     assert parse_spec(" general-reader@latest ").version == "latest"
-    folder = tmp_path / "clinician" / "3"
-    folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text("{}")
+    folder = write_adapter_folder(tmp_path / "clinician" / "3")
     spec = parse_spec(str(folder))
     assert spec.kind == "adapter" and spec.path == folder.resolve() and spec.persona is None
 

@@ -48,7 +48,7 @@ def publish(registry: AdapterRegistry, persona: str, *, fingerprint: str = BASE,
     if corrupt:
         (staged / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     else:
-        save_file({"w": np.zeros((2, 2), dtype=np.float32)}, str(staged / "adapter_model.safetensors"))
+        save_file({"x.lora_A.weight": np.zeros((2, 2), dtype=np.float32)}, str(staged / "adapter_model.safetensors"))
     write_manifest(staged, AdapterManifest(
         persona=persona, version=1, base_model="test", base_fingerprint=fingerprint,
         dataset=DatasetInfo(source="t", sha256="0", rows_train=1, rows_eval=1, eval_source="t"),
