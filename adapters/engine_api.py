@@ -1,8 +1,14 @@
-"""The contract between the HTTP service and the generation engine.
+"""The contract between the HTTP service and a generation engine.
 
 The service builds a ``GenerationRequest`` per HTTP request and submits it; the engine batches requests of
 different adapters into shared forward passes and streams ``TokenEvent``s back. Adapters are registered
-under opaque names (the service uses ``"<persona>@<version>"``); ``adapter=None`` means the bare base.
+under opaque names (the service registers ``str(AdapterKey)``, i.e. ``"<persona>@<version>"``);
+``adapter=None`` means the bare base.
+
+In this project "engine" means one thing: an object implementing ``Engine`` below. There are two:
+the batched engine (``adapters/engine/``, ``BatchedEngine``, chosen by ``--engine fast``) and the reference
+engine (``adapters/engine_reference.py``, ``--engine reference``); the service's ``engine_kind`` and
+``/ready``'s ``engine`` say which one runs.
 """
 
 from __future__ import annotations

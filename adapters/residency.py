@@ -9,9 +9,9 @@ The registry (``adapters/registry.py``) says what exists on disk; this module de
   adapter that is not live (live versions are pinned); only a request that needs a non-resident version
   may evict an idle live one, which reloads on its next use. A reload never evicts live versions. When
   every slot is serving a request the load fails with ``QueueFullError`` (429: retry shortly).
-- Each version is registered in the engine under its own name, ``persona@version``. A new version is
-  loaded beside the old one and only then becomes live, and an adapter that requests are using is removed
-  only after the last of them finishes: a hot swap never drops a request in flight.
+- Each version is registered in the engine under its own name, ``str(AdapterKey)`` (``persona@version``).
+  A new version is loaded beside the old one and only then becomes live, and an adapter that requests are
+  using is removed only after the last of them finishes: a hot swap never drops a request in flight.
 - A refused version is remembered with the stamp of its files so a periodic reload does not retry it
   until its files change; the other adapters keep serving. So is a version the engine's watchdog
   quarantined (it produced non-finite values): the persona falls back to its next usable version.
@@ -45,6 +45,7 @@ from persona_router.core.errors import (
     UnknownPersonaError,
     public_message,
 )
+from persona_router.core.names import AdapterKey
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ Stamp = tuple[tuple[str, int, int], ...]
 
 
 def engine_name(persona: str, version: int) -> str:
-    return f"{persona}@{version}"
+    """The name a version is registered under in the engine: ``str(AdapterKey)``, ``persona@version``."""
+    return str(AdapterKey(persona, version))
 
 
 class AdapterNotFoundError(AdapterError):
@@ -66,7 +68,11 @@ class Lease:
 
     persona: str
     version: int
-    name: str
+    name: str  # the engine's name for it, ``str(self.key)``
+
+    @property
+    def key(self) -> AdapterKey:
+        return AdapterKey(self.persona, self.version)
 
 
 @dataclass(frozen=True)
@@ -417,8 +423,9 @@ class AdapterResidency:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def resident(self) -> list[str]:
-        return list(self._resident)
+    def resident(self) -> list[AdapterKey]:
+        """The resident adapters, least recently used first (read from the record, never by splitting names)."""
+        return [AdapterKey(persona, version) for persona, version in self._resident.values()]
 
     def describe_persona(self, persona: str) -> dict[str, Any]:
         live = self.live(persona)
@@ -449,7 +456,7 @@ class AdapterResidency:
     def report(self) -> dict[str, Any]:
         return {
             "live": {p: self.live(p) for p in self.personas},
-            "resident": self.resident(),
+            "resident": [str(key) for key in self.resident()],
             "refused": [{"persona": p, "version": v, "error": r.error, "kind": r.kind}
                         for (p, v), r in sorted(self._refused.items())],
             "disabled": [{"persona": p, "version": v} for p, v in sorted(self._disabled)],

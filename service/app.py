@@ -155,8 +155,8 @@ def _register_gauges(state: ServiceState) -> None:
                       lambda: [({}, float(state.answerer.in_flight))])
     metrics.add_gauge("persona_router_resident_adapters", "Adapters resident in the engine.",
                       ("persona", "adapter_version"),
-                      lambda: [({"persona": n.split("@")[0], "adapter_version": n.split("@")[1]}, 1.0)
-                               for n in state.residency.resident()])
+                      lambda: [({"persona": key.persona, "adapter_version": str(key.version)}, 1.0)
+                               for key in state.residency.resident()])
     metrics.add_gauge("persona_router_live_adapter_version", "The adapter version serving each persona "
                       "(0: prompt-only).", ("persona",),
                       lambda: [({"persona": p}, float(state.residency.live(p) or 0)) for p in state.pack.names])

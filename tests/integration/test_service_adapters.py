@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from persona_router.core.names import AdapterKey
 from persona_router.service.settings import ServiceSettings
 
 from tests.integration.service_support import (
@@ -178,11 +179,11 @@ def test_residency_bound_evicts_least_recently_used(tiny_model_dir: Path,
         assert len(residency.resident()) == 2  # a reload never evicts live versions to load more
         expected = {p: answer(client, QUESTION, persona=p, max_new_tokens=8)["answer"]
                     for p in ("student", "clinician", "educator")}
-        assert len(residency.resident()) == 2 and residency.resident()[-1] == "educator@1"
+        assert len(residency.resident()) == 2 and residency.resident()[-1] == AdapterKey("educator", 1)
         admin(client, "POST", "/adapters/student/1").raise_for_status()  # an old version: not live
-        assert "student@1" in residency.resident()
+        assert AdapterKey("student", 1) in residency.resident()
         assert answer(client, QUESTION, persona="clinician", max_new_tokens=8)["answer"] == expected["clinician"]
-        assert "student@1" not in residency.resident()  # the non-live version goes first
+        assert AdapterKey("student", 1) not in residency.resident()  # the non-live version goes first
         for persona in ("educator", "student", "clinician", "educator"):
             assert answer(client, QUESTION, persona=persona, max_new_tokens=8)["answer"] == expected[persona]
             assert len(residency.resident()) <= 2
