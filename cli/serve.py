@@ -109,6 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     pack = load_pack(settings.pack)  # fail with a clean message before uvicorn starts
+    for split in settings.ab_splits:
+        pack.get(split.persona)  # an A/B split of a persona the pack does not define: UnknownPersonaError
     resolve_base(settings.base)
     if settings.engine == "vllm":
         log.info("generation goes to %d vLLM upstream(s): %s; they must serve the same base (%s)",

@@ -16,6 +16,7 @@ class PersonaRouterError(Exception):
     """Base class: a message a user can act on, optionally naming the file and field at fault."""
 
     def __init__(self, message: str, *, path: str | Path | None = None, field: str | None = None) -> None:
+        self.message = message  # without the path and field prefix
         self.path = str(path) if path is not None else None
         self.field = field
         self.detail = message  # without the location prefix

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from persona_router.core.errors import ConfigError
+from persona_router.core.names import check_persona_name
 
 CONTROL, CANDIDATE = "control", "candidate"
+LATEST = "latest"
 _SALT = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_VERSION = re.compile(r"^[1-9][0-9]*$")
 
 
 @dataclass(frozen=True)
@@ -26,16 +29,18 @@ class SplitConfig:
     """One persona's experiment: ``share`` of users go to ``candidate``, the rest stay on ``control``."""
 
     persona: str
-    control: str  # adapter version, e.g. "3", or "latest"
+    control: str  # a published adapter version, e.g. "3", or "latest"
     candidate: str
     share: float
     salt: str = "exp-1"
 
     def __post_init__(self) -> None:
-        if not self.persona:
-            raise ConfigError("must name a persona", field="persona")
-        if not self.control or not self.candidate:
-            raise ConfigError("control and candidate must name adapter versions", field="control/candidate")
+        check_persona_name(self.persona)
+        for name in (CONTROL, CANDIDATE):
+            value = getattr(self, name)
+            if value != LATEST and not (isinstance(value, str) and _VERSION.match(value)):
+                raise ConfigError(f"{value!r} is not an adapter version of persona {self.persona!r}: use a "
+                                  f"published version number such as '3', or {LATEST!r}", field=name)
         if self.control == self.candidate:
             raise ConfigError(f"candidate {self.candidate!r} equals control; an A/B needs two versions",
                               field="candidate")
@@ -73,6 +78,11 @@ class Assignment:
 
     def to_json(self) -> dict[str, Any]:
         return {"arm": self.arm, "version": self.version, "bucket": self.bucket, "reason": self.reason}
+
+
+def arm_version(version: str) -> int | None:
+    """The registry version an arm names: ``None`` for ``latest`` (the live version), else the number."""
+    return None if version == LATEST else int(version)
 
 
 def bucket(salt: str, persona: str, user: str) -> float:

@@ -26,7 +26,7 @@ from persona_router.adapters.stop_strings import check_stop_strings, truncate_at
 from persona_router.core.errors import AdapterError, ConfigError, InvalidRequestError, PersonaRouterError
 from persona_router.core.pack import PersonaPack
 from persona_router.router.decision import Decision
-from persona_router.service.ab_split import CONTROL, Assignment, SplitConfig, assign
+from persona_router.service.ab_split import CONTROL, Assignment, SplitConfig, arm_version, assign
 from persona_router.service.catalog import CatalogHolder, Decide, fallback_decider
 from persona_router.service.metrics import ServiceMetrics
 from persona_router.service.schemas import AnswerRequest, Usage
@@ -325,7 +325,7 @@ class Answerer:
         if split is None:
             return None, await self.residency.acquire(persona)
         assignment = assign(split, user)
-        version = None if assignment.version == "latest" else int(assignment.version)
+        version = arm_version(assignment.version)  # SplitConfig validated it when the settings loaded
         try:
             lease = await self.residency.acquire(persona, version)
         except AdapterError as exc:

@@ -48,6 +48,8 @@ def load_service(settings: ServiceSettings) -> ServiceState:
     builder = CatalogBuilder(settings.pack, settings.router)
     catalog = builder.build()
     pack, router_info = catalog.pack, catalog.router_info
+    for split in settings.ab_splits:
+        pack.get(split.persona)  # a split of an unknown persona fails start-up, naming the valid ones
     base_config = BaseModelConfig(base=settings.base, device=settings.device, quantization=settings.quantization)
     metrics = ServiceMetrics()
     if settings.engine == "vllm":

@@ -34,7 +34,7 @@ class ServiceSettings:
     ``router``: ``fitted`` loads (or fits once) the pack's embedding router; ``fallback`` skips the
     embedder and sends every request without a persona to the pack's fallback persona, saying so.
     ``watch_interval_s``: how often the adapters folder is checked for new versions (0 turns it off).
-    ``ab_splits``: live A/B experiments as ``eval.ab_split.SplitConfig`` JSON objects.
+    ``ab_splits``: live A/B experiments (``service/ab_split.py``); their versions are checked here, at start-up.
     ``allowed_hosts``: Host names the server answers to besides its bind address (``service/protection.py``).
     ``allow_open_admin``: start on a non-loopback address without an admin token anyway (refused otherwise:
     anyone who can reach the port could load and unload adapters).
@@ -151,7 +151,13 @@ def load_ab_splits(path: str | Path) -> tuple[SplitConfig, ...]:
     items = raw if isinstance(raw, list) else [raw]
     if not all(isinstance(item, dict) for item in items):
         raise ConfigError("must hold a JSON object or a list of objects", path=path, field="ab")
-    return tuple(SplitConfig.from_json(item) for item in items)
+    splits = []
+    for item in items:
+        try:
+            splits.append(SplitConfig.from_json(item))
+        except ConfigError as exc:  # name the file: the split is wrong there, not on the command line
+            raise ConfigError(exc.message, path=path, field=exc.field) from exc
+    return tuple(splits)
 
 
 def _at_least(value: int, lower: int, name: str) -> None:

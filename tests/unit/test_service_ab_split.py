@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from persona_router.core.errors import ConfigError
-from persona_router.service.ab_split import CANDIDATE, CONTROL, SplitConfig, assign, bucket
+from persona_router.service.ab_split import CANDIDATE, CONTROL, SplitConfig, arm_version, assign, bucket
 
 
 def test_same_user_always_gets_the_same_arm() -> None:
@@ -62,3 +65,45 @@ def test_config_validation_and_json_round_trip() -> None:
         SplitConfig.from_json({"persona": "student", "control": "1", "candidate": "2", "share": 0.5, "x": 1})
     with pytest.raises(ConfigError, match="control"):
         SplitConfig.from_json({"persona": "student", "candidate": "2", "share": 0.5})
+
+
+@pytest.mark.parametrize(("control", "candidate", "field"), [
+    ("1", "v2", "candidate"), ("v1", "2", "control"), ("1", "0", "candidate"), ("1", "2.0", "candidate"),
+    ("1", "", "candidate"), ("01", "2", "control"), ("latest", "next", "candidate"),
+])
+def test_arms_must_name_versions(control: str, candidate: str, field: str) -> None:
+    with pytest.raises(ConfigError, match="is not an adapter version") as info:
+        SplitConfig(persona="student", control=control, candidate=candidate, share=0.5)
+    assert info.value.field == field
+    assert SplitConfig(persona="student", control="latest", candidate="7", share=0.5).candidate == "7"
+    assert (arm_version("latest"), arm_version("7")) == (None, 7)
+
+
+def test_the_persona_must_be_a_persona_name() -> None:
+    with pytest.raises(ConfigError) as info:
+        SplitConfig(persona="../student", control="1", candidate="2", share=0.5)
+    assert info.value.field == "persona"
+
+
+def test_serve_refuses_a_split_whose_candidate_is_not_a_version_at_start_up(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real start-up path (``persona-router serve --ab FILE``) stops before loading any model."""
+    from persona_router.cli.main import main
+
+    split = tmp_path / "ab.json"
+    split.write_text(json.dumps({"persona": "student", "control": "1", "candidate": "v2", "share": 0.5}))
+    code = main(["serve", "--ab", str(split), "--router", "fallback", "--no-warmup", "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"persona-router serve: error: {split}: field 'candidate'" in err
+    assert "field 'candidate'" in err and "'v2' is not an adapter version of persona 'student'" in err
+
+
+def test_serve_refuses_a_split_of_a_persona_the_pack_does_not_define(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from persona_router.cli.main import main
+
+    split = tmp_path / "ab.json"
+    split.write_text(json.dumps({"persona": "pilot", "control": "1", "candidate": "2", "share": 0.5}))
+    assert main(["serve", "--ab", str(split), "--router", "fallback", "--no-warmup", "--port", "0"]) == 2
+    assert "unknown persona 'pilot'; valid personas: clinician, educator" in capsys.readouterr().err
