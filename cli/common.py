@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from persona_router.adapters.offline_default import DEFAULT_BASE
@@ -60,8 +59,8 @@ def cmd_personas(args: argparse.Namespace) -> int:
 
     pack = load_pack(args.pack)
     if args.json:
-        json.dump([p.to_json() for p in pack.personas], sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        json.dump([p.to_json() for p in pack.personas], args.out, indent=2)
+        args.out.write("\n")
         return 0
     from rich.console import Console
     from rich.table import Table

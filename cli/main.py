@@ -4,11 +4,14 @@ register themselves here; heavy libraries load only inside the command that need
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TextIO
 
 from persona_router.core.errors import PersonaRouterError
 
@@ -69,11 +72,51 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
         pass
 
 
+@contextlib.contextmanager
+def stdout_for_results() -> Iterator[TextIO]:
+    """Keep stdout for the command's results (``--json`` lines) while the command runs.
+
+    Whatever else would reach stdout goes to stderr: a library's ``print`` (``sys.stdout`` points at stderr)
+    and a native library writing to file descriptor 1 (it is pointed at stderr too). The yielded stream
+    writes to the real stdout.
+    """
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, io.UnsupportedOperation):  # stdout replaced by an in-memory stream (tests)
+        fd = None
+    previous = sys.stdout
+    if fd is None:
+        sys.stdout = sys.stderr
+        try:
+            yield previous
+        finally:
+            sys.stdout = previous
+        return
+    saved = os.dup(fd)
+    os.dup2(sys.stderr.fileno(), fd)
+    results = open(saved, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 - closed below, before the fd
+    sys.stdout = sys.stderr
+    try:
+        yield results
+    finally:
+        sys.stdout = previous
+        try:
+            results.close()  # flushes; closefd=False leaves ``saved`` open
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     try:
+        if getattr(args, "json", False):
+            with stdout_for_results() as args.out:
+                return int(args.handler(args) or 0)
+        args.out = sys.stdout
         return int(args.handler(args) or 0)
     except PersonaRouterError as exc:
         print(f"persona-router {args.command}: error: {exc}", file=sys.stderr)

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from persona_router.cli.common import add_pack_argument
 from persona_router.core.errors import DataError, InvalidRequestError
@@ -146,18 +146,18 @@ def cmd_route(args: argparse.Namespace) -> int:
             chunk = items[start:start + ROUTE_CHUNK]
             decisions = router.decide_batch([q for q, _ in chunk], [p for _, p in chunk], batch_size=args.batch_size)
             for (question, _), decision in zip(chunk, decisions, strict=True):
-                _print_decision(question, decision.to_json(), as_json=args.json)
+                _print_decision(args.out, question, decision.to_json(), as_json=args.json)
             progress.update(len(chunk))
     return 0
 
 
-def _print_decision(question: str, decision: dict[str, Any], *, as_json: bool) -> None:
+def _print_decision(out: TextIO, question: str, decision: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(json.dumps({"question": question, **decision}, ensure_ascii=False) + "\n")
+        out.write(json.dumps({"question": question, **decision}, ensure_ascii=False) + "\n")
         return
     runner = f" (runner-up {decision['runner_up']} {decision['runner_up_score']:.2f})" if decision["runner_up"] else ""
     why = f" [{decision['reason']}]" if decision["reason"] else ""
-    sys.stdout.write(f"{decision['persona']}\t{decision['source']}\t{decision['confidence']:.2f}{runner}\t"
+    out.write(f"{decision['persona']}\t{decision['source']}\t{decision['confidence']:.2f}{runner}\t"
                      f"{question}{why}\n")
 
 

@@ -116,8 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             results.append(train_persona(job, config, base_config, registry, resume=args.resume))
     summary = [_summary(r) for r in results]
     if args.json:
-        json.dump(summary, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        json.dump(summary, args.out, indent=2)
+        args.out.write("\n")
     else:
         _print_table(summary, registry.root)
     return 0

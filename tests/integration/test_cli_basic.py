@@ -50,3 +50,18 @@ def test_generate_answers_with_the_real_offline_model() -> None:
     answer = result.stdout.strip()
     assert len(answer.split()) >= 10
     assert any(word in answer.lower() for word in ("light", "scatter", "blue", "sun"))
+
+
+def test_route_json_prints_only_json_lines_on_stdout(tmp_path: Path) -> None:
+    """``persona-router route --json ... 2>/dev/null`` is machine-readable: every stdout line parses as JSON
+    (model-loading warnings of transformers or bitsandbytes go to stderr)."""
+    questions = ["renal dose of apixaban at CrCl 25?", "how do I teach fractions to year 4?", "lorem ipsum"]
+    source = tmp_path / "q.jsonl"
+    source.write_text(json.dumps({"question": "why does my code segfault?", "persona": "engineer"}) + "\n")
+    result = cli("route", "--json", *questions, "--input", str(source))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    decisions = [json.loads(line) for line in lines]  # fails on any non-JSON line
+    assert [d["question"] for d in decisions] == [*questions, "why does my code segfault?"]
+    assert all(d["persona"] and d["source"] in ("explicit", "inferred", "fallback") for d in decisions)
+    assert decisions[-1]["source"] == "explicit"
