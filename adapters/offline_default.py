@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -179,6 +178,3 @@ def repack_llama_as_phi3(llama: Any) -> Any:
     phi3.eval()
     return phi3
 
-
-def remove_cache() -> None:
-    shutil.rmtree(cache_folder(), ignore_errors=True)

@@ -6,7 +6,7 @@ labelled with the persona that asks it. Files are JSONL with these field names.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from persona_router.core.errors import DataError
@@ -73,5 +73,3 @@ def _required_strings(row: dict[str, Any], keys: tuple[str, ...], *, where: str)
         out[key] = value.strip()
     return out
 
-
-QA_FIELDS = tuple(f.name for f in fields(QARecord))

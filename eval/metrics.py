@@ -44,7 +44,6 @@ METRICS: tuple[MetricInfo, ...] = (
     MetricInfo("legacy_char_jaccard", HIGHER, "LEGACY notebook 'semantic overlap' (Jaccard of character sets)",
                legacy=True),
 )
-METRIC_BY_NAME = {m.name: m for m in METRICS}
 
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)*")
 _TOKEN = re.compile(r"[a-z0-9]+")

@@ -15,8 +15,6 @@ from typing import Any
 
 from persona_router.core.atomic import TMP_PREFIX, atomic_write_json, atomic_write_text
 
-NOTEBOOK_PUBLISHED = {"legacy_style_hit": 0.670, "legacy_char_jaccard": 0.517}
-
 
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     out = Path(out)

@@ -143,10 +143,6 @@ class TrainConfig:
                 updates[name] = value
         return replace(self, **updates)
 
-    @property
-    def effective_batch(self) -> int:
-        return (self.batch_size or 1) * (self.grad_accum or 1)
-
     def target_module_list(self) -> str | list[str]:
         if self.target_modules.strip() == "all-linear":
             return "all-linear"
