@@ -62,7 +62,7 @@ class AdapterManifest:
     persona: str
     version: int
     base_model: str  # what the user passed as --base (alias, folder or hub id)
-    base_fingerprint: str  # adapters/fingerprint.py over the base folder
+    base_fingerprint: str  # core/fingerprint.py over the base folder
     dataset: DatasetInfo
     hyperparameters: dict[str, Any]
     metrics: TrainMetrics

@@ -33,7 +33,8 @@ def register(subparsers: Any) -> None:
     add_pack_argument(serve)
     add_base_arguments(serve)
     serve.add_argument("--engine", default="auto", choices=ENGINES,
-                       help="generation engine: fast (continuous batching), reference (HF generate), auto, or "
+                       help="generation engine: fast (the batched engine: continuous batching, batched LoRA), "
+                       "reference (HF generate), auto, or "
                        "vllm: hand generation to the vLLM servers given with --upstream (default: %(default)s)")
     serve.add_argument("--upstream", action="append", default=[], metavar="URL",
                        help="a vLLM server (http://host:port) for --engine vllm; repeat for several (see "
@@ -62,7 +63,8 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--max-new-tokens-limit", type=int, default=512,
                        help="largest max_new_tokens a request may ask for (default: %(default)s)")
     serve.add_argument("--ab", type=Path, default=None,
-                       help="JSON file with live A/B splits: {persona, control, candidate, share, salt}")
+                       help="JSON file with live A/B splits: {persona, control, candidate, share, salt}; control "
+                       "and candidate are published version numbers or 'latest' (checked at start-up)")
     serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                        help="a Host name clients use to reach the server besides the bind address (repeatable); "
                        "other Host headers are refused (DNS rebinding)")

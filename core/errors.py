@@ -1,8 +1,8 @@
 """Every domain error of persona-router, in one place.
 
-Library code raises these; the CLI prints their message and exits non-zero, and the HTTP layer maps
-each class to one status code (``router/http_errors.py``). They live in ``adapters/`` because it is the
-bottom layer that every other package may import.
+Library code raises these; the CLI prints their message and exits non-zero, and the HTTP service maps each
+class to one status code (``service/http_errors.py``). They live in ``core/``, the bottom layer that every
+other package may import.
 """
 
 from __future__ import annotations

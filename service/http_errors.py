@@ -1,4 +1,4 @@
-"""The one place that maps domain errors (``adapters/errors.py``) to HTTP statuses and error bodies.
+"""The one place that maps domain errors (``core/errors.py``) to HTTP statuses and error bodies.
 
 Every error response has the shape ``{"error": {"message", "type", "field"?, "param"?, "valid"?}}``;
 OpenAI clients read ``error.message`` from it too.
