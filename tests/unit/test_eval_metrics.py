@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from persona_router.eval.metrics import (
     count_syllables,
     flesch_kincaid_grade,
-    lcs_length,
     legacy_char_jaccard,
     legacy_style_hit,
     legacy_style_lists,
@@ -15,6 +16,14 @@ from persona_router.eval.metrics import (
     sentence_count,
     text_metrics,
 )
+
+from tests.support import legacy_metrics
+
+
+def demo_answers() -> list[str]:
+    from persona_router.core.rows import demo_qa
+
+    return [r.answer for r in demo_qa("train")] + [r.answer for r in demo_qa("test")]
 
 
 def test_rouge_l_known_values() -> None:
@@ -29,7 +38,26 @@ def test_rouge_l_known_values() -> None:
     assert rouge_l("a b c", "a b c").f1 == 1.0
     assert rouge_l("x y", "a b").f1 == 0.0
     assert rouge_l("", "a b").f1 == 0.0
-    assert lcs_length(list("ABCBDAB"), list("BDCABA")) == 4  # the textbook example
+    assert legacy_metrics.lcs_length(list("ABCBDAB"), list("BDCABA")) == 4  # the textbook example
+
+
+def test_rouge_score_equals_the_former_hand_written_rouge_l_on_demo_answers() -> None:
+    """rouge-score (no stemming) against the LCS implementation it replaced: tolerance 1e-12 (measured: 0)."""
+    answers = demo_answers()
+    pairs = list(itertools.pairwise(answers))[::2]
+    assert len(pairs) > 200
+    for prediction, reference in pairs:
+        new = rouge_l(prediction, reference)
+        assert (new.precision, new.recall, new.f1) == pytest.approx(
+            legacy_metrics.rouge_l(prediction, reference), abs=1e-12)
+
+
+def test_numpy_quantiles_equal_the_former_hand_written_ones() -> None:
+    grades = sorted(g for g in (flesch_kincaid_grade(t) for t in demo_answers()[:200]) if g is not None)
+    rng = reference_range(demo_answers()[:200])
+    assert rng is not None
+    expected = [legacy_metrics.quantile(grades, q) for q in (0.1, 0.5, 0.9)]
+    assert [rng.low, rng.median, rng.high] == pytest.approx(expected, abs=1e-12)
 
 
 def test_syllables_and_flesch_kincaid() -> None:
