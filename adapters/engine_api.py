@@ -5,10 +5,11 @@ different adapters into shared forward passes and streams ``TokenEvent``s back. 
 under opaque names (the service registers ``str(AdapterKey)``, i.e. ``"<persona>@<version>"``);
 ``adapter=None`` means the bare base.
 
-In this project "engine" means one thing: an object implementing ``Engine`` below. There are two:
-the batched engine (``adapters/engine/``, ``BatchedEngine``, chosen by ``--engine fast``) and the reference
-engine (``adapters/engine_reference.py``, ``--engine reference``); the service's ``engine_kind`` and
-``/ready``'s ``engine`` say which one runs.
+In this project "engine" means one thing: an object implementing ``Engine`` below. There are three: the
+batched engine (``adapters/engine/``, ``BatchedEngine``, chosen by ``--engine fast``), the reference engine
+(``adapters/engine_reference.py``, ``--engine reference``) and the pool of vLLM upstreams
+(``adapters/upstream_pool.py``, ``--engine vllm``); the service's ``engine_kind`` and ``/ready``'s ``engine``
+say which one runs.
 """
 
 from __future__ import annotations

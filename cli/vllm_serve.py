@@ -65,10 +65,11 @@ def vllm_python(explicit: str | None = None) -> str:
 
 
 def live_adapters(adapters_dir: Path, personas: tuple[str, ...]) -> dict[str, Path]:
-    """``persona@version`` -> folder for each persona's ``LATEST`` version (the names the service uses)."""
+    """``persona@version`` (``str(AdapterKey)``, the names the service registers) -> folder, for each persona's
+    ``LATEST`` version."""
     from persona_router.adapters.registry import AdapterRegistry
-    from persona_router.adapters.residency import engine_name
     from persona_router.core.errors import AdapterError
+    from persona_router.core.names import AdapterKey
 
     registry = AdapterRegistry(adapters_dir)
     found: dict[str, Path] = {}
@@ -80,7 +81,7 @@ def live_adapters(adapters_dir: Path, personas: tuple[str, ...]) -> dict[str, Pa
             log.warning("not preloading %s: %s", persona, exc)
             continue
         if version is not None:
-            found[engine_name(persona, version)] = registry.path(persona, version)
+            found[str(AdapterKey(persona, version))] = registry.path(persona, version)
     return found
 
 
