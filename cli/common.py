@@ -59,8 +59,8 @@ def cmd_personas(args: argparse.Namespace) -> int:
 
     pack = load_pack(args.pack)
     if args.json:
-        json.dump([p.to_json() for p in pack.personas], args.out, indent=2)
-        args.out.write("\n")
+        json.dump([p.to_json() for p in pack.personas], args.result_stream, indent=2)
+        args.result_stream.write("\n")
         return 0
     from rich.console import Console
     from rich.table import Table

@@ -114,9 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose, args.quiet)
     try:
         if getattr(args, "json", False):
-            with stdout_for_results() as args.out:
+            with stdout_for_results() as args.result_stream:
                 return int(args.handler(args) or 0)
-        args.out = sys.stdout
+        args.result_stream = sys.stdout
         return int(args.handler(args) or 0)
     except PersonaRouterError as exc:
         print(f"persona-router {args.command}: error: {exc}", file=sys.stderr)

@@ -146,7 +146,7 @@ def cmd_route(args: argparse.Namespace) -> int:
             chunk = items[start:start + ROUTE_CHUNK]
             decisions = router.decide_batch([q for q, _ in chunk], [p for _, p in chunk], batch_size=args.batch_size)
             for (question, _), decision in zip(chunk, decisions, strict=True):
-                _print_decision(args.out, question, decision.to_json(), as_json=args.json)
+                _print_decision(args.result_stream, question, decision.to_json(), as_json=args.json)
             progress.update(len(chunk))
     return 0
 

@@ -116,8 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             results.append(train_persona(job, config, base_config, registry, resume=args.resume))
     summary = [_summary(r) for r in results]
     if args.json:
-        json.dump(summary, args.out, indent=2)
-        args.out.write("\n")
+        json.dump(summary, args.result_stream, indent=2)
+        args.result_stream.write("\n")
     else:
         _print_table(summary, registry.root)
     return 0
