@@ -51,13 +51,15 @@ def test_openapi_document_is_published(client: httpx.Client) -> None:
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_no_failures(server: RunningServer) -> None:
+def test_schemathesis_finds_no_failures(server: RunningServer, tmp_path: Path) -> None:
     started = time.monotonic()
     command = [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/schema/openapi.json",
                "--checks", "not_a_server_error,response_schema_conformance",
                "--max-examples", str(MAX_EXAMPLES), "--max-time", str(MAX_TIME_S), "--seed", "12",
                "--request-timeout", "60", "--workers", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=MAX_TIME_S + 120, check=False)
+    # In a temp folder: schemathesis keeps a cache (.schemathesis/) in its working directory.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=MAX_TIME_S + 120, check=False,
+                            cwd=tmp_path)
     wall = time.monotonic() - started
     print(f"schemathesis: {wall:.1f} s wall\n{result.stdout[-4000:]}")
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
