@@ -52,9 +52,9 @@ class Outcome:
 
 
 def questions() -> list[str]:
-    lines = (ROOT / "training" / "demo_data" / "parallel_questions.txt").read_text(encoding="utf-8").splitlines()
+    lines = (ROOT / "core" / "demo_data" / "parallel_questions.txt").read_text(encoding="utf-8").splitlines()
     routed = [json.loads(line)["question"] for line in
-              (ROOT / "training" / "demo_data" / "routing_test.jsonl").read_text(encoding="utf-8").splitlines()
+              (ROOT / "core" / "demo_data" / "routing_test.jsonl").read_text(encoding="utf-8").splitlines()
               if line.strip()]
     return [q.strip() for q in lines + routed if q.strip()]
 
@@ -161,6 +161,16 @@ def summarise(outcomes: list[Outcome], wall_s: float, n: int) -> dict[str, Any]:
     }
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -173,6 +183,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str
                "--engine", args.engine, "--max-batch", str(args.max_batch), "--watch-interval", "0"]
     if args.adapters:
         command += ["--adapters", str(args.adapters)]
+    command += args.serve_arg
     process = subprocess.Popen(command, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
@@ -198,6 +209,8 @@ def main() -> int:
     parser.add_argument("--base", default="smollm2-135m-instruct")
     parser.add_argument("--engine", default="auto", choices=("auto", "fast", "reference"))
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for the started server (repeatable), e.g. --serve-arg=--quantization=fp32")
     parser.add_argument("--adapters", type=Path, default=None, help="adapters folder for the started server")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--note", default="", help="free text stored with the result (e.g. machine load)")
@@ -206,6 +219,7 @@ def main() -> int:
         parser.error("--requests must be in 1..10000 and --concurrency in 1..256")
     process = None
     url = args.url
+    load_at_start = list(os.getloadavg())
     if url is None:
         process, url = start_server(args)
     try:
@@ -219,11 +233,13 @@ def main() -> int:
             process.wait(timeout=60)
     result = {
         "benchmark": "load_test", "created": datetime.now(UTC).isoformat(timespec="seconds"), "note": args.note,
-        "load_average_at_end": list(os.getloadavg()),
+        "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg()),
         "config": {"requests": args.requests, "concurrency": args.concurrency, "max_new_tokens": args.max_tokens,
+                   "serve_args": args.serve_arg,
                    "greedy": True, "mix": {"kinds": list(KINDS), "personas": [p or "auto" for p in PERSONAS]}},
         "server": {"url": url, **ready, "adapters": {p["name"]: p["live_version"] for p in personas}},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                     "persona_router_threads": os.environ.get("PERSONA_ROUTER_THREADS")},
         **summarise(outcomes, wall_s, args.requests),

@@ -16,7 +16,8 @@ def add_base_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where to run (default: %(default)s: cuda if available)")
     parser.add_argument("--quantization", default="auto", choices=("auto", "nf4", "bf16", "fp16", "fp32"),
-                        help="weights precision (default: %(default)s: nf4 on CUDA, fp32 on CPU)")
+                        help="weights precision (default: %(default)s: nf4 on CUDA; on CPU fp32, but bf16 for serve "
+                        "on a CPU with AMX-BF16 or AVX512-BF16)")
 
 
 def add_pack_argument(parser: argparse.ArgumentParser) -> None:

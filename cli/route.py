@@ -30,6 +30,10 @@ def register(subparsers: Any) -> None:
     fit.add_argument("--out", default=None, help="router folder (default: $PERSONA_ROUTER_HOME/router/<pack>)")
     fit.add_argument("--embedder", default=None,
                      help="sentence-transformers id or folder (default: offline all-MiniLM-L6-v2)")
+    fit.add_argument("--encoder-backend", default="onnx-int8", choices=("torch", "onnx", "onnx-int8"),
+                     help="what runs the embedder: torch (sentence-transformers), onnx (ONNX Runtime, float32) or "
+                     "onnx-int8 (ONNX Runtime, int8 weights; exported once, cached, copied into the router folder); "
+                     "default: %(default)s (measured, see README)")
     fit.add_argument("--target-precision", type=float, default=0.9,
                      help="precision each persona must reach before it is inferred (default: %(default)s)")
     fit.add_argument("--classifier", default="logreg", choices=("logreg", "centroid", "knn"),
@@ -55,7 +59,6 @@ def register(subparsers: Any) -> None:
 
 def cmd_fit_router(args: argparse.Namespace) -> int:
     from persona_router.core.pack import load_pack
-    from persona_router.router.encoder import load_encoder
     from persona_router.router.fitting import (
         FitConfig,
         compare_classifiers,
@@ -64,13 +67,14 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
         fit_router,
         load_routing_records,
     )
+    from persona_router.router.onnx_encoder import build_encoder
     from persona_router.router.persona_router import default_router_dir, pack_reference
 
     pack = load_pack(args.pack)
     config = FitConfig(classifier=args.classifier, target_precision=args.target_precision)
     train = load_routing_records(args.data, pack) if args.data else default_training_records(pack)
     test = _test_records(args.test, pack, is_demo=pack_reference(pack) == "demo")
-    encoder = load_encoder(args.embedder)
+    encoder = build_encoder(args.embedder, args.encoder_backend)
     result = fit_router(pack, train, encoder=encoder, config=config)
     reports = [r for r in (result.cv_report,) if r is not None]
     if test:
@@ -114,7 +118,8 @@ def _report_markdown(router: Any, reports: list[Any], comparison: list[dict[str,
     thresholds = ", ".join(f"{name} {value:.2f}" for name, value in router.calibration.thresholds.items())
     calibration = router.calibration
     parts = [f"# Router for pack {router.pack.name!r}\n",
-             f"Embedder {router.encoder.model_id} ({router.encoder.fingerprint[:19]}…); classifier {chosen['kind']} "
+             f"Embedder {router.encoder.model_id} on {router.encoder.backend} ({router.encoder.fingerprint[:19]}…); "
+             f"classifier {chosen['kind']} "
              f"({describe_classifier(chosen)}, chosen by cross-validated log-loss); temperature "
              f"{calibration.temperature:.3g}; target precision {calibration.target_precision:.2f}; "
              f"thresholds: {thresholds}.\n"]

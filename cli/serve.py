@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from persona_router.cli.common import add_base_arguments, add_pack_argument
-from persona_router.service.settings import ENGINES, ROUTER_MODES, ServiceSettings, load_ab_splits
+from persona_router.service.settings import (
+    DEFAULT_ROUTER_BACKEND,
+    ENGINES,
+    ROUTER_BACKENDS,
+    ROUTER_MODES,
+    ServiceSettings,
+    load_ab_splits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,9 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--router", default="fitted", choices=ROUTER_MODES,
                        help="fitted: infer personas with the embedding router; fallback: no classifier, "
                        "unnamed personas go to the pack's fallback (default: %(default)s)")
+    serve.add_argument("--router-backend", default=DEFAULT_ROUTER_BACKEND, choices=ROUTER_BACKENDS,
+                       help="what runs the router's embedder: torch, onnx (float32) or onnx-int8 "
+                       "(default: %(default)s)")
     serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default: %(default)s)")
     serve.add_argument("--max-batch", type=int, default=8, help="rows per forward pass (default: %(default)s)")
     serve.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in s (default: %(default)s)")
@@ -84,6 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     overrides: dict[str, Any] = {
         "host": args.host, "port": args.port, "base": args.base, "device": args.device,
         "quantization": args.quantization, "pack": args.pack, "engine": args.engine, "router": args.router,
+        "router_backend": args.router_backend,
         "max_queue": args.max_queue, "max_batch": args.max_batch, "request_timeout_s": args.timeout,
         "max_resident_adapters": args.max_resident_adapters, "watch_interval_s": args.watch_interval,
         "max_new_tokens_limit": args.max_new_tokens_limit, "warmup": not args.no_warmup,

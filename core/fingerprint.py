@@ -38,6 +38,8 @@ _CHUNK = 1 << 24
 # Files that describe a model folder but do not change what it computes.
 _DOC_FILES = frozenset({"README.md", ".gitattributes"})
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.onnx")
+
 Scope = Literal["weights", "all"]
 SCOPES: tuple[Scope, ...] = ("weights", "all")
 
@@ -47,10 +49,12 @@ def normalised_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        files = sorted(folder.glob("*.bin"))
-    return files
+    """The first kind present: safetensors, else PyTorch ``.bin``, else ONNX (an exported router encoder)."""
+    for pattern in WEIGHT_PATTERNS:
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    return []
 
 
 def other_files(folder: Path, hashed: list[Path]) -> list[Path]:
@@ -77,7 +81,7 @@ def fingerprint_folder(folder: Path, *, scope: Scope = "weights", use_cache: boo
         raise BaseModelError("no config.json: not a saved model folder", path=folder)
     files = weight_files(folder)
     if not files:
-        raise BaseModelError("no *.safetensors or *.bin weight files", path=folder)
+        raise BaseModelError(f"no weight files ({', '.join(WEIGHT_PATTERNS)})", path=folder)
     extra = other_files(folder, [*files, config_path]) if scope == "all" else []
     stamp = [[f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
              for f in [*files, config_path, *extra]]

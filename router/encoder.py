@@ -41,6 +41,11 @@ class Encoder(Protocol):
     @property
     def max_seq_length(self) -> int: ...
 
+    @property
+    def backend(self) -> str:
+        """What runs the model: ``torch`` (sentence-transformers) or an ONNX export (``router.onnx_encoder``)."""
+        ...
+
     def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
         """Return a (len(texts), dimension) float32 array of unit-length rows."""
         ...
@@ -71,10 +76,8 @@ class SentenceTransformerEncoder:
     """A sentence-transformers model on CPU (or ``device``), with normalised embeddings."""
 
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu") -> None:
-        self._model_id = DEFAULT_EMBEDDER if model is None or str(model) == DEFAULT_EMBEDDER else str(model)
-        folder = default_embedder_path() if self._model_id == DEFAULT_EMBEDDER else None
-        self._st = _load_sentence_transformer(str(folder or model), device=device)
-        self._folder = folder or _resolve_folder(str(model))
+        self._model_id, self._folder = resolve_embedder(model)
+        self._st = load_sentence_transformer(self._folder, device=device)
         self._fingerprint = fingerprint_model_files(self._folder)
         dimension = self._st.get_embedding_dimension()
         if not dimension:
@@ -103,11 +106,18 @@ class SentenceTransformerEncoder:
     def max_seq_length(self) -> int:
         return self._max_seq_length
 
+    @property
+    def backend(self) -> str:
+        return "torch"
+
+    @property
+    def folder(self) -> Path:
+        return self._folder
+
     def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
         if not texts:
             return np.zeros((0, self._dimension), dtype=np.float32)
-        limit = self._max_seq_length * _CHARS_PER_TOKEN_BOUND
-        clipped = [text[:limit] for text in texts]
+        clipped = clip_texts(texts, self._max_seq_length)
         import torch
 
         with torch.inference_mode():
@@ -116,16 +126,28 @@ class SentenceTransformerEncoder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def _load_sentence_transformer(name: str, *, device: str) -> Any:
+def clip_texts(texts: Sequence[str], max_seq_length: int) -> list[str]:
+    limit = max_seq_length * _CHARS_PER_TOKEN_BOUND
+    return [text[:limit] for text in texts]
+
+
+def resolve_embedder(model: str | Path | None) -> tuple[str, Path]:
+    """``(model id as recorded, local folder)`` for the default name, a folder or a cached hub id."""
+    model_id = DEFAULT_EMBEDDER if model is None or str(model) == DEFAULT_EMBEDDER else str(model)
+    folder = default_embedder_path() if model_id == DEFAULT_EMBEDDER else _resolve_folder(model_id)
+    return model_id, folder
+
+
+def load_sentence_transformer(folder: Path, *, device: str = "cpu", **model_kwargs: Any) -> Any:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
         raise ConfigError("the router's embedder needs sentence-transformers: pip install sentence-transformers",
                           field="embedder") from exc
     try:
-        return SentenceTransformer(name, device=device)
+        return SentenceTransformer(str(folder), device=device, model_kwargs=model_kwargs or None)
     except (OSError, ValueError) as exc:
-        raise RouterModelError(f"cannot load embedder {name!r}: {exc}", field="embedder") from exc
+        raise RouterModelError(f"cannot load embedder {str(folder)!r}: {exc}", field="embedder") from exc
 
 
 def _resolve_folder(name: str) -> Path:

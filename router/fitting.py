@@ -31,7 +31,8 @@ from persona_router.router.calibration import (
     usable_folds,
 )
 from persona_router.router.classifier import CLASSIFIER_KINDS, ClassifierConfig, fit_classifier
-from persona_router.router.encoder import Encoder, load_encoder
+from persona_router.router.encoder import Encoder
+from persona_router.router.onnx_encoder import DEFAULT_BACKEND, build_encoder, check_backend
 from persona_router.router.persona_router import ROUTER_FILE, PersonaRouter, default_router_dir
 
 log = logging.getLogger(__name__)
@@ -350,16 +351,26 @@ def _fmt(value: float | None) -> str:
 
 
 def ensure_router(pack: PersonaPack | None = None, *, encoder: Encoder | None = None, path: str | Path | None = None,
-                  refit: bool = False) -> PersonaRouter:
-    """The pack's router from its default folder, fitted there first if missing or stale (takes seconds)."""
+                  refit: bool = False, backend: str = DEFAULT_BACKEND) -> PersonaRouter:
+    """The pack's router from its default folder, fitted there first if missing or stale (takes seconds).
+
+    Without an ``encoder``, the default embedder runs on ``backend``; a router fitted on another backend
+    counts as stale (the default folder follows the default backend).
+    """
     pack = pack or load_pack(DEMO_PACK)
+    check_backend(backend)
     folder = Path(path) if path is not None else default_router_dir(pack.name)
     if not refit and (folder / ROUTER_FILE).is_file():
         try:
-            return PersonaRouter.load(folder, pack=pack, encoder=encoder)
+            router = PersonaRouter.load(folder, pack=pack, encoder=encoder)
         except RouterModelError as exc:
             log.warning("refitting the router: %s", exc)
+        else:
+            fitted_on = getattr(router.encoder, "backend", "torch")
+            if encoder is not None or fitted_on == backend:
+                return router
+            log.warning("refitting the router: fitted with the %s encoder, the default is now %s", fitted_on, backend)
     records = default_training_records(pack)
-    router = fit_router(pack, records, encoder=encoder or load_encoder(None), config=FitConfig()).router
+    router = fit_router(pack, records, encoder=encoder or build_encoder(None, backend), config=FitConfig()).router
     router.save(folder)
     return router

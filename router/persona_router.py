@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from persona_router.router.encoder import Encoder, load_encoder
 log = logging.getLogger(__name__)
 
 ROUTER_FILE = "router.json"
+ENCODER_DIR = "encoder"  # an exported encoder (router.onnx_encoder), copied in so the folder is self-contained
 FORMAT_VERSION = 1
 BATCH_SIZE = 64
 
@@ -137,8 +139,7 @@ class PersonaRouter:
             "format_version": FORMAT_VERSION,
             "pack": {"name": self.pack.name, "source": pack_reference(self.pack), "hash": pack_hash(self.pack),
                      "fallback": self._fallback},
-            "embedder": {"id": self.encoder.model_id, "fingerprint": self.encoder.fingerprint,
-                         "dimension": self.encoder.dimension, "max_seq_length": self.encoder.max_seq_length},
+            "embedder": _describe_encoder(self.encoder),
             "labels": list(self.labels),
             "classifier": self.classifier.config.to_json(),
             "calibration": self.calibration.to_json(),
@@ -155,6 +156,8 @@ class PersonaRouter:
         with atomic_dir(target, replace=True) as tmp:
             description = self.describe()
             description["classifier"] = save_classifier(self.classifier, tmp)
+            if description["embedder"]["backend"] != "torch":
+                shutil.copytree(self.encoder.folder, tmp / ENCODER_DIR)  # type: ignore[attr-defined]
             (tmp / ROUTER_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n",
                                            encoding="utf-8")
             if extra is not None:
@@ -182,7 +185,7 @@ class PersonaRouter:
                 f"pack {pack.name!r} ({pack.source}) has changed personas since this router was fitted for pack "
                 f"{pack_info['name']!r}; refit it: persona-router fit-router --pack {pack_reference(pack)}",
                 path=folder)
-        encoder = encoder or load_encoder(embedder_info["id"])
+        encoder = encoder or _load_router_encoder(folder, embedder_info)
         if encoder.fingerprint != embedder_info["fingerprint"]:
             raise RouterModelError(
                 f"the router was fitted with embedder {embedder_info['id']!r} ({embedder_info['fingerprint'][:19]}…) "
@@ -191,6 +194,34 @@ class PersonaRouter:
         classifier = load_classifier(folder, classifier_info, len(labels), encoder.dimension)
         return cls(pack=pack, encoder=encoder, classifier=classifier, calibration=calibration, labels=labels,
                    info=description.get("fit", {}))
+
+
+def _describe_encoder(encoder: Encoder) -> dict[str, Any]:
+    backend = getattr(encoder, "backend", "torch")
+    info = {"id": encoder.model_id, "fingerprint": encoder.fingerprint, "backend": backend,
+            "dimension": encoder.dimension, "max_seq_length": encoder.max_seq_length}
+    if backend != "torch":
+        # ``fingerprint`` is the export's; it names the source model's, recorded here too for people.
+        info["source_fingerprint"] = encoder.source_fingerprint  # type: ignore[attr-defined]
+    return info
+
+
+def _load_router_encoder(folder: Path, embedder_info: dict[str, Any]) -> Encoder:
+    """The encoder a router was fitted with: the torch model by id, or the export inside the router folder."""
+    backend = embedder_info.get("backend", "torch")
+    if backend == "torch":
+        return load_encoder(embedder_info["id"])
+    from persona_router.router.encoder import fingerprint_model_files, resolve_embedder
+    from persona_router.router.onnx_encoder import OnnxEncoder
+
+    encoder = OnnxEncoder(folder / ENCODER_DIR)
+    # The export is self-contained, but a changed source model means the user now asks for another embedder.
+    current = fingerprint_model_files(resolve_embedder(embedder_info["id"])[1])
+    if current != encoder.source_fingerprint:
+        raise RouterModelError(
+            f"embedder {embedder_info['id']!r} changed since its {backend} export ({current[:19]}… now, "
+            f"{encoder.source_fingerprint[:19]}… exported); refit it with persona-router fit-router", path=folder)
+    return encoder
 
 
 def read_description(folder: Path) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def load_service(settings: ServiceSettings) -> ServiceState:
     from persona_router.service.catalog import CatalogBuilder, CatalogHolder, CatalogReloader
 
     started = time.perf_counter()
-    builder = CatalogBuilder(settings.pack, settings.router)
+    builder = CatalogBuilder(settings.pack, settings.router, settings.router_backend)
     catalog = builder.build()
     pack, router_info = catalog.pack, catalog.router_info
     for split in settings.ab_splits:
@@ -60,7 +60,7 @@ def load_service(settings: ServiceSettings) -> ServiceState:
         engine, kind, max_len, base = _build_device_pool(settings, base_config)
     else:
         configure_threads()
-        base = load_base(base_config)
+        base = load_base(base_config, serving=True)
         engine, kind, max_len = _build_engine(settings, base)
     residency = AdapterResidency(
         engine, AdapterRegistry(settings.adapters_dir), base_fingerprint=base.fingerprint, personas=pack.names,
@@ -263,8 +263,9 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         return Response(body, status_code=503, headers={"Retry-After": "1"})
     return Response({"status": "ready", "base": redact_paths(state.base.name), "device": state.base.device,
                      "precision": state.base.precision, "engine": state.engine_kind,
-                     "router": state.router_info.get("mode"), "uptime_s": round(time.time() - state.started_at, 1),
-                     **_upstreams(state)})
+                     "router": state.router_info.get("mode"),
+                     "router_backend": state.router_info.get("embedder", {}).get("backend"),
+                     "uptime_s": round(time.time() - state.started_at, 1), **_upstreams(state)})
 
 
 def _upstreams(state: ServiceState) -> dict[str, Any]:

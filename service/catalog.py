@@ -22,6 +22,7 @@ from persona_router.adapters.residency import AdapterResidency
 from persona_router.core.errors import InvalidRequestError, PersonaRouterError
 from persona_router.core.pack import PersonaPack, load_pack, resolve_pack_path
 from persona_router.router.decision import Decision
+from persona_router.router.onnx_encoder import DEFAULT_BACKEND
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,10 @@ class CatalogBuilder:
     fitted for another version of the pack, it is fitted here and saved there, as at start-up.
     """
 
-    def __init__(self, pack_ref: str, router_mode: str) -> None:
+    def __init__(self, pack_ref: str, router_mode: str, router_backend: str = DEFAULT_BACKEND) -> None:
         self.pack_ref = pack_ref
         self.router_mode = router_mode
+        self.router_backend = router_backend
         self._encoder: Any = None
 
     def stamp(self, pack_name: str | None) -> Stamp:
@@ -103,11 +105,12 @@ class CatalogBuilder:
             decide = fallback_decider(pack)
             info: dict[str, Any] = {"mode": "fallback", "fallback": pack.fallback.name}
         else:
-            from persona_router.router.encoder import load_encoder
             from persona_router.router.fitting import ensure_router
+            from persona_router.router.onnx_encoder import build_encoder
 
             if self._encoder is None:
-                self._encoder = load_encoder(None)
+                # The default embedder on the configured backend (the ONNX export is built once and cached).
+                self._encoder = build_encoder(None, self.router_backend)
             router = ensure_router(pack, encoder=self._encoder)
             router.decide("warm up the encoder")  # the first encode pays one-off costs
             decide, info = router.decide, {"mode": "fitted", **router.describe()}

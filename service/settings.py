@@ -12,6 +12,8 @@ from typing import Any
 from persona_router.adapters.offline_default import DEFAULT_BASE
 from persona_router.adapters.registry import default_adapters_dir
 from persona_router.core.errors import ConfigError, choices
+from persona_router.router.onnx_encoder import BACKENDS as ROUTER_BACKENDS
+from persona_router.router.onnx_encoder import DEFAULT_BACKEND as DEFAULT_ROUTER_BACKEND
 from persona_router.service.ab_split import SplitConfig
 
 ADMIN_TOKEN_ENV = "PERSONA_ROUTER_ADMIN_TOKEN"
@@ -33,6 +35,7 @@ class ServiceSettings:
     same rule (``max_batch`` requests per device before spill-over); ``device`` is then unused.
     ``router``: ``fitted`` loads (or fits once) the pack's embedding router; ``fallback`` skips the
     embedder and sends every request without a persona to the pack's fallback persona, saying so.
+    ``router_backend``: what runs the fitted router's embedder (``router.onnx_encoder.BACKENDS``).
     ``watch_interval_s``: how often the adapters folder is checked for new versions (0 turns it off).
     ``ab_splits``: live A/B experiments (``service/ab_split.py``); their versions are checked here, at start-up.
     ``allowed_hosts``: Host names the server answers to besides its bind address (``service/protection.py``).
@@ -49,6 +52,7 @@ class ServiceSettings:
     pack: str = "demo"
     engine: str = "auto"
     router: str = "fitted"
+    router_backend: str = DEFAULT_ROUTER_BACKEND
     max_queue: int = 64
     max_batch: int = 8
     request_timeout_s: float = 120.0
@@ -85,6 +89,9 @@ class ServiceSettings:
             raise ConfigError(f"{self.engine!r} is not one of {choices(ENGINES)}", field="engine")
         if self.router not in ROUTER_MODES:
             raise ConfigError(f"{self.router!r} is not one of {choices(ROUTER_MODES)}", field="router")
+        if self.router_backend not in ROUTER_BACKENDS:
+            raise ConfigError(f"{self.router_backend!r} is not one of {choices(ROUTER_BACKENDS)}",
+                              field="router_backend")
         _at_least(self.max_queue, 1, "max_queue")
         _at_least(self.max_batch, 1, "max_batch")
         _at_least(self.max_resident_adapters, 1, "max_resident_adapters")

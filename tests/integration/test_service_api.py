@@ -33,6 +33,10 @@ def test_health_ready_and_page(client: httpx.Client) -> None:
     assert client.get("/health").json() == {"status": "alive", "loaded": True}
     ready = client.get("/ready").json()
     assert ready["status"] == "ready" and ready["router"] == "fallback" and ready["engine"] in ("fast", "reference")
+    from persona_router.adapters.base_model import pick_precision
+
+    # The service says which precision it picked: bf16 on a CPU with native bf16, else float32.
+    assert ready["precision"] == pick_precision("auto", "cpu", serving=True)
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="question"' in page.text and "/v1/answer" in page.text and 'id="persona"' in page.text

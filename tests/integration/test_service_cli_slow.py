@@ -36,7 +36,7 @@ def service_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "persona_router", "serve", "--port", str(port), "--adapters", str(adapters),
-             "--watch-interval", "0"], stdout=log, stderr=subprocess.STDOUT, env=env)
+             "--watch-interval", "0", "--quantization", "fp32"], stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, None, timeout_s=900)

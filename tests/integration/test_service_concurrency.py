@@ -40,8 +40,9 @@ def adapters_root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def settings_for(tiny_model_dir: Path, root: Path, **overrides: Any) -> ServiceSettings:
+    # float32: these tests compare answers token for token (the service picks bf16 on CPUs that have it).
     return ServiceSettings(base=str(tiny_model_dir), adapters_dir=root, router="fallback", watch_interval_s=0,
-                           **overrides)
+                           quantization="fp32", **overrides)
 
 
 def ask(server: RunningServer, request: tuple[str, str | None, int]) -> dict[str, Any]:
