@@ -130,10 +130,10 @@ def pick_device(device: str) -> str:
 def pick_precision(quantization: str, device: str, *, serving: bool = False) -> str:
     """``auto``: NF4 on CUDA; on CPU float32, except for batched serving on a CPU with native bf16.
 
-    Measured with the batched engine (``benchmarks/decode_cpu.py``): on a CPU with AMX-BF16, bf16 roughly
-    doubles tokens/s at 16 rows but is slower at batch 1 and its greedy answers drift from float32's, so it
-    is the default only where requests are batched (the service); one-off generation, evaluation, training
-    and the exactness tests keep float32.
+    Measured with the batched engine (``benchmarks/decode_cpu.py``): on a CPU with AMX-BF16, bf16 gave 1.8x
+    the tokens/s at 16 rows, about the same at batch 1 (slower in an earlier, busier run), and its greedy
+    answers drift from float32's; so it is the default only where requests are batched (the service), and
+    one-off generation, evaluation, training and the exactness tests keep float32.
     """
     if quantization != "auto":
         return quantization
