@@ -24,7 +24,7 @@ from persona_router.adapters.generation import SamplingConfig
 from persona_router.core.errors import PersonaRouterError, redact_paths
 from persona_router.service.answering import Answerer, Running
 from persona_router.service.http_errors import EXCEPTION_HANDLERS, MAX_BODY_BYTES, error_body
-from persona_router.service.metrics import CONTENT_TYPE, ServiceMetrics
+from persona_router.service.metrics import ServiceMetrics
 from persona_router.service.openapi import openapi_config
 from persona_router.service.protection import host_guard, json_body_guard
 from persona_router.service.schemas import AdapterRef, AnswerRequest, AnswerResponse, decode_body, sse
@@ -332,9 +332,9 @@ async def personas(request: Request[Any, Any, Any]) -> dict[str, Any]:
 
 
 @get("/metrics", media_type="text/plain")  # documents it; the handler sets the exposition version
-async def metrics(request: Request[Any, Any, Any]) -> Response[str]:
-    state = service(request)
-    return Response(state.metrics.render(), media_type=_without_charset(CONTENT_TYPE))
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    body, content_type = service(request).metrics.render(request.headers.get("accept", ""))
+    return Response(body, media_type=_without_charset(content_type))
 
 
 def _without_charset(media_type: str) -> str:

@@ -1,162 +1,119 @@
-"""Prometheus metrics in the text exposition format (version 0.0.4), without extra dependencies.
+"""The service's Prometheus metrics, on ``prometheus_client``.
 
-Counters, gauges and histograms with labels; all updates happen on the event loop thread, and rendering
-takes a lock so a scrape never sees a half-updated histogram.
+Each app owns its own ``CollectorRegistry`` (tests and benchmarks start several apps in one process, and the
+global default registry would refuse the second set of names). The registry also carries the library's
+process and platform collectors. Gauges that describe live state (queue depth, resident adapters) are read
+from callbacks at scrape time, so they can never disagree with the state they describe.
 """
 
 from __future__ import annotations
 
-import math
-import threading
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import Counter as _PromCounter
+from prometheus_client import Histogram as _PromHistogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024)
 
 Labels = tuple[str, ...]
-_INF_LE = 'le="+Inf"'
+GaugeReader = Callable[[], Iterable[tuple[dict[str, str], float]]]
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class Counter:
+    """A labelled counter; labels are passed by name so a call site cannot swap two of them."""
 
-
-def _fmt(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
-
-
-def _label_text(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-@dataclass
-class _Metric:
-    name: str
-    help: str
-    labels: Labels
-    kind: str
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def _key(self, values: dict[str, str]) -> Labels:
-        if set(values) != set(self.labels):
-            raise ValueError(f"{self.name} takes labels {self.labels}, got {sorted(values)}")
-        return tuple(str(values[n]) for n in self.labels)
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-
-@dataclass
-class Counter(_Metric):
-    values: dict[Labels, float] = field(default_factory=dict)
+    def __init__(self, name: str, help_text: str, labels: Labels, registry: CollectorRegistry) -> None:
+        self.labels = labels
+        self._metric = _PromCounter(name, help_text, labels, registry=registry)
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = self._key(labels)
-        with self.lock:
-            self.values[key] = self.values.get(key, 0.0) + amount
+        self._metric.labels(**_checked(self.labels, labels)).inc(amount)
 
     def get(self, **labels: str) -> float:
-        return self.values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        with self.lock:
-            return [*self.header(), *(f"{self.name}{_label_text(self.labels, k)} {_fmt(v)}"
-                                     for k, v in sorted(self.values.items()))]
+        return float(self._metric.labels(**_checked(self.labels, labels))._value.get())
 
 
-@dataclass
-class Gauge(_Metric):
-    """A gauge read from a callback at scrape time (queue depth, resident adapters)."""
-
-    read: Callable[[], Iterable[tuple[dict[str, str], float]]] = lambda: ()
-
-    def render(self) -> list[str]:
-        lines = self.header()
-        for labels, value in self.read():
-            lines.append(f"{self.name}{_label_text(self.labels, self._key(labels))} {_fmt(value)}")
-        return lines
-
-
-@dataclass
-class Histogram(_Metric):
-    buckets: tuple[float, ...] = LATENCY_BUCKETS
-    series: dict[Labels, list[float]] = field(default_factory=dict)  # bucket counts..., sum, count
+class Histogram:
+    def __init__(self, name: str, help_text: str, labels: Labels, registry: CollectorRegistry, *,
+                 buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.labels = labels
+        self._metric = _PromHistogram(name, help_text, labels, registry=registry, buckets=tuple(buckets))
 
     def observe(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
-        with self.lock:
-            row = self.series.setdefault(key, [0.0] * (len(self.buckets) + 2))
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    row[i] += 1
-            row[-2] += value
-            row[-1] += 1
+        self._metric.labels(**_checked(self.labels, labels)).observe(value)
 
     def count(self, **labels: str) -> float:
-        row = self.series.get(self._key(labels))
-        return row[-1] if row else 0.0
+        for sample in self._metric.collect()[0].samples:
+            if sample.name.endswith("_count") and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+        return 0.0
 
-    def render(self) -> list[str]:
-        lines = self.header()
-        with self.lock:
-            for key, row in sorted(self.series.items()):
-                for bound, cumulative in zip(self.buckets, row, strict=False):
-                    le = f'le="{_fmt(bound)}"'
-                    lines.append(f"{self.name}_bucket{_label_text(self.labels, key, le)} {_fmt(cumulative)}")
-                lines.append(f"{self.name}_bucket{_label_text(self.labels, key, _INF_LE)} {_fmt(row[-1])}")
-                lines.append(f"{self.name}_sum{_label_text(self.labels, key)} {_fmt(row[-2])}")
-                lines.append(f"{self.name}_count{_label_text(self.labels, key)} {_fmt(row[-1])}")
-        return lines
+
+class _CallbackGauges(Collector):
+    """Gauges read from callbacks at scrape time."""
+
+    def __init__(self) -> None:
+        self.gauges: list[tuple[str, str, Labels, GaugeReader]] = []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, help_text, labels, read in self.gauges:
+            family = GaugeMetricFamily(name, help_text, labels=list(labels))
+            for values, value in read():
+                family.add_metric([str(values[n]) for n in _checked(labels, values)], value)
+            yield family
+
+
+def _checked(names: Labels, values: dict[str, Any]) -> dict[str, Any]:
+    if set(values) != set(names):
+        raise ValueError(f"takes labels {names}, got {sorted(values)}")
+    return values
 
 
 class ServiceMetrics:
     """The service's metrics; ``persona`` and ``adapter_version`` label everything about answers."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         answer = ("endpoint", "persona", "adapter_version")
+        r = self.registry
         self.requests = Counter("persona_router_requests_total",
                                 "Answer requests by endpoint, persona, adapter version and status code.",
-                                (*answer, "status"), "counter")
+                                (*answer, "status"), r)
         self.latency = Histogram("persona_router_request_latency_seconds",
-                                 "End-to-end latency of answer requests.", answer, "histogram")
+                                 "End-to-end latency of answer requests.", answer, r)
         self.first_token = Histogram("persona_router_time_to_first_token_seconds",
-                                     "Time from request arrival to the first generated token.", answer, "histogram")
+                                     "Time from request arrival to the first generated token.", answer, r)
         self.tokens = Counter("persona_router_tokens_total", "Prompt and completion tokens.",
-                              ("kind", "persona", "adapter_version"), "counter")
-        self.completion_tokens = Histogram("persona_router_completion_tokens",
-                                           "Completion length per request.", ("persona", "adapter_version"),
-                                           "histogram", buckets=tuple(float(b) for b in TOKEN_BUCKETS))
+                              ("kind", "persona", "adapter_version"), r)
+        self.completion_tokens = Histogram("persona_router_completion_tokens", "Completion length per request.",
+                                           ("persona", "adapter_version"), r,
+                                           buckets=tuple(float(b) for b in TOKEN_BUCKETS))
         self.decisions = Counter("persona_router_routing_decisions_total",
                                  "Routing decisions by source (explicit, inferred, fallback) and persona.",
-                                 ("source", "persona"), "counter")
+                                 ("source", "persona"), r)
         self.ab = Counter("persona_router_ab_assignments_total", "Live A/B assignments by persona and arm.",
-                          ("persona", "arm", "adapter_version"), "counter")
+                          ("persona", "arm", "adapter_version"), r)
         self.errors = Counter("persona_router_errors_total", "Failed requests by endpoint and error type.",
-                              ("endpoint", "type"), "counter")
+                              ("endpoint", "type"), r)
         self.adapter_events = Counter("persona_router_adapter_events_total",
                                       "Adapter loads, unloads and refusals.", ("event", "persona", "adapter_version"),
-                                      "counter")
-        self.gauges: list[Gauge] = []
+                                      r)
+        self._gauges = _CallbackGauges()
+        self.registry.register(self._gauges)
 
-    def add_gauge(self, name: str, help_text: str, labels: Labels,
-                  read: Callable[[], Iterable[tuple[dict[str, str], float]]]) -> None:
-        self.gauges.append(Gauge(name, help_text, labels, "gauge", read=read))
+    def add_gauge(self, name: str, help_text: str, labels: Labels, read: GaugeReader) -> None:
+        self._gauges.gauges.append((name, help_text, labels, read))
 
-    def render(self) -> str:
-        metrics: list[Counter | Histogram | Gauge] = [
-            self.requests, self.latency, self.first_token, self.tokens, self.completion_tokens, self.decisions,
-            self.ab, self.errors, self.adapter_events, *self.gauges,
-        ]
-        lines: list[str] = []
-        for metric in metrics:
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition the scraper asked for (Prometheus text, or OpenMetrics by ``Accept``) and its
+        content type."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type

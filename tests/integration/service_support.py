@@ -159,3 +159,12 @@ def wait_until(predicate: Any, timeout_s: float = 30.0, interval_s: float = 0.2)
             return value
         time.sleep(interval_s)
     raise TimeoutError(f"condition not met within {timeout_s} s")
+
+
+def metric_samples(text: str, name: str, **labels: str) -> list[float]:
+    """Values of the samples called ``name`` whose labels include ``labels``, read with prometheus_client's
+    own parser (label order in the exposition is the library's business)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())]

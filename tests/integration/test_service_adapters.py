@@ -18,6 +18,7 @@ from tests.integration.service_support import (
     AdapterFactory,
     RunningServer,
     answer,
+    metric_samples,
     serve,
     sse_events,
     wait_until,
@@ -217,4 +218,5 @@ def test_live_ab_split_is_sticky_per_user(tiny_model_dir: Path, tmp_path_factory
         assert "unusable" in unusable["ab"]["reason"]
         assert persona_state(client, "student")["ab"]["candidate"] == "1"
         metrics = client.get("/metrics").text
-        assert 'persona_router_ab_assignments_total{persona="student",arm="candidate",adapter_version="1"}' in metrics
+        assert metric_samples(metrics, "persona_router_ab_assignments_total", persona="student", arm="candidate",
+                              adapter_version="1")

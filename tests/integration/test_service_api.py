@@ -14,7 +14,7 @@ import httpx
 import pytest
 from persona_router.service.settings import ServiceSettings
 
-from tests.integration.service_support import AdapterFactory, RunningServer, answer, serve, sse_events
+from tests.integration.service_support import AdapterFactory, RunningServer, answer, metric_samples, serve, sse_events
 
 QUESTION = "why is the sky blue?"
 
@@ -207,12 +207,14 @@ def test_metrics_label_persona_and_adapter_version(client: httpx.Client) -> None
     client.post("/v1/answer", json={"question": ""})
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert response.headers["content-type"].count("charset") == 1
     text = response.text
-    assert 'persona_router_requests_total{endpoint="answer",persona="student",adapter_version="1",status="200"}' in text
-    assert 'persona_router_request_latency_seconds_bucket{endpoint="answer",persona="student",adapter_version="1",' \
-           'le="+Inf"}' in text
-    assert 'persona_router_routing_decisions_total{source="explicit",persona="student"}' in text
-    assert 'persona_router_tokens_total{kind="completion",persona="student",adapter_version="1"}' in text
-    assert 'persona_router_errors_total{endpoint="/v1/answer",type="invalid_request_error"}' in text
-    assert 'persona_router_resident_adapters{persona="student",adapter_version="1"} 1' in text
-    assert "persona_router_queue_depth 0" in text
+    answer_labels = {"endpoint": "answer", "persona": "student", "adapter_version": "1"}
+    assert metric_samples(text, "persona_router_requests_total", **answer_labels, status="200") == [1]
+    assert metric_samples(text, "persona_router_request_latency_seconds_bucket", **answer_labels, le="+Inf") == [1]
+    assert metric_samples(text, "persona_router_routing_decisions_total", source="explicit", persona="student")
+    assert metric_samples(text, "persona_router_tokens_total", kind="completion", persona="student",
+                          adapter_version="1")
+    assert metric_samples(text, "persona_router_errors_total", endpoint="/v1/answer", type="invalid_request_error")
+    assert metric_samples(text, "persona_router_resident_adapters", persona="student", adapter_version="1") == [1]
+    assert metric_samples(text, "persona_router_queue_depth") == [0]

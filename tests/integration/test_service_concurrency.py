@@ -5,7 +5,6 @@ with Retry-After, the per-request timeout answers 504, and a client that disconn
 from __future__ import annotations
 
 import concurrent.futures
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import httpx
 import pytest
 from persona_router.service.settings import ServiceSettings
 
-from tests.integration.service_support import AdapterFactory, RunningServer, answer, serve, wait_until
+from tests.integration.service_support import AdapterFactory, RunningServer, answer, metric_samples, serve, wait_until
 
 # (question, persona, max_new_tokens): adapter personas, prompt-only personas, the router's fallback.
 REQUESTS = [
@@ -133,8 +132,7 @@ def test_timeout_answers_504(tiny_model_dir: Path, adapters_root: Path) -> None:
 
 
 def completion_tokens(metrics: str) -> float:
-    found = re.findall(r'^persona_router_tokens_total\{kind="completion"[^}]*\} (\S+)$', metrics, re.M)
-    return sum(float(v) for v in found)
+    return sum(metric_samples(metrics, "persona_router_tokens_total", kind="completion"))
 
 
 def test_client_disconnect_stops_generation(tiny_model_dir: Path, adapters_root: Path) -> None:
@@ -148,8 +146,8 @@ def test_client_disconnect_stops_generation(tiny_model_dir: Path, adapters_root:
                 tokens += line.startswith("event: token")
                 if tokens >= 3:
                     break
-        wait_until(lambda: 'status="499"' in client.get("/metrics").text, timeout_s=20)
-        wait_until(lambda: server.state.engine.stats().running == 0, timeout_s=20)
+        wait_until(lambda: bool(metric_samples(client.get("/metrics").text, "persona_router_requests_total",
+                                               status="499")), timeout_s=20)
         generated = completion_tokens(client.get("/metrics").text) - before
         assert 3 <= generated < 1800
         assert server.state.answerer.in_flight == 0

@@ -12,7 +12,7 @@ from persona_router.core.errors import (
     QueueFullError,
     UnknownPersonaError,
 )
-from persona_router.service.metrics import Counter, Histogram
+from persona_router.service.metrics import ServiceMetrics
 from persona_router.service.schemas import AnswerRequest, ChatCompletionRequest, decode_body, sse
 from persona_router.service.settings import ServiceSettings
 
@@ -68,19 +68,34 @@ def test_error_mapping() -> None:
     assert error_response(QueueFullError("full", retry_after_s=3)).headers["Retry-After"] == "3"
 
 
-def test_prometheus_rendering() -> None:
-    counter = Counter("c_total", "help", ("persona",), "counter")
-    counter.inc(persona='a"b\\c')
-    counter.inc(2, persona='a"b\\c')
-    assert counter.render()[-1] == 'c_total{persona="a\\"b\\\\c"} 3'
-    histogram = Histogram("h_seconds", "help", ("p",), "histogram", buckets=(0.1, 1.0))
+def test_prometheus_rendering_parses_and_counts() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = ServiceMetrics()
+    metrics.requests.inc(endpoint="answer", persona='a"b\\c', adapter_version="1", status="200")
+    metrics.requests.inc(2, endpoint="answer", persona='a"b\\c', adapter_version="1", status="200")
     for value in (0.05, 0.5, 5.0):
-        histogram.observe(value, p="x")
-    lines = histogram.render()
-    assert 'h_seconds_bucket{p="x",le="0.1"} 1' in lines and 'h_seconds_bucket{p="x",le="1"} 2' in lines
-    assert 'h_seconds_bucket{p="x",le="+Inf"} 3' in lines and 'h_seconds_count{p="x"} 3' in lines
+        metrics.latency.observe(value, endpoint="answer", persona="x", adapter_version="none")
+    metrics.add_gauge("persona_router_queue_depth", "Requests waiting.", (), lambda: [({}, 4.0)])
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain") and content_type.count("charset") == 1
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    key = (("adapter_version", "1"), ("endpoint", "answer"), ("persona", 'a"b\\c'), ("status", "200"))
+    assert samples[("persona_router_requests_total", key)] == 3
+    bucket = (("adapter_version", "none"), ("endpoint", "answer"), ("le", "{}"), ("persona", "x"))
+    assert [samples[("persona_router_request_latency_seconds_bucket",
+                     tuple(sorted({**dict(bucket), "le": le}.items())))] for le in ("0.05", "1.0", "+Inf")] == [1, 2, 3]
+    assert samples[("persona_router_queue_depth", ())] == 4
+    assert any(name == "process_cpu_seconds_total" for name, _ in samples)
+    assert metrics.latency.count(endpoint="answer", persona="x", adapter_version="none") == 3
     with pytest.raises(ValueError, match="labels"):
-        counter.inc(other="x")
+        metrics.requests.inc(other="x")
+
+
+def test_prometheus_serves_openmetrics_when_asked() -> None:
+    body, content_type = ServiceMetrics().render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
 
 
 def test_openai_request_mapping() -> None:
