@@ -33,6 +33,8 @@ from persona_router.service.schemas import AnswerRequest, Usage
 from persona_router.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+LIVE = "live"
+PROMPT_ONLY = "none"
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,7 @@ class Answerer:
                                       f"{self.settings.max_context_chars}", field="context")
         if inp.persona is not None and (not inp.persona.strip() or len(inp.persona) > 64):
             raise InvalidRequestError("must be a persona name (at most 64 characters) or omitted", field="persona")
+        adapter_choice(inp.adapter)
         if inp.user is not None and len(inp.user) > 256:
             raise InvalidRequestError("must be at most 256 characters", field="user")
         if inp.seed is not None and not 0 <= inp.seed < 2**63:
@@ -296,7 +299,7 @@ class Answerer:
         routing_ms = (time.perf_counter() - started) * 1000
         self.metrics.decisions.inc(source=decision.source, persona=decision.persona)
         persona = catalog.pack.get(decision.persona)
-        assignment, lease = await self._lease(persona.name, inp.user)
+        assignment, lease = await self._lease(persona.name, inp.user, adapter_choice(inp.adapter))
         try:
             messages = build_messages(inp.question, system_prompt=persona.system_prompt, context=inp.context)
             ids = prompt_ids(self.tokenizer, messages)
@@ -320,7 +323,12 @@ class Answerer:
         self.in_flight += 1
         return running
 
-    async def _lease(self, persona: str, user: str | None) -> tuple[Assignment | None, Lease | None]:
+    async def _lease(self, persona: str, user: str | None,
+                     choice: int | str = LIVE) -> tuple[Assignment | None, Lease | None]:
+        if choice == PROMPT_ONLY:
+            return None, None
+        if isinstance(choice, int):  # a named version: no A/B, and no silent substitute if it is unusable
+            return None, await self.residency.acquire(persona, choice)
         split = self.splits.get(persona)
         if split is None:
             return None, await self.residency.acquire(persona)
@@ -371,4 +379,16 @@ class Answerer:
         self.metrics.completion_tokens.observe(running.completion_tokens, persona=persona, adapter_version=version)
 
 
-__all__ = ["Answerer", "Running", "fallback_decider"]
+def adapter_choice(raw: str | None) -> int | str:
+    """``AnswerRequest.adapter``: the live version (default), prompt-only, or a version number."""
+    if raw is None or raw == LIVE:
+        return LIVE
+    if raw == PROMPT_ONLY:
+        return PROMPT_ONLY
+    if raw.isascii() and raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    raise InvalidRequestError(f"{raw!r} is not an adapter choice; valid: {LIVE!r}, {PROMPT_ONLY!r} or a version "
+                              "number such as '2'", field="adapter")
+
+
+__all__ = ["Answerer", "Running", "adapter_choice", "fallback_decider"]

@@ -354,14 +354,15 @@ def _version() -> str:
 
 def create_app(settings: ServiceSettings) -> Litestar:
     from persona_router.service.admin import admin_router
+    from persona_router.service.compare import JudgeHolder, compare
     from persona_router.service.openai_compat import chat_completions, list_models, retrieve_model
 
     return Litestar(
-        route_handlers=[index, health, ready, answer, personas, metrics, chat_completions, list_models, retrieve_model,
-                        admin_router(settings)],
+        route_handlers=[index, health, ready, answer, personas, metrics, compare, chat_completions, list_models,
+                        retrieve_model, admin_router(settings)],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
-        state=State({"settings": settings}),
+        state=State({"settings": settings, "judge": JudgeHolder()}),
         guards=[host_guard(settings)],
         openapi_config=openapi_config(_version()),
         logging_config=None,  # keep the CLI's logging set-up

@@ -49,9 +49,11 @@ class Histogram:
         self._metric.labels(**_checked(self.labels, labels)).observe(value)
 
     def count(self, **labels: str) -> float:
-        for sample in self._metric.collect()[0].samples:
-            if sample.name.endswith("_count") and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
+        wanted = _checked(self.labels, labels)
+        for family in self._metric.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_count") and sample.labels == wanted:
+                    return float(sample.value)
         return 0.0
 
 

@@ -31,6 +31,9 @@ class AnswerRequest(msgspec.Struct, forbid_unknown_fields=True):
     user: str | None = None
     stream: bool = False
     stop: list[str] | None = None  # stop strings: generation ends there, they are not part of the answer
+    # Which adapter answers: omitted or "live" = the persona's live version (and its A/B split, if any),
+    # "none" = the system prompt alone, "3" = that version. The compare view sets it per arm.
+    adapter: str | None = None
 
 
 class AdapterRef(msgspec.Struct):

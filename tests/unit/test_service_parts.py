@@ -149,3 +149,19 @@ def test_reference_engine_batches_only_compatible_sampling() -> None:
     assert key() == key(max_new_tokens=5)  # greedy rows share a batch whatever their length
     assert key(temperature=0.7) == key(temperature=0.7) != key(temperature=0.8)
     assert key(temperature=0.7, seed=1) is None  # a seeded row runs alone so its seed reproduces
+
+
+@pytest.mark.parametrize("raw, expected", [(None, "live"), ("live", "live"), ("none", "none"), ("3", 3)])
+def test_adapter_choice(raw: str | None, expected: object) -> None:
+    from persona_router.service.answering import adapter_choice
+
+    assert adapter_choice(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["0", "v2", "٢", "²", "-1", "", "latest"])
+def test_adapter_choice_refuses_anything_else(raw: str) -> None:
+    from persona_router.service.answering import adapter_choice
+
+    with pytest.raises(InvalidRequestError, match="adapter choice") as caught:
+        adapter_choice(raw)
+    assert caught.value.field == "adapter"
