@@ -135,6 +135,8 @@ class AdapterResidency:
             if wanted is None:
                 return None
             name = engine_name(persona, wanted)
+            if version is not None and name not in self._resident:
+                self._check_exists(persona, version)  # a version that was never published is a 404, not a 422
             try:
                 if name not in self._resident:
                     async with self._lock:

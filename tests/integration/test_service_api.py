@@ -210,8 +210,10 @@ def test_metrics_label_persona_and_adapter_version(client: httpx.Client) -> None
     assert response.headers["content-type"].count("charset") == 1
     text = response.text
     answer_labels = {"endpoint": "answer", "persona": "student", "adapter_version": "1"}
-    assert metric_samples(text, "persona_router_requests_total", **answer_labels, status="200") == [1]
-    assert metric_samples(text, "persona_router_request_latency_seconds_bucket", **answer_labels, le="+Inf") == [1]
+    (requests,) = metric_samples(text, "persona_router_requests_total", **answer_labels, status="200")
+    assert requests >= 1  # earlier tests of this module's server answered as the student too
+    assert metric_samples(text, "persona_router_request_latency_seconds_bucket", **answer_labels,
+                          le="+Inf") == [requests]
     assert metric_samples(text, "persona_router_routing_decisions_total", source="explicit", persona="student")
     assert metric_samples(text, "persona_router_tokens_total", kind="completion", persona="student",
                           adapter_version="1")

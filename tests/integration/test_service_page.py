@@ -90,3 +90,45 @@ def test_page_lists_personas_with_their_status(browser: Any, server: RunningServ
     WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#persona option")) == 6)
     labels = [o.get_attribute("textContent") for o in browser.find_elements(By.CSS_SELECTOR, "#persona option")]
     assert labels[0].startswith("auto") and "student (adapter v1)" in labels and "clinician (prompt-only)" in labels
+
+
+def test_compare_view_shows_both_arms_side_by_side(browser: Any, server: RunningServer,
+                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Adapter against prompt: both answers, their decisions, speed and the judge's verdict; a screenshot
+    goes to ``$PERSONA_ROUTER_SCREENSHOTS`` when set (the committed one is made on the demo server)."""
+    import os
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    with server.client() as client:
+        expected = [answer(client, QUESTION, persona="student", max_new_tokens=8, adapter=choice)["answer"]
+                    for choice in ("live", "none")]
+    browser.set_window_size(1400, 1100)
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 180)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#arm0-persona option")) == 6)
+    browser.find_element(By.ID, "cmp-question").send_keys(QUESTION)
+    for arm, adapter in (("arm0", "live"), ("arm1", "none")):
+        Select(browser.find_element(By.ID, f"{arm}-persona")).select_by_value("student")
+        Select(browser.find_element(By.ID, f"{arm}-adapter")).select_by_value(adapter)
+    tokens = browser.find_element(By.ID, "cmp-max-tokens")
+    tokens.clear()
+    tokens.send_keys("8")
+    browser.find_element(By.ID, "cmp-send").click()
+    wait.until(lambda d: d.find_element(By.ID, "cmp-status").get_attribute("textContent").startswith(("done", "error")))
+    assert browser.find_element(By.ID, "cmp-status").get_attribute("textContent").startswith("done")
+    shown = []
+    for arm in ("arm0", "arm1"):
+        box = browser.find_element(By.ID, arm)
+        rows = {dd.get_attribute("data-key"): dd.get_attribute("textContent")
+                for dd in box.find_elements(By.CSS_SELECTOR, "dd[data-key]")}
+        shown.append({"answer": box.find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent"), **rows})
+    assert [arm["answer"].strip() for arm in shown] == [text.strip() for text in expected]
+    assert shown[0]["adapter"] == "student v1" and shown[1]["adapter"] == "none (prompt-only)"
+    for arm in shown:
+        assert arm["persona"] == "student (explicit)" and float(arm["tokens/s"].split()[0]) > 0
+        assert arm["judge"].startswith("sounds like ") and 0 <= float(arm["adherence"]) <= 1
+    folder = Path(os.environ.get("PERSONA_ROUTER_SCREENSHOTS") or tmp_path_factory.mktemp("screens"))
+    folder.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(folder / "compare_view.png"))
