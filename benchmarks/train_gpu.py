@@ -10,20 +10,28 @@ SFTTrainer on the same rows:
 - ``notebook``: per-device batch 2 x gradient accumulation 4, max_length 1024 cut from the end (answers
   are lost when the context is long), loss on the whole sequence, padded batches, gradient checkpointing,
   paged_adamw_8bit, fp16 mixed precision.
-- ``ours``: ``training/config.py``'s CUDA defaults through ``training/sft_setup.py`` (the exact arguments of
-  ``persona-router train``): contexts cut so question and answer survive, loss on the answer only, examples
-  packed without padding (attention stays within each example), bf16, gradient checkpointing, micro-batch of
-  4 packed rows of up to 1024 tokens x accumulation 2.
-- ``ours-b2`` / ``ours-b8`` (if time allows): ours with micro-batch 2 x accumulation 4 (the notebook's split)
-  or 8 x 1, to show the speed/memory trade of the micro-batch size at the same effective batch of 8.
+- ``ours``: ``training/config.py``'s CUDA defaults as they stand, through ``training/sft_setup.py`` and
+  ``training/cuda_kernels.py`` (the exact arguments of ``persona-router train``): contexts cut so question and
+  answer survive, loss on the answer only, examples packed without padding (attention stays within each
+  example), bf16, gradient checkpointing, paged_adamw_8bit, an effective batch of 8 packed rows of up to 1024
+  tokens.
+- the other names pin every speed setting (so their meaning does not move when the defaults do), on top of
+  ours: ``<attention>[-liger][-offload][-compile]-b<micro-batch>`` with attention ``sdpa`` (transformers
+  builds a dense block-diagonal mask for the packed row) or ``varlen`` (per-example FlashAttention kernels,
+  no mask), ``liger`` (Liger's fused RMSNorm and SwiGLU), ``offload`` (checkpointed activations moved to host
+  memory), ``compile`` (``torch.compile`` of the model through TRL's ``torch_compile``), and micro-batch 2, 4 or 8
+  packed rows (accumulation 4, 2 or 1: always 8 rows per optimizer step). ``sdpa-b4`` is the previous default.
 
 Reported per configuration: real (non-padding) tokens/s and seconds per 1,000 examples over the timed steps
-(after warm-up steps), peak allocated GPU memory during training (weights included). Each configuration runs in
-its own child process, so no memory or warm-up carries over from the previous one. JSON is rewritten after
-each configuration, so a timeout keeps what finished. Expected (not yet measured): 4-6 minutes on an H100; a
-configuration that would start after ``--budget-s`` (330 s) is skipped so the run stays under 8 minutes.
+(after warm-up steps), peak allocated GPU memory over warm-up and timed steps (weights included), and a
+breakdown of two more steps (``benchmarks/train_gpu_profile.py``: phase times of one step, kernel categories of
+another). Each configuration runs in its own child process, so no memory or warm-up carries over from the
+previous one. JSON is rewritten after each configuration, so a timeout keeps what finished. The parent also
+measures the card's bf16 matrix-product rate and copy bandwidth, and quantises the random model to NF4 once
+(children load the 4-bit folder). A configuration that would start after ``--budget-s`` is skipped.
 
-    python benchmarks/train_gpu.py --out benchmarks/results/train_gpu_h100.json
+    python benchmarks/train_gpu.py --out benchmarks/results/train_gpu_h200.json \
+        --configs notebook-bf16,ours,sdpa-b4,varlen-b4,varlen-liger-b4,varlen-liger-b2
     python benchmarks/train_gpu.py --smoke --out /tmp/train_gpu_smoke.json   # CPU, tiny model: checks the script
 """
 
@@ -35,7 +43,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -47,7 +54,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+    # Appended, not prepended: the checkout's persona_router/ folder holds only the namespace's root, and must
+    # not shadow an installed (or PYTHONPATH) persona_router that has the subpackages.
+    sys.path.append(str(ROOT))
+
+from benchmarks.train_gpu_report import environment, measure_ceilings, print_table, summarise  # noqa: E402
 
 log = logging.getLogger("train_gpu")
 
@@ -125,10 +136,30 @@ def load_model(folder: Path, *, smoke: bool) -> Any:
 
     if smoke:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if "quantization_config" in json.loads((folder / "config.json").read_text(encoding="utf-8")):
+        # Quantised once by the parent (quantize_folder): the same NF4 weights, without quantising per child.
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": 0})
     from persona_router.adapters.base_model import nf4_config
 
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4_config(double_quant=True),
                                                 dtype=torch.bfloat16, device_map={"": 0})
+
+
+def quantize_folder(folder: Path) -> Path:
+    """Save the NF4 (double-quant, bf16 compute) model once; children then load 2 GB instead of quantising 7.6."""
+    import shutil
+
+    target = folder.parent / "model-nf4"
+    started = time.perf_counter()
+    model = load_model(folder, smoke=False)
+    model.save_pretrained(target)
+    for item in folder.iterdir():
+        if item.name.startswith("tokenizer") or item.name.endswith(".jinja") or item.name == "special_tokens_map.json":
+            shutil.copy2(item, target / item.name)
+    del model
+    _free()
+    log.info("NF4 copy saved in %.0f s", time.perf_counter() - started)
+    return target
 
 
 def notebook_args(output_dir: Path, steps: int, *, smoke: bool, bf16: bool = False) -> Any:
@@ -146,29 +177,55 @@ def notebook_args(output_dir: Path, steps: int, *, smoke: bool, bf16: bool = Fal
     return trl.SFTConfig(**supported_kwargs(trl.SFTConfig, kwargs, warmup_ratio=0.03))
 
 
-def ours_args(output_dir: Path, steps: int, *, smoke: bool, batch: int | None = None,
-              accum: int | None = None) -> tuple[Any, Any]:
+SPEED_FLAGS = ("liger", "offload", "compile")
+MICRO_BATCHES = {"b2": 2, "b4": 4, "b8": 8}
+
+
+def variant_overrides(name: str) -> tuple[dict[str, Any], bool]:
+    """TrainConfig overrides (on top of the defaults) and whether to torch.compile, for an ``ours``-style name."""
+    if name == "ours":
+        return {}, False
+    parts = name.split("-")
+    attention, flags, micro = parts[0], set(parts[1:-1]), parts[-1]
+    if attention not in ("sdpa", "varlen") or micro not in MICRO_BATCHES or not flags <= set(SPEED_FLAGS):
+        raise ValueError(f"unknown configuration {name!r}: use notebook, notebook-bf16, ours or "
+                         "<sdpa|varlen>[-liger][-offload][-compile]-<b2|b4|b8>")
+    batch = MICRO_BATCHES[micro]
+    overrides = {"attention": attention, "liger_kernels": "on" if "liger" in flags else "off",
+                 "activation_offloading": "on" if "offload" in flags else "off",
+                 "batch_size": batch, "grad_accum": 8 // batch}
+    return overrides, "compile" in flags
+
+
+def ours_args(name: str, output_dir: Path, steps: int, *, smoke: bool) -> tuple[Any, Any]:
+    from dataclasses import replace
+
     from persona_router.training.config import TrainConfig
     from persona_router.training.sft_setup import sft_config
 
-    config = TrainConfig(max_steps=steps, save_steps=10**6, batch_size=batch, grad_accum=accum)
+    overrides, compile_model = variant_overrides(name)
+    config = TrainConfig(max_steps=steps, save_steps=10**6).with_overrides(overrides)
     config = config.resolved("cpu" if smoke else "cuda")
-    if smoke:  # CPU cannot run the CUDA defaults; keep everything else
-        from dataclasses import replace
-
-        config = replace(config, max_length=MAX_LENGTH, gradient_checkpointing="on", batch_size=batch or 2,
-                         grad_accum=accum or 4)
+    if smoke:  # CPU cannot run the CUDA settings; keep everything else
+        config = replace(config, max_length=MAX_LENGTH, gradient_checkpointing="on", batch_size=config.batch_size or 2,
+                         grad_accum=config.grad_accum or 4, attention="sdpa", liger_kernels="off",
+                         activation_offloading="off")
     args = sft_config(config, output_dir=output_dir, device="cpu" if smoke else "cuda")
     args.disable_tqdm = True
+    if compile_model:
+        args.torch_compile = True
     return args, config
 
 
 class StepTimer:
-    """Wall time and real-token count at the end of every optimizer step."""
+    """Wall time and real-token count at the end of every optimizer step; peak memory after the timed ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, timed_until: int) -> None:
         self.trainer: Any = None
         self.marks: list[tuple[float, int]] = []
+        self.timed_until = timed_until
+        self.peak_allocated: int | None = None
+        self.peak_reserved: int | None = None
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -180,37 +237,49 @@ class StepTimer:
                 _sync()
                 tokens = int(getattr(timer.trainer, "_total_train_tokens", 0) or state.num_input_tokens_seen)
                 timer.marks.append((time.perf_counter(), tokens))
+                if len(timer.marks) == timer.timed_until:
+                    timer.peak_allocated, timer.peak_reserved = _peak_memory()
 
         return _Callback()
 
 
 def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, steps: int, warmup: int,
-               smoke: bool) -> dict[str, Any]:
+               smoke: bool, profile: bool) -> dict[str, Any]:
     import datasets
     import torch
     import trl
     from persona_router.training.config import TrainConfig
+    from persona_router.training.cuda_kernels import prepare_model
     from persona_router.training.sft_setup import lora_config
+
+    from benchmarks.train_gpu_profile import StepProfiler
 
     datasets.disable_progress_bars()
     work = Path(tempfile.mkdtemp(prefix=f"train-gpu-{name}-"))
-    total = warmup + steps
+    extra = 2 if profile else 0  # one phase-timed step, one torch.profiler step, after the timed ones
+    total = warmup + steps + extra
+    model = load_model(folder, smoke=smoke)
     if name in ("notebook", "notebook-bf16"):
         args, config = notebook_args(work, total, smoke=smoke, bf16=name == "notebook-bf16"), None
         data = notebook_dataset(rows)
+        applied: dict[str, str] = {}
     else:
-        batch, accum = {"ours-b2": (2, 4), "ours-b4": (4, 2), "ours-b8": (8, 1)}.get(name, (None, None))
-        args, config = ours_args(work, total, smoke=smoke, batch=batch, accum=accum)
+        args, config = ours_args(name, work, total, smoke=smoke)
         data = ours_dataset(rows, config.max_length)
-    model = load_model(folder, smoke=smoke)
+        model.config.use_cache = False
+        applied = prepare_model(model, config, "cpu" if smoke else "cuda")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    timer = StepTimer()
+    timer = StepTimer(timed_until=warmup + steps)
+    profiler = StepProfiler(phase_step=warmup + steps, kernel_step=warmup + steps + 1) if profile else None
+    callbacks = [timer.callback()] + ([profiler.callback()] if profiler else [])
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
                              processing_class=tokenizer, peft_config=lora_config(config or TrainConfig()),
-                             callbacks=[timer.callback()])
+                             callbacks=callbacks)
     timer.trainer = trainer
+    if profiler:
+        profiler.install(trainer)
     prepared: Any = trainer.train_dataset
     real_tokens = sum(min(len(d["input_ids"]), MAX_LENGTH) for d in data)
     examples_per_row = len(data) / len(prepared)
@@ -221,32 +290,68 @@ def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, ste
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    (t0, k0), (t1, k1) = timer.marks[warmup - 1], timer.marks[-1]
+    timed = warmup + steps
+    (t0, k0), (t1, k1) = timer.marks[warmup - 1], timer.marks[timed - 1]
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    examples_per_s = (len(timer.marks) - warmup) * rows_per_step * examples_per_row / (t1 - t0)
+    examples_per_s = steps * rows_per_step * examples_per_row / (t1 - t0)
+    tokens_per_s = (k1 - k0) / (t1 - t0)
     result = {
-        "config": name, "steps_timed": len(timer.marks) - warmup, "warmup_steps": warmup,
-        "tokens_per_s": round((k1 - k0) / (t1 - t0), 1),
+        "config": name, "steps_timed": steps, "warmup_steps": warmup,
+        "tokens_per_s": round(tokens_per_s, 1),
         "s_per_1000_examples": round(1000 / examples_per_s, 2),
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
-        else None,
-        "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if torch.cuda.is_available()
-        else None,
+        "peak_gpu_memory_gib": _gib(timer.peak_allocated),
+        "peak_gpu_reserved_gib": _gib(timer.peak_reserved),
         "mean_real_tokens_per_example": round(real_tokens / len(data), 1),
         "examples_per_row": round(examples_per_row, 3),
         "answers_intact_fraction": answers_kept,
         # Tokens of the answer that fall inside the training window, per second: the notebook spends part of its
         # compute on examples whose answer was cut off, which teaches nothing about answering.
         "answer_tokens_in_window_per_s": round(examples_per_s * answer_tokens, 1),
+        # Frozen projections only: forward, recomputation and input-gradient backward, 2 FLOP per weight each.
+        "projection_tflops_per_s": round(tokens_per_s * 6 * projection_params(model) / 1e12, 1),
         "train_wall_s": round(wall, 1),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "speed_settings": applied,
         "settings": _settings(args),
     }
+    if config is not None:
+        result["train_config"] = {k: v for k, v in config.to_json().items()
+                                  if k in ("batch_size", "grad_accum", "max_length", "attention", "liger_kernels",
+                                           "activation_offloading", "gradient_checkpointing", "optim", "packing")}
+    if profiler:
+        result["profile"] = profiler.result()
     del trainer, model
+    _free()
+    return result
+
+
+def projection_params(model: Any) -> int:
+    """Weights of the decoder layers' linear projections (what the 4-bit base multiplies by), from the config."""
+    c = model.config
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    qkv = c.hidden_size * head * (c.num_attention_heads + 2 * c.num_key_value_heads)
+    per_layer = qkv + head * c.num_attention_heads * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    return int(per_layer * c.num_hidden_layers)
+
+
+def _peak_memory() -> tuple[int | None, int | None]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, None
+    return int(torch.cuda.max_memory_allocated()), int(torch.cuda.max_memory_reserved())
+
+
+def _gib(value: int | None) -> float | None:
+    return None if value is None else round(value / 2**30, 3)
+
+
+def _free() -> None:
     gc.collect()
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return result
 
 
 def _answers_kept(name: str, rows: list[dict[str, list[int]]]) -> float:
@@ -281,42 +386,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def environment() -> dict[str, Any]:
-    import torch
-
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "cuda": torch.version.cuda, "host_cpus": os.cpu_count()}
-    for module in ("transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "flash_attn"):
-        try:
-            env[module] = __import__(module).__version__
-        except ImportError:
-            env[module] = "not installed"
-    env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    if torch.cuda.is_available():
-        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    return env
-
-
 def write(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
-
-
-def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
-    done = {r["config"]: r for r in results if "tokens_per_s" in r}
-    baseline = "notebook" if "notebook" in done else "notebook-bf16"
-    if baseline not in done or "ours" not in done:
-        return {}
-    nb, ours = done[baseline], done["ours"]
-    summary = {"baseline": baseline,"throughput_ratio_tokens": round(ours["tokens_per_s"] / nb["tokens_per_s"], 2),
-               "throughput_ratio_examples": round(nb["s_per_1000_examples"] / ours["s_per_1000_examples"], 2),
-               "answer_token_ratio": round(ours["answer_tokens_in_window_per_s"]
-                                           / max(nb["answer_tokens_in_window_per_s"], 1e-9), 2)}
-    if nb["peak_gpu_memory_gib"] and ours["peak_gpu_memory_gib"]:
-        summary["memory_ratio"] = round(ours["peak_gpu_memory_gib"] / nb["peak_gpu_memory_gib"], 3)
-    return summary
 
 
 def run_child(args: argparse.Namespace) -> int:
@@ -325,7 +399,8 @@ def run_child(args: argparse.Namespace) -> int:
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
     rows = synthetic_rows(args.examples, vocab)
     try:
-        result = run_config(args.child, folder, rows, steps=args.steps, warmup=args.warmup, smoke=args.smoke)
+        result = run_config(args.child, folder, rows, steps=args.steps, warmup=args.warmup, smoke=args.smoke,
+                            profile=not args.no_profile)
     except Exception as exc:  # noqa: BLE001 - reported to the parent as data, not as a crash
         result = {"config": args.child, "error": f"{type(exc).__name__}: {exc}",
                   "traceback": traceback.format_exc()[-3000:]}
@@ -342,6 +417,8 @@ def run_isolated(name: str, folder: Path, args: argparse.Namespace, timeout_s: f
                "--warmup", str(args.warmup), "--examples", str(args.examples)]
     if args.smoke:
         command.append("--smoke")
+    if args.no_profile:
+        command.append("--no-profile")
     try:
         done = subprocess.run(command, timeout=timeout_s, check=False, stdout=sys.stderr)
     except subprocess.TimeoutExpired:
@@ -354,7 +431,8 @@ def run_isolated(name: str, folder: Path, args: argparse.Namespace, timeout_s: f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="JSON results file")
-    parser.add_argument("--configs", default="notebook,ours,ours-b8", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--configs", default="notebook-bf16,ours,sdpa-b4",
+                        help="comma-separated (default: %(default)s); see the module docstring for the names")
     parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per config")
     parser.add_argument("--warmup", type=int, default=3, choices=range(1, 50), metavar="N",
                         help="untimed optimizer steps first (>= 1)")
@@ -362,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=330, help="skip configs that would start after this")
     parser.add_argument("--limit-s", type=float, default=470, help="hard cap on the whole run's wall time")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, no 4-bit: only checks the script")
+    parser.add_argument("--no-profile", action="store_true", help="skip the two instrumented steps per config")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -384,9 +463,19 @@ def main(argv: list[str] | None = None) -> int:
                                         "context_tokens_loguniform": CONTEXT_RANGE,
                                         "question_tokens": QUESTION_RANGE, "answer_tokens": ANSWER_RANGE},
                                "results": []}
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for name in names:
+        if not name.startswith("notebook"):
+            variant_overrides(name)  # unknown names fail here, before any model is built
     with tempfile.TemporaryDirectory(prefix="train-gpu-model-") as tmp:
         folder = make_model_folder(Path(tmp) / "model", smoke=args.smoke)
-        names = [c.strip() for c in args.configs.split(",") if c.strip()]
+        if not args.smoke:
+            payload["ceilings"] = measure_ceilings()
+            log.info("ceilings: %s", payload["ceilings"])
+            try:
+                folder = quantize_folder(folder)
+            except (OSError, RuntimeError, ValueError) as exc:  # children then quantise on load, as before
+                log.warning("could not save the NF4 copy (%s); each child quantises on load", exc)
         for name in names:
             elapsed = time.perf_counter() - started
             if elapsed > args.budget_s:
@@ -402,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             payload["summary"] = summarise(payload["results"])
             payload["wall_s"] = round(time.perf_counter() - started, 1)
             write(args.out, payload)
-            log.info("%s", json.dumps(payload["results"][-1])[:400])
+            log.info("%s", json.dumps({k: v for k, v in result.items() if k not in ("profile", "settings")})[:600])
+    print_table(payload)
     print(json.dumps({"summary": payload.get("summary"), "wall_s": payload.get("wall_s")}, indent=2))
     return 0
 

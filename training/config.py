@@ -6,11 +6,13 @@ JSON, flat keys named like the fields, or under a ``[train]`` table), then CLI f
 
 CUDA defaults follow QLoRA as the original project used it on Phi-3-mini (LoRA r=16, alpha=32, dropout 0.05,
 all linear layers; lr 2e-4, cosine, 3 % warm-up, paged 8-bit AdamW, NF4 base with bf16 compute; 1,024 tokens
-with gradient checkpointing; an effective batch of 8) with three changes: the loss covers the answer only,
-examples are packed without padding (attention stays within each example), and the batch of 8 is a
-micro-batch of 4 packed rows x accumulation 2 instead of 2 x 4. On an H100, benchmarks/train_gpu.py measured
-1.8x the notebook's real-token throughput for 4 x 2 (1.06x for 2 x 4 in an earlier run), at 1.43x its peak
-memory (4.39 vs 3.07 GiB, in a run that measured all configurations in one process); README has the table.
+with gradient checkpointing; an effective batch of 8 as a micro-batch of 2 x accumulation 4) with these
+changes: the loss covers the answer only, examples are packed without padding, attention over the packed rows
+runs per example in FlashAttention's variable-length kernel instead of SDPA over a dense block-diagonal mask,
+and Liger's fused RMSNorm/SwiGLU kernels replace transformers' (``training/cuda_kernels.py``). They are the
+fastest configuration that benchmarks/train_gpu.py measured at or under the notebook's peak GPU memory on an
+H200 (``varlen-liger-b2``: 3.05 vs 3.07 GiB); a micro-batch of 4 (``batch_size=4, grad_accum=2``) trains 1.7x
+faster again but needs 3.8 GiB. README's GPU benchmark section has every measured alternative.
 
 CPU defaults (the offline 135M base, float32) are sized so ``persona-router train --all`` on the demo pack
 (5 personas x 80 rows) takes about 15 minutes on 2 free cores; README's training section shows the
@@ -19,7 +21,9 @@ measurement. No gradient checkpointing on CPU: memory is plentiful there and rec
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -27,16 +31,21 @@ from typing import Any
 
 from persona_router.core.errors import ConfigError, choices
 
+log = logging.getLogger(__name__)
+
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "sgd")
 SWITCHES = ("auto", "on", "off")
 MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
+ATTENTIONS = ("auto", "sdpa", "varlen", "eager")
 
 # Per-device defaults for the fields left as None.
 CUDA_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 2e-4, "batch_size": 4, "grad_accum": 2, "max_length": 1024, "epochs": 1.0,
+    "learning_rate": 2e-4, "batch_size": 2, "grad_accum": 4, "max_length": 1024, "epochs": 1.0,
     "optim": "paged_adamw_8bit", "gradient_checkpointing": "on", "mixed_precision": "bf16", "save_steps": 50,
     "prompt_free_fraction": 0.0, "lora_dropout": 0.05,
+    # CUDA-only speed settings (training/cuda_kernels.py); benchmarks/train_gpu.py measured each one.
+    "attention": "varlen", "liger_kernels": "on", "activation_offloading": "off",
 }
 CPU_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-3, "batch_size": 1, "grad_accum": 4, "max_length": 512, "epochs": 3.0,
@@ -73,6 +82,13 @@ class TrainConfig:
     prompt_free_fraction: float | None = None
     gradient_checkpointing: str = "auto"
     mixed_precision: str = "auto"
+    # CUDA speed settings (training/cuda_kernels.py): attention over packed rows ("varlen": per-example
+    # FlashAttention kernels, no dense block-diagonal mask), Liger's fused RMSNorm/SwiGLU kernels, and moving
+    # checkpointed activations to host memory during the forward pass. "auto" on CPU: the attention the model
+    # was loaded with, no Liger, no offloading.
+    attention: str = "auto"
+    liger_kernels: str = "auto"
+    activation_offloading: str = "auto"
     # evaluation and checkpoints
     eval_fraction: float = 0.1  # held out from a --data source that has no separate eval split
     eval_max_rows: int | None = None  # cap on eval rows (None: all)
@@ -107,6 +123,9 @@ class TrainConfig:
             raise ConfigError(f"{self.packing!r} must be true or false", field="packing")
         _choice(self, "gradient_checkpointing", SWITCHES)
         _choice(self, "mixed_precision", MIXED_PRECISIONS)
+        _choice(self, "attention", ATTENTIONS)
+        _choice(self, "liger_kernels", SWITCHES)
+        _choice(self, "activation_offloading", SWITCHES)
         _fraction(self, "eval_fraction", upper_open=True)
         if self.prompt_free_fraction is not None and not 0 <= self.prompt_free_fraction <= 1:
             raise ConfigError(f"{self.prompt_free_fraction} must be in [0, 1]", field="prompt_free_fraction")
@@ -141,6 +160,12 @@ class TrainConfig:
                     updates[name] = value
             elif current is None or current == "auto":
                 updates[name] = value
+        if updates.get("attention") == "varlen" and not self.packing:
+            updates["attention"] = "sdpa"  # varlen attention is for packed rows; unpacked rows keep SDPA
+        if updates.get("liger_kernels") == "on" and importlib.util.find_spec("liger_kernel") is None:
+            log.warning("liger-kernel is not installed, so training runs without its fused kernels "
+                        "(pip install 'persona-router[cuda]')")
+            updates["liger_kernels"] = "off"
         return replace(self, **updates)
 
     def target_module_list(self) -> str | list[str]:

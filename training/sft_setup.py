@@ -57,6 +57,10 @@ def sft_config(config: TrainConfig, *, output_dir: Path, device: str, eval_rows:
     if device == "cpu" and optim in ("paged_adamw_8bit", "adamw_8bit"):
         raise ConfigError(f"{optim!r} needs CUDA; on CPU use 'adamw_torch'", field="optim")
     checkpointing = config.gradient_checkpointing == "on"
+    offload = config.activation_offloading == "on"
+    if offload and device != "cuda":
+        raise ConfigError("activation offloading moves activations from the GPU to host memory; it needs CUDA",
+                          field="activation_offloading")
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": batch,
@@ -82,6 +86,7 @@ def sft_config(config: TrainConfig, *, output_dir: Path, device: str, eval_rows:
         "fp16": mixed == "fp16",
         "gradient_checkpointing": checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
+        "activation_offloading": offload,
         "logging_steps": config.logging_steps,
         "save_strategy": "steps",
         "save_steps": config.save_steps,

@@ -37,6 +37,7 @@ from persona_router.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE, check
 from persona_router.adapters.registry import AdapterRegistry
 from persona_router.core.errors import AdapterError, DataError, PersonaRouterError, TrainingDivergedError
 from persona_router.training.config import TrainConfig
+from persona_router.training.cuda_kernels import prepare_model
 from persona_router.training.formatting import FormatResult, build_examples, records_sha256
 from persona_router.training.jobs import PersonaJob
 from persona_router.training.run_metrics import PeakMemory, TokenClock, library_versions
@@ -148,6 +149,7 @@ def build_trainer(base: Any, config: TrainConfig, train_fmt: FormatResult, eval_
     eval_ds = datasets.Dataset.from_list([e.to_row() for e in eval_fmt.examples]) if eval_fmt.examples else None
     args = sft_config(config, output_dir=work, device=base.device, eval_rows=len(eval_fmt.examples))
     base.model.config.use_cache = False  # a KV cache would also disable the packed-sequence attention mask
+    prepare_model(base.model, config, base.device)
     clock = TokenClock()
     memory = PeakMemory(base.device)
     trainer = trl.SFTTrainer(model=base.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

@@ -20,7 +20,7 @@ def test_defaults_are_the_issue_qlora_settings() -> None:
     assert cuda.optim == "paged_adamw_8bit"
     assert cuda.mixed_precision == "bf16"
     assert cuda.gradient_checkpointing == "on"
-    assert (cuda.batch_size, cuda.grad_accum, cuda.max_length, cuda.max_steps) == (4, 2, 1024, None)
+    assert (cuda.batch_size, cuda.grad_accum, cuda.max_length, cuda.max_steps) == (2, 4, 1024, None)
     assert config.resolved("cuda", bf16_supported=False).mixed_precision == "fp16"
 
 
