@@ -198,7 +198,15 @@ def _clean(message: str) -> str:
 
 
 def sse(data: Any, *, event: str | None = None) -> bytes:
-    """One Server-Sent Event; ``data`` is JSON-encoded unless it is already text (OpenAI's ``[DONE]``)."""
+    """One Server-Sent Event, framed by Litestar's ``ServerSentEventMessage``; ``data`` is JSON-encoded unless it
+    is already text (OpenAI's ``[DONE]``).
+
+    The handlers still return a plain ``Stream`` of these rather than Litestar's ``ServerSentEvent`` response:
+    that one iterates our generator inside a wrapper generator of its own and never closes ours when the client
+    disconnects (its ``finally``, which cancels the generation and frees the batch row, would wait for garbage
+    collection), and it always frames with CRLF.
+    """
+    from litestar.response.sse import ServerSentEventMessage
+
     payload = data if isinstance(data, str) else msgspec.json.encode(data).decode()
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {payload}\n\n".encode()
+    return ServerSentEventMessage(data=payload, event=event, sep="\n").encode()
