@@ -155,7 +155,9 @@ def load_base(config: BaseModelConfig, *, for_training: bool = False, serving: b
         kwargs["quantization_config"] = nf4_config(double_quant=config.double_quant)
         kwargs["dtype"] = torch.bfloat16 if device.startswith("cuda") else torch.float32
         if device.startswith("cuda"):
-            kwargs["device_map"] = {"": int(device.split(":")[1]) if ":" in device else 0}
+            # An explicit cuda:N, else the current device: GPU 0 in one process, the rank's own GPU under a
+            # distributed launch.
+            kwargs["device_map"] = {"": int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()}
     else:
         kwargs["dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     if device == "cpu" and config.quantization == "auto" and precision == "bf16":

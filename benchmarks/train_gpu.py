@@ -138,11 +138,12 @@ def load_model(folder: Path, *, smoke: bool) -> Any:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if "quantization_config" in json.loads((folder / "config.json").read_text(encoding="utf-8")):
         # Quantised once by the parent (quantize_folder): the same NF4 weights, without quantising per child.
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": 0})
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
+                                                    device_map={"": torch.cuda.current_device()})
     from persona_router.adapters.base_model import nf4_config
 
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4_config(double_quant=True),
-                                                dtype=torch.bfloat16, device_map={"": 0})
+                                                dtype=torch.bfloat16, device_map={"": torch.cuda.current_device()})
 
 
 def quantize_folder(folder: Path) -> Path:

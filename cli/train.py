@@ -22,7 +22,9 @@ def register(subparsers: Any) -> None:
         "publish it as <adapters>/<persona>/<version>/ with a manifest; LATEST moves only after success.")
     who = train.add_mutually_exclusive_group(required=True)
     who.add_argument("--persona", help="persona name from the pack")
-    who.add_argument("--all", action="store_true", help="every persona of the pack, one after another")
+    who.add_argument("--all", action="store_true",
+                     help="every persona of the pack: one after another, or spread over the visible GPUs (one "
+                     "worker process per GPU) when there are several")
     train.add_argument("--pack", default="demo",
                        help="persona pack: 'demo', 'user' ($PERSONA_ROUTER_HOME/packs/user.toml, made by "
                        "'persona add') or a TOML/YAML file (default: demo)")
@@ -39,6 +41,10 @@ def register(subparsers: Any) -> None:
                        help=f"base model: {DEFAULT_BASE!r} (offline default), a local folder or a hub id "
                        "(default: %(default)s)")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
+    train.add_argument("--gpus", type=int, default=None, metavar="N",
+                       help="train each persona on N GPUs with data parallelism (DDP): starts one process per GPU "
+                       "through torch.distributed.run; the default accumulation is split so the global batch "
+                       "stays the same; rank 0 publishes")
     train.add_argument("--quantization", default="auto", choices=("auto", "nf4", "bf16", "fp16", "fp32"),
                        help="base weights (default: nf4 on CUDA, fp32 on CPU)")
     steps = train.add_mutually_exclusive_group()
@@ -93,12 +99,19 @@ def build_train_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from persona_router.adapters.base_model import BaseModelConfig, configure_threads
+    from persona_router.adapters.base_model import BaseModelConfig, configure_threads, pick_device
     from persona_router.adapters.registry import AdapterRegistry
+    from persona_router.core.errors import ConfigError
     from persona_router.core.pack import load_pack
+    from persona_router.training.distributed import world
     from persona_router.training.jobs import plan_jobs
+    from persona_router.training.parallel import train_spread, visible_gpus
     from persona_router.training.trainer import train_persona
 
+    if args.gpus is not None and args.gpus < 1:
+        raise ConfigError(f"{args.gpus} must be at least 1", field="--gpus")
+    if args.gpus is not None and args.gpus > 1 and not world().distributed:
+        return _launch_ranks(args.gpus)
     config = build_train_config(args)
     pack = load_pack(args.pack)
     names = list(pack.names) if args.all else [pack.get(args.persona).name]
@@ -108,12 +121,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     registry = AdapterRegistry(Path(args.adapters) if args.adapters else None)
     configure_threads()
     results = []
+    gpus = visible_gpus() if args.all and not world().distributed and pick_device(args.device) == "cuda" else []
     # The trainer prints its per-step loss lines to stdout; keep stdout for the results (--json).
     with contextlib.redirect_stdout(sys.stderr):
-        for index, job in enumerate(jobs, start=1):
-            log.info("[%d/%d] training %s on %d rows from %s", index, len(jobs), job.persona.name,
-                     len(job.train_records), job.data_source)
-            results.append(train_persona(job, config, base_config, registry, resume=args.resume))
+        if len(gpus) > 1 and len(jobs) > 1:
+            results = train_spread(jobs, config, base_config, registry.root, devices=gpus[: len(jobs)],
+                                   resume=args.resume)
+        else:
+            for index, job in enumerate(jobs, start=1):
+                log.info("[%d/%d] training %s on %d rows from %s", index, len(jobs), job.persona.name,
+                         len(job.train_records), job.data_source)
+                results.append(train_persona(job, config, base_config, registry, resume=args.resume))
+    if not world().is_main:
+        return 0  # rank 0 reports
     summary = [_summary(r) for r in results]
     if args.json:
         json.dump(summary, args.result_stream, indent=2)
@@ -121,6 +141,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         _print_table(summary, registry.root)
     return 0
+
+
+def _launch_ranks(count: int) -> int:
+    """Run this same command as ``count`` ranks under ``torch.distributed.run`` (one process per GPU)."""
+    import subprocess
+
+    argv, skip = [], False
+    for item in sys.argv[1:]:  # the command line without --gpus
+        if skip:
+            skip = False
+        elif item == "--gpus":
+            skip = True
+        elif not item.startswith("--gpus="):
+            argv.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}",
+               "-m", "persona_router", *argv]
+    log.info("starting %d ranks: %s", count, " ".join(command))
+    return subprocess.run(command, check=False).returncode
 
 
 def cmd_style_shift(args: argparse.Namespace) -> int:

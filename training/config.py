@@ -135,11 +135,13 @@ class TrainConfig:
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"{self.seed!r} must be an integer >= 0", field="seed")
 
-    def resolved(self, device: str, *, bf16_supported: bool | None = None) -> TrainConfig:
+    def resolved(self, device: str, *, bf16_supported: bool | None = None, world_size: int = 1) -> TrainConfig:
         """Fill every ``None``/``"auto"`` with the device's default; explicit values win.
 
         ``bf16_supported`` (None: assumed on CUDA, not on CPU) picks the mixed precision: bf16 or fp16 on CUDA,
-        bf16 autocast or none on CPU.
+        bf16 autocast or none on CPU. ``world_size`` > 1 (data parallelism): the default accumulation is split
+        over the ranks, so the global batch (micro-batch x accumulation x ranks) stays what one process trains
+        with; an explicit ``grad_accum`` is per rank, as written.
         """
         if bf16_supported is None:
             bf16_supported = device == "cuda"
@@ -160,6 +162,12 @@ class TrainConfig:
                     updates[name] = value
             elif current is None or current == "auto":
                 updates[name] = value
+        if "grad_accum" in updates and world_size > 1:
+            if updates["grad_accum"] % world_size:
+                log.warning("the default accumulation %d does not split over %d ranks; the global batch grows %dx",
+                            updates["grad_accum"], world_size, world_size)
+            else:
+                updates["grad_accum"] //= world_size
         if updates.get("attention") == "varlen" and not self.packing:
             updates["attention"] = "sdpa"  # varlen attention is for packed rows; unpacked rows keep SDPA
         if updates.get("liger_kernels") == "on" and importlib.util.find_spec("liger_kernel") is None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from persona_router.core.errors import ConfigError
 from persona_router.training.config import TrainConfig
+from persona_router.training.distributed import world
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,10 @@ def sft_config(config: TrainConfig, *, output_dir: Path, device: str, eval_rows:
     }
     if eval_rows:
         kwargs["eval_packing"] = False
+    if world().distributed:
+        # LoRA uses every adapter weight in every step; gloo is the CPU backend (tests), NCCL the GPU one.
+        kwargs["ddp_find_unused_parameters"] = False
+        kwargs["ddp_backend"] = "nccl" if device == "cuda" else "gloo"
     return trl.SFTConfig(**supported_kwargs(trl.SFTConfig, kwargs, warmup_ratio=config.warmup_ratio))
 
 

@@ -36,6 +36,7 @@ from persona_router.adapters.manifest import (
 from persona_router.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE, check_adapter_folder
 from persona_router.adapters.registry import AdapterRegistry
 from persona_router.core.errors import AdapterError, DataError, PersonaRouterError, TrainingDivergedError
+from persona_router.training import distributed
 from persona_router.training.config import TrainConfig
 from persona_router.training.cuda_kernels import prepare_model
 from persona_router.training.formatting import FormatResult, build_examples, records_sha256
@@ -60,31 +61,58 @@ class TrainResult:
 
 def train_persona(job: PersonaJob, config: TrainConfig, base_config: BaseModelConfig, registry: AdapterRegistry,
                   *, resume: bool = False, callbacks: Sequence[Any] = ()) -> TrainResult:
-    """Train and publish one adapter; see the module docstring. Raises PersonaRouterError subclasses."""
+    """Train and publish one adapter; see the module docstring. Raises PersonaRouterError subclasses.
+
+    Under a distributed launch (``training/distributed.py``) every rank calls this: rank 0 holds the lock,
+    decides (fresh start, resume, or already published) and publishes; the other ranks train alongside it.
+    """
     name = job.persona.name
     if not job.train_records:
         raise DataError(f"no training rows for persona {name!r} in {job.data_source}", field="persona")
     resolved = resolve_base(base_config.base)
     device = pick_device(base_config.device)
-    config = config.resolved(device, bf16_supported=_bf16_supported(device))
-    run_hash = _run_hash(job, config, resolved.fingerprint, base_config)
+    current = distributed.world()
+    distributed.init_process_group(device)
+    config = config.resolved(device, bf16_supported=_bf16_supported(device), world_size=current.size)
+    run_hash = _run_hash(job, config, resolved.fingerprint, base_config, current.size)
+    work = registry.persona_dir(name) / CHECKPOINTS_DIR
+    if not current.is_main:
+        return _follow(distributed.share_decision(None), job, config, base_config, registry, work, run_hash,
+                       callbacks)
     with registry.lock(name):
-        work = registry.persona_dir(name) / CHECKPOINTS_DIR
-        checkpoint = _prepare_workdir(work, run_hash, resume=resume)
-        if resume and checkpoint is None:
-            done = _already_published(registry, name, run_hash)
-            if done is not None:
-                log.info("%s: version %d already holds this exact run; nothing to resume", name, done.version)
-                return TrainResult(name, done.version, registry.path(name, done.version), done,
-                                   skipped="already trained with these settings and data")
+        try:
+            checkpoint = _prepare_workdir(work, run_hash, resume=resume)
+            done = _already_published(registry, name, run_hash) if resume and checkpoint is None else None
+        except PersonaRouterError as exc:
+            distributed.share_decision({"error": str(exc)})  # the other ranks must not wait for a start
+            raise
+        if done is not None:
+            log.info("%s: version %d already holds this exact run; nothing to resume", name, done.version)
+            skipped = "already trained with these settings and data"
+            distributed.share_decision({"skipped": skipped, "version": done.version})
+            return TrainResult(name, done.version, registry.path(name, done.version), done, skipped=skipped)
+        distributed.share_decision({"checkpoint": checkpoint})
         result = _train_and_publish(job, config, base_config, registry, work, checkpoint, run_hash, callbacks)
         shutil.rmtree(work, ignore_errors=True)
         return result
 
 
+def _follow(decision: dict[str, Any], job: PersonaJob, config: TrainConfig, base_config: BaseModelConfig,
+            registry: AdapterRegistry, work: Path, run_hash: str, callbacks: Sequence[Any]) -> TrainResult:
+    """A rank other than 0: train as rank 0 decided, publish nothing."""
+    name, current = job.persona.name, distributed.world()
+    if "error" in decision:
+        raise AdapterError(f"rank 0 did not start training {name!r}: {decision['error']}", path=work)
+    if "skipped" in decision:
+        return TrainResult(name, int(decision["version"]), None, None, skipped=str(decision["skipped"]))
+    _train_and_publish(job, config, base_config, registry, work, decision.get("checkpoint"), run_hash, callbacks,
+                       publish=False)
+    return TrainResult(name, None, None, None, skipped=f"rank {current.rank} of {current.size}: rank 0 publishes")
+
+
 def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseModelConfig,
                        registry: AdapterRegistry, work: Path, checkpoint: str | None, run_hash: str,
-                       callbacks: Sequence[Any]) -> TrainResult:
+                       callbacks: Sequence[Any], *, publish: bool = True) -> TrainResult:
     name = job.persona.name
     started = time.perf_counter()
     base = load_base(base_config, for_training=True)
@@ -110,6 +138,10 @@ def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseMo
                            "unchanged, fix the cause and rerun with --resume", path=work) from exc
     loss_after = _evaluate(trainer) if eval_fmt.examples else None
     refuse_diverged(trainer.model, name, train_loss=float(output.training_loss), eval_loss=loss_after)
+    if not publish:
+        del trainer, base
+        _free_memory()
+        return TrainResult(name, None, None, None, skipped="not the publishing rank")
     metrics = TrainMetrics(
         train_loss=float(output.training_loss), eval_loss=loss_after, eval_loss_before=loss_before,
         steps=int(trainer.state.global_step), epochs=float(trainer.state.epoch or 0.0),
@@ -127,7 +159,8 @@ def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseMo
         device=base.device, precision=base.precision, library_versions=library_versions(),
         extra={"run_hash": run_hash, "system_prompt": job.persona.system_prompt,
                "compute_precision": compute_precision(config, base.precision),
-               "base_folder": str(base.resolved.folder)})
+               "base_folder": str(base.resolved.folder), "world_size": distributed.world().size,
+               "global_batch_rows": config.effective_batch * distributed.world().size})
     version, folder, manifest = _publish(trainer.model, manifest, registry, started, base_name_or_path(base))
     log.info("%s: published version %d at %s (eval loss %s -> %s, %.0f s)", name, version, folder,
              _fmt(loss_before), _fmt(loss_after), manifest.metrics.wall_time_s)
@@ -269,12 +302,15 @@ def _already_published(registry: AdapterRegistry, persona: str, run_hash: str) -
     return manifest if manifest.extra.get("run_hash") == run_hash else None
 
 
-def _run_hash(job: PersonaJob, config: TrainConfig, fingerprint: str, base_config: BaseModelConfig) -> str:
+def _run_hash(job: PersonaJob, config: TrainConfig, fingerprint: str, base_config: BaseModelConfig,
+              world_size: int = 1) -> str:
     payload = {
         "persona": job.persona.name, "system_prompt": job.persona.system_prompt, "config": config.to_json(),
         "train": records_sha256(job.train_records), "eval": records_sha256(job.eval_records),
         "base": fingerprint, "quantization": base_config.quantization, "double_quant": base_config.double_quant,
     }
+    if world_size > 1:  # a checkpoint of N ranks resumes with N ranks only (data order, per-rank RNG states)
+        payload["world_size"] = world_size
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

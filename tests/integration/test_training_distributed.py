@@ -1,0 +1,119 @@
+"""Several processes on CPU: DDP over gloo for one persona, and ``--all`` spread over worker processes.
+
+The DDP test trains the tiny random Phi-3 once in this process and once as two ranks
+(``torch.distributed.run``, gloo), with the same global batch (2 rows x accumulation 2, against 2 rows x
+accumulation 1 on each of 2 ranks, which is what the default accumulation becomes over 2 ranks). The adapters
+must agree to ``ATOL``: both runs see the same rows in the same optimizer steps and differ only in how float32
+sums are ordered (DDP averages two half-batch gradients), about 1e-7 relative per step; Adam's first steps
+divide by the gradient's own magnitude, so a few steps stay well under 1e-4 (seen: ~1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from persona_router.adapters.base_model import BaseModelConfig
+from persona_router.adapters.registry import AdapterRegistry
+from persona_router.core.pack import load_pack
+from persona_router.training.config import TrainConfig
+from persona_router.training.jobs import PersonaJob
+
+from tests.integration.test_training_train import records
+
+ATOL = 1e-4
+pytestmark = pytest.mark.slow
+
+
+def _tensors(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _launch(args: list[str], home: Path, *, ranks: int) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PERSONA_ROUTER_HOME": str(home), "PERSONA_ROUTER_THREADS": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "-m", "persona_router", "-q", "train", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_two_gloo_ranks_train_the_same_adapter_as_one_process_and_publish_once(
+        tiny_model_dir: Path, tmp_path: Path, isolated_home: Path) -> None:
+    import torch
+    from persona_router.training.trainer import train_persona
+
+    data = tmp_path / "rows.jsonl"
+    rows = records(24)
+    data.write_text("".join(json.dumps(r.to_json()) + "\n" for r in rows), encoding="utf-8")
+    common = ["--persona", "student", "--data", str(data), "--base", str(tiny_model_dir), "--device", "cpu",
+              "--max-steps", "3", "--max-length", "512", "--set", "save_steps=100", "--set", "eval_max_rows=2"]
+
+    two = tmp_path / "two"
+    done = _launch([*common, "--adapters", str(two), "--json"], isolated_home, ranks=2)
+    assert done.returncode == 0, done.stderr[-4000:]
+    registry = AdapterRegistry(two)
+    assert registry.latest("student") == 1
+    assert sorted(p.name for p in (two / "student").iterdir() if not p.name.startswith(".")) == ["1", "LATEST"]
+    manifest = registry.read_manifest("student", 1)
+    assert manifest.extra["world_size"] == 2 and manifest.extra["global_batch_rows"] == 4
+    assert (manifest.hyperparameters["batch_size"], manifest.hyperparameters["grad_accum"]) == (2, 1)
+
+    # The same rows, split and held out exactly as the CLI does, in one process with the same global batch.
+    from persona_router.training.jobs import plan_jobs
+
+    (job,) = plan_jobs(load_pack(), ["student"], data=str(data), eval_fraction=TrainConfig().eval_fraction)
+    one = AdapterRegistry(tmp_path / "one")
+    config = TrainConfig(max_steps=3, max_length=512, save_steps=100, eval_max_rows=2)
+    result = train_persona(job, config, BaseModelConfig(base=str(tiny_model_dir), device="cpu"), one)
+    assert result.manifest is not None and result.manifest.extra["world_size"] == 1
+    assert (result.manifest.hyperparameters["batch_size"], result.manifest.hyperparameters["grad_accum"]) == (2, 2)
+    assert result.manifest.metrics.steps == manifest.metrics.steps == 3
+
+    a, b = _tensors(one.path("student", 1)), _tensors(registry.path("student", 1))
+    assert a.keys() == b.keys()
+    moved = max(float(t.abs().max()) for k, t in a.items() if "lora_B" in k)
+    assert moved > 0  # lora_B starts at zero: training changed it, so the comparison means something
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= ATOL, f"largest difference {worst:.3g} between the 1-process and 2-rank adapters"
+    assert torch.isfinite(torch.tensor(worst))
+
+    # --resume after a finished run: rank 0 finds the published version and both ranks skip it.
+    again = _launch([*common, "--adapters", str(two), "--resume", "--json"], isolated_home, ranks=2)
+    assert again.returncode == 0, again.stderr[-4000:]
+    (row,) = json.loads(again.stdout)
+    assert row["version"] == 1 and row["skipped"] == "already trained with these settings and data"
+    assert registry.latest("student") == 1 and not (two / "student" / "2").exists()
+
+
+def test_all_spread_over_two_workers_publishes_every_persona_once(tiny_model_dir: Path, tmp_path: Path,
+                                                                  isolated_home: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from persona_router.training.parallel import train_spread
+
+    monkeypatch.setenv("PERSONA_ROUTER_THREADS", "1")
+    pack = load_pack()
+    names = ["student", "clinician", "educator"]
+    jobs = [PersonaJob(pack.get(name), [_as(r, name) for r in records(8)],
+                       [_as(r, name) for r in records(2, offset=99)], "test rows", "test eval rows") for name in names]
+    root = tmp_path / "adapters"
+    config = TrainConfig(max_steps=1, max_length=512, save_steps=100, batch_size=2, grad_accum=1)
+    results = train_spread(jobs, config, BaseModelConfig(base=str(tiny_model_dir), device="cpu"), root,
+                           devices=["", ""])
+    assert [r.persona for r in results] == names  # in the order asked, whatever order they finished in
+    registry = AdapterRegistry(root)
+    for name in names:
+        assert registry.latest(name) == 1
+        assert sorted(p.name for p in (root / name).iterdir() if not p.name.startswith(".")) == ["1", "LATEST"]
+
+
+def _as(record: Any, persona: str) -> Any:
+    from dataclasses import replace
+
+    return replace(record, persona=persona)

@@ -1,0 +1,75 @@
+"""Distributed-launch helpers: the launcher environment, the global batch over ranks, --gpus, GPU listing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from persona_router.core.errors import ConfigError
+from persona_router.training import distributed, parallel
+from persona_router.training.config import CUDA_DEFAULTS, TrainConfig
+
+
+def test_world_reads_the_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in distributed.LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.world() == distributed.World(1, 0, 0)
+    assert distributed.world().is_main and not distributed.world().distributed
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.world() == distributed.World(4, 3, 1)
+    assert not distributed.world().is_main
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ConfigError, match="rank 4 is not within world size 4"):
+        distributed.world()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ConfigError, match="integers"):
+        distributed.world()
+
+
+def test_one_process_decisions_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.share_decision({"checkpoint": None}) == {"checkpoint": None}
+    distributed.barrier()  # no process group: nothing to wait for
+
+
+def test_default_accumulation_splits_over_ranks_and_explicit_values_stay() -> None:
+    accum = CUDA_DEFAULTS["grad_accum"]
+    one = TrainConfig().resolved("cuda")
+    assert one.grad_accum == accum
+    two = TrainConfig().resolved("cuda", world_size=2)
+    assert two.batch_size == one.batch_size and two.grad_accum * 2 == accum  # same global batch
+    assert TrainConfig().resolved("cuda", world_size=accum).grad_accum == 1
+    assert TrainConfig().resolved("cuda", world_size=3).grad_accum == accum  # does not divide: kept, warned
+    assert TrainConfig(grad_accum=4).resolved("cuda", world_size=2).grad_accum == 4  # explicit: per rank
+    assert TrainConfig().resolved("cpu", world_size=2).grad_accum == 1  # CPU default 2 over 2 ranks
+
+
+def test_gpus_flag_relaunches_the_same_command_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    from persona_router.cli.main import main
+
+    for name in distributed.LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    seen: list[list[str]] = []
+
+    def fake_run(command: list[str], check: bool = False, **kwargs: Any) -> Any:
+        seen.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    argv = ["train", "--persona", "student", "--gpus", "2", "--max-steps", "3"]
+    monkeypatch.setattr(sys, "argv", ["persona-router", *argv])
+    assert main(argv) == 0
+    (command,) = seen
+    assert command[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert command[5:] == ["-m", "persona_router", "train", "--persona", "student", "--max-steps", "3"]
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+    assert parallel.visible_gpus() == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert parallel.visible_gpus() == []

@@ -1,0 +1,103 @@
+"""``train --all`` over several GPUs: one worker process per GPU, each training whole personas.
+
+Workers are started with the ``spawn`` method and see one GPU each (``CUDA_VISIBLE_DEVICES`` is set before
+torch is imported in the worker). They take personas from a shared queue, so a GPU that finishes early takes the
+next one, and publish exactly as a single process does: each persona under its own registry lock, a version
+renamed into place and ``LATEST`` moved, in whatever order the personas finish. A persona that fails is reported
+with its error after the others have finished; the ones already published stay published.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from persona_router.core.errors import AdapterError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One persona's result from a worker: the trainer's result, or the error that stopped it."""
+
+    index: int
+    worker: str
+    result: Any = None  # TrainResult
+    error: str | None = None
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as values for ``CUDA_VISIBLE_DEVICES`` (one per worker)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [item.strip() for item in listed.split(",") if item.strip() and item.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def train_spread(jobs: Sequence[Any], config: Any, base_config: Any, registry_root: Path, *,
+                 devices: Sequence[str], resume: bool = False) -> list[Any]:
+    """Train ``jobs`` on one worker per entry of ``devices`` (``CUDA_VISIBLE_DEVICES`` values; "" hides the
+    GPUs, which the CPU tests use); returns the results in the order of ``jobs``."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    tasks: Any = context.Queue()
+    results: Any = context.Queue()
+    for index, job in enumerate(jobs):
+        tasks.put((index, job))
+    for _ in devices:
+        tasks.put(None)  # one stop mark per worker, after every job
+    level = logging.getLogger().getEffectiveLevel()
+    workers = [context.Process(target=_worker, name=f"train-gpu-{device or 'cpu'}-{n}",
+                               args=(device, tasks, results, config, base_config, str(registry_root), resume, level))
+               for n, device in enumerate(devices)]
+    for worker in workers:
+        worker.start()
+    log.info("training %d personas on %d workers (%s)", len(jobs), len(workers),
+             ", ".join(f"CUDA_VISIBLE_DEVICES={d!r}" for d in devices))
+    outcomes: dict[int, Outcome] = {}
+    while len(outcomes) < len(jobs):
+        try:
+            outcome = results.get(timeout=5)
+        except queue.Empty:
+            if not any(worker.is_alive() for worker in workers):
+                break
+            continue
+        outcomes[outcome.index] = outcome
+    for worker in workers:
+        worker.join()
+    failed = [f"{jobs[i].persona.name}: {o.error}" for i, o in sorted(outcomes.items()) if o.error]
+    lost = [jobs[i].persona.name for i in range(len(jobs)) if i not in outcomes]
+    if failed or lost:
+        problems = failed + [f"{name}: its worker exited without a result" for name in lost]
+        raise AdapterError(f"{len(problems)} of {len(jobs)} personas did not train ({'; '.join(problems)}); the "
+                           "others are published; rerun with --resume to train the rest")
+    return [outcomes[i].result for i in range(len(jobs))]
+
+
+def _worker(device: str, tasks: Any, results: Any, config: Any, base_config: Any, registry_root: str,
+            resume: bool, level: int) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = device  # before anything initialises CUDA in this fresh process
+    logging.basicConfig(level=level, format=f"%(asctime)s [gpu {device or 'none'}] %(name)s %(message)s")
+    from persona_router.adapters.registry import AdapterRegistry
+    from persona_router.training.trainer import train_persona
+
+    registry = AdapterRegistry(Path(registry_root))
+    while (task := tasks.get()) is not None:
+        index, job = task
+        try:
+            result = train_persona(job, config, base_config, registry, resume=resume)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it with the persona's name
+            log.error("%s failed: %s", job.persona.name, traceback.format_exc())
+            results.put(Outcome(index, device, error=f"{type(exc).__name__}: {exc}"))
+            continue
+        results.put(Outcome(index, device, result=result))
