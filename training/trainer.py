@@ -127,7 +127,11 @@ def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseMo
         raise DataError(f"every training row of persona {name!r} is longer than max_length={config.max_length} "
                         "even without context; raise max_length", field="max_length")
     trainer, clock, memory = build_trainer(base, config, train_fmt, eval_fmt, work, callbacks)
-    loss_before = _evaluate(trainer) if eval_fmt.examples else None
+    # Under DDP an evaluation before training would leave the model marked as prepared by accelerate, which
+    # then skips the DDP wrapper (no gradient all-reduce). The base's loss is the trained model's loss with
+    # the adapter disabled, so distributed runs measure it after training instead.
+    distributed_run = distributed.world().distributed
+    loss_before = _evaluate(trainer) if eval_fmt.examples and not distributed_run else None
     log.info("%s: %d train rows (%d tokens), %d eval rows; eval loss of the base %s", name, len(train_fmt.examples),
              train_fmt.tokens, len(eval_fmt.examples), _fmt(loss_before))
     memory.reset()
@@ -137,6 +141,9 @@ def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseMo
         raise AdapterError(f"training {name!r} failed writing a checkpoint ({exc}); the published adapters are "
                            "unchanged, fix the cause and rerun with --resume", path=work) from exc
     loss_after = _evaluate(trainer) if eval_fmt.examples else None
+    if distributed_run and eval_fmt.examples:
+        with trainer.model.disable_adapter():
+            loss_before = _evaluate(trainer)
     refuse_diverged(trainer.model, name, train_loss=float(output.training_loss), eval_loss=loss_after)
     if not publish:
         del trainer, base
