@@ -167,7 +167,7 @@ def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseMo
         extra={"run_hash": run_hash, "system_prompt": job.persona.system_prompt,
                "compute_precision": compute_precision(config, base.precision),
                "base_folder": str(base.resolved.folder), "world_size": distributed.world().size,
-               "global_batch_rows": config.effective_batch * distributed.world().size})
+               "global_batch_rows": (config.batch_size or 1) * (config.grad_accum or 1) * distributed.world().size})
     version, folder, manifest = _publish(trainer.model, manifest, registry, started, base_name_or_path(base))
     log.info("%s: published version %d at %s (eval loss %s -> %s, %.0f s)", name, version, folder,
              _fmt(loss_before), _fmt(loss_after), manifest.metrics.wall_time_s)

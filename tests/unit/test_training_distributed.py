@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from persona_router.core.errors import ConfigError
 from persona_router.training import distributed, parallel
-from persona_router.training.config import CUDA_DEFAULTS, TrainConfig
+from persona_router.training.config import CPU_DEFAULTS, CUDA_DEFAULTS, TrainConfig
 
 
 def test_world_reads_the_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,7 +45,7 @@ def test_default_accumulation_splits_over_ranks_and_explicit_values_stay() -> No
     assert TrainConfig().resolved("cuda", world_size=accum).grad_accum == 1
     assert TrainConfig().resolved("cuda", world_size=3).grad_accum == accum  # does not divide: kept, warned
     assert TrainConfig(grad_accum=4).resolved("cuda", world_size=2).grad_accum == 4  # explicit: per rank
-    assert TrainConfig().resolved("cpu", world_size=2).grad_accum == 1  # CPU default 2 over 2 ranks
+    assert TrainConfig().resolved("cpu", world_size=2).grad_accum * 2 == CPU_DEFAULTS["grad_accum"]
 
 
 def test_gpus_flag_relaunches_the_same_command_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
