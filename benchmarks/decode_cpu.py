@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine import cpu_model  # benchmarks/ is on sys.path when a benchmark runs as a script
+
 RESULTS = Path(__file__).resolve().parent / "results" / "decode_cpu.json"
 
 
@@ -176,15 +178,6 @@ def machine(threads: int, load_before: tuple[float, float, float]) -> dict[str, 
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

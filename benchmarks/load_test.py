@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from machine import cpu_model  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "load_test_cpu.json"
@@ -160,15 +161,6 @@ def summarise(outcomes: list[Outcome], wall_s: float, n: int) -> dict[str, Any]:
         "by_kind": {kind: sum(1 for o in ok if o.kind == kind) for kind in KINDS},
     }
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def free_port() -> int:

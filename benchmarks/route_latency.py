@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine import cpu_model  # benchmarks/ is on sys.path when a benchmark runs as a script
+
 RESULTS = Path(__file__).resolve().parent / "results" / "route_latency.json"
 FLAGS = ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
 
@@ -113,7 +115,7 @@ def _machine(torch: Any, load_before: tuple[float, float, float]) -> dict[str, A
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "cpu_flags": {flag: flag in _cpu_flags() for flag in FLAGS},
@@ -135,15 +137,6 @@ def _cpu_flags() -> set[str]:
         pass
     return set()
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
