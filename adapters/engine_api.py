@@ -81,3 +81,12 @@ class Engine(Protocol):
     def adapter_names(self) -> list[str]: ...
 
     def stats(self) -> EngineStats: ...
+
+
+async def events_until_finished(queue: asyncio.Queue[TokenEvent]) -> AsyncIterator[TokenEvent]:
+    """A handle's events from its queue, up to and including the one that finishes it."""
+    while True:
+        event = await queue.get()
+        yield event
+        if event.finish_reason is not None:
+            return

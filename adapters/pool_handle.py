@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from persona_router.adapters.engine_api import GenerationHandle, GenerationRequest, TokenEvent
+from persona_router.adapters.engine_api import GenerationHandle, GenerationRequest, TokenEvent, events_until_finished
 from persona_router.adapters.upstream_member import MemberState, Placement
 from persona_router.core.errors import AdapterError, QueueFullError, UpstreamFailedError, UpstreamUnavailableError
 
@@ -36,12 +36,8 @@ class PoolHandle:
             self._task = asyncio.get_running_loop().create_task(self._run())
         return self._events()
 
-    async def _events(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            event = await self._queue.get()
-            yield event
-            if event.finish_reason is not None:
-                return
+    def _events(self) -> AsyncIterator[TokenEvent]:
+        return events_until_finished(self._queue)
 
     def cancel(self) -> None:
         if self._done or self._cancelled:

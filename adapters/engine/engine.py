@@ -26,7 +26,7 @@ from persona_router.adapters.engine.runner import ModelRunner
 from persona_router.adapters.engine.sampling import RowSampler
 from persona_router.adapters.engine.scheduler import Emitted, Scheduler, Sequence
 from persona_router.adapters.engine.weights import extract_weights
-from persona_router.adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
+from persona_router.adapters.engine_api import EngineStats, GenerationRequest, TokenEvent, events_until_finished
 from persona_router.adapters.generation import SamplingConfig, eos_token_ids
 from persona_router.adapters.stop_strings import StopStrings
 from persona_router.core.errors import (
@@ -54,12 +54,8 @@ class EngineHandle:
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
         return self._events()
 
-    async def _events(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            event = await self._queue.get()
-            yield event
-            if event.finish_reason is not None:
-                return
+    def _events(self) -> AsyncIterator[TokenEvent]:
+        return events_until_finished(self._queue)
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client went away); the stream ends with a ``cancelled`` event."""
