@@ -43,8 +43,8 @@ def register(subparsers: Any) -> None:
                         help=f"the Python of the vLLM environment (default: ${VLLM_PYTHON_ENV}, else "
                         f"{DEFAULT_VENV_PYTHON} if present, else 'python')")
     parser.add_argument("--dtype", default="float32",
-                        help="vLLM --dtype (default: %(default)s, which matches the in-process CPU engine; "
-                        "use auto or bfloat16 on a GPU)")
+                        help="vLLM --dtype (default: %(default)s, which matches the in-process CPU engine in fp32, "
+                        "`serve --quantization fp32`; use auto or bfloat16 on a GPU)")
     parser.add_argument("--max-lora-rank", type=int, default=16, help="default: %(default)s")
     parser.add_argument("--max-loras", type=int, default=4,
                         help="adapters in one batch (default: %(default)s)")

@@ -139,8 +139,9 @@ def _wait_upstream(upstream: Upstream, timeout_s: float) -> None:
 def _settings(factory: AdapterFactory, **overrides: Any) -> Any:
     from persona_router.service.settings import ServiceSettings
 
+    # fp32: the upstreams run fp32, and `serve` would pick bf16 on CPUs that have it (answers then differ).
     return ServiceSettings(router="fallback", adapters_dir=factory.registry.root, request_timeout_s=600,
-                           max_new_tokens_limit=64, default_max_new_tokens=32, **overrides)
+                           max_new_tokens_limit=64, default_max_new_tokens=32, quantization="fp32", **overrides)
 
 
 @pytest.fixture(scope="module")
