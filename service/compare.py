@@ -53,7 +53,7 @@ class ArmResult(msgspec.Struct):
     decision: dict[str, Any]
     adapter: dict[str, Any] | None
     completion_tokens: int
-    tokens_per_s: float
+    tokens_per_s: float | None  # the decode rate ``/v1/answer`` reports in its timings; None for a single token
     total_ms: float
     finish_reason: str
     judge: Verdict
@@ -109,11 +109,11 @@ def verdicts(judge: Any, encoder: Any, answers: list[str], personas: list[str]) 
 def arm_result(running: Running, verdict: Verdict) -> ArmResult:
     finished = running.finished
     assert finished is not None
-    total_ms = float(finished.timings.get("total_ms", 0.0))
-    tokens = finished.usage.completion_tokens
     return ArmResult(answer=finished.answer, decision=running.decision.to_json(), adapter=running.adapter,
-                     completion_tokens=tokens, tokens_per_s=round(tokens / (total_ms / 1000), 2) if total_ms else 0.0,
-                     total_ms=round(total_ms, 1), finish_reason=finished.finish_reason, judge=verdict)
+                     completion_tokens=finished.usage.completion_tokens,
+                     tokens_per_s=finished.timings.get("tokens_per_s"),
+                     total_ms=round(finished.timings["total_ms"], 1), finish_reason=finished.finish_reason,
+                     judge=verdict)
 
 
 async def _run_arms(state: ServiceState, body: CompareRequest) -> list[Running]:
