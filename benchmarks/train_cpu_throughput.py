@@ -10,8 +10,10 @@ r=16 on all linear layers. Every variant starts from a fresh copy of the base wi
   trainer's own batches, without and with ``torch.autocast("cpu", bfloat16)``;
 - ``trainer-*``: the trainer with the changes added one at a time: padding instead of packing, bf16 autocast,
   no LoRA dropout, micro-batch 1 x accumulation 4 (packed rows of <= 512 tokens instead of 1,024: the CPU
-  attention kernel computes the whole masked square), and ``trainer-after``: the current CPU defaults
-  (``TrainConfig().resolved("cpu")``, bf16 only where the CPU has it natively).
+  attention kernel computes the whole masked square), ``trainer-after-trl-loss``: the current CPU defaults
+  (``TrainConfig().resolved("cpu")``, bf16 only where the CPU has it natively) with TRL's own loss, and
+  ``trainer-after``: the same with the trainer's CPU answer-only loss (``training/answer_loss.py``), which is
+  what ``persona-router train`` runs. Every other trainer variant runs TRL's loss, as the trainer did before.
 
 Also records a ``torch.profiler`` breakdown (top operators by self CPU time) of one timed step of
 ``trainer-before`` and ``plain-fp32`` when ``--profile`` is given. Tokens are real (non-padding) tokens.
@@ -38,6 +40,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("train_cpu_throughput")
+
+# Variants that run the trainer's own CPU loss (training/answer_loss.py); every other trainer variant runs TRL's.
+ANSWER_LOSS_VARIANTS = ("trainer-after",)
 
 # The CPU defaults before this benchmark's changes (for the "before" row; the current ones come from the code).
 BEFORE = {"mixed_precision": "no", "batch_size": 2, "grad_accum": 2, "max_length": 512, "packing": True,
@@ -85,9 +90,16 @@ def setup(overrides: dict[str, Any], steps: int, work: Path) -> tuple[Any, Any, 
 
 def run_trainer(name: str, overrides: dict[str, Any], args: argparse.Namespace, work: Path,
                 profile: bool) -> dict[str, Any]:
+    import types
+
+    import trl
     from transformers import TrainerCallback
 
     trainer, clock, config = setup(overrides, args.warmup + args.steps, work)
+    loss = "answer-only" if name in ANSWER_LOSS_VARIANTS else "trl"
+    if loss == "trl":
+        # What the trainer ran before training/answer_loss.py: TRL's fused LM head (torch ops on CPU).
+        trainer.compute_loss = types.MethodType(trl.SFTTrainer.compute_loss, trainer)
     marks: list[tuple[float, int]] = []
 
     class Marks(TrainerCallback):
@@ -107,7 +119,7 @@ def run_trainer(name: str, overrides: dict[str, Any], args: argparse.Namespace, 
     else:
         trainer.train()
     (t0, n0), (t1, n1) = marks[args.warmup - 1], marks[-1]
-    result = {"variant": name, "kind": "trainer", "settings": _settings(config),
+    result = {"variant": name, "kind": "trainer", "settings": {**_settings(config), "loss": loss},
               "timed_steps": len(marks) - args.warmup,
               "tokens": n1 - n0, "seconds": round(t1 - t0, 2), "tokens_per_s": round((n1 - n0) / (t1 - t0), 1)}
     if prof is not None:
@@ -195,7 +207,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps per variant")
     parser.add_argument("--variants", default="trainer-before,plain-fp32,trainer-bf16,plain-bf16,"
-                        "trainer-bf16-nodropout,trainer-bf16-nodropout-b1,trainer-after")
+                        "trainer-bf16-nodropout,trainer-bf16-nodropout-b1,trainer-after-trl-loss,trainer-after")
     parser.add_argument("--profile", action="store_true", help="torch.profiler of one step of the first two")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -215,6 +227,7 @@ def main() -> int:
         "trainer-bf16-nodropout": {**BEFORE, "mixed_precision": "bf16", "lora_dropout": 0.0},
         "trainer-bf16-nodropout-b1": {**BEFORE, "mixed_precision": "bf16", "lora_dropout": 0.0, "batch_size": 1,
                                       "grad_accum": 4},
+        "trainer-after-trl-loss": {},
         "trainer-after": {},
     }
     out = Path(args.out)
@@ -240,6 +253,10 @@ def main() -> int:
     rates = {r["variant"]: r["tokens_per_s"] for r in report["results"]}
     if "trainer-before" in rates and "trainer-after" in rates:
         report["speedup_after_vs_before"] = round(rates["trainer-after"] / rates["trainer-before"], 2)
+    if "trainer-after-trl-loss" in rates and "trainer-after" in rates:
+        report["speedup_answer_loss_vs_trl_loss"] = round(rates["trainer-after"] / rates["trainer-after-trl-loss"], 2)
+    if "plain-bf16" in rates and "trainer-after" in rates:
+        report["trainer_after_vs_plain_bf16"] = round(rates["trainer-after"] / rates["plain-bf16"], 2)
     if "plain-fp32" in rates and "trainer-before" in rates:
         report["plain_fp32_vs_trainer_before"] = round(rates["plain-fp32"] / rates["trainer-before"], 2)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

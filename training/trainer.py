@@ -37,6 +37,7 @@ from persona_router.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE, check
 from persona_router.adapters.registry import AdapterRegistry
 from persona_router.core.errors import AdapterError, DataError, PersonaRouterError, TrainingDivergedError
 from persona_router.training import distributed
+from persona_router.training.answer_loss import answer_loss_trainer_class
 from persona_router.training.config import TrainConfig
 from persona_router.training.cuda_kernels import prepare_model
 from persona_router.training.formatting import FormatResult, build_examples, records_sha256
@@ -192,7 +193,9 @@ def build_trainer(base: Any, config: TrainConfig, train_fmt: FormatResult, eval_
     prepare_model(base.model, config, base.device)
     clock = TokenClock()
     memory = PeakMemory(base.device)
-    trainer = trl.SFTTrainer(model=base.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    # On CPU TRL's fused LM head runs as slow torch ops over every position; answer_loss.py scores answers only.
+    trainer_class = answer_loss_trainer_class(trl.SFTTrainer) if base.device == "cpu" else trl.SFTTrainer
+    trainer = trainer_class(model=base.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=base.tokenizer, peft_config=lora_config(config),
                              callbacks=[clock.callback(), *callbacks])
     return trainer, clock, memory
