@@ -275,10 +275,16 @@ def expand_devices(spec: str) -> tuple[str, ...]:
     return devices
 
 
-def configure_threads(default: int | None = None) -> int:
-    """Use the cores we have once; two busy torch pools on 2 cores collapse throughput."""
+def configure_threads(default: int | None = None, *, reserve: int = 0) -> int:
+    """Use the cores we have once; two busy torch pools on 2 cores collapse throughput.
+
+    ``reserve`` cores are left to other busy threads of this process (the HTTP server's event loop,
+    tokenizers): a torch pool that spans every core stalls at each parallel region while one of its
+    threads is preempted. ``PERSONA_ROUTER_THREADS`` overrides both.
+    """
     import torch
 
-    wanted = int(os.environ.get("PERSONA_ROUTER_THREADS", default or (os.cpu_count() or 1)))
+    cores = os.cpu_count() or 1
+    wanted = int(os.environ.get("PERSONA_ROUTER_THREADS", default or max(1, cores - reserve)))
     torch.set_num_threads(max(1, wanted))
     return wanted

@@ -99,27 +99,37 @@ def phase_train(args: argparse.Namespace, out: Path) -> None:
                              callbacks=[epoch_snapshots(snapshots, job.persona.name, base_path)]) for job in jobs]
     info["wall_s"] = round(time.perf_counter() - started, 1)
     info["load_avg_after"] = load_avg()
+    write_train_summary(out, adapters, snapshots, info, [(r.persona, r.version) for r in results])
+
+
+def write_train_summary(out: Path, adapters: Path, snapshots: Path, info: dict[str, Any],
+                        trained: list[tuple[str, int | None]]) -> None:
+    """``train.json`` from the published manifests; each epoch snapshot becomes a registry of its own."""
+    from persona_router.adapters.registry import AdapterRegistry
+
+    registry = AdapterRegistry(adapters)
     info["personas"] = {}
-    for result in results:
-        assert result.manifest is not None and result.path is not None
-        manifest = json.loads((result.path / "manifest.json").read_text(encoding="utf-8"))
-        metrics = manifest["metrics"]
-        info["personas"][result.persona] = {
-            "version": result.version, "steps": metrics["steps"], "epochs": metrics["epochs"],
+    for persona, version in trained:
+        assert version is not None
+        manifest = registry.read_manifest(persona, version)
+        raw = json.loads((registry.path(persona, version) / "manifest.json").read_text(encoding="utf-8"))
+        metrics = raw["metrics"]
+        info["personas"][persona] = {
+            "version": version, "steps": metrics["steps"], "epochs": metrics["epochs"],
             "tokens_seen": metrics["tokens_seen"], "train_time_s": metrics["train_time_s"],
             "wall_time_s": metrics["wall_time_s"], "tokens_per_s": metrics["tokens_per_s"],
             "train_loss": metrics["train_loss"], "eval_loss_before": metrics["eval_loss_before"],
-            "eval_loss_after": metrics["eval_loss"], "compute_precision": manifest["extra"].get("compute_precision"),
-            "hyperparameters": {k: manifest["hyperparameters"][k] for k in (
+            "eval_loss_after": metrics["eval_loss"], "compute_precision": raw.get("compute_precision"),
+            "hyperparameters": {k: raw["hyperparameters"][k] for k in (
                 "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "packing",
                 "mixed_precision", "prompt_free_fraction", "lora_r", "lora_dropout")}}
-        publish_snapshots(snapshots, result)
+        publish_snapshots(snapshots, persona, manifest)
     (out / "train.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    print(f"trained {len(results)} adapters in {info['wall_s']:.0f} s (load {info['load_avg_before']} -> "
+    print(f"trained {len(trained)} adapters in {info['wall_s']:.0f} s (load {info['load_avg_before']} -> "
           f"{info['load_avg_after']})")
 
 
-def publish_snapshots(root: Path, result: Any) -> None:
+def publish_snapshots(root: Path, persona: str, final: Any) -> None:
     """Turn each epoch's saved adapter into version 1 of a registry of its own (``root/epoch-K``)."""
     import shutil
     from dataclasses import replace
@@ -128,24 +138,26 @@ def publish_snapshots(root: Path, result: Any) -> None:
     from persona_router.adapters.registry import AdapterRegistry
 
     for epoch_dir in sorted(root.glob("epoch-*")):
-        folder = epoch_dir / result.persona
-        if not folder.is_dir() or (epoch_dir / "registry" / result.persona / "LATEST").exists():
+        folder = epoch_dir / persona
+        if not folder.is_dir() or (epoch_dir / "registry" / persona / "LATEST").exists():
             continue
         registry = AdapterRegistry(epoch_dir / "registry")
-        staged = registry.staging_dir(result.persona)
+        staged = registry.staging_dir(persona)
         shutil.rmtree(staged)
         shutil.copytree(folder, staged)
-        manifest = replace(result.manifest, version=1, extra={**result.manifest.extra,
-                                                              "snapshot_epoch": epoch_dir.name})
+        manifest = replace(final, version=1, extra={**final.extra, "snapshot_epoch": epoch_dir.name})
         write_manifest(staged, manifest)
-        registry.publish(result.persona, staged)
+        registry.publish(persona, staged)
 
 
 def phase_curve(args: argparse.Namespace, out: Path) -> None:
     """Judge accuracy of each epoch's snapshot (with the system prompt, all items): the learning curve."""
     snapshots = Path(args.adapters).parent / (Path(args.adapters).name + "-epochs")
     curve = []
+    wanted = {int(e) for e in args.curve_epochs.split(",")} if args.curve_epochs else None
     for epoch_dir in sorted(snapshots.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1])):
+        if wanted is not None and int(epoch_dir.name.split("-")[1]) not in wanted:
+            continue
         report_dir = out / "curve" / epoch_dir.name
         seconds, _ = run([*CLI, "-q", "eval", "matrix", "--adapters", str(epoch_dir / "registry"), "--items", "all",
                           "--max-new-tokens", str(args.max_new_tokens), "--engine", "batched",
@@ -159,7 +171,8 @@ def phase_curve(args: argparse.Namespace, out: Path) -> None:
                       "prompt_accuracy": summary["baseline_accuracy"], "accuracy_diff": summary["accuracy_diff"],
                       "accuracy_diff_ci": summary["accuracy_diff_ci"],
                       "per_persona_adapter": summary["per_persona_adapter"], "wall_s": seconds})
-        (out / "curve.json").write_text(json.dumps({"curve": curve, "load_avg": load_avg()}, indent=2) + "\n",
+        (out / "curve.json").write_text(json.dumps({"curve": curve, "load_avg": load_avg(),
+                                                    "adapters": str(snapshots)}, indent=2) + "\n",
                                         encoding="utf-8")
         print(f"epoch {curve[-1]['epoch']}: judge accuracy {curve[-1]['adapter_accuracy']:.3f}", flush=True)
 
@@ -330,6 +343,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=None, help="override the CPU default epochs")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--curve-epochs", default=None, help="curve phase: only these epoch snapshots (e.g. 3,4)")
     parser.add_argument("--limit", type=int, default=None, help="smoke runs only: questions per item kind")
     parser.add_argument("--base", default=None, help="smoke runs only: another base model folder")
     args = parser.parse_args()

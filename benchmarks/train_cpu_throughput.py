@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("train_cpu_throughput")
 
 # Variants that run the trainer's own CPU loss (training/answer_loss.py); every other trainer variant runs TRL's.
-ANSWER_LOSS_VARIANTS = ("trainer-after",)
+ANSWER_LOSS_VARIANTS = ("trainer-after", "trainer-after-bf16-base", "trainer-after-eager")
+BF16_BASE_VARIANTS = ("trainer-after-bf16-base",)
 
 # The CPU defaults before this benchmark's changes (for the "before" row; the current ones come from the code).
 BEFORE = {"mixed_precision": "no", "batch_size": 2, "grad_accum": 2, "max_length": 512, "packing": True,
@@ -97,6 +98,13 @@ def run_trainer(name: str, overrides: dict[str, Any], args: argparse.Namespace, 
 
     trainer, clock, config = setup(overrides, args.warmup + args.steps, work)
     loss = "answer-only" if name in ANSWER_LOSS_VARIANTS else "trl"
+    if name in BF16_BASE_VARIANTS:
+        import torch
+
+        # Frozen base weights stored in bf16, so autocast does not re-cast them at every matmul.
+        for param in trainer.model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
     if loss == "trl":
         # What the trainer ran before training/answer_loss.py: TRL's fused LM head (torch ops on CPU).
         trainer.compute_loss = types.MethodType(trl.SFTTrainer.compute_loss, trainer)
@@ -208,7 +216,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps per variant")
     parser.add_argument("--variants", default="trainer-before,plain-fp32,trainer-bf16,plain-bf16,"
                         "trainer-bf16-nodropout,trainer-bf16-nodropout-b1,trainer-after-trl-loss,trainer-after")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler of one step of the first two")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler of one timed step of every variant")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     import torch
@@ -229,11 +237,13 @@ def main() -> int:
                                       "grad_accum": 4},
         "trainer-after-trl-loss": {},
         "trainer-after": {},
+        "trainer-after-bf16-base": {},
+        "trainer-after-eager": {"attention": "eager"},
     }
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="train-cpu-") as tmp:
         for name in args.variants.split(","):
-            profile = args.profile and name in ("trainer-before", "plain-fp32")
+            profile = args.profile
             work = Path(tmp) / name
             started = time.perf_counter()
             if name in trainer_variants:

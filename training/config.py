@@ -14,9 +14,12 @@ fastest configuration that benchmarks/train_gpu.py measured at or under the note
 H200 (``varlen-liger-b2``: 3.05 vs 3.07 GiB); a micro-batch of 4 (``batch_size=4, grad_accum=2``) trains 1.7x
 faster again but needs 3.8 GiB. README's GPU benchmark section has every measured alternative.
 
-CPU defaults (the offline 135M base, float32) are sized so ``persona-router train --all`` on the demo pack
-(5 personas x 80 rows) takes about 15 minutes on 2 free cores; README's training section shows the
-measurement. No gradient checkpointing on CPU: memory is plentiful there and recomputation costs a third.
+CPU defaults (the offline 135M base; bf16 autocast on CPUs with native bf16, float32 elsewhere) are sized so
+``persona-router train --all`` on the demo pack (5 personas x 80 rows, about 85k tokens per epoch) stays within
+15 minutes on 2 free cores: the trainer ran 206-240 tokens/s on a quiet 2-core Xeon with AMX
+(``benchmarks/train_cpu_throughput.py``), so two epochs (about 12-14 minutes of optimizer steps) and not
+three (18-21). README's training section shows the measurement and the learning curve of longer runs.
+No gradient checkpointing on CPU: memory is plentiful there and recomputation costs a third.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ CUDA_DEFAULTS: dict[str, Any] = {
     "attention": "varlen", "liger_kernels": "on", "activation_offloading": "off",
 }
 CPU_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-3, "batch_size": 1, "grad_accum": 4, "max_length": 512, "epochs": 3.0,
+    "learning_rate": 1e-3, "batch_size": 1, "grad_accum": 4, "max_length": 512, "epochs": 2.0,
     "optim": "adamw_torch", "gradient_checkpointing": "off", "mixed_precision": "no", "save_steps": 10,
     "prompt_free_fraction": 0.5, "lora_dropout": 0.0,
 }
