@@ -1,10 +1,16 @@
-"""The engine's Triton kernels timed on one GPU against cuBLAS / SDPA and the bandwidth floor.
+"""The engine's Triton kernels timed on one GPU against cuBLAS, bitsandbytes and the bandwidth floor.
 
 Phi-3-mini's projection shapes with random weights quantised by bitsandbytes (NF4, double quantisation).
-For each shape and row count, every candidate tile configuration of the fused NF4 product is checked
-against the plain-torch reference and timed (median of CUDA-event timings, rotating over enough weight
-copies that the L2 cache cannot hold them); cuBLAS on the dequantised bf16 weight is the comparison. Also
-the LoRA shrink + expand pair and decode attention at batch 1 and 64.
+For each shape and row count (1 = batch-1 decode, 8 and 64 = decode of that many streams, 128 = a prefill),
+every candidate launch shape of the fused NF4 product is checked against the plain-torch reference and timed,
+beside cuBLAS on a dense bf16 weight, bitsandbytes' own 4-bit product (``matmul_4bit``: its GEMV kernel for one
+row) and bitsandbytes' dequantisation into a reused bf16 scratch followed by cuBLAS. Also the LoRA shrink
+(gather by slot for few rows, one tensor-core product over the resident slots for many) with the expand, and
+decode attention over live lengths against SDPA over the masked bucket.
+
+Timing: each launch is captured in a CUDA graph, one launch per weight copy, with enough copies (over 240 MB)
+that the 60 MB L2 cache cannot serve them; the median replay time over the copies is one launch's time
+including the in-graph launch gap, as the engine's decode graph runs it.
 
     python3 benchmarks/kernels_gpu.py --out /tmp/kernels.json      # on the GPU machine
 """
@@ -12,10 +18,12 @@ the LoRA shrink + expand pair and decode attention at batch 1 and 64.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
+import statistics
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,69 +33,137 @@ if str(ROOT) not in sys.path:
 
 log = logging.getLogger("kernels_gpu")
 SHAPES = {"qkv": (9216, 3072), "o": (3072, 3072), "gate_up": (16384, 3072), "down": (3072, 8192)}
-CANDIDATES = {
-    1: [(16, 16, 256, 4, 3), (16, 32, 256, 4, 3), (16, 16, 512, 4, 3), (16, 32, 128, 4, 4), (16, 64, 256, 4, 3),
-        (16, 16, 256, 2, 4)],
-    16: [(16, 16, 256, 4, 3), (16, 32, 256, 4, 3), (16, 64, 128, 4, 3)],
-    64: [(64, 32, 256, 4, 3), (32, 32, 256, 4, 3), (64, 64, 128, 4, 3), (16, 32, 256, 4, 3)],
-    128: [(64, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 128, 4, 3), (128, 128, 64, 8, 3)],
-    2048: [(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3)],
-}
-COPIES = 6  # weight copies cycled through while timing (NF4 gate_up is 25 MB; six exceed the 60 MB L2)
+ROTATE_BYTES = 240e6  # weight bytes cycled through per timing (several times the L2)
+
+
+def candidates() -> dict[int, list[Any]]:
+    from persona_router.adapters.engine.nf4_kernels import Tiles
+
+    return {
+        1: [Tiles("gemv", 1, 8, 128, 4), Tiles("gemv", 1, 16, 128, 4), Tiles("gemv", 1, 4, 128, 4),
+            Tiles("gemv", 1, 8, 128, 4, xvec=True), Tiles("gemv", 1, 16, 128, 4, xvec=True),
+            Tiles("gemv", 1, 16, 64, 4, split_k=2, xvec=True),
+            Tiles("gemv", 1, 8, 64, 2), Tiles("gemv", 1, 16, 256, 8), Tiles("gemv", 1, 8, 128, 4, split_k=2),
+            Tiles("gemv", 1, 8, 128, 4, split_k=4), Tiles("gemv", 1, 16, 128, 4, split_k=4),
+            Tiles("gemv", 1, 32, 64, 4), Tiles("gemv", 1, 16, 64, 4, split_k=2), Tiles("gemv", 1, 16, 32, 4, split_k=4),
+            Tiles("dot", 16, 32, 2, 4, 3), Tiles("dot", 16, 64, 2, 4, 3, 2)],
+        8: [Tiles("dot", 16, 32, 2, 4, 3), Tiles("dot", 16, 32, 2, 4, 3, 2), Tiles("dot", 16, 32, 2, 4, 3, 4),
+            Tiles("dot", 16, 64, 2, 4, 3), Tiles("dot", 16, 64, 1, 4, 4, 2), Tiles("dot", 16, 128, 2, 8, 3)],
+        64: [Tiles("dot", 64, 64, 2, 4, 3), Tiles("dot", 64, 128, 1, 8, 3, 2), Tiles("dot", 64, 32, 2, 4, 3, 2),
+             Tiles("dot", 64, 64, 2, 4, 3, 4), Tiles("dot", 64, 64, 4, 4, 3, 2)],
+        128: [Tiles("dot", 128, 128, 1, 8, 3), Tiles("dot", 64, 128, 1, 4, 3, 4), Tiles("dot", 128, 64, 2, 8, 3, 2),
+              Tiles("dot", 128, 128, 1, 8, 3, 4)],
+    }
 
 
 def rel(got: Any, want: Any) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm())
 
 
-def cycling(fns: list[Any]) -> Any:
-    turn = itertools.cycle(fns)
-    return lambda: next(turn)()
+def graph_ms(fns: list[Callable[[], Any]], replays: int = 15) -> float:
+    """Median milliseconds per call: all ``fns`` captured once each in one CUDA graph, replayed."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:  # warm-up outside the capture: compilation, workspaces
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times) / len(fns)
+
+
+def quantized_copies(n: int, k: int, copies: int) -> list[tuple[Any, Any, Any]]:
+    import bitsandbytes.functional as bnbf
+    import torch
+    from persona_router.adapters.engine import nf4_kernels
+
+    from tests.support.nf4 import FakeLinear4bit
+
+    out = []
+    for _ in range(copies):
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        weight = nf4_kernels.nf4_weight([FakeLinear4bit(packed, state)])
+        assert weight is not None
+        out.append((packed, state, weight))
+    return out
 
 
 def nf4_cases(bandwidth: float) -> list[dict[str, Any]]:
+    import bitsandbytes
     import bitsandbytes.functional as bnbf
     import torch
     import torch.nn.functional as F
     from persona_router.adapters.engine import nf4_kernels
 
-    from benchmarks.serve_gpu import timed
-    from tests.support.nf4 import FakeLinear4bit
-
     rows = []
     for name, (n, k) in SHAPES.items():
-        weights, dense = [], []
-        for _ in range(COPIES):
-            w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-            packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-            weight = nf4_kernels.nf4_weight([FakeLinear4bit(packed, state)])
-            assert weight is not None
-            weights.append(weight)
-            dense.append(nf4_kernels.dequantize(weight, torch.bfloat16))
-        for m, configs in CANDIDATES.items():
+        nf4_bytes = n * k // 2 + n * k // 64
+        copies = quantized_copies(n, k, max(4, int(ROTATE_BYTES // nf4_bytes) + 1))
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                 for _ in range(max(3, int(ROTATE_BYTES // (2 * n * k)) + 1))]
+        scratch = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
+        weight0 = copies[0][2]
+        for m, tiles_list in candidates().items():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            want = nf4_kernels.reference_matmul(x, weights[0])
-            cublas = timed(cycling([lambda d=d, x=x: F.linear(x, d) for d in dense]))
-            row: dict[str, Any] = {"shape": name, "n": n, "k": k, "m": m, "cublas_bf16_ms": cublas,
-                                   "nf4_bytes": weights[0].nbytes, "floor_ms": weights[0].nbytes / bandwidth * 1e3,
-                                   "configs": {}}
-            for config in configs:
+            want = nf4_kernels.reference_matmul(x, weight0)
+            row: dict[str, Any] = {"shape": name, "n": n, "k": k, "m": m, "nf4_bytes": weight0.nbytes,
+                                   "floor_ms": weight0.nbytes / bandwidth * 1e3, "baselines": {}, "configs": {}}
+            row["baselines"]["cublas_bf16_ms"] = graph_ms([lambda d=d, x=x: F.linear(x, d) for d in dense])
+
+            def dequant_cublas(packed: Any, state: Any, x: Any = x, scratch: Any = scratch) -> Any:
+                bnbf.dequantize_4bit(packed, state, out=scratch)
+                return F.linear(x, scratch)
+
+            def bnb_matmul(packed: Any, state: Any, x: Any = x) -> Any:
+                return bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state)
+
+            for label, fn in (("bnb_matmul_4bit", bnb_matmul), ("bnb_dequant_cublas", dequant_cublas)):
                 try:
-                    err = rel(nf4_kernels.nf4_matmul(x, weights[0], config=config), want)
-                    ms = timed(cycling([lambda w=w, c=config, x=x: nf4_kernels.nf4_matmul(x, w, config=c)
-                                        for w in weights]))
-                except Exception as exc:  # a config that fails to compile is recorded, the others still run
-                    log.exception("config %s failed", config)
-                    row["configs"][str(config)] = {"error": f"{type(exc).__name__}: {exc}"}
+                    err = rel(fn(copies[0][0], copies[0][1]), want)
+                    row["baselines"][label] = {"ms": graph_ms([lambda p=p, s=s, f=fn: f(p, s) for p, s, _ in copies]),
+                                               "rel_err": err}
+                except Exception as exc:  # a library path that fails is recorded, the rest still runs
+                    log.exception("%s failed", label)
+                    row["baselines"][label] = {"error": f"{type(exc).__name__}: {exc}"}
+            for tiles in [None, *tiles_list]:
+                key = "default" if tiles is None else str(tuple(vars(tiles).values()))
+                try:
+                    err = rel(nf4_kernels.nf4_matmul(x, weight0, tiles=tiles), want)
+                    ms = graph_ms([lambda w=w, t=tiles, x=x: nf4_kernels.nf4_matmul(x, w, tiles=t)
+                                   for _, _, w in copies])
+                except Exception as exc:  # a shape that fails to compile is recorded, the others still run
+                    log.exception("tiles %s failed", key)
+                    row["configs"][key] = {"error": f"{type(exc).__name__}: {exc}"}
                     continue
-                row["configs"][str(config)] = {"ms": ms, "rel_err": err, "tflops": 2 * m * n * k / ms / 1e9,
-                                               "gb_s": weights[0].nbytes / ms / 1e6}
+                row["configs"][key] = {"ms": ms, "rel_err": err, "tb_s": weight0.nbytes / ms / 1e9}
+                if tiles is None:
+                    row["configs"][key]["tiles"] = str(nf4_kernels.default_tiles(m, n, k))
             timed_ok = {c: v for c, v in row["configs"].items() if "ms" in v}
             if timed_ok:
                 best = min(timed_ok, key=lambda c: timed_ok[c]["ms"])
-                row["best"] = {"config": best, **timed_ok[best], "default": str(nf4_kernels._config(m, n, k))}
+                row["best"] = {"config": best, **timed_ok[best]}
             rows.append(row)
-            log.info("%s m=%d: cublas %.4f ms, best %s", name, m, cublas, row.get("best"))
+            log.info("%s m=%d: %s | best %s", name, m, row["baselines"], row.get("best"))
+        del copies, dense
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -95,23 +171,21 @@ def lora_cases() -> list[dict[str, Any]]:
     import torch
     from persona_router.adapters.engine import lora_kernels
 
-    from benchmarks.serve_gpu import timed
-
     rows = []
     k, n, capacity, rank = 3072, 9216, 8, 16
     a = torch.randn(capacity, rank, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
     bt = torch.randn(capacity, rank, n, device="cuda", dtype=torch.bfloat16) * 0.02
     scaling = torch.full((capacity + 1,), 2.0, device="cuda", dtype=torch.bfloat16)
-    for m in (1, 64, 2048):
+    for m in (1, 8, 64, 128):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         slots = (torch.arange(m, device="cuda") % 4) + 1
         out = torch.zeros(m, n, device="cuda", dtype=torch.bfloat16)
         want = lora_kernels.reference(x, a, bt, slots, scaling)
-        got = lora_kernels.expand_(out.clone(), lora_kernels.shrink(x, a, bt, slots, scaling))
+        got = lora_kernels.expand_(out.clone(), lora_kernels.shrink(x, a, bt, slots, scaling, m=4))
         rows.append({"m": m, "rel_err": rel(got, want),
-                     "shrink_ms": timed(lambda x=x, s=slots: lora_kernels.shrink(x, a, bt, s, scaling)),
-                     "shrink_expand_ms": timed(lambda x=x, s=slots, o=out: lora_kernels.expand_(
-                         o, lora_kernels.shrink(x, a, bt, s, scaling)))})
+                     "shrink_ms": graph_ms([lambda x=x, s=slots: lora_kernels.shrink(x, a, bt, s, scaling, m=4)] * 20),
+                     "shrink_expand_ms": graph_ms([lambda x=x, s=slots, o=out: lora_kernels.expand_(
+                         o, lora_kernels.shrink(x, a, bt, s, scaling, m=4))] * 20)})
     return rows
 
 
@@ -119,8 +193,6 @@ def attention_cases(bandwidth: float) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
     from persona_router.adapters.engine import attention_kernels
-
-    from benchmarks.serve_gpu import timed
 
     rows = []
     heads, dim, cache_len, pos = 32, 96, 256, 160
@@ -136,10 +208,10 @@ def attention_cases(bandwidth: float) -> list[dict[str, Any]]:
         live_bytes = 2 * n * heads * (pos + 1) * dim * 2
         rows.append({"n": n, "rel_err": rel(got, want), "live_bytes": live_bytes,
                      "floor_ms": live_bytes / bandwidth * 1e3,
-                     "kernel_ms": timed(lambda q=q, kn=k_new, vn=v_new, kc=k_cache, vc=v_cache, p=positions:
-                                        attention_kernels.decode_attention(q, kn, vn, kc, vc, p, cache_len)),
-                     "sdpa_masked_ms": timed(lambda q=q, kc=k_cache, vc=v_cache, mk=mask:
-                                             F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=mk))})
+                     "kernel_ms": graph_ms([partial(attention_kernels.decode_attention, q, k_new, v_new, k_cache,
+                                                    v_cache, positions, cache_len)] * 20),
+                     "sdpa_masked_ms": graph_ms([partial(F.scaled_dot_product_attention, q.unsqueeze(2), k_cache,
+                                                         v_cache, attn_mask=mask)] * 20)})
     return rows
 
 
@@ -149,15 +221,18 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", default="attention,lora,nf4", help="comma-separated sections")
     args = parser.parse_args()
     from benchmarks.serve_gpu import copy_bandwidth
 
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "bandwidth": copy_bandwidth()}
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "bandwidth": copy_bandwidth()}
     bandwidth = report["bandwidth"]["tb_s"] * 1e12
-    for key, action in (("attention", lambda: attention_cases(bandwidth)), ("lora", lora_cases),
-                        ("nf4", lambda: nf4_cases(bandwidth))):
+    sections = {"attention": lambda: attention_cases(bandwidth), "lora": lora_cases,
+                "nf4": lambda: nf4_cases(bandwidth)}
+    for key in args.only.split(","):
         try:
-            report[key] = action()
+            report[key] = sections[key]()
         except Exception as exc:  # keep the other sections
             log.exception("%s failed", key)
             report[key] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -165,11 +240,15 @@ def main() -> int:
     print(f"{report['device']}: copy {report['bandwidth']['tb_s']:.2f} TB/s")
     for row in report.get("nf4", []) if isinstance(report.get("nf4"), list) else []:
         best = row.get("best", {})
-        print(f"nf4 {row['shape']:8s} m={row['m']:5d} cublas {row['cublas_bf16_ms']:.4f} ms | "
-              f"best {best.get('config')} "
-              f"{best.get('ms', float('nan')):.4f} ms err {best.get('rel_err', float('nan')):.1e} "
-              f"{best.get('gb_s', 0):.0f} GB/s {best.get('tflops', 0):.0f} TF/s | floor {row['floor_ms']:.4f} | "
-              f"default {best.get('default')}")
+        base = row["baselines"]
+        bnb = base.get("bnb_matmul_4bit", {}).get("ms", float("nan"))
+        deq = base.get("bnb_dequant_cublas", {}).get("ms", float("nan"))
+        default = row["configs"].get("default", {})
+        print(f"nf4 {row['shape']:8s} m={row['m']:4d} floor {row['floor_ms']:.4f} | cublas-bf16 "
+              f"{base['cublas_bf16_ms']:.4f} bnb {bnb:.4f} deq+cublas {deq:.4f} | default "
+              f"{default.get('ms', float('nan')):.4f} | best {best.get('config')} "
+              f"{best.get('ms', float('nan')):.4f} ms "
+              f"{best.get('tb_s', 0):.2f} TB/s err {best.get('rel_err', float('nan')):.1e}")
     for section in ("lora", "attention"):
         print(section, json.dumps(report.get(section)))
     return 0

@@ -54,8 +54,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--engine-only", action="store_true",
                         help="skip vanilla PEFT's throughput suite and the engine's bitsandbytes-kernel mode (the "
                              "self-check still compares with vanilla PEFT's logits)")
+    parser.add_argument("--engine-config", default="",
+                        help="EngineConfig fields for the engine under test, e.g. nf4_mode=fused,kernels=on "
+                             "(default: the engine's own defaults)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
     return parser.parse_args()
+
+
+def engine_overrides(text: str) -> dict[str, str]:
+    """``key=value,key=value`` as EngineConfig keyword arguments (string fields only)."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--engine-config wants key=value pairs, got {text!r}")
+    return {key.strip(): value.strip() for key, value in pairs}
 
 
 # -- setup ------------------------------------------------------------------------------------------
@@ -412,8 +423,11 @@ class Bench:
 
         started = time.perf_counter()
         max_len = -(-(self.args.prompt_len + self.args.new_tokens) // 256) * 256
+        overrides = engine_overrides(self.args.engine_config)
+        if mode != "auto":
+            overrides["nf4_mode"] = mode
         config = EngineConfig(max_batch=max(self.streams), max_len=max_len, max_adapters=8, max_rank=16,
-                              stop_token_ids=(), nf4_mode=mode)
+                              stop_token_ids=(), **overrides)
         engine = BatchedEngine(self.model, self.tokenizer, config)
         for name, folder in zip(self.names, self.adapters, strict=True):
             engine.add_adapter(name, folder)
@@ -455,7 +469,8 @@ def compare_with_vanilla(bench: Bench) -> Any:
     engine = bench.engine("auto")  # built before PEFT wraps the model's layers (it also unwraps them itself)
     section["memory_engine_built"] = gpu_memory()
     section["engine_modes"] = {"nf4_mode": engine.nf4_mode, "kernels": engine.runner.kernels,
-                               "weight_bytes": weight_bytes(engine.runner)}
+                               "weight_bytes": weight_bytes(engine.runner),
+                               "engine_config": engine_overrides(bench.args.engine_config)}
     reference = reference_logits(bench, bench.precision, prompts[0])  # before PEFT wraps the model
     peft_model = PeftModel.from_pretrained(bench.model, str(adapters[0]), adapter_name=names[0])
     for name, folder in zip(names[1:], adapters[1:], strict=True):

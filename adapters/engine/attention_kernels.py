@@ -16,10 +16,13 @@ BLOCK = 64  # cache positions per loop step
 
 
 def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, positions: Any, kv_len: int,
-                     window: int | None = None) -> Any:
+                     window: int | None = None, rotary: tuple[Any, Any] | None = None) -> Any:
     """``q`` [n, heads, dim], ``k_new``/``v_new`` [n, kv_heads, dim] (any strides, last dim contiguous),
     caches [rows, kv_heads, cache_len, dim]; returns [n, heads, dim]. Row ``i`` attends ``0..positions[i]``
-    (all positions below ``kv_len``), after writing ``k_new[i]``/``v_new[i]`` at ``positions[i]``."""
+    (all positions below ``kv_len``), after writing ``k_new[i]``/``v_new[i]`` at ``positions[i]``.
+
+    ``rotary = (cos, sin)`` (each ``[positions, rotary_dim]``, contiguous): ``q`` and ``k_new`` are given
+    before the rotary embedding and the kernel applies it at each row's position."""
     import torch
     from persona_router.adapters.engine.triton_ops import require_triton
 
@@ -29,18 +32,29 @@ def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any,
         raise ValueError("decode_attention wants whole query groups per KV head and a contiguous head dim")
     out = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
     nblk = -(-kv_len // BLOCK)
+    cos, sin = rotary if rotary is not None else (out, out)
+    if rotary is not None and (cos.stride(1) != 1 or cos.stride(0) != cos.shape[1] or sin.stride() != cos.stride()):
+        raise ValueError("rotary tables must be contiguous [positions, rotary_dim]")
     require_triton().decode_attention[(n, heads)](
-        q, k_new, v_new, k_cache, v_cache, positions, out, q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
+        q, k_new, v_new, k_cache, v_cache, positions, out, cos, sin, q.stride(0), q.stride(1), k_new.stride(0),
+        k_new.stride(1),
         v_new.stride(0), v_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         out.stride(1), 1.0 / math.sqrt(dim), GROUP=heads // kv_heads, D=dim, DP=1 << (dim - 1).bit_length(),
-        BL=BLOCK, NBLK=nblk, WINDOW=window or 0, num_warps=4)
+        BL=BLOCK, NBLK=nblk, WINDOW=window or 0, ROT=int(cos.shape[1]) if rotary is not None else 0, num_warps=4)
     return out
 
 
 def reference(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, positions: Any,
-              window: int | None = None) -> Any:
-    """Plain torch, float32: write the new keys/values into (copies of) the caches, attend ``0..pos`` per row."""
+              window: int | None = None, rotary: tuple[Any, Any] | None = None) -> Any:
+    """Plain torch, float32: rotate (the engine's eager ``rotate``, when ``rotary`` is given), write the new keys
+    and values into (copies of) the caches, attend ``0..pos`` per row."""
     import torch
+
+    if rotary is not None:
+        from persona_router.adapters.engine.kernels import rotate
+
+        cos, sin = (table[positions].unsqueeze(1) for table in rotary)
+        q, k_new = rotate(q, cos, sin), rotate(k_new, cos, sin)
 
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     n, heads, dim = q.shape

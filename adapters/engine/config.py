@@ -30,10 +30,14 @@ class EngineConfig:
     fewer kernels, the same function up to rounding order. Each switch's ``auto`` means on for CUDA, off on
     CPU (where the unfused path reproduces Hugging Face + PEFT float32 outputs exactly).
 
-    ``kernels`` runs the batched LoRA (one gather-by-slot kernel pair per projection instead of a mask over
-    all resident slots) and decode attention (each row reads only its own live cache length) as Triton
-    kernels; ``auto`` is on for CUDA when Triton is installed, off on CPU. The default is ``off``: on an
-    H200 these first kernels measured slower than the torch path (README, GPU serving section).
+    ``kernels`` switches the CUDA step to the engine's Triton kernels where they measured faster: decode
+    attention that applies the rotary embedding, writes the step's key and value and reads only each row's
+    live cache length; for steps of at most ``lora_kernels.GATHER_ROWS`` rows a LoRA shrink that gathers each
+    row's adapter by slot and also computes the projection's input (the layer norm, the gated activation: two
+    kernels fewer), with an expand that adds the residual; for one row in ``dequantize`` mode, bitsandbytes'
+    4-bit GEMV on the NF4 bytes instead of cuBLAS on the bf16 copy. Wider steps keep the bank's LoRA products
+    and cuBLAS. ``auto`` is on for CUDA with a half-precision model and Triton installed (float32 keeps the
+    exact torch path), off on CPU.
 
     ``kv_block`` rounds the attended cache length up (fewer graph shapes; at most that many masked positions).
     ``stop_token_ids`` end every request in addition to its own; ``None`` takes the tokenizer's and the

@@ -86,7 +86,12 @@ class BatchedEngine:
             nf4_mode = "dequantize" if model_on_cuda else "kernel"
         if nf4_mode == "fused":
             require_triton()
-        weights = extract_weights(model, nf4_mode=nf4_mode)
+        # ``auto``: the Triton path on CUDA for half-precision models (float32 keeps the exact torch path).
+        half = getattr(model, "dtype", None) in (torch.bfloat16, torch.float16)
+        kernels = _switch(self.config.kernels, model_on_cuda and triton_available() and half)
+        if kernels:
+            require_triton()
+        weights = extract_weights(model, nf4_mode=nf4_mode, gemv=kernels and model_on_cuda)
         self.nf4_mode = nf4_mode  # as resolved (applies only to a 4-bit base)
         self.vocab_size = weights.vocab_size
         self.group_shapes = {name: GroupShape(tuple(group.parts), group.in_features)
@@ -99,9 +104,6 @@ class BatchedEngine:
                                        for name in ("cuda_graphs", "fuse", "compile"))
         if use_graphs and not on_cuda:
             raise ConfigError("CUDA graphs need a CUDA device", field="cuda_graphs")
-        kernels = _switch(self.config.kernels, on_cuda and triton_available())
-        if kernels:
-            require_triton()
         self.runner = ModelRunner(weights, self.bank, self.config, fused=fused, compiled=compiled, kernels=kernels)
         decoder = prefiller = None
         if use_graphs:

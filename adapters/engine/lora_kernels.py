@@ -26,6 +26,7 @@ class LoraShrunk:
     rank: int
     rank_pow2: int
     splits: int
+    h: Any = None  # the product's input: ``x``, or what the shrink's prologue computed from it
 
 
 def _pow2(n: int) -> int:
@@ -35,46 +36,96 @@ def _pow2(n: int) -> int:
     return size
 
 
+GATHER_ROWS = 8  # up to this many rows each row gathers its own A (BGMV); more share one tensor-core product
+
+
 def splits_for(rows: int) -> int:
-    """K chunks per row: enough programs to stream A quickly at decode, one chunk for prefill."""
-    return 16 if rows <= 4 else 4 if rows <= 32 else 1
+    """K chunks per row: enough programs to stream A quickly at decode, fewer for long prefills."""
+    if rows <= GATHER_ROWS:
+        return 16 if rows <= 4 else 8
+    blocks = -(-rows // 64)
+    return max(1, min(8, 64 // blocks))
 
 
-def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any) -> LoraShrunk:
-    """Per-row down-projection ``x[m] @ A[slot_m]^T * scaling[slot_m]`` for ``x`` [M, K]."""
+@dataclass(frozen=True)
+class Prologue:
+    """What the shrink computes from its input before the product, and stores for the base product to read:
+    ``norm`` (RMSNorm with ``weight`` and ``eps``, the layer's input norm) or ``silu_mul`` (``up * silu(gate)``
+    of ``[gate | up]``, the gated MLP's activation)."""
+
+    kind: str
+    weight: Any = None
+    eps: float = 0.0
+
+    @property
+    def code(self) -> int:
+        return {"norm": 1, "silu_mul": 2}[self.kind]
+
+
+def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any, m: int | None = None,
+           prologue: Prologue | None = None) -> LoraShrunk:
+    """Per-row down-projection ``h[m] @ A[slot_m]^T * scaling[slot_m]`` for ``x`` [M, K], where ``h`` is ``x``
+    or, with a ``prologue``, its norm or gated activation (returned as ``LoraShrunk.h``).
+
+    ``m`` is the highest slot id present (the step's slot bucket; default: the bank's capacity): many rows
+    are multiplied by the A of slots ``1..m`` at once and keep their own slot's columns."""
     import torch
+    from persona_router.adapters.engine.nf4_kernels import precision
     from persona_router.adapters.engine.triton_ops import require_triton
 
-    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows = x.shape[0]
+    k = a.shape[2]
+    width = 2 * k if prologue is not None and prologue.kind == "silu_mul" else k
+    if x.shape[1] != width:
+        raise ValueError(f"x must be [M, {width}], got {tuple(x.shape)}")
+    h = torch.empty(rows, k, dtype=x.dtype, device=x.device) if prologue is not None else x
+    pro = prologue.code if prologue is not None else 0
+    norm_weight = prologue.weight if prologue is not None and prologue.weight is not None else x
+    eps = prologue.eps if prologue is not None else 0.0
     rank = a.shape[1]
-    rank_pow2 = _pow2(rank)
-    splits = splits_for(m)
+    splits = splits_for(rows)
     block_k = 64
     per_split = -(-k // splits)
     chunk = -(-per_split // block_k) * block_k
-    t = torch.empty(splits, m, rank_pow2, dtype=torch.float32, device=x.device)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    require_triton().lora_shrink[(m, splits)](
-        x, a, slot_ids, scaling, t, k, x.stride(0), a.stride(0), a.stride(1), t.stride(0), t.stride(1), rank,
-        CHUNK=chunk, RP=rank_pow2, BK=block_k, num_warps=4)
-    return LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits)
+    ops = require_triton()
+    if rows <= GATHER_ROWS:
+        rank_pow2 = _pow2(rank)
+        t = torch.empty(splits, rows, rank_pow2, dtype=torch.float32, device=x.device)
+        ops.lora_shrink[(rows, splits)](
+            x, a, slot_ids, scaling, t, h, norm_weight, eps, k, x.stride(0), h.stride(0), a.stride(0), a.stride(1),
+            t.stride(0), t.stride(1), rank, CHUNK=chunk, RP=rank_pow2, BK=block_k, PRO=pro, num_warps=4)
+        return LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits, h=h)
+    present = max(1, min(m if m is not None else a.shape[0], a.shape[0]))  # slots 1..present exist in ``a``
+    slots = _pow2(present)
+    rank_pow2 = max(16, _pow2(rank))  # a tensor-core tile is at least 16 wide
+    t = torch.empty(splits, rows, rank_pow2, dtype=torch.float32, device=x.device)
+    block_m = 64 if rows > 32 else 32 if rows > 16 else 16
+    ops.lora_shrink_dot[(-(-rows // block_m), splits)](
+        x, a, slot_ids, scaling, t, h, norm_weight, eps, rows, k, present, x.stride(0), h.stride(0), a.stride(0),
+        a.stride(1), t.stride(0), t.stride(1), R=rank, RP=rank_pow2, S=slots, CHUNK=chunk, BM=block_m, BK=block_k,
+        PRECISION=precision(x.dtype), PRO=pro, num_warps=4)
+    return LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits, h=h)
 
 
-def expand_(out: Any, lora: LoraShrunk) -> Any:
-    """``out += t @ Bt[slot]`` in place for a row-major [M, N] ``out``; returns ``out``."""
+def expand_(out: Any, lora: LoraShrunk, residual: Any = None) -> Any:
+    """``out += t @ Bt[slot] [+ residual]`` in place for a row-major [M, N] ``out``; returns ``out``."""
     from persona_router.adapters.engine.triton_ops import require_triton
 
     m, n = out.shape
     if out.stride(1) != 1:
         raise ValueError("out must be row-major")
+    if residual is not None and (residual.stride(1) != 1 or tuple(residual.shape) != (m, n)):
+        raise ValueError("residual must be a row-major [M, N] tensor")
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn = 64 if m <= 64 else 128
     grid = ((n + bn - 1) // bn, (m + bm - 1) // bm)
+    res = residual if residual is not None else out
     require_triton().lora_expand[grid](
-        out, lora.t, lora.bt, lora.slot_ids, m, n, out.stride(0), lora.t.stride(0), lora.t.stride(1),
-        lora.bt.stride(0), lora.bt.stride(1), lora.rank, SPLITS=lora.splits, RP=lora.rank_pow2, BM=bm, BN=bn,
-        num_warps=4)
+        out, res, lora.t, lora.bt, lora.slot_ids, m, n, out.stride(0), res.stride(0), lora.t.stride(0),
+        lora.t.stride(1), lora.bt.stride(0), lora.bt.stride(1), lora.rank, SPLITS=lora.splits, RP=lora.rank_pow2,
+        BM=bm, BN=bn, HAS_RES=residual is not None, num_warps=4)
     return out
 
 

@@ -7,9 +7,15 @@ cuBLAS reads 4 bytes per weight per step (half a byte in, two out, two back in);
 byte once and unpacks it in registers: ``w = code[nibble] * (code2[absmax_q] * absmax2 + offset)``, the same
 arithmetic and rounding as ``bitsandbytes.functional.dequantize_4bit``, then a tensor-core product.
 
-One kernel serves decode (a few rows: tiles of 16 rows and narrow column blocks, so the whole GPU streams
-the weight) and prefill (many rows: wide tiles). Its epilogue adds the residual and the LoRA update of each
-row's own adapter (see ``lora_kernels``), so a projection is one launch after the LoRA shrink.
+Two kernels (``triton_ops``), chosen by row count (``default_tiles``). ``nf4_gemv`` (one row, batch-1 decode)
+runs on CUDA cores: each program owns a few output features, reads the packed weight as 16-byte vectors of
+int32 words, looks each nibble up in the 16-entry code table (one cache line, L1-resident), multiplies by the
+activation and scales each word's sum by its block's absmax; no tensor-core tile, so no layout conversion.
+``nf4_dot`` (several rows, decode of many streams and prefill) unpacks each 64-element block of its weight
+rows into a bf16 tile and multiplies on the tensor cores. Both split K over several programs when the output
+alone gives too few programs to keep every multiprocessor streaming (the last program of a tile to finish
+adds the partial sums in a fixed order: deterministic), and both add the residual and the LoRA update of each
+row's own adapter (see ``lora_kernels``) in their epilogue, so a projection is one launch after the LoRA shrink.
 The kernel itself is in ``triton_ops``; ``nf4_weight`` and ``reference_matmul`` work on any device.
 """
 
@@ -113,19 +119,81 @@ def reference_matmul(x: Any, w: Nf4Weight, residual: Any = None, lora: Any = Non
     return out.to(x.dtype)
 
 
-def _config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, warps, stages): narrow column blocks when few rows (bandwidth), wide tiles when many."""
-    bk = next(b for b in (256, 128, 64) if k % b == 0)
+@dataclass(frozen=True)
+class Tiles:
+    """A launch shape. ``gemv`` (one row, CUDA cores): ``bn`` features per program, ``inner`` int32 words of
+    K per loop step. ``dot`` (tensor cores): ``bm x bn`` output tiles, ``inner`` 64-element blocks per loop
+    step. ``split_k`` programs share one tile's K range (the last one to finish adds the partial sums)."""
+
+    kind: str
+    bm: int
+    bn: int
+    inner: int
+    warps: int
+    stages: int = 1
+    split_k: int = 1
+    xvec: bool = False  # gemv: the activations in one vector load per step, split in registers
+
+
+def default_tiles(m: int, n: int, k: int) -> Tiles:
+    """Enough programs to keep every multiprocessor streaming the weight: split K when N alone gives few."""
+    blocks = k // 64
+    if m == 1:
+        programs = -(-n // 8)
+        split = 1 if programs >= 1024 else min(8, max(1, 1024 // programs), k // 1024 or 1)
+        words = k // 8
+        inner = next((b for b in (128, 64, 32) if words % split == 0 and (words // split) % b == 0), 128)
+        return Tiles("gemv", 1, 8, inner, 4, split_k=split)
     if m <= 16:
-        return 16, (16 if n <= 4096 else 32), bk, 4, 3
-    if m <= 64:
-        return (32 if m <= 32 else 64), 32, bk, 4, 3
-    return 64, 128, 64, 8, 3
+        bm, bn, inner, warps, target = 16, 32, 2, 4, 528
+    elif m <= 64:
+        bm, bn, inner, warps, target = (32 if m <= 32 else 64), 64, 2, 4, 264
+    else:
+        bm, bn, inner, warps, target = 128, 128, 1, 8, 264
+    programs = -(-n // bn) * -(-m // bm)
+    split = 1 if programs >= target else min(8, -(-target // programs), max(1, blocks // (2 * inner)))
+    return Tiles("dot", bm, bn, inner, warps, 3, split)
 
 
-def nf4_matmul(x: Any, w: Nf4Weight, *, residual: Any = None, lora: Any = None,
-               config: tuple[int, int, int, int, int] | None = None) -> Any:
-    """``[residual +] x W^T [+ LoRA(x)]`` for 2-D ``x`` ([M, K]); ``lora`` is a ``LoraShrunk`` (``lora_kernels``)."""
+def precision(dtype: Any) -> str:
+    """Tensor-core input precision: float32 activations get true float32 products (not TF32)."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class Workspace:
+    """Split-K partial sums and per-tile arrival counters, one pair per launch shape, reused by every launch
+    of that shape and never freed (a captured CUDA graph keeps their addresses).
+
+    Launches that share a workspace must not run concurrently (the engine's steps run one at a time on one
+    stream); each ``ModelRunner`` owns one. Counters return to zero at the end of every launch, so CUDA graph
+    replays find them as the capture did."""
+
+    MAX_SPLIT = 8
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, int, int, int, int], tuple[Any, Any]] = {}
+
+    def get(self, device: Any, n: int, rows: int, split: int, tiles: int) -> tuple[Any, Any]:
+        import torch
+
+        key = (str(device), n, rows, split, tiles)
+        if key not in self._buffers:
+            self._buffers[key] = (torch.empty(split * rows * n, dtype=torch.float32, device=device),
+                                  torch.zeros(tiles, dtype=torch.int32, device=device))
+        return self._buffers[key]
+
+
+_SHARED = Workspace()
+
+
+def nf4_matmul(x: Any, w: Nf4Weight, *, residual: Any = None, lora: Any = None, tiles: Tiles | None = None,
+               workspace: Workspace | None = None) -> Any:
+    """``[residual +] x W^T [+ LoRA(x)]`` for 2-D ``x`` ([M, K]); ``lora`` is a ``LoraShrunk`` (``lora_kernels``).
+
+    ``workspace`` holds split-K scratch (default: one per process; pass your own when launches of two threads
+    could overlap)."""
     import torch
 
     if x.dim() != 2 or x.shape[1] != w.k:
@@ -138,19 +206,35 @@ def nf4_matmul(x: Any, w: Nf4Weight, *, residual: Any = None, lora: Any = None,
         return out
     if residual is not None and (residual.stride(1) != 1 or tuple(residual.shape) != (m, w.n)):
         raise ValueError("residual must be a row-major [M, N] tensor")
-    bm, bn, bk, warps, stages = config or _config(m, w.n, w.k)
-    grid = ((w.n + bn - 1) // bn, (m + bm - 1) // bm)
-    dummy = out
-    t, bt, slots = (lora.t, lora.bt, lora.slot_ids) if lora is not None else (dummy, dummy, dummy)
+    t = tiles or default_tiles(m, w.n, w.k)
+    if t.kind == "gemv" and m != 1:
+        raise ValueError("the gemv kernel takes one row")
+    split = max(1, t.split_k)
+    if split > Workspace.MAX_SPLIT:
+        raise ValueError(f"split-K takes at most {Workspace.MAX_SPLIT} splits")
+    grid_n, grid_m = -(-w.n // t.bn), -(-m // t.bm)
+    ws, counters = ((workspace or _SHARED).get(x.device, w.n, m, split, grid_n * grid_m) if split > 1
+                    else (out, out))
     from persona_router.adapters.engine.triton_ops import require_triton
 
-    require_triton().nf4_matmul[grid](
-        x, w.packed, w.absmax_q, w.absmax2, w.offset2, w.code2, w.code, out,
-        residual if residual is not None else dummy, t, bt, slots, m, w.n, w.k, x.stride(0), out.stride(0),
-        residual.stride(0) if residual is not None else 0, t.stride(0) if lora is not None else 0,
-        t.stride(1) if lora is not None else 0, bt.stride(0) if lora is not None else 0,
-        bt.stride(1) if lora is not None else 0, lora.rank if lora is not None else 0,
-        BLOCK2=w.block2, DOUBLE=w.double, SPLITS=lora.splits if lora is not None else 1,
-        RP=lora.rank_pow2 if lora is not None else 1, HAS_RES=residual is not None, HAS_LORA=lora is not None,
-        BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    ops = require_triton()
+    has_lora = lora is not None
+    tl_t, tl_bt, slots = (lora.t, lora.bt, lora.slot_ids) if has_lora else (out, out, out)
+    lora_args = (tl_t.stride(0) if has_lora else 0, tl_t.stride(1) if has_lora else 0,
+                 tl_bt.stride(0) if has_lora else 0, tl_bt.stride(1) if has_lora else 0,
+                 lora.rank if has_lora else 0)
+    flags = {"BLOCK2": w.block2, "DOUBLE": w.double, "SPLITS": lora.splits if has_lora else 1,
+             "RP": lora.rank_pow2 if has_lora else 1, "HAS_RES": residual is not None, "HAS_LORA": has_lora,
+             "SPLIT_K": split, "num_warps": t.warps}
+    res = residual if residual is not None else out
+    res_stride = residual.stride(0) if residual is not None else 0
+    common = (w.absmax_q, w.absmax2, w.offset2, w.code2, w.code, out, res, tl_t, tl_bt, slots, ws, counters)
+    if t.kind == "gemv":
+        ops.nf4_gemv[(grid_n, split)](
+            x, w.packed.view(torch.int32), *common, w.n, w.k, out.stride(0), res_stride, *lora_args,
+            BN=t.bn, BKW=t.inner, XVEC=t.xvec, **flags)
+    else:
+        ops.nf4_dot[(grid_n, grid_m, split)](
+            x, w.packed, *common, m, w.n, w.k, x.stride(0), out.stride(0), res_stride, *lora_args,
+            BM=t.bm, BN=t.bn, G=t.inner, num_stages=t.stages, PRECISION=precision(x.dtype), **flags)
     return out

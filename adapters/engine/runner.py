@@ -23,6 +23,7 @@ from typing import Any
 from persona_router.adapters.engine.config import EngineConfig
 from persona_router.adapters.engine.kernels import Shapes, pointwise
 from persona_router.adapters.engine.lora_bank import LoraBank
+from persona_router.adapters.engine.lora_kernels import GATHER_ROWS, Prologue
 from persona_router.adapters.engine.weights import ModelWeights
 from persona_router.core.errors import ConfigError
 
@@ -50,6 +51,11 @@ class ModelRunner:
         self.config = config
         self.fused = fused
         self.kernels = kernels  # Triton LoRA (gather by slot) and decode attention (live lengths); see config
+        from persona_router.adapters.engine.nf4_kernels import Workspace
+
+        self.workspace = Workspace()  # split-K scratch of the fused 4-bit kernels, this runner's own
+        # The kernel path computes the gated activation inside the down projection's LoRA shrink (SiLU only).
+        self.silu = type(weights.activation).__name__ in ("SiLU", "SiLUActivation")
         self.device = weights.device
         self.dtype = weights.dtype
         self.max_batch = config.max_batch
@@ -67,6 +73,9 @@ class ModelRunner:
         self.positions = self.step_inputs[:, 1]
         self.slot_ids = self.step_inputs[:, 2]
         self.rows = torch.arange(config.max_batch, device=self.device)
+        # Written by every decode step (inside its CUDA graph): each row's argmax and whether its logits are all
+        # finite, so the scheduler reads both with one device-to-host copy.
+        self.summary = torch.zeros(2, config.max_batch, dtype=torch.long, device=self.device)
         self.kv_arange = torch.arange(self.cache_len, device=self.device)
         shapes = Shapes(hidden=weights.hidden_size, intermediate=weights.layers[0].groups["down"].in_features,
                         heads=weights.num_heads, kv_heads=weights.num_kv_heads, head_dim=weights.head_dim,
@@ -94,7 +103,7 @@ class ModelRunner:
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             cos, sin = self.w.rotary(probe, position_ids=positions)
-        return cos[0], sin[0]  # [cache_len, rotary_dim]
+        return cos[0].contiguous(), sin[0].contiguous()  # [cache_len, rotary_dim], as the decode kernel reads them
 
     # -- public steps -------------------------------------------------------------------------------
 
@@ -155,14 +164,14 @@ class ModelRunner:
 
         positions = self.positions[:n]
         x = self.w.embed[self.tokens[:n]]  # [n, hidden]
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [n, 1, rotary]
         if self.kernels:  # per-row slots and positions go to the kernels as they are: no masks to build
             lora = self._lora_batch(self.slot_ids[:n].contiguous(), m)
             live = positions.contiguous()
-            for index in range(len(self.w.layers)):
-                x = self._layer(index, x, n, 1, lora, cos, sin, lambda q, k, v, i=index:
-                                self._decode_attention_kernel(i, q, k, v, live, kv_len))
-            return self._logits(x)
+            for index in range(len(self.w.layers)):  # the attention kernel rotates: no cos/sin gather here
+                x = self._layer(index, x, n, 1, lora, None, None, lambda q, k, v, i=index:
+                                self._decode_attention_kernel(i, q, k, v, live, kv_len), rotate=False)
+            return self._summarized(self._logits(x))
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [n, 1, rotary]
         lora = self.bank.batch(self.slot_ids[:n], m, fused=self.fused)
         keys = self.kv_arange[:kv_len].unsqueeze(0)
         visible = keys <= positions.unsqueeze(1)
@@ -174,73 +183,108 @@ class ModelRunner:
         for index in range(len(self.w.layers)):
             x = self._layer(index, x, n, 1, lora, cos, sin, lambda q, k, v, i=index:
                             self._decode_attention(i, q, k, v, n, kv_len, mask))
-        return self._logits(x)
+        return self._summarized(self._logits(x))
+
+    def _summarized(self, logits: Any) -> Any:
+        """Fill ``summary`` for these rows (argmax, all-finite) and pass the logits on."""
+        import torch
+
+        n = logits.shape[0]
+        self.summary[0, :n] = logits.argmax(dim=-1)
+        self.summary[1, :n] = torch.isfinite(logits).all(dim=-1)
+        return logits
 
     # -- pieces ------------------------------------------------------------------------------------
 
-    def _layer(self, index: int, x: Any, batch: int, seq: int, lora: Any, cos: Any, sin: Any, attend: Any) -> Any:
+    def _layer(self, index: int, x: Any, batch: int, seq: int, lora: Any, cos: Any, sin: Any, attend: Any,
+               rotate: bool = True) -> Any:
+        """One decoder layer; ``rotate=False`` when ``attend`` applies the rotary embedding itself."""
         layer = self.w.layers[index]
         heads, kv_heads, dim = self.w.num_heads, self.w.num_kv_heads, self.w.head_dim
-        h = self.pw.norm(x, layer.input_norm, self.w.rms_eps)
-        qkv = self._linear(index, "qkv", h, lora)
+        qkv = self._norm_linear(index, "qkv", x, layer.input_norm, lora)
         q_end, k_end = heads * dim, (heads + kv_heads) * dim
         tokens = batch * seq
-        # Rotary on [tokens, heads, dim] with per-token cos/sin: one shape family for prefill and decode.
-        q = self.pw.rotate(qkv[:, :q_end].view(tokens, heads, dim), cos, sin)
-        k = self.pw.rotate(qkv[:, q_end:k_end].view(tokens, kv_heads, dim), cos, sin)
+        q = qkv[:, :q_end].view(tokens, heads, dim)
+        k = qkv[:, q_end:k_end].view(tokens, kv_heads, dim)
+        if rotate:  # on [tokens, heads, dim] with per-token cos/sin: one shape family for prefill and decode
+            q, k = self.pw.rotate(q, cos, sin), self.pw.rotate(k, cos, sin)
         v = qkv[:, k_end:].view(tokens, kv_heads, dim)
         q, k, v = (t.view(batch, seq, -1, dim).transpose(1, 2) for t in (q, k, v))
         attn = attend(q, k, v).transpose(1, 2).reshape(tokens, heads * dim)
         x = self._linear(index, "o", attn, lora, residual=x)
-        h = self.pw.norm(x, layer.post_attention_norm, self.w.rms_eps)
-        act = self.pw.act_mul(self._linear(index, "gate_up", h, lora))
-        return self._linear(index, "down", act, lora, residual=x)
+        gate_up = self._norm_linear(index, "gate_up", x, layer.post_attention_norm, lora)
+        if self.silu and self._triton_lora(lora, tokens):  # the down projection's shrink computes the activation
+            return self._linear_kernels(index, "down", gate_up, lora, x, Prologue("silu_mul"))
+        return self._linear(index, "down", self.pw.act_mul(gate_up), lora, residual=x)
+
+    def _triton_lora(self, lora: Any, rows: int) -> bool:
+        """Whether this step's LoRA runs as Triton kernels (few rows gather their adapter by slot); many rows
+        use the bank's two products over the resident slots, which measured faster there."""
+        return self.kernels and lora.m > 0 and rows <= GATHER_ROWS
+
+    def _norm_linear(self, index: int, group: str, x: Any, weight: Any, lora: Any) -> Any:
+        """``RMSNorm(x)`` then its projection; when the LoRA shrink is a Triton kernel it computes the norm too."""
+        if self._triton_lora(lora, x.shape[0]):
+            return self._linear_kernels(index, group, x, lora, None, Prologue("norm", weight, self.w.rms_eps))
+        return self._linear(index, group, self.pw.norm(x, weight, self.w.rms_eps), lora)
 
     def _lora_batch(self, slot_ids: Any, m: int) -> Any:
         from persona_router.adapters.engine.lora_bank import LoraBatch
 
-        # The kernels gather each row's adapter by slot id: the bank's one-hot masks are not needed.
-        return LoraBatch(slot_ids=slot_ids, m=m, fused=True) if self.kernels else self.bank.batch(
-            slot_ids, m, fused=self.fused)
+        # Triton kernels gather each row's adapter by slot id: the bank's one-hot masks are not needed.
+        if self.kernels and slot_ids.shape[0] <= GATHER_ROWS:
+            return LoraBatch(slot_ids=slot_ids, m=m, fused=True)
+        return self.bank.batch(slot_ids, m, fused=self.fused)
 
     def _linear(self, index: int, group: str, x: Any, lora: Any, residual: Any = None) -> Any:
         """``[residual +] x W^T + LoRA(x)`` for 2-D ``x``."""
         import torch
 
-        linear = self.w.layers[index].groups[group]
         if self.kernels:
-            return self._linear_kernels(index, group, linear, x, lora, residual)
+            return self._linear_kernels(index, group, x, lora, residual)
+        linear = self.w.layers[index].groups[group]
         if self.fused and residual is not None and linear.weight is not None and linear.bias is None:
             return self.bank.apply(index, group, x, torch.addmm(residual, x, linear.weight.t()), lora)
         out = self.bank.apply(index, group, x, linear(x), lora)
         return out if residual is None else residual + out
 
-    def _linear_kernels(self, index: int, group: str, linear: Any, x: Any, lora: Any, residual: Any) -> Any:
-        """The Triton path: LoRA shrink by slot, then the base product with the LoRA expand (and residual) in
-        its epilogue (4-bit weights), or cuBLAS followed by an in-place expand (dense weights)."""
+    def _linear_kernels(self, index: int, group: str, x: Any, lora: Any, residual: Any,
+                        prologue: Prologue | None = None) -> Any:
+        """The kernel path. LoRA: for few rows a Triton shrink by slot (computing the product's input from ``x``
+        first when given a ``prologue``, which needs ``_triton_lora``) and an expand that also adds the
+        residual; for many rows the bank's products. Base: the fused 4-bit kernel (``nf4_mode="fused"``, LoRA
+        and residual in its epilogue), bitsandbytes' 4-bit GEMV for one row, else cuBLAS on the dense weight."""
         import torch
         from persona_router.adapters.engine.lora_kernels import expand_, shrink
 
+        linear = self.w.layers[index].groups[group]
+        rows = x.shape[0]
         shrunk = None
-        if lora.m > 0:
+        if self._triton_lora(lora, rows):
             shrunk = shrink(x, self.bank.a[index][group], self.bank.bt[index][group], lora.slot_ids,
-                                         self.bank.scaling)
+                            self.bank.scaling, m=lora.m, prologue=prologue)
+            x = shrunk.h
         if linear.nf4 is not None and linear.bias is None:
             from persona_router.adapters.engine.nf4_kernels import nf4_matmul
 
-            return nf4_matmul(x, linear.nf4, residual=residual, lora=shrunk)
-        if residual is not None and linear.weight is not None and linear.bias is None:
-            out = torch.addmm(residual, x, linear.weight.t())
+            out = nf4_matmul(x, linear.nf4, residual=residual, lora=shrunk, workspace=self.workspace)
+            return out if shrunk is not None else self.bank.apply(index, group, x, out, lora)
+        if linear.gemv is not None and rows == 1 and linear.bias is None:
+            out = linear.gemv(x.contiguous())
+        elif residual is not None and linear.weight is not None and linear.bias is None:
+            out, residual = torch.addmm(residual, x, linear.weight.t()), None
         else:
             out = linear(x)
-            out = out if residual is None else residual + out
-        return out if shrunk is None else expand_(out, shrunk)
+        if shrunk is not None:
+            return expand_(out, shrunk, residual)
+        out = out if residual is None else out + residual
+        return self.bank.apply(index, group, x, out, lora)
 
     def _decode_attention_kernel(self, index: int, q: Any, k: Any, v: Any, positions: Any, kv_len: int) -> Any:
         from persona_router.adapters.engine.attention_kernels import decode_attention
 
         out = decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.k_cache[index], self.v_cache[index],
-                               positions, kv_len, self.w.sliding_window)
+                               positions, kv_len, self.w.sliding_window, rotary=(self.cos, self.sin))
         return out.unsqueeze(2)  # [n, heads, 1, dim], as SDPA returns it
 
     def _logits(self, hidden: Any) -> Any:

@@ -37,12 +37,17 @@ class RowSampler:
         return float(torch.rand(1, generator=self.generator).item())
 
 
-def choose_tokens(logits: Any, samplers: list[RowSampler | None]) -> list[int]:
-    """Tokens for the rows of ``logits`` ([n, vocab], float32); rows with ``None`` are padding (ignored)."""
+def choose_tokens(logits: Any, samplers: list[RowSampler | None], greedy: list[int] | None = None) -> list[int]:
+    """Tokens for the rows of ``logits`` ([n, vocab], float32); rows with ``None`` are padding (ignored).
+
+    ``greedy``: each row's argmax, already on the host (the decode step computes it on the device, beside its
+    logits): then greedy rows cost no device work and no transfer here."""
     import torch
 
-    tokens = torch.argmax(logits, dim=-1)
     sampled = [(i, s) for i, s in enumerate(samplers) if s is not None and not s.config.greedy]
+    if greedy is not None and not sampled:
+        return list(greedy)
+    tokens = torch.argmax(logits, dim=-1)
     if sampled:
         chosen = [s for _, s in sampled]
         index = torch.tensor([i for i, _ in sampled], dtype=torch.long, device=logits.device)

@@ -165,9 +165,11 @@ class Scheduler:
         self.runner.step_inputs[:rows].copy_(torch.tensor(inputs, dtype=torch.long))
         kv_len = self.runner.kv_len_for(max(r[1] for r in inputs))
         logits = self.decoder(rows, kv_len, slot_bucket(max(r[2] for r in inputs), self.bank.capacity))
-        finite = _finite_rows(logits[:n])
+        # One transfer for the watchdog and greedy rows: the step computed argmax and finiteness on the device.
+        greedy, flags = self.runner.summary[:, :n].tolist()
+        finite = [bool(f) for f in flags]
         samplers = [self.running[row].sampler if row in self.running and finite[row] else None for row in range(n)]
-        chosen = choose_tokens(logits[:n], samplers)
+        chosen = choose_tokens(logits[:n], samplers, greedy)
         self.steps += 1
         for row, seq in list(self.running.items()):
             if finite[row]:

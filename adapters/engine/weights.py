@@ -45,6 +45,7 @@ class LinearGroup:
     bias: Any = None
     modules: list[Any] = field(default_factory=list)  # bitsandbytes Linear4bit modules (kernel mode)
     nf4: Any = None  # nf4_kernels.Nf4Weight (fused mode): the modules' 4-bit tensors, read by the Triton kernel
+    gemv: Any = None  # Gemv4bit: bitsandbytes' one-row 4-bit product on the module's own weight (dequantize mode)
 
     @property
     def out_features(self) -> int:
@@ -105,8 +106,11 @@ def architecture(config: Any) -> str:
     return str(model_type)
 
 
-def extract_weights(model: Any, *, nf4_mode: str) -> ModelWeights:
-    """Collect the weights of a loaded ``*ForCausalLM`` (dense or bitsandbytes 4-bit)."""
+def extract_weights(model: Any, *, nf4_mode: str, gemv: bool = False) -> ModelWeights:
+    """Collect the weights of a loaded ``*ForCausalLM`` (dense or bitsandbytes 4-bit).
+
+    ``gemv``: in ``dequantize`` mode, also keep each single-module 4-bit group readable by bitsandbytes' one-row
+    kernel (``Gemv4bit``), for batch-1 decoding from the 4-bit bytes beside the dense copy for wider batches."""
     from transformers.activations import ACT2FN
 
     config = model.config
@@ -114,7 +118,7 @@ def extract_weights(model: Any, *, nf4_mode: str) -> ModelWeights:
     inner = model.model
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     embed = inner.embed_tokens.weight.detach()
-    layers = [_layer(layer, LAYOUTS[arch], nf4_mode=nf4_mode, dtype=embed.dtype) for layer in inner.layers]
+    layers = [_layer(layer, LAYOUTS[arch], nf4_mode=nf4_mode, dtype=embed.dtype, gemv=gemv) for layer in inner.layers]
     rope = dict(getattr(config, "rope_parameters", None) or {})
     return ModelWeights(
         arch=arch,
@@ -138,8 +142,8 @@ def extract_weights(model: Any, *, nf4_mode: str) -> ModelWeights:
     )
 
 
-def _layer(layer: Any, layout: dict[str, tuple[str, ...]], *, nf4_mode: str, dtype: Any) -> LayerWeights:
-    groups = {name: _group(layer, paths, nf4_mode=nf4_mode, dtype=dtype) for name, paths in layout.items()}
+def _layer(layer: Any, layout: dict[str, tuple[str, ...]], *, nf4_mode: str, dtype: Any, gemv: bool) -> LayerWeights:
+    groups = {name: _group(layer, paths, nf4_mode=nf4_mode, dtype=dtype, gemv=gemv) for name, paths in layout.items()}
     return LayerWeights(
         input_norm=layer.input_layernorm.weight.detach(),
         post_attention_norm=layer.post_attention_layernorm.weight.detach(),
@@ -147,7 +151,7 @@ def _layer(layer: Any, layout: dict[str, tuple[str, ...]], *, nf4_mode: str, dty
     )
 
 
-def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any) -> LinearGroup:
+def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any, gemv: bool = False) -> LinearGroup:
     import torch
 
     # A PEFT-wrapped model shares its base weights; the engine must see the bare layers, never the LoRA wrapper.
@@ -173,6 +177,8 @@ def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any) -> 
             return group
         log.warning("%s: 4-bit layout the fused kernel does not read (block size or shape); dequantizing it",
                     ", ".join(paths))
+    if all(quantized) and gemv and len(modules) == 1 and modules[0].weight.data.is_cuda:
+        group.gemv = Gemv4bit.of(modules[0])
     weights = [_dense_weight(module, dtype) for module in modules]
     biases = [module.bias for module in modules]
     group.weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
@@ -182,6 +188,36 @@ def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any) -> 
         group.bias = biases[0] if len(biases) == 1 else torch.cat(biases, dim=0)
         group.bias = group.bias.to(group.weight.dtype)
     return group
+
+
+@dataclass
+class Gemv4bit:
+    """A 4-bit weight as bitsandbytes' CUDA GEMV reads it, its double-quantised absmax decoded once (float32)
+    so a call is one kernel (``bitsandbytes.functional.gemv_4bit`` decodes it on every call)."""
+
+    packed: Any
+    shape: tuple[int, int]
+    absmax: Any
+    code: Any
+    blocksize: int
+
+    @classmethod
+    def of(cls, module: Any) -> Gemv4bit:
+        import bitsandbytes.functional as bnbf
+
+        state = module.weight.quant_state
+        absmax = state.absmax
+        if state.nested:
+            absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        return cls(packed=module.weight.data, shape=(int(state.shape[0]), int(state.shape[1])),
+                   absmax=absmax.float().contiguous(), code=state.code, blocksize=int(state.blocksize))
+
+    def __call__(self, x: Any) -> Any:
+        """``x W^T`` for one row ``x`` ([1, K], the compute dtype)."""
+        import torch
+
+        return torch.ops.bitsandbytes.gemv_4bit.default(x, self.packed, list(self.shape), self.absmax, self.code,
+                                                       self.blocksize)
 
 
 def _bare(module: Any) -> Any:

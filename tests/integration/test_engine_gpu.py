@@ -170,8 +170,8 @@ def test_fp32_adapter_swap_during_graph_replay(cuda_required: None, tiny_model_d
 
 
 @pytest.mark.parametrize(("precision", "nf4_mode", "kernels"), [
-    ("bf16", "auto", "on"), ("bf16", "auto", "off"), ("nf4", "fused", "on"), ("nf4", "dequantize", "off"),
-    ("nf4", "kernel", "off")])
+    ("bf16", "auto", "on"), ("bf16", "auto", "off"), ("nf4", "fused", "on"), ("nf4", "dequantize", "on"),
+    ("nf4", "dequantize", "off"), ("nf4", "kernel", "off")])
 def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_dir: Path,
                                                engine_adapters: dict[str, Path], precision: str,
                                                nf4_mode: str, kernels: str) -> None:

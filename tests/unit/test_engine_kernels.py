@@ -83,16 +83,62 @@ def test_unsupported_layouts_are_refused() -> None:
     assert nf4_kernels.nf4_weight([FakeLinear4bit(packed, state)]) is None
 
 
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 192), (3, 80, 256), (17, 130, 512), (70, 96, 320)])
+TILES = [
+    nf4_kernels.Tiles("gemv", 1, 8, 8, 4),  # several K steps per program
+    nf4_kernels.Tiles("gemv", 1, 16, 16, 4, split_k=3),  # split K, the slices uneven and some steps masked
+    nf4_kernels.Tiles("gemv", 1, 8, 8, 4, split_k=2, xvec=True),  # activations split in registers
+    nf4_kernels.Tiles("dot", 16, 32, 2, 4, 2),
+    nf4_kernels.Tiles("dot", 16, 32, 1, 4, 2, split_k=2),
+    nf4_kernels.Tiles("dot", 64, 64, 2, 4, 2),
+    nf4_kernels.Tiles("dot", 32, 64, 1, 4, 2, split_k=3),
+]
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 192), (1, 130, 512), (3, 80, 256), (17, 130, 512), (70, 96, 320)])
 def test_nf4_matmul_matches_reference(m: int, n: int, k: int) -> None:
+    """The default launch shape for each row count, plus every explicit shape that takes ``m`` rows."""
     weight = nf4_kernels.nf4_weight([_quantized(n, k, seed=m)])
     assert weight is not None
     x = torch.randn(m, k, device=_device()).to(_dtype())
     residual = torch.randn(m, n, device=_device()).to(_dtype())
-    got = nf4_kernels.nf4_matmul(x, weight, residual=residual)
-    assert _rel(got, nf4_kernels.reference_matmul(x, weight, residual=residual)) < TOL
-    plain = nf4_kernels.nf4_matmul(x, weight)
-    assert _rel(plain, nf4_kernels.reference_matmul(x, weight)) < TOL
+    want_res = nf4_kernels.reference_matmul(x, weight, residual=residual)
+    want = nf4_kernels.reference_matmul(x, weight)
+    shapes = [None, *(t for t in TILES if (t.kind == "gemv") == (m == 1))]
+    for tiles in shapes:
+        for _ in range(2):  # twice: split-K counters must be back at zero after a launch
+            assert _rel(nf4_kernels.nf4_matmul(x, weight, residual=residual, tiles=tiles), want_res) < TOL, tiles
+        assert _rel(nf4_kernels.nf4_matmul(x, weight, tiles=tiles), want) < TOL, tiles
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "k"), [(48, 192), (130, 512)])
+def test_bitsandbytes_gemv_view_matches_reference(n: int, k: int) -> None:
+    """``Gemv4bit`` (bitsandbytes' one-row CUDA kernel, absmax decoded once) computes the dequantised product."""
+    from persona_router.adapters.engine.weights import Gemv4bit
+
+    module = _quantized(n, k, seed=n)
+    weight = nf4_kernels.nf4_weight([module])
+    assert weight is not None
+    x = torch.randn(1, k, device=_device()).to(_dtype())
+    assert _rel(Gemv4bit.of(module)(x), nf4_kernels.reference_matmul(x, weight)) < TOL
+
+
+def test_expand_adds_the_residual() -> None:
+    k, n, capacity, rank = 128, 80, 2, 8
+    a, bt, scaling = _bank(capacity, rank, k, n)
+    slots = torch.tensor([1, 0, 2], device=_device())
+    x = torch.randn(3, k, device=_device()).to(_dtype())
+    base, residual = (torch.randn(3, n, device=_device()).to(_dtype()) for _ in range(2))
+    want = base.float() + residual.float() + lora_kernels.reference(x, a, bt, slots, scaling)
+    got = lora_kernels.expand_(base.clone(), lora_kernels.shrink(x, a, bt, slots, scaling), residual)
+    assert _rel(got, want) < TOL
+
+
+def test_gemv_refuses_several_rows() -> None:
+    weight = nf4_kernels.nf4_weight([_quantized(16, 64)])
+    assert weight is not None
+    with pytest.raises(ValueError, match="one row"):
+        nf4_kernels.nf4_matmul(torch.randn(2, 64, device=_device()).to(_dtype()), weight, tiles=TILES[0])
 
 
 def test_fused_parts_equal_separate_parts() -> None:
@@ -129,24 +175,54 @@ def test_lora_shrink_expand_match_reference(m: int, rank: int) -> None:
         assert torch.equal(got[no_adapter], base[no_adapter])
 
 
-@pytest.mark.parametrize("m", [1, 6, 33])
-def test_nf4_matmul_with_lora_and_residual(m: int) -> None:
+@pytest.mark.parametrize(("m", "kind", "slots_present"), [(1, "norm", 3), (5, "silu_mul", 3), (20, "norm", 2),
+                                                          (20, "silu_mul", 3), (70, None, 3)])
+def test_lora_shrink_prologue(m: int, kind: str | None, slots_present: int) -> None:
+    """The shrink computes RMSNorm or the gated activation of its input on the way (and returns it for the base
+    product), for the per-row gather (few rows) and the tensor-core form (many rows, only ``slots_present``
+    slots in the batch)."""
+    from persona_router.adapters.engine.kernels import gated, rms_norm
+
+    k, n, capacity, rank = 320, 96, 4, 16
+    a, bt, scaling = _bank(capacity, rank, k, n)
+    slots = torch.tensor([(i * 3) % (slots_present + 1) for i in range(m)], device=_device())
+    gen = torch.Generator().manual_seed(m)
+    weight = (torch.rand(k, generator=gen) + 0.5).to(_device()).to(_dtype())
+    x = torch.randn(m, 2 * k if kind == "silu_mul" else k, generator=gen).to(_device()).to(_dtype())
+    prologue = lora_kernels.Prologue(kind, weight if kind == "norm" else None, 1e-5) if kind else None
+    want_h = {"norm": lambda: rms_norm(x, weight, 1e-5), "silu_mul": lambda: gated(torch.nn.functional.silu)(x),
+              None: lambda: x}[kind]()
+    shrunk = lora_kernels.shrink(x, a, bt, slots, scaling, m=slots_present, prologue=prologue)
+    assert _rel(shrunk.h, want_h) < TOL
+    base = torch.randn(m, n, device=_device()).to(_dtype())
+    want = base.float() + lora_kernels.reference(want_h, a, bt, slots, scaling)
+    assert _rel(lora_kernels.expand_(base.clone(), shrunk), want) < TOL
+
+
+@pytest.mark.parametrize(("m", "split"), [(1, 1), (1, 2), (6, 1), (6, 2), (33, 1)])
+def test_nf4_matmul_with_lora_and_residual(m: int, split: int) -> None:
     k, n, capacity, rank = 256, 80, 3, 16
     weight = nf4_kernels.nf4_weight([_quantized(n, k, seed=7)])
     assert weight is not None
     a, bt, scaling = _bank(capacity, rank, k, n)
-    slots = torch.tensor([i % (capacity + 1) for i in range(m)], device=_device())
+    slots = torch.tensor([(i + 1) % (capacity + 1) for i in range(m)], device=_device())  # slot 0 from m = 4
     x = torch.randn(m, k, device=_device()).to(_dtype())
     residual = torch.randn(m, n, device=_device()).to(_dtype())
     lora = lora_kernels.reference(x, a, bt, slots, scaling)
     want = nf4_kernels.reference_matmul(x, weight, residual=residual, lora=lora)
-    got = nf4_kernels.nf4_matmul(x, weight, residual=residual,
+    tiles = nf4_kernels.default_tiles(m, n, k)
+    tiles = nf4_kernels.Tiles(tiles.kind, tiles.bm, tiles.bn, tiles.inner, tiles.warps, tiles.stages, split)
+    got = nf4_kernels.nf4_matmul(x, weight, residual=residual, tiles=tiles,
                                  lora=lora_kernels.shrink(x, a, bt, slots, scaling))
     assert _rel(got, want) < TOL
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window"), [(4, 4, 96, None), (6, 2, 40, None), (4, 2, 32, 5)])
-def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int, window: int | None) -> None:
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "rot"),
+                         [(4, 4, 96, None, 96), (6, 2, 40, None, 0), (4, 2, 32, 5, 16)])
+def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int, window: int | None,
+                                            rot: int) -> None:
+    """Live-length decode attention; ``rot > 0``: the kernel also applies the rotary embedding (full or partial)
+    to the query and the new key, which the reference does with the engine's eager ``rotate``."""
     from persona_router.adapters.engine import attention_kernels
 
     rows, cache_len, n = 5, 160, 4
@@ -163,12 +239,20 @@ def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int,
     q = qkv[:, :heads * dim].view(n, heads, dim)
     k_new = qkv[:, heads * dim:(heads + kv_heads) * dim].view(n, kv_heads, dim)
     v_new = qkv[:, (heads + kv_heads) * dim:].view(n, kv_heads, dim)
-    want, k_want, v_want = attention_kernels.reference(q, k_new, v_new, k_cache, v_cache, positions, window)
-    got = attention_kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, positions, kv_len=160, window=window)
+    angles = torch.arange(cache_len, dtype=torch.float32)[:, None] * torch.rand(1, rot // 2, generator=gen)
+    rotary = tuple(f(torch.cat([angles, angles], dim=1)).to(_device()).to(_dtype()) for f in (torch.cos, torch.sin))
+    tables = rotary if rot else None
+    want, k_want, v_want = attention_kernels.reference(q, k_new, v_new, k_cache, v_cache, positions, window,
+                                                       rotary=tables)
+    before = k_cache.clone()
+    got = attention_kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, positions, kv_len=160, window=window,
+                                             rotary=tables)
     assert _rel(got, want) < TOL
-    assert torch.equal(k_cache[:n], k_want[:n].to(k_cache.dtype)) or torch.allclose(
-        k_cache[:n].nan_to_num(), k_want[:n].nan_to_num())
-    assert torch.equal(v_cache[:n].nan_to_num(), v_want[:n].nan_to_num())
+    written = torch.arange(n, device=_device()), slice(None), positions  # the new keys and values
+    assert _rel(k_cache[written], k_want[written]) < TOL
+    assert torch.equal(v_cache[written], v_want[written])
+    k_cache[written] = before[written]
+    assert torch.equal(k_cache.nan_to_num(), before.nan_to_num())  # nothing else written
 
 
 @pytest.mark.slow  # about a minute of CPU: Triton's interpreter runs every kernel program in Python
