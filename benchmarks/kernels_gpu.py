@@ -189,6 +189,39 @@ def lora_cases() -> list[dict[str, Any]]:
     return rows
 
 
+def prologue_cases() -> list[dict[str, Any]]:
+    """The LoRA shrink that also computes its input (RMSNorm, gated SiLU), against the plain shrink; for the
+    norm also with the sum of squares in 64-column steps (the first version's loop: one dependent load each)."""
+    import torch
+    from persona_router.adapters.engine import lora_kernels
+    from persona_router.adapters.engine.kernels import gated, rms_norm
+
+    rows = []
+    capacity, rank = 8, 16
+    for k, kind in ((3072, "norm"), (8192, "silu_mul")):
+        a = torch.randn(capacity, rank, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        bt = torch.randn(capacity, rank, 64, device="cuda", dtype=torch.bfloat16)
+        scaling = torch.full((capacity + 1,), 2.0, device="cuda", dtype=torch.bfloat16)
+        weight = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+        for m in (1, 8, 64):
+            slots = (torch.arange(m, device="cuda") % 4) + 1
+            x = torch.randn(m, 2 * k if kind == "silu_mul" else k, device="cuda", dtype=torch.bfloat16)
+            prologue = lora_kernels.Prologue(kind, weight if kind == "norm" else None, 1e-5)
+            want = rms_norm(x, weight, 1e-5) if kind == "norm" else gated(torch.nn.functional.silu)(x)
+            plain_x = want.contiguous()
+            row: dict[str, Any] = {"k": k, "kind": kind, "m": m,
+                                   "h_rel_err": rel(lora_kernels.shrink(x, a, bt, slots, scaling, m=4,
+                                                                        prologue=prologue).h, want)}
+            row["plain_shrink_ms"] = graph_ms([partial(lora_kernels.shrink, plain_x, a, bt, slots, scaling, 4)] * 20)
+            row["prologue_shrink_ms"] = graph_ms([partial(lora_kernels.shrink, x, a, bt, slots, scaling, 4,
+                                                          prologue)] * 20)
+            if kind == "norm":
+                row["prologue_shrink_norm_block_64_ms"] = graph_ms([partial(
+                    lora_kernels.shrink, x, a, bt, slots, scaling, 4, prologue, 64)] * 20)
+            rows.append(row)
+    return rows
+
+
 def attention_cases(bandwidth: float) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
@@ -221,14 +254,14 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", default="attention,lora,nf4", help="comma-separated sections")
+    parser.add_argument("--only", default="attention,lora,prologue,nf4", help="comma-separated sections")
     args = parser.parse_args()
     from benchmarks.serve_gpu import copy_bandwidth
 
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "bandwidth": copy_bandwidth()}
     bandwidth = report["bandwidth"]["tb_s"] * 1e12
-    sections = {"attention": lambda: attention_cases(bandwidth), "lora": lora_cases,
+    sections = {"attention": lambda: attention_cases(bandwidth), "lora": lora_cases, "prologue": prologue_cases,
                 "nf4": lambda: nf4_cases(bandwidth)}
     for key in args.only.split(","):
         try:
@@ -249,7 +282,7 @@ def main() -> int:
               f"{default.get('ms', float('nan')):.4f} | best {best.get('config')} "
               f"{best.get('ms', float('nan')):.4f} ms "
               f"{best.get('tb_s', 0):.2f} TB/s err {best.get('rel_err', float('nan')):.1e}")
-    for section in ("lora", "attention"):
+    for section in ("lora", "prologue", "attention"):
         print(section, json.dumps(report.get(section)))
     return 0
 

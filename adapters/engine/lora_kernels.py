@@ -63,12 +63,14 @@ class Prologue:
 
 
 def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any, m: int | None = None,
-           prologue: Prologue | None = None) -> LoraShrunk:
+           prologue: Prologue | None = None, norm_block: int | None = None) -> LoraShrunk:
     """Per-row down-projection ``h[m] @ A[slot_m]^T * scaling[slot_m]`` for ``x`` [M, K], where ``h`` is ``x``
     or, with a ``prologue``, its norm or gated activation (returned as ``LoraShrunk.h``).
 
     ``m`` is the highest slot id present (the step's slot bucket; default: the bank's capacity): many rows
-    are multiplied by the A of slots ``1..m`` at once and keep their own slot's columns."""
+    are multiplied by the A of slots ``1..m`` at once and keep their own slot's columns. ``norm_block``: columns
+    per step of the norm's sum of squares (default: the whole row in one step for few rows; one dependent
+    load per step, so narrow steps make a long chain of memory latencies)."""
     import torch
     from persona_router.adapters.engine.nf4_kernels import precision
     from persona_router.adapters.engine.triton_ops import require_triton
@@ -95,7 +97,8 @@ def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any, m: int | None =
         t = torch.empty(splits, rows, rank_pow2, dtype=torch.float32, device=x.device)
         ops.lora_shrink[(rows, splits)](
             x, a, slot_ids, scaling, t, h, norm_weight, eps, k, x.stride(0), h.stride(0), a.stride(0), a.stride(1),
-            t.stride(0), t.stride(1), rank, CHUNK=chunk, RP=rank_pow2, BK=block_k, PRO=pro, num_warps=4)
+            t.stride(0), t.stride(1), rank, CHUNK=chunk, RP=rank_pow2, BK=block_k, PRO=pro,
+            RB=norm_block or _pow2(k), num_warps=4)
         return LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits, h=h)
     present = max(1, min(m if m is not None else a.shape[0], a.shape[0]))  # slots 1..present exist in ``a``
     slots = _pow2(present)
@@ -105,7 +108,7 @@ def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any, m: int | None =
     ops.lora_shrink_dot[(-(-rows // block_m), splits)](
         x, a, slot_ids, scaling, t, h, norm_weight, eps, rows, k, present, x.stride(0), h.stride(0), a.stride(0),
         a.stride(1), t.stride(0), t.stride(1), R=rank, RP=rank_pow2, S=slots, CHUNK=chunk, BM=block_m, BK=block_k,
-        PRECISION=precision(x.dtype), PRO=pro, num_warps=4)
+        PRECISION=precision(x.dtype), PRO=pro, RB=norm_block or max(64, 8192 // block_m), num_warps=4)
     return LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits, h=h)
 
 

@@ -92,7 +92,7 @@ if triton is not None:
     @triton.jit
     def lora_shrink(x_ptr, a_ptr, slot_ptr, scale_ptr, t_ptr, h_ptr, nw_ptr, eps, K: tl.constexpr, stride_xm,
                     stride_hm, stride_as, stride_ar, stride_ts, stride_tm, R: tl.constexpr, CHUNK: tl.constexpr,
-                    RP: tl.constexpr, BK: tl.constexpr, PRO: tl.constexpr):
+                    RP: tl.constexpr, BK: tl.constexpr, PRO: tl.constexpr, RB: tl.constexpr):
         """``t[s, m, :] = scaling[slot_m] * h[m, chunk s] @ A[slot_m - 1, :, chunk s]^T`` (zeros for slot 0),
         ``h`` the prologue's output (see ``prologue``)."""
         m = tl.program_id(0)
@@ -105,7 +105,7 @@ if triton is not None:
         rank_ok = ranks < R
         rstd = tl.zeros((1,), dtype=tl.float32)
         if PRO == 1:
-            rstd = row_rstd(x_ptr, rm, mask_m, stride_xm, K, eps, 1, BK)
+            rstd = row_rstd(x_ptr, rm, mask_m, stride_xm, K, eps, 1, RB)
         acc = tl.zeros((RP,), dtype=tl.float32)
         for k0 in range(0, CHUNK, BK):
             kk = s * CHUNK + k0 + tl.arange(0, BK)
@@ -121,7 +121,7 @@ if triton is not None:
     def lora_shrink_dot(x_ptr, a_ptr, slot_ptr, scale_ptr, t_ptr, h_ptr, nw_ptr, eps, M, K: tl.constexpr, NS,
                         stride_xm, stride_hm, stride_as, stride_ar, stride_ts, stride_tm, R: tl.constexpr,
                         RP: tl.constexpr, S: tl.constexpr, CHUNK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                        PRECISION: tl.constexpr, PRO: tl.constexpr):
+                        PRECISION: tl.constexpr, PRO: tl.constexpr, RB: tl.constexpr):
         """The shrink for many rows (Punica's SGMV role): ``BM`` rows' inputs times the A of every slot
         ``1..S`` on the tensor cores (``S * RP`` columns, slot-major), then each row keeps only its own slot's
         columns, selected (never multiplied), so another slot's inf or NaN cannot reach it."""
@@ -136,7 +136,7 @@ if triton is not None:
         col_ok = (c_rank < R) & (c_slot < NS)
         rstd = tl.zeros((BM,), dtype=tl.float32)
         if PRO == 1:
-            rstd = row_rstd(x_ptr, rm_safe, mask_m, stride_xm, K, eps, BM, BK)
+            rstd = row_rstd(x_ptr, rm_safe, mask_m, stride_xm, K, eps, BM, RB)
         acc = tl.zeros((BM, S * RP), dtype=tl.float32)
         for i in range(0, CHUNK, BK):  # chunks tile K; columns past K are masked
             kk = s * CHUNK + i + tl.arange(0, BK)
