@@ -16,22 +16,29 @@ SFTTrainer on the same rows:
   example), bf16, gradient checkpointing, paged_adamw_8bit, an effective batch of 8 packed rows of up to 1024
   tokens.
 - the other names pin every speed setting (so their meaning does not move when the defaults do), on top of
-  ours: ``<attention>[-liger][-offload][-compile]-b<micro-batch>`` with attention ``sdpa`` (transformers
+  ours: ``<attention>[-liger][-offload][-compile][-lean]-b<micro-batch>`` with attention ``sdpa`` (transformers
   builds a dense block-diagonal mask for the packed row) or ``varlen`` (per-example FlashAttention kernels,
   no mask), ``liger`` (Liger's fused RMSNorm and SwiGLU), ``offload`` (checkpointed activations moved to host
-  memory), ``compile`` (``torch.compile`` of the model through TRL's ``torch_compile``), and micro-batch 2, 4 or 8
-  packed rows (accumulation 4, 2 or 1: always 8 rows per optimizer step). ``sdpa-b4`` is the previous default.
+  memory), ``compile`` (``torch.compile`` of each decoder layer, ``training/regional_compile.py``), ``lean``
+  (metrics read once per log line instead of a host-device synchronisation per micro-batch,
+  ``training/lean_trainer.py``), and micro-batch 2, 4 or 8 packed rows (accumulation 4, 2 or 1: always 8 rows
+  per optimizer step). ``sdpa-b4`` is the default before varlen attention, ``varlen-liger-b2`` the one before
+  ``compile`` and ``lean``.
 
 Reported per configuration: real (non-padding) tokens/s and seconds per 1,000 examples over the timed steps
-(after warm-up steps), peak allocated GPU memory over warm-up and timed steps (weights included), and a
-breakdown of two more steps (``benchmarks/train_gpu_profile.py``: phase times of one step, kernel categories of
-another). Each configuration runs in its own child process, so no memory or warm-up carries over from the
-previous one. JSON is rewritten after each configuration, so a timeout keeps what finished. The parent also
-measures the card's bf16 matrix-product rate and copy bandwidth, and quantises the random model to NF4 once
-(children load the 4-bit folder). A configuration that would start after ``--budget-s`` is skipped.
+(after warm-up steps), each step's wall time (the first ones include compilation where it applies), peak
+allocated GPU memory over warm-up and timed steps (weights included), optionally a breakdown of two more steps
+(``benchmarks/train_gpu_profile.py``: phase times of one step, kernel categories of another), and, for the
+configurations named in ``--memory-breakdown``, what is live at the peak of one more step
+(``benchmarks/train_gpu_memory.py``). Each configuration runs in its own child process, so no memory or warm-up
+carries over from the previous one. JSON is rewritten after each configuration, so a timeout keeps what
+finished. The parent also measures the card's bf16 matrix-product rate and copy bandwidth, and quantises the
+random model to NF4 once (children load the 4-bit folder). A configuration that would start after
+``--budget-s`` is skipped.
 
-    python benchmarks/train_gpu.py --out benchmarks/results/train_gpu_h200.json \
-        --configs notebook-bf16,ours,sdpa-b4,varlen-b4,varlen-liger-b4,varlen-liger-b2
+    python benchmarks/train_gpu.py --out benchmarks/results/train_gpu_h200.json --no-profile \
+        --configs notebook-bf16,varlen-liger-b2,varlen-liger-lean-b2,varlen-compile-lean-b2 \
+        --memory-breakdown notebook-bf16,varlen-liger-b4
     python benchmarks/train_gpu.py --smoke --out /tmp/train_gpu_smoke.json   # CPU, tiny model: checks the script
 """
 
@@ -178,24 +185,27 @@ def notebook_args(output_dir: Path, steps: int, *, smoke: bool, bf16: bool = Fal
     return trl.SFTConfig(**supported_kwargs(trl.SFTConfig, kwargs, warmup_ratio=0.03))
 
 
-SPEED_FLAGS = ("liger", "offload", "compile")
+SPEED_FLAGS = ("liger", "offload", "compile", "lean")
 MICRO_BATCHES = {"b2": 2, "b4": 4, "b8": 8}
 
 
-def variant_overrides(name: str) -> tuple[dict[str, Any], bool]:
-    """TrainConfig overrides (on top of the defaults) and whether to torch.compile, for an ``ours``-style name."""
+def variant_overrides(name: str) -> dict[str, Any]:
+    """TrainConfig overrides (on top of the defaults) for an ``ours``-style name."""
     if name == "ours":
-        return {}, False
+        return {}
     parts = name.split("-")
     attention, flags, micro = parts[0], set(parts[1:-1]), parts[-1]
     if attention not in ("sdpa", "varlen") or micro not in MICRO_BATCHES or not flags <= set(SPEED_FLAGS):
         raise ValueError(f"unknown configuration {name!r}: use notebook, notebook-bf16, ours or "
-                         "<sdpa|varlen>[-liger][-offload][-compile]-<b2|b4|b8>")
+                         "<sdpa|varlen>[-liger][-offload][-compile][-lean]-<b2|b4|b8>")
     batch = MICRO_BATCHES[micro]
-    overrides = {"attention": attention, "liger_kernels": "on" if "liger" in flags else "off",
-                 "activation_offloading": "on" if "offload" in flags else "off",
-                 "batch_size": batch, "grad_accum": 8 // batch}
-    return overrides, "compile" in flags
+
+    def switch(flag: str) -> str:
+        return "on" if flag in flags else "off"
+
+    return {"attention": attention, "liger_kernels": switch("liger"), "activation_offloading": switch("offload"),
+            "compile_layers": switch("compile"), "deferred_metrics": switch("lean"),
+            "batch_size": batch, "grad_accum": 8 // batch}
 
 
 def ours_args(name: str, output_dir: Path, steps: int, *, smoke: bool) -> tuple[Any, Any]:
@@ -204,7 +214,7 @@ def ours_args(name: str, output_dir: Path, steps: int, *, smoke: bool) -> tuple[
     from persona_router.training.config import TrainConfig
     from persona_router.training.sft_setup import sft_config
 
-    overrides, compile_model = variant_overrides(name)
+    overrides = variant_overrides(name)
     config = TrainConfig(max_steps=steps, save_steps=10**6).with_overrides(overrides)
     config = config.resolved("cpu" if smoke else "cuda")
     if smoke:  # CPU cannot run the CUDA settings; keep everything else
@@ -213,20 +223,22 @@ def ours_args(name: str, output_dir: Path, steps: int, *, smoke: bool) -> tuple[
                          activation_offloading="off")
     args = sft_config(config, output_dir=output_dir, device="cpu" if smoke else "cuda")
     args.disable_tqdm = True
-    if compile_model:
-        args.torch_compile = True
     return args, config
 
 
 class StepTimer:
-    """Wall time and real-token count at the end of every optimizer step; peak memory after the timed ones."""
+    """Wall time and real-token count at the end of every optimizer step; peak memory over warm-up and timed
+    steps (the headline: compilation and first-step allocations included), and over the timed steps alone."""
 
-    def __init__(self, timed_until: int) -> None:
+    def __init__(self, timed_until: int, warmup: int) -> None:
         self.trainer: Any = None
         self.marks: list[tuple[float, int]] = []
         self.timed_until = timed_until
+        self.warmup = warmup
         self.peak_allocated: int | None = None
         self.peak_reserved: int | None = None
+        self.warmup_peak: tuple[int | None, int | None] = (None, None)
+        self.timed_peak_allocated: int | None = None
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -238,26 +250,36 @@ class StepTimer:
                 _sync()
                 tokens = int(getattr(timer.trainer, "_total_train_tokens", 0) or state.num_input_tokens_seen)
                 timer.marks.append((time.perf_counter(), tokens))
+                if len(timer.marks) == timer.warmup:
+                    timer.warmup_peak = _peak_memory()
+                    _reset_peak_memory()
                 if len(timer.marks) == timer.timed_until:
-                    timer.peak_allocated, timer.peak_reserved = _peak_memory()
+                    timed = _peak_memory()
+                    timer.timed_peak_allocated = timed[0]
+                    timer.peak_allocated, timer.peak_reserved = (_max(timer.warmup_peak[0], timed[0]),
+                                                                 _max(timer.warmup_peak[1], timed[1]))
 
         return _Callback()
 
 
 def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, steps: int, warmup: int,
-               smoke: bool, profile: bool) -> dict[str, Any]:
+               smoke: bool, profile: bool, memory: bool = False) -> dict[str, Any]:
     import datasets
     import torch
     import trl
     from persona_router.training.config import TrainConfig
     from persona_router.training.cuda_kernels import prepare_model
+    from persona_router.training.lean_trainer import trainer_class
     from persona_router.training.sft_setup import lora_config
 
+    from benchmarks.train_gpu_memory import MemoryRecorder
     from benchmarks.train_gpu_profile import StepProfiler
 
     datasets.disable_progress_bars()
     work = Path(tempfile.mkdtemp(prefix=f"train-gpu-{name}-"))
-    extra = 2 if profile else 0  # one phase-timed step, one torch.profiler step, after the timed ones
+    memory = memory and torch.cuda.is_available()
+    # After the timed ones: a phase-timed and a torch.profiler step, then a memory-recorded one.
+    extra = (2 if profile else 0) + (1 if memory else 0)
     total = warmup + steps + extra
     model = load_model(folder, smoke=smoke)
     if name in ("notebook", "notebook-bf16"):
@@ -272,13 +294,18 @@ def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, ste
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    timer = StepTimer(timed_until=warmup + steps)
+    timer = StepTimer(timed_until=warmup + steps, warmup=warmup)
     profiler = StepProfiler(phase_step=warmup + steps, kernel_step=warmup + steps + 1) if profile else None
-    callbacks = [timer.callback()] + ([profiler.callback()] if profiler else [])
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
-                             processing_class=tokenizer, peft_config=lora_config(config or TrainConfig()),
-                             callbacks=callbacks)
+    recorder = MemoryRecorder(step=total - 1) if memory else None
+    callbacks = ([timer.callback()] + ([profiler.callback()] if profiler else [])
+                 + ([recorder.callback()] if recorder else []))
+    trainer_cls = trl.SFTTrainer if config is None else trainer_class(trl, config)
+    trainer = trainer_cls(model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
+                          processing_class=tokenizer, peft_config=lora_config(config or TrainConfig()),
+                          callbacks=callbacks)
     timer.trainer = trainer
+    if recorder:
+        recorder.trainer = trainer
     if profiler:
         profiler.install(trainer)
     prepared: Any = trainer.train_dataset
@@ -302,6 +329,7 @@ def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, ste
         "s_per_1000_examples": round(1000 / examples_per_s, 2),
         "peak_gpu_memory_gib": _gib(timer.peak_allocated),
         "peak_gpu_reserved_gib": _gib(timer.peak_reserved),
+        "peak_gpu_memory_timed_steps_gib": _gib(timer.timed_peak_allocated),
         "mean_real_tokens_per_example": round(real_tokens / len(data), 1),
         "examples_per_row": round(examples_per_row, 3),
         "answers_intact_fraction": answers_kept,
@@ -311,6 +339,9 @@ def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, ste
         # Frozen projections only: forward, recomputation and input-gradient backward, 2 FLOP per weight each.
         "projection_tflops_per_s": round(tokens_per_s * 6 * projection_params(model) / 1e12, 1),
         "train_wall_s": round(wall, 1),
+        "step_seconds": [round(end - begin, 3)
+                         for (begin, _), (end, _) in zip([(started, 0), *timer.marks], timer.marks, strict=False)],
+        "trainer_class": type(trainer).__name__,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "speed_settings": applied,
         "settings": _settings(args),
@@ -321,9 +352,25 @@ def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, ste
                                            "activation_offloading", "gradient_checkpointing", "optim", "packing")}
     if profiler:
         result["profile"] = profiler.result()
+    if recorder:
+        result["memory_breakdown"] = recorder.result
+    if config is not None and config.compile_layers == "on":
+        result["compile"] = dynamo_counters()
     del trainer, model
     _free()
     return result
+
+
+def dynamo_counters() -> dict[str, Any]:
+    """Graphs Dynamo built, graph breaks and recompilations: whether the compiled layers stayed compiled."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters.get("graph_break", {})
+    return {"stats": {k: int(v) for k, v in counters.get("stats", {}).items()},
+            "graph_breaks": int(sum(breaks.values())),
+            "graph_break_reasons": [str(reason)[:300]
+                                    for reason, _ in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]],
+            "recompiles": {str(k)[:200]: int(v) for k, v in list(counters.get("recompiles", {}).items())[:5]}}
 
 
 def projection_params(model: Any) -> int:
@@ -341,6 +388,17 @@ def _peak_memory() -> tuple[int | None, int | None]:
     if not torch.cuda.is_available():
         return None, None
     return int(torch.cuda.max_memory_allocated()), int(torch.cuda.max_memory_reserved())
+
+
+def _reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _max(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else max(a, b)
 
 
 def _gib(value: int | None) -> float | None:
@@ -401,12 +459,16 @@ def run_child(args: argparse.Namespace) -> int:
     rows = synthetic_rows(args.examples, vocab)
     try:
         result = run_config(args.child, folder, rows, steps=args.steps, warmup=args.warmup, smoke=args.smoke,
-                            profile=not args.no_profile)
+                            profile=not args.no_profile, memory=args.child in _names(args.memory_breakdown))
     except Exception as exc:  # noqa: BLE001 - reported to the parent as data, not as a crash
         result = {"config": args.child, "error": f"{type(exc).__name__}: {exc}",
                   "traceback": traceback.format_exc()[-3000:]}
     write(Path(args.child_out), result)
     return 0
+
+
+def _names(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
 
 
 def run_isolated(name: str, folder: Path, args: argparse.Namespace, timeout_s: float) -> dict[str, Any]:
@@ -420,6 +482,8 @@ def run_isolated(name: str, folder: Path, args: argparse.Namespace, timeout_s: f
         command.append("--smoke")
     if args.no_profile:
         command.append("--no-profile")
+    if args.memory_breakdown:
+        command += ["--memory-breakdown", args.memory_breakdown]
     try:
         done = subprocess.run(command, timeout=timeout_s, check=False, stdout=sys.stderr)
     except subprocess.TimeoutExpired:
@@ -442,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-s", type=float, default=470, help="hard cap on the whole run's wall time")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, no 4-bit: only checks the script")
     parser.add_argument("--no-profile", action="store_true", help="skip the two instrumented steps per config")
+    parser.add_argument("--memory-breakdown", default="",
+                        help="comma-separated configs that run one more step recording what is live at its peak")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -464,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "context_tokens_loguniform": CONTEXT_RANGE,
                                         "question_tokens": QUESTION_RANGE, "answer_tokens": ANSWER_RANGE},
                                "results": []}
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    names = _names(args.configs)
     for name in names:
         if not name.startswith("notebook"):
             variant_overrides(name)  # unknown names fail here, before any model is built

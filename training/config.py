@@ -49,11 +49,14 @@ CUDA_DEFAULTS: dict[str, Any] = {
     "prompt_free_fraction": 0.0, "lora_dropout": 0.05,
     # CUDA-only speed settings (training/cuda_kernels.py); benchmarks/train_gpu.py measured each one.
     "attention": "varlen", "liger_kernels": "on", "activation_offloading": "off",
+    "compile_layers": "off", "deferred_metrics": "on",
 }
 CPU_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-3, "batch_size": 1, "grad_accum": 4, "max_length": 512, "epochs": 2.0,
     "optim": "adamw_torch", "gradient_checkpointing": "off", "mixed_precision": "no", "save_steps": 10,
     "prompt_free_fraction": 0.5, "lora_dropout": 0.0,
+    # Compiling costs minutes of CPU time up front, more than a demo run gains; the metrics change is free.
+    "compile_layers": "off", "deferred_metrics": "on",
 }
 
 
@@ -92,6 +95,13 @@ class TrainConfig:
     attention: str = "auto"
     liger_kernels: str = "auto"
     activation_offloading: str = "auto"
+    # torch.compile of each decoder layer ("regional" compilation: the layers share one compiled graph, and the
+    # recomputation under gradient checkpointing runs it too): one call per layer instead of hundreds of small
+    # launches and Python frames, with the element-wise work fused (training/regional_compile.py).
+    compile_layers: str = "auto"
+    # Entropy, token accuracy and token counts kept on the device and read once per log line, instead of TRL's
+    # per-micro-batch `.item()` calls, each of which makes the host wait for the GPU (training/lean_trainer.py).
+    deferred_metrics: str = "auto"
     # evaluation and checkpoints
     eval_fraction: float = 0.1  # held out from a --data source that has no separate eval split
     eval_max_rows: int | None = None  # cap on eval rows (None: all)
@@ -129,6 +139,8 @@ class TrainConfig:
         _choice(self, "attention", ATTENTIONS)
         _choice(self, "liger_kernels", SWITCHES)
         _choice(self, "activation_offloading", SWITCHES)
+        _choice(self, "compile_layers", SWITCHES)
+        _choice(self, "deferred_metrics", SWITCHES)
         _fraction(self, "eval_fraction", upper_open=True)
         if self.prompt_free_fraction is not None and not 0 <= self.prompt_free_fraction <= 1:
             raise ConfigError(f"{self.prompt_free_fraction} must be in [0, 1]", field="prompt_free_fraction")

@@ -1,7 +1,7 @@
-"""CUDA-only training speed-ups, applied to a loaded base before TRL wraps it; nothing here runs on CPU.
+"""Training speed-ups applied to a loaded base before TRL wraps it; all but the layer compilation are CUDA-only.
 
-Two switches of :class:`TrainConfig` land here (a third, ``activation_offloading``, is a TRL argument set in
-``sft_setup.py``):
+Three switches of :class:`TrainConfig` land here (``activation_offloading`` and ``deferred_metrics`` are set in
+``sft_setup.py``; ``compile_layers`` is ``training/regional_compile.py``):
 
 - ``attention="varlen"``: packed rows are one flat sequence of several examples (TRL's padding-free collator).
   With SDPA, transformers turns their restarting ``position_ids`` into a dense ``(S, S)`` block-diagonal mask,
@@ -57,6 +57,10 @@ def prepare_model(model: Any, config: Any, device: str) -> dict[str, str]:
         if device != "cuda":
             raise ConfigError("Liger kernels need CUDA (Triton)", field="liger_kernels")
         applied["liger_kernels"] = apply_liger(model)
+    if config.compile_layers == "on":
+        from persona_router.training.regional_compile import compile_decoder_layers
+
+        applied["compile_layers"] = f"torch.compile of {compile_decoder_layers(model)} decoder layers"
     if applied:
         log.info("training speed settings: %s", applied)
     return applied
@@ -108,22 +112,33 @@ def packed_kernel_for(query: Any) -> PackedKernel | None:
     return _torch_varlen()
 
 
+_VARLEN_KERNEL: list[PackedKernel | None] = []  # filled once; read (not rebuilt) inside compiled layers
+
+
 def _torch_varlen() -> PackedKernel | None:
+    if not _VARLEN_KERNEL:
+        _VARLEN_KERNEL.append(_build_torch_varlen())
+    return _VARLEN_KERNEL[0]
+
+
+def _build_torch_varlen() -> PackedKernel | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
+    # Read the signature once, here: inspect is not something torch.compile can trace inside a layer.
     params = inspect.signature(varlen_attn).parameters
+    has_window, has_scale = "window_size" in params, "scale" in params
 
     def kernel(q: Any, k: Any, v: Any, cu_seqlens: Any, max_len: int, scale: float, left: int) -> Any:
         kwargs: dict[str, Any] = {}
-        if "window_size" in params:  # torch >= 2.11
+        if has_window:  # torch >= 2.11
             kwargs["window_size"] = (left, 0)
         else:  # torch 2.10: causal flag, no window
             if left >= 0 and max_len > left + 1:
                 raise ConfigError("this torch's varlen attention has no sliding window; use 'sdpa'", field="attention")
             kwargs["is_causal"] = True
-        if "scale" in params:
+        if has_scale:
             kwargs["scale"] = scale
         elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
             raise ConfigError("this torch's varlen attention takes no scale; use 'sdpa'", field="attention")

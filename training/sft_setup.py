@@ -103,6 +103,11 @@ def sft_config(config: TrainConfig, *, output_dir: Path, device: str, eval_rows:
         "dataset_num_proc": None,
         "shuffle_dataset": False,
     }
+    if config.deferred_metrics == "on":
+        # Both checks read a device value back after every micro-batch (training/lean_trainer.py). A NaN loss
+        # then reaches the logged training loss, which refuse_diverged reads, instead of being averaged away.
+        kwargs["logging_nan_inf_filter"] = False
+        kwargs["include_num_input_tokens_seen"] = "no"
     if eval_rows:
         kwargs["eval_packing"] = False
     if world().distributed:

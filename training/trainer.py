@@ -42,6 +42,7 @@ from persona_router.training.config import TrainConfig
 from persona_router.training.cuda_kernels import prepare_model
 from persona_router.training.formatting import FormatResult, build_examples, records_sha256
 from persona_router.training.jobs import PersonaJob
+from persona_router.training.lean_trainer import trainer_class
 from persona_router.training.run_metrics import PeakMemory, TokenClock, library_versions
 from persona_router.training.sft_setup import lora_config, require_trl, sft_config
 
@@ -193,11 +194,15 @@ def build_trainer(base: Any, config: TrainConfig, train_fmt: FormatResult, eval_
     prepare_model(base.model, config, base.device)
     clock = TokenClock()
     memory = PeakMemory(base.device)
-    # On CPU TRL's fused LM head runs as slow torch ops over every position; answer_loss.py scores answers only.
-    trainer_class = answer_loss_trainer_class(trl.SFTTrainer) if base.device == "cpu" else trl.SFTTrainer
-    trainer = trainer_class(model=base.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=base.tokenizer, peft_config=lora_config(config),
-                             callbacks=[clock.callback(), *callbacks])
+    if base.device == "cpu":
+        # On CPU TRL's fused LM head runs as slow torch ops over every position; answer_loss.py scores answers only
+        # (its per-micro-batch metric reads cost nothing there: no device to wait for).
+        trainer_cls = answer_loss_trainer_class(trl.SFTTrainer)
+    else:
+        trainer_cls = trainer_class(trl, config)  # deferred_metrics: no host-device sync per micro-batch
+    trainer = trainer_cls(model=base.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=base.tokenizer, peft_config=lora_config(config),
+                          callbacks=[clock.callback(), *callbacks])
     return trainer, clock, memory
 
 
