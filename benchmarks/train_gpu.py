@@ -186,6 +186,7 @@ def notebook_args(output_dir: Path, steps: int, *, smoke: bool, bf16: bool = Fal
 
 
 SPEED_FLAGS = ("liger", "offload", "compile", "lean")
+NOTEBOOK_LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # the notebook's LoraConfig
 MICRO_BATCHES = {"b2": 2, "b4": 4, "b8": 8}
 
 
@@ -301,7 +302,7 @@ def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, ste
                  + ([recorder.callback()] if recorder else []))
     trainer_cls = trl.SFTTrainer if config is None else trainer_class(trl, config)
     trainer = trainer_cls(model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
-                          processing_class=tokenizer, peft_config=lora_config(config or TrainConfig()),
+                          processing_class=tokenizer, peft_config=lora_config(config or TrainConfig(**NOTEBOOK_LORA)),
                           callbacks=callbacks)
     timer.trainer = trainer
     if recorder:

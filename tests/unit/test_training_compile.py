@@ -176,9 +176,10 @@ def _compiled_matches_eager(folder: Path, device: str, dtype: Any, *, attention:
     import torch
     from persona_router.training.cuda_kernels import prepare_model
 
+    from transformers import AutoConfig
+
     config = TrainConfig(attention=attention, compile_layers="on", liger_kernels="off").resolved(device)
-    vocab = 512
-    batch = packed_batch(LENGTHS, vocab, device=device)
+    batch = packed_batch(LENGTHS, AutoConfig.from_pretrained(folder).vocab_size, device=device)
     # Eager reference, no dropout.
     eager = _lora_model(folder, device, dtype, 0.0, four_bit=four_bit)
     prepare_model(eager.get_base_model(), TrainConfig(attention=attention, liger_kernels="off").resolved(device),
