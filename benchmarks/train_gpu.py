@@ -350,7 +350,8 @@ def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, ste
     if config is not None:
         result["train_config"] = {k: v for k, v in config.to_json().items()
                                   if k in ("batch_size", "grad_accum", "max_length", "attention", "liger_kernels",
-                                           "activation_offloading", "gradient_checkpointing", "optim", "packing")}
+                                           "activation_offloading", "compile_layers", "deferred_metrics",
+                                           "gradient_checkpointing", "optim", "packing")}
     if profiler:
         result["profile"] = profiler.result()
     if recorder:

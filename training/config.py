@@ -9,10 +9,15 @@ all linear layers; lr 2e-4, cosine, 3 % warm-up, paged 8-bit AdamW, NF4 base wit
 with gradient checkpointing; an effective batch of 8 as a micro-batch of 2 x accumulation 4) with these
 changes: the loss covers the answer only, examples are packed without padding, attention over the packed rows
 runs per example in FlashAttention's variable-length kernel instead of SDPA over a dense block-diagonal mask,
-and Liger's fused RMSNorm/SwiGLU kernels replace transformers' (``training/cuda_kernels.py``). They are the
-fastest configuration that benchmarks/train_gpu.py measured at or under the notebook's peak GPU memory on an
-H200 (``varlen-liger-b2``: 3.05 vs 3.07 GiB); a micro-batch of 4 (``batch_size=4, grad_accum=2``) trains 1.7x
-faster again but needs 3.8 GiB. README's GPU benchmark section has every measured alternative.
+Liger's fused RMSNorm/SwiGLU kernels replace transformers' (``training/cuda_kernels.py``), and TRL's metrics
+are read once per log line instead of once per micro-batch (``deferred_metrics``, ``training/lean_trainer.py``).
+They are the fastest configuration that benchmarks/train_gpu.py measured at or under the notebook's peak GPU
+memory on an H200 (``varlen-liger-lean-b2``: 1.43x the notebook's tokens/s at 3.049 vs 3.067 GiB, in one run).
+Two measured alternatives are opt-in: a micro-batch of 4 (``batch_size=4, grad_accum=2``) trains 1.7x faster
+again but needs 3.8 GiB; ``compile_layers=on`` (``training/regional_compile.py``) ran its settled steps 1.47x
+faster than the default but recompiled once inside the timed steps and peaked at 3.073 GiB (timed steps) to
+3.116 GiB (compilation included), over the notebook's 3.067.
+README's GPU benchmark section has every measured alternative.
 
 CPU defaults (the offline 135M base; bf16 autocast on CPUs with native bf16, float32 elsewhere) are sized so
 ``persona-router train --all`` on the demo pack (5 personas x 80 rows, about 85k tokens per epoch) stays within
