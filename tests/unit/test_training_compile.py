@@ -175,7 +175,6 @@ def _compiled_matches_eager(folder: Path, device: str, dtype: Any, *, attention:
                             tolerance: float) -> None:
     import torch
     from persona_router.training.cuda_kernels import prepare_model
-
     from transformers import AutoConfig
 
     config = TrainConfig(attention=attention, compile_layers="on", liger_kernels="off").resolved(device)
