@@ -39,7 +39,7 @@ def test_switches_validate_and_resolve_per_device(field: str) -> None:
     assert getattr(TrainConfig().resolved("cuda"), field) in ("on", "off")
     assert getattr(TrainConfig(**{field: "off"}).resolved("cuda"), field) == "off"  # type: ignore[arg-type]
     cpu = TrainConfig().resolved("cpu")
-    assert (cpu.compile_layers, cpu.deferred_metrics) == ("off", "on")
+    assert (cpu.compile_layers, cpu.deferred_metrics) == ("off", "off")
 
 
 # -- deferred metrics ----------------------------------------------------------------------------------------------
@@ -52,13 +52,19 @@ def base(tiny_model_dir: Path) -> Any:
 
 
 def _trainer(base: Any, tmp_path: Path, **overrides: Any) -> Any:
-    from persona_router.training.trainer import build_trainer
+    """The trainer CUDA training builds (``build_trainer`` picks the answer-loss trainer on CPU), on the CPU."""
+    import datasets
+    import trl
+    from persona_router.training.lean_trainer import trainer_class
+    from persona_router.training.sft_setup import lora_config, sft_config
 
     config = TrainConfig(batch_size=len(RECORDS), max_length=512, max_steps=1, **overrides).resolved("cpu")
     formatted = build_examples(RECORDS, system_prompt=SYSTEM, tokenizer=base.tokenizer, max_length=512)
-    empty = build_examples([], system_prompt=SYSTEM, tokenizer=base.tokenizer, max_length=512)
-    trainer, _, _ = build_trainer(base, config, formatted, empty, tmp_path / "work")
-    return trainer
+    base.model.config.use_cache = False
+    return trainer_class(trl, config)(
+        model=base.model, args=sft_config(config, output_dir=tmp_path / "work", device="cpu"),
+        train_dataset=datasets.Dataset.from_list([e.to_row() for e in formatted.examples]),
+        processing_class=base.tokenizer, peft_config=lora_config(config))
 
 
 class _ItemCounter:
@@ -80,7 +86,7 @@ def test_deferred_metrics_give_trl_loss_and_metrics_without_device_reads(
     import torch
     import trl
 
-    trainer = _trainer(base, tmp_path)
+    trainer = _trainer(base, tmp_path, deferred_metrics="on")
     try:
         assert type(trainer).__name__ == "DeferredMetricsSFTTrainer"
         assert trainer.args.logging_nan_inf_filter is False
