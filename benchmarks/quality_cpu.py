@@ -159,22 +159,56 @@ def phase_curve(args: argparse.Namespace, out: Path) -> None:
         if wanted is not None and int(epoch_dir.name.split("-")[1]) not in wanted:
             continue
         report_dir = out / "curve" / epoch_dir.name
-        seconds, _ = run([*CLI, "-q", "eval", "matrix", "--adapters", str(epoch_dir / "registry"), "--items", "all",
-                          "--max-new-tokens", str(args.max_new_tokens), "--engine", "batched",
-                          "--max-batch", str(args.batch_size),
-                          "--cochrane-pairs", "0", *(["--limit", str(args.limit)] if args.limit else []),
-                          *(["--base", args.base] if args.base else []),
-                          "--out", str(report_dir)], out / f"curve_{epoch_dir.name}.log")
+        seconds: float | None = None
+        source = f"curve/{epoch_dir.name}/report.json"
+        if _is_final_epoch(out, epoch_dir) and (out / "with_prompt" / "report.json").is_file():
+            # The last epoch's snapshot is the published adapter, which the eval phase already evaluated.
+            report_dir, source = out / "with_prompt", "with_prompt/report.json (the published adapters)"
+        elif not (report_dir / "report.json").is_file():
+            seconds, _ = run([*CLI, "-q", "eval", "matrix", "--adapters", str(epoch_dir / "registry"), "--items",
+                              "all", "--max-new-tokens", str(args.max_new_tokens), "--engine", "batched",
+                              "--max-batch", str(args.batch_size),
+                              "--cochrane-pairs", "0", *(["--limit", str(args.limit)] if args.limit else []),
+                              *(["--base", args.base] if args.base else []),
+                              "--out", str(report_dir)], out / f"curve_{epoch_dir.name}.log")
         report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
         summary = condition_summary(report)
         curve.append({"epoch": int(epoch_dir.name.split("-")[1]), "adapter_accuracy": summary["adapter_accuracy"],
                       "prompt_accuracy": summary["baseline_accuracy"], "accuracy_diff": summary["accuracy_diff"],
                       "accuracy_diff_ci": summary["accuracy_diff_ci"],
-                      "per_persona_adapter": summary["per_persona_adapter"], "wall_s": seconds})
+                      "per_persona_adapter": summary["per_persona_adapter"], "eval_wall_s": seconds,
+                      "source": source})
         (out / "curve.json").write_text(json.dumps({"curve": curve, "load_avg": load_avg(),
                                                     "adapters": str(snapshots)}, indent=2) + "\n",
                                         encoding="utf-8")
         print(f"epoch {curve[-1]['epoch']}: judge accuracy {curve[-1]['adapter_accuracy']:.3f}", flush=True)
+
+
+def phase_judge(args: argparse.Namespace, out: Path) -> None:
+    """The judge's Cochrane validity check on its own (the same cached judge ``eval matrix`` fitted on the demo
+    TRAIN split), for a run whose eval phase could not see the reference data folder."""
+    from persona_router.core.home import home_dir
+    from persona_router.core.pack import load_pack
+    from persona_router.eval.judge import COCHRANE_DIR, cochrane_check, train_judge
+    from persona_router.eval.pipeline import load_records
+    from persona_router.router.encoder import load_encoder
+
+    train = load_records(None, load_pack("demo"), split="train")
+    encoder = load_encoder()
+    judge = train_judge(train, encoder.encode, embedder=encoder.model_id, embedder_fingerprint=encoder.fingerprint,
+                        cache_dir=home_dir() / "eval" / "judges", seed=0)
+    check = {"judge_key": judge.meta.get("key"), "train_size": judge.meta.get("train_size"),
+             "cochrane": cochrane_check(judge, encoder.encode, folder=COCHRANE_DIR, limit=200)}
+    (out / "judge_check.json").write_text(json.dumps(check, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(check["cochrane"], indent=1))
+
+
+def _is_final_epoch(out: Path, epoch_dir: Path) -> bool:
+    train = out / "train.json"
+    if not train.is_file():
+        return False
+    personas = json.loads(train.read_text(encoding="utf-8"))["personas"]
+    return all(round(p["epochs"]) == int(epoch_dir.name.split("-")[1]) for p in personas.values())
 
 
 def phase_eval(args: argparse.Namespace, out: Path) -> None:
@@ -253,6 +287,8 @@ def phase_report(args: argparse.Namespace, out: Path) -> None:
     conditions = {name: condition_summary(r) for name, r in reports.items()}
     judge = reports["with_prompt"]["judge"]
     cochrane = judge.get("cochrane", {})
+    if cochrane.get("status") != "ok" and (out / "judge_check.json").is_file():
+        cochrane = json.loads((out / "judge_check.json").read_text(encoding="utf-8"))["cochrane"]
     summary = {
         "benchmark": "quality_cpu", "machine": train["machine"], "train": train, "eval": evals,
         "conditions": conditions,
@@ -264,14 +300,27 @@ def phase_report(args: argparse.Namespace, out: Path) -> None:
                   "cochrane_two_class_accuracy": cochrane.get("two_class_accuracy"),
                   "cochrane_pair_order_accuracy": cochrane.get("pair_order_accuracy"),
                   "cochrane_pairs": cochrane.get("pairs"), "cochrane_status": cochrane.get("status")},
-        "learning_curve": (json.loads((out / "curve.json").read_text(encoding="utf-8"))["curve"]
-                           if (out / "curve.json").is_file() else None),
+        "learning_curve": _curve(Path(args.curve_dir) if args.curve_dir else out),
         "generation": {k: reports["with_prompt"]["meta"]["config"].get(k)
                        for k in ("max_new_tokens", "temperature", "engine", "max_batch", "max_context_chars")},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(markdown(summary), encoding="utf-8")
     print((out / "report.md").read_text(encoding="utf-8"))
+
+
+def _curve(folder: Path) -> dict[str, Any] | None:
+    """The learning curve: per-epoch snapshots of one training run (its train.json says how many epochs)."""
+    if not (folder / "curve.json").is_file():
+        return None
+    curve = json.loads((folder / "curve.json").read_text(encoding="utf-8"))
+    train = folder / "train.json"
+    epochs = None
+    if train.is_file():
+        personas = json.loads(train.read_text(encoding="utf-8"))["personas"]
+        epochs = next(iter(personas.values()))["epochs"]
+    return {"folder": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder),
+            "run_epochs": epochs, "points": curve["curve"]}
 
 
 def markdown(s: dict[str, Any]) -> str:
@@ -283,6 +332,7 @@ def markdown(s: dict[str, Any]) -> str:
              f"{len(t['personas'])} personas in **{t['wall_s']:.0f} s** wall (load average before "
              f"{t['load_avg_before']}, after {t['load_avg_after']}); settings: {first['hyperparameters']}, "
              f"compute: {first['compute_precision']}.", "",
+             *([t["note"], ""] if t.get("note") else []),
              "| persona | steps | epochs | train s | tokens/s | eval loss before -> after |",
              "|---|---|---|---|---|---|"]
     for name, p in t["personas"].items():
@@ -310,10 +360,12 @@ def markdown(s: dict[str, Any]) -> str:
                       f"{p} {a:.2f} / {c['per_persona_baseline'][p]:.2f}"
                       for p, a in c["per_persona_adapter"].items()) + "."]
     if s.get("learning_curve"):
-        lines += ["", "## Learning curve (per-epoch snapshots of the same runs; with the system prompt, all items)",
+        lc = s["learning_curve"]
+        lines += ["", f"## Learning curve (end-of-epoch snapshots of one {lc['run_epochs']}-epoch run per persona, "
+                  f"`{lc['folder']}`; with the system prompt, all items)",
                   "", "| epochs | judge accuracy (adapter) | prompt-only | difference (95% CI) | per persona |",
                   "|---|---|---|---|---|"]
-        for p in s["learning_curve"]:
+        for p in lc["points"]:
             lines.append(f"| {p['epoch']} | {p['adapter_accuracy']:.3f} | {p['prompt_accuracy']:.3f} | "
                          f"{p['accuracy_diff']:+.3f} [{p['accuracy_diff_ci'][0]:+.3f}, {p['accuracy_diff_ci'][1]:+.3f}]"
                          " | " + ", ".join(f"{k} {v:.2f}" for k, v in p["per_persona_adapter"].items()) + " |")
@@ -336,13 +388,15 @@ def _yes(flag: bool) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--phase", choices=("train", "eval", "curve", "report", "all"), default="all")
+    parser.add_argument("--phase", choices=("train", "eval", "judge", "curve", "report", "all"), default="all")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/quality_cpu"))
     parser.add_argument("--adapters", default=None, help="registry for the trained adapters (default: OUT/../"
                         "$PERSONA_ROUTER_HOME/quality-adapters)")
     parser.add_argument("--epochs", type=float, default=None, help="override the CPU default epochs")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--curve-dir", default=None, help="report: read curve.json and train.json from this folder "
+                        "(a separate, longer training run) instead of --out")
     parser.add_argument("--curve-epochs", default=None, help="curve phase: only these epoch snapshots (e.g. 3,4)")
     parser.add_argument("--limit", type=int, default=None, help="smoke runs only: questions per item kind")
     parser.add_argument("--base", default=None, help="smoke runs only: another base model folder")
@@ -355,7 +409,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     phases = ("train", "eval", "report") if args.phase == "all" else (args.phase,)
     for phase in phases:
-        {"train": phase_train, "eval": phase_eval, "curve": phase_curve, "report": phase_report}[phase](args, out)
+        {"train": phase_train, "eval": phase_eval, "judge": phase_judge, "curve": phase_curve,
+         "report": phase_report}[phase](args, out)
     return 0
 
 
