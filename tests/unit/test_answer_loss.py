@@ -6,17 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from persona_router.core.records import QARecord
-from persona_router.training.config import TrainConfig
-from persona_router.training.formatting import build_examples
 
-SYSTEM = "explain simply"
-RECORDS = [
-    QARecord(persona="student", question="why is the sky blue?", answer="light scatters in air."),
-    QARecord(persona="student", question="what does the heart do?", answer="the heart pumps blood, all day long.",
-             context="a student asks a question and a teacher answers it."),
-    QARecord(persona="student", question="is code fast?", answer="code runs fast. the quick brown fox jumps."),
-]
+from tests.support.tiny_training import tiny_trainer
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +18,8 @@ def base(tiny_model_dir: Path) -> Any:
 
 
 def _trainer(base: Any, tmp_path: Path, *, packing: bool) -> Any:
-    from persona_router.training.trainer import build_trainer
-
-    config = TrainConfig(packing=packing, batch_size=len(RECORDS), max_length=512, max_steps=1,
-                         mixed_precision="no").resolved("cpu")
-    formatted = build_examples(RECORDS, system_prompt=SYSTEM, tokenizer=base.tokenizer, max_length=512)
-    empty = build_examples([], system_prompt=SYSTEM, tokenizer=base.tokenizer, max_length=512)
-    trainer, _, _ = build_trainer(base, config, formatted, empty, tmp_path / f"work-{packing}")
-    return trainer
+    # float32 even on a bf16 CPU: the comparison with TRL's loss is exact only without autocast.
+    return tiny_trainer(base, tmp_path / f"work-{packing}", packing=packing, mixed_precision="no")
 
 
 def _loss_and_grads(trainer: Any, compute: Any, batch: dict[str, Any], n_items: Any) -> tuple[float, dict[str, Any]]:

@@ -7,16 +7,8 @@ from typing import Any
 
 import pytest
 from persona_router.core.records import QARecord
-from persona_router.training.config import TrainConfig
-from persona_router.training.formatting import build_examples
 
-SYSTEM = "explain simply"
-RECORDS = [
-    QARecord(persona="student", question="why is the sky blue?", answer="light scatters in air."),
-    QARecord(persona="student", question="what does the heart do?", answer="the heart pumps blood.",
-             context="a student asks a question and a teacher answers it."),
-    QARecord(persona="student", question="is code fast?", answer="code runs fast. the quick brown fox jumps."),
-]
+from tests.support.tiny_training import RECORDS, SYSTEM, tiny_trainer
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +19,7 @@ def base(tiny_model_dir: Path) -> Any:
 
 
 def _trainer(base: Any, tmp_path: Path, *, packing: bool) -> Any:
-    from persona_router.training.trainer import build_trainer
-
-    config = TrainConfig(packing=packing, batch_size=len(RECORDS), max_length=512, max_steps=1).resolved("cpu")
-    formatted = build_examples(RECORDS, system_prompt=SYSTEM, tokenizer=base.tokenizer, max_length=512)
-    trainer, _, _ = build_trainer(base, config, formatted, build_examples([], system_prompt=SYSTEM,
-                                                                          tokenizer=base.tokenizer, max_length=512),
-                                  tmp_path / f"work-{packing}")
-    return trainer
+    return tiny_trainer(base, tmp_path / f"work-{packing}", packing=packing)
 
 
 def _expected_answer_ids(tokenizer: Any, record: QARecord) -> list[int]:
