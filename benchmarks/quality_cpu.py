@@ -203,12 +203,18 @@ def phase_judge(args: argparse.Namespace, out: Path) -> None:
     print(json.dumps(check["cochrane"], indent=1))
 
 
-def _is_final_epoch(out: Path, epoch_dir: Path) -> bool:
-    train = out / "train.json"
+def _trained_epochs(folder: Path) -> float | None:
+    """The epochs every persona of the run in ``folder`` trained for (from its train.json), if known."""
+    train = folder / "train.json"
     if not train.is_file():
-        return False
-    personas = json.loads(train.read_text(encoding="utf-8"))["personas"]
-    return all(round(p["epochs"]) == int(epoch_dir.name.split("-")[1]) for p in personas.values())
+        return None
+    epochs = {p["epochs"] for p in json.loads(train.read_text(encoding="utf-8"))["personas"].values()}
+    return epochs.pop() if len(epochs) == 1 else None
+
+
+def _is_final_epoch(out: Path, epoch_dir: Path) -> bool:
+    epochs = _trained_epochs(out)
+    return epochs is not None and round(epochs) == int(epoch_dir.name.split("-")[1])
 
 
 def phase_eval(args: argparse.Namespace, out: Path) -> None:
@@ -314,13 +320,8 @@ def _curve(folder: Path) -> dict[str, Any] | None:
     if not (folder / "curve.json").is_file():
         return None
     curve = json.loads((folder / "curve.json").read_text(encoding="utf-8"))
-    train = folder / "train.json"
-    epochs = None
-    if train.is_file():
-        personas = json.loads(train.read_text(encoding="utf-8"))["personas"]
-        epochs = next(iter(personas.values()))["epochs"]
     return {"folder": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder),
-            "run_epochs": epochs, "points": curve["curve"]}
+            "run_epochs": _trained_epochs(folder), "points": curve["curve"]}
 
 
 def markdown(s: dict[str, Any]) -> str:
