@@ -59,8 +59,9 @@ def load_service(settings: ServiceSettings) -> ServiceState:
         configure_threads()
         engine, kind, max_len, base = _build_device_pool(settings, base_config)
     else:
-        # One core stays with the event loop: on a quiet 2-core Xeon the load test (200 requests, 16 at a time)
-        # ran 60.6 completion tokens/s at p95 9.8 s with one torch thread against 52.7 at p95 14.8 s with two.
+        # One core stays with the event loop: on a quiet 2-core Xeon the bf16 load test (200 requests, 16 at a
+        # time) ran 52.7 completion tokens/s at p95 14.8 s with two torch threads, 60.6-69.6 at p95 9.2-9.8 s
+        # with one (README, benchmarks/results/load_test_cpu.json).
         configure_threads(reserve=1)
         base = load_base(base_config, serving=True)
         engine, kind, max_len = _build_engine(settings, base)
