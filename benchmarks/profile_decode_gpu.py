@@ -80,12 +80,14 @@ def breakdown(fn: Callable[[], Any]) -> dict[str, Any]:
         if event.name in parts:
             parts[event.name] += _device_us(event) / 1e3
     kernels: dict[str, float] = {}
+    counts: dict[str, int] = {}
     dequant_ms = 0.0
     for avg in prof.key_averages():
         us = getattr(avg, "self_device_time_total", None) or getattr(avg, "self_cuda_time_total", 0.0)
         # record_function ranges also show up as device events spanning their kernels and gaps: not kernels.
         if us and str(getattr(avg, "device_type", "")).endswith("CUDA") and avg.key not in PARTS:
             kernels[avg.key] = us / 1e3
+            counts[avg.key] = int(avg.count)
             if "dequant" in avg.key.lower():
                 dequant_ms += us / 1e3
     total = sum(kernels.values())
@@ -99,8 +101,33 @@ def breakdown(fn: Callable[[], Any]) -> dict[str, Any]:
         "kernel_count": sum(int(a.count) for a in prof.key_averages()
                             if str(getattr(a, "device_type", "")).endswith("CUDA") and a.key not in PARTS),
         "top_kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15]),
+        "top_kernels": [{"name": name[:120], "ms": ms, "count": counts[name]}
+                        for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:30]],
+        "by_kernel_name_ms": by_name(kernels, counts),
     }
     return result
+
+
+# Kernel families by name: what the profiler's ranges miss (Triton kernels launched outside PyTorch's operator
+# dispatch are not attributed to the range that launched them). First match wins.
+FAMILIES = (("lora_triton", ("lora_shrink", "lora_expand")), ("nf4_triton", ("nf4_gemv", "nf4_dot")),
+            ("attention_triton", ("decode_attention",)), ("bnb_gemv", ("kgemm_4bit", "gemv_4bit")),
+            ("attention_sdpa", ("fmha", "flash", "attention", "softmax")),
+            ("gemm_cublas", ("nvjet", "gemm", "gemv", "cutlass", "sm90")),
+            ("compiled_pointwise", ("triton_",)), ("copy_index", ("index", "copy", "scatter", "gather", "cat")),
+            ("reduce", ("reduce", "argmax", "max")))
+
+
+def by_name(kernels: dict[str, float], counts: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Device ms and launch count per kernel family (``FAMILIES``; the rest under ``elementwise_other``)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, ms in kernels.items():
+        low = name.lower()
+        family = next((f for f, keys in FAMILIES if any(k in low for k in keys)), "elementwise_other")
+        entry = out.setdefault(family, {"ms": 0.0, "count": 0})
+        entry["ms"] += ms
+        entry["count"] += counts[name]
+    return out
 
 
 def _device_us(event: Any) -> float:
@@ -260,6 +287,9 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(f"  {batch}: graph {case.get('graph_ms', float('nan')):.3f} eager "
                          f"{case.get('eager_ms', case.get('ms')):.3f} kernels "
                          f"{prof.get('kernel_total_ms', float('nan')):.3f} ms ({parts})")
+            families = prof.get("by_kernel_name_ms", {})
+            lines.append("    by name: " + ", ".join(f"{k} {v['ms']:.3f}/{v['count']}" for k, v in
+                                                    sorted(families.items(), key=lambda kv: -kv[1]["ms"])))
     return "\n".join(lines)
 
 

@@ -57,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--engine-config", default="",
                         help="EngineConfig fields for the engine under test, e.g. nf4_mode=fused,kernels=on "
                              "(default: the engine's own defaults)")
+    parser.add_argument("--variants", default="",
+                        help="';'-separated further engine configurations measured after the first one in the same "
+                             "process on the same model (self-check, streams, memory), e.g. 'kernels=on;lora=folded'")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
     return parser.parse_args()
 
@@ -418,12 +421,13 @@ class Bench:
     adapters: list[Path]
     streams: list[int]
 
-    def engine(self, mode: str) -> Any:
+    def engine(self, mode: str, config_text: str | None = None) -> Any:
+        """An engine in ``mode`` with ``config_text``'s EngineConfig fields (default: ``--engine-config``)."""
         from persona_router.adapters.engine import BatchedEngine, EngineConfig
 
         started = time.perf_counter()
         max_len = -(-(self.args.prompt_len + self.args.new_tokens) // 256) * 256
-        overrides = engine_overrides(self.args.engine_config)
+        overrides = engine_overrides(self.args.engine_config if config_text is None else config_text)
         if mode != "auto":
             overrides["nf4_mode"] = mode
         config = EngineConfig(max_batch=max(self.streams), max_len=max_len, max_adapters=8, max_rank=16,
@@ -431,7 +435,7 @@ class Bench:
         engine = BatchedEngine(self.model, self.tokenizer, config)
         for name, folder in zip(self.names, self.adapters, strict=True):
             engine.add_adapter(name, folder)
-        self.section.setdefault("engine_init_s", {})[mode] = time.perf_counter() - started
+        self.section.setdefault("engine_init_s", {})[config_text or mode] = time.perf_counter() - started
         return engine
 
 
@@ -487,7 +491,30 @@ def compare_with_vanilla(bench: Bench) -> Any:
                                       "memory": gpu_memory(), "kv_cache_gib": engine.runner.kv_bytes() / 2**30},
           save)
     engine.stop()
+    engine = None  # its cache and weights go before the next configuration's are built
+    for text in (v.strip() for v in bench.args.variants.split(";")):
+        if text:
+            free_memory()
+            phase(section.setdefault("variants", {}), text,
+                  lambda t=text: variant(bench, t, peft_model, reference), save)
     return peft_model
+
+
+def variant(bench: Bench, text: str, peft_model: Any, reference: dict[str, Any]) -> dict[str, Any]:
+    """One more engine configuration on the same model and workload: self-check, streams, memory."""
+    reset_peak()
+    engine = bench.engine("auto", text)
+    try:
+        result: dict[str, Any] = {
+            "engine_modes": {"nf4_mode": engine.nf4_mode, "kernels": engine.runner.kernels,
+                             "weight_bytes": weight_bytes(engine.runner), "engine_config": engine_overrides(text)},
+            "self_check_rel_err": logits_self_check(engine, peft_model, bench.prompts[0], reference)}
+        reset_peak()
+        result.update(asyncio.run(engine_suite(engine, bench.prompts, bench.names, bench.args, bench.streams)))
+        result["memory"] = gpu_memory()
+        return result
+    finally:
+        engine.stop()
 
 
 def kernel_mode(bench: Bench) -> dict[str, Any]:
@@ -540,8 +567,9 @@ def table(report: dict[str, Any]) -> str:
              + " | ".join(f"{k} tok/s" for k in report["stream_keys"]) + " | peak GiB |",
              "|---" * (5 + len(report["stream_keys"])) + "|"]
     for precision, section in report["results"].items():
-        for system in ("vanilla", "engine", "engine_kernel"):
-            data = section.get(system)
+        systems = [(name, section.get(name)) for name in ("vanilla", "engine", "engine_kernel")]
+        systems += [(f"engine[{label}]", data) for label, data in section.get("variants", {}).items()]
+        for system, data in systems:
             if not data or "batch1" not in data:
                 continue
             b1 = data["batch1"]
@@ -658,18 +686,24 @@ def add_floors(report: dict[str, Any]) -> None:
 def self_check_failures(report: dict[str, Any]) -> list[str]:
     failures = []
     for precision, section in report["results"].items():
-        for key, value in section.items():
-            if isinstance(value, dict) and "error" in value:
-                failures.append(f"{precision} {key}: {value['error']}")
-        for name, err in section.get("self_check_rel_err", {}).items():
-            if not isinstance(err, dict) or "engine" not in err:
-                continue
-            bound = DRIFT_FACTOR * err["peft"] + DRIFT_SLACK
-            if not err["engine"] <= bound:  # NaN fails too
-                failures.append(f"{precision} {name}: engine drifts {err['engine']:.3g} from the float32 reference, "
-                                f"vanilla PEFT {err['peft']:.3g} (bound {bound:.3g})")
-        for system in ("engine", "engine_kernel"):
-            data = section.get(system, {})
+        variants = section.get("variants", {})
+        checked = [("", section), *((f"[{label}] ", data) for label, data in variants.items())]
+        for prefix, data in checked:
+            if prefix and "error" in data:
+                failures.append(f"{precision} {prefix}: {data['error']}")
+            for key, value in data.items():
+                if isinstance(value, dict) and "error" in value:
+                    failures.append(f"{precision} {prefix}{key}: {value['error']}")
+            for name, err in data.get("self_check_rel_err", {}).items():
+                if not isinstance(err, dict) or "engine" not in err:
+                    continue
+                bound = DRIFT_FACTOR * err["peft"] + DRIFT_SLACK
+                if not err["engine"] <= bound:  # NaN fails too
+                    failures.append(f"{precision} {prefix}{name}: engine drifts {err['engine']:.3g} from the float32 "
+                                    f"reference, vanilla PEFT {err['peft']:.3g} (bound {bound:.3g})")
+        systems = [(system, section.get(system, {})) for system in ("engine", "engine_kernel")]
+        systems += [(f"engine[{label}]", data) for label, data in variants.items()]
+        for system, data in systems:
             runs = [("batch1", data.get("batch1")), *data.get("streams", {}).items()]
             failures += [f"{precision} {system} {key}: incomplete streams" for key, run in runs
                          if run is not None and not run.get("complete", False)]
