@@ -59,7 +59,7 @@ CUDA_DEFAULTS: dict[str, Any] = {
 CPU_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-3, "batch_size": 1, "grad_accum": 4, "max_length": 512, "epochs": 2.0,
     "optim": "adamw_torch", "gradient_checkpointing": "off", "mixed_precision": "no", "save_steps": 10,
-    "prompt_free_fraction": 0.5, "lora_dropout": 0.0,
+    "prompt_free_fraction": 0.5, "lora_dropout": 0.0, "attention": "varlen",
     # Compiling costs minutes of CPU time up front, more than a demo run gains. CPU training uses its own loss
     # (training/answer_loss.py), whose metric reads wait for no device.
     "compile_layers": "off", "deferred_metrics": "off",
@@ -94,10 +94,10 @@ class TrainConfig:
     prompt_free_fraction: float | None = None
     gradient_checkpointing: str = "auto"
     mixed_precision: str = "auto"
-    # CUDA speed settings (training/cuda_kernels.py): attention over packed rows ("varlen": per-example
-    # FlashAttention kernels, no dense block-diagonal mask), Liger's fused RMSNorm/SwiGLU kernels, and moving
-    # checkpointed activations to host memory during the forward pass. "auto" on CPU: the attention the model
-    # was loaded with, no Liger, no offloading.
+    # Speed settings (training/cuda_kernels.py): attention over packed rows ("varlen": each example attends to
+    # itself only, no dense block-diagonal mask; FlashAttention's varlen kernel on CUDA, one causal SDPA call
+    # per example on CPU), Liger's fused RMSNorm/SwiGLU kernels, and moving checkpointed activations to host
+    # memory during the forward pass. The last two are CUDA-only.
     attention: str = "auto"
     liger_kernels: str = "auto"
     activation_offloading: str = "auto"

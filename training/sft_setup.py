@@ -79,8 +79,9 @@ def sft_config(config: TrainConfig, *, output_dir: Path, device: str, eval_rows:
         "max_length": config.max_length,
         "packing": config.packing,
         "packing_strategy": "bfd",
-        # Packing without padding relies on position_ids restarting per example; with eager/SDPA attention
-        # transformers turns them into a block-diagonal mask (tests/unit/test_training_packing.py checks it).
+        # Packing without padding relies on position_ids restarting per example: "varlen" attention runs each
+        # example on its own, eager/SDPA get a block-diagonal mask from transformers
+        # (tests/unit/test_training_cuda_kernels.py checks that both give the same logits and gradients).
         "padding_free": config.packing,
         "completion_only_loss": completion_only_loss,
         "bf16": mixed == "bf16",

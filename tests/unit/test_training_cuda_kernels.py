@@ -1,6 +1,7 @@
-"""CUDA speed settings: config resolution, CPU refusals, and attention over packed rows.
+"""Training speed settings: config resolution, CPU refusals, and attention over packed rows.
 
-On CPU the varlen plumbing (registration, the example boundaries reaching the attention function, the
+On CPU, ``varlen`` (the CPU default) runs one causal SDPA call per packed example: its logits and gradients must
+equal those of transformers' dense block-diagonal mask (float32, 1e-5). Also on CPU the CUDA kernel's plumbing (registration, the example boundaries reaching the attention function, the
 (B, H, S, D) <-> (T, H, D) reshapes, grouped-query heads, the SDPA fallback) is checked with a reference
 kernel that runs one SDPA call per example: a packed batch must give the logits that transformers' dense
 block-diagonal mask gives (float32, 1e-5). The same comparison with PyTorch's FlashAttention varlen kernel and
@@ -40,12 +41,13 @@ def _logits(model: Any, batch: dict[str, Any], attention: str) -> Any:
         return model(**batch, use_cache=False).logits.float()
 
 
-def test_cuda_defaults_resolve_and_cpu_keeps_auto() -> None:
+def test_defaults_resolve_per_device() -> None:
     cuda = TrainConfig().resolved("cuda")
     assert cuda.attention in ("sdpa", "varlen")
     assert cuda.liger_kernels in ("on", "off") and cuda.activation_offloading in ("on", "off")
     cpu = TrainConfig().resolved("cpu")
-    assert (cpu.attention, cpu.liger_kernels, cpu.activation_offloading) == ("auto", "auto", "auto")
+    assert (cpu.attention, cpu.liger_kernels, cpu.activation_offloading) == ("varlen", "auto", "auto")
+    assert TrainConfig(packing=False).resolved("cpu").attention == "sdpa"
     # varlen is for packed rows: unpacked training keeps SDPA unless varlen is asked for explicitly
     assert TrainConfig(packing=False).resolved("cuda").attention == "sdpa"
     assert TrainConfig(attention="sdpa").resolved("cuda").attention == "sdpa"
@@ -61,20 +63,62 @@ def test_invalid_speed_settings_name_the_field(field: str, value: str) -> None:
 def test_cuda_only_settings_are_refused_on_cpu(tmp_path: Path) -> None:
     from persona_router.training.sft_setup import sft_config
 
-    for overrides, field in (({"attention": "varlen"}, "attention"), ({"liger_kernels": "on"}, "liger_kernels")):
-        config = TrainConfig(**overrides).resolved("cpu")  # type: ignore[arg-type]
-        with pytest.raises(ConfigError, match=field):
-            prepare_model(object(), config, "cpu")
+    with pytest.raises(ConfigError, match="liger_kernels"):
+        prepare_model(object(), TrainConfig(liger_kernels="on").resolved("cpu"), "cpu")
     with pytest.raises(ConfigError, match="activation_offloading"):
         sft_config(TrainConfig(activation_offloading="on").resolved("cpu"), output_dir=tmp_path, device="cpu")
     with pytest.raises(ConfigError, match="packing"):
         prepare_model(object(), TrainConfig(attention="varlen", packing=False).resolved("cuda"), "cuda")
 
 
-def test_auto_on_cpu_leaves_the_model_alone(tiny_model_dir: Path) -> None:
+def test_cpu_defaults_select_per_example_attention_and_sdpa_stays_sdpa(tiny_model_dir: Path) -> None:
     model = _load(tiny_model_dir)
-    assert prepare_model(model, TrainConfig().resolved("cpu"), "cpu") == {}
+    applied = prepare_model(model, TrainConfig().resolved("cpu"), "cpu")
+    assert "per packed example" in applied["attention"]
+    assert model.config._attn_implementation == VARLEN_ATTENTION
+    assert prepare_model(model, TrainConfig(attention="sdpa").resolved("cpu"), "cpu") == {"attention": "sdpa"}
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("trailing_pad", [0, 3])
+def test_cpu_per_example_attention_matches_the_block_diagonal_mask_with_gradients(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, trailing_pad: int) -> None:
+    import torch
+
+    model = _load(tiny_model_dir)  # grouped-query heads: SDPA's enable_gqa serves them
+    batch = packed_batch(LENGTHS, model.config.vocab_size)
+    if trailing_pad:  # a collator padding to a multiple: positions 0 after the boundaries TRL computed
+        batch["input_ids"] = torch.cat([batch["input_ids"], torch.zeros(1, trailing_pad, dtype=torch.long)], 1)
+        batch["position_ids"] = torch.cat([batch["position_ids"], torch.zeros(1, trailing_pad, dtype=torch.long)], 1)
+    calls: list[int] = []
+    real = cuda_kernels.per_example_sdpa
+
+    def counting(*args: Any) -> Any:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(cuda_kernels, "per_example_sdpa", counting)
+
+    def logits_and_grads(attention: str) -> tuple[Any, list[Any]]:
+        model.zero_grad()
+        model.set_attn_implementation(attention)
+        logits = model(**batch, use_cache=False).logits
+        logits[0, : sum(LENGTHS)].float().square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    expected, expected_grads = logits_and_grads("sdpa")
+    got, got_grads = logits_and_grads(register_varlen_attention())
+    assert len(calls) == model.config.num_hidden_layers
+    real_tokens = slice(0, sum(LENGTHS))  # padding tokens attend differently (to themselves) and carry no labels
+    torch.testing.assert_close(got[0, real_tokens], expected[0, real_tokens], rtol=1e-5, atol=1e-5)
+    assert len(got_grads) == len(expected_grads) > 0
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_examples_longer_than_a_sliding_window_take_the_masked_path() -> None:
+    assert cuda_kernels._fits_window(512, None) and cuda_kernels._fits_window(512, 512)
+    assert not cuda_kernels._fits_window(513, 512)
 
 
 def test_packed_rows_through_the_varlen_path_match_the_block_diagonal_mask(
