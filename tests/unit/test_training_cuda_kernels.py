@@ -1,12 +1,13 @@
 """Training speed settings: config resolution, CPU refusals, and attention over packed rows.
 
-On CPU, ``varlen`` (the CPU default) runs one causal SDPA call per packed example: its logits and gradients must
-equal those of transformers' dense block-diagonal mask (float32, 1e-5). Also on CPU the CUDA kernel's plumbing (registration, the example boundaries reaching the attention function, the
-(B, H, S, D) <-> (T, H, D) reshapes, grouped-query heads, the SDPA fallback) is checked with a reference
-kernel that runs one SDPA call per example: a packed batch must give the logits that transformers' dense
-block-diagonal mask gives (float32, 1e-5). The same comparison with PyTorch's FlashAttention varlen kernel and
-with Liger's kernels runs on CUDA only (bf16: relative error <= 2e-2, where bf16 operands give 1e-3..1e-2 per
-product and two layers compound it).
+On CPU, ``varlen`` (the CPU default) runs one causal SDPA call per packed example: its logits and gradients
+must equal those of transformers' dense block-diagonal mask (float32, 1e-5). Also on CPU, the CUDA kernel's
+plumbing (registration, the example boundaries reaching the attention function, the (B, H, S, D) <->
+(T, H, D) reshapes, grouped-query heads, the SDPA fallback) is checked with a reference kernel that runs one
+SDPA call per example: a packed batch must give the logits that transformers' dense block-diagonal mask gives
+(float32, 1e-5). The same comparison with PyTorch's FlashAttention varlen kernel and with Liger's kernels runs
+on CUDA only (bf16: relative error <= 2e-2, where bf16 operands give 1e-3..1e-2 per product and two layers
+compound it).
 """
 
 from __future__ import annotations
