@@ -93,10 +93,11 @@ def varlen_attention_forward(module: Any, query: Any, key: Any, value: Any, atte
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     max_len = kwargs.get("max_length_q")
     kernel = packed_kernel_for(query)
-    packed = cu_seqlens is not None and max_len is not None and query.shape[0] == 1 and not dropout
-    if packed and kernel is None and not query.is_cuda and _fits_window(int(max_len), sliding_window):
+    if cu_seqlens is None or max_len is None or query.shape[0] != 1 or dropout:
+        kernel = None  # not a packed row: transformers' mask keeps examples apart
+    elif kernel is None and not query.is_cuda and _fits_window(int(max_len), sliding_window):
         return per_example_sdpa(query, key, value, cu_seqlens, scaling), None
-    if kernel is None or not packed:
+    if kernel is None or max_len is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
