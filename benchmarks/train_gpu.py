@@ -16,21 +16,24 @@ SFTTrainer on the same rows:
   example), bf16, gradient checkpointing, paged_adamw_8bit, an effective batch of 8 packed rows of up to 1024
   tokens.
 - the other names pin every speed setting (so their meaning does not move when the defaults do), on top of
-  ours: ``<attention>[-liger][-offload][-compile][-lean]-b<micro-batch>`` with attention ``sdpa`` (transformers
-  builds a dense block-diagonal mask for the packed row) or ``varlen`` (per-example FlashAttention kernels,
-  no mask), ``liger`` (Liger's fused RMSNorm and SwiGLU), ``offload`` (checkpointed activations moved to host
-  memory), ``compile`` (``torch.compile`` of each decoder layer, ``training/regional_compile.py``), ``lean``
-  (metrics read once per log line instead of a host-device synchronisation per micro-batch,
-  ``training/lean_trainer.py``), and micro-batch 2, 4 or 8 packed rows (accumulation 4, 2 or 1: always 8 rows
-  per optimizer step). ``sdpa-b4`` is the default before varlen attention, ``varlen-liger-b2`` the one before
-  ``compile`` and ``lean``.
+  ours: ``<attention>[-liger][-offload][-compile][-lean][-reent]-b<micro-batch>`` with attention ``sdpa``
+  (transformers builds a dense block-diagonal mask for the packed row) or ``varlen`` (per-example
+  FlashAttention kernels, no mask), ``liger`` (Liger's fused RMSNorm and SwiGLU), ``offload`` (checkpointed
+  activations moved to host memory), ``compile`` (``torch.compile`` of each decoder layer,
+  ``training/regional_compile.py``), ``lean`` (metrics read once per log line instead of a host-device
+  synchronisation per micro-batch, ``training/lean_trainer.py``), ``reent`` (reentrant gradient
+  checkpointing: a forward without autograd, each layer recomputed and differentiated inside the backward),
+  and micro-batch 1, 2, 4 or 8 packed rows (accumulation 8, 4, 2 or 1: always 8 rows per optimizer step).
+  ``sdpa-b4`` is the default before varlen attention, ``varlen-liger-b2`` the one before ``compile`` and
+  ``lean``.
 
 Reported per configuration: real (non-padding) tokens/s and seconds per 1,000 examples over the timed steps
 (after warm-up steps), each step's wall time (the first ones include compilation where it applies), peak
 allocated GPU memory over warm-up and timed steps (weights included), optionally a breakdown of two more steps
 (``benchmarks/train_gpu_profile.py``: phase times of one step, kernel categories of another), and, for the
 configurations named in ``--memory-breakdown``, what is live at the peak of one more step
-(``benchmarks/train_gpu_memory.py``). Each configuration runs in its own child process, so no memory or warm-up
+(``benchmarks/train_gpu_memory.py``), and for compiled layers how many graphs Dynamo built in each step (none
+may be built inside the timed steps). Each configuration runs in its own child process, so no memory or warm-up
 carries over from the previous one. JSON is rewritten after each configuration, so a timeout keeps what
 finished. The parent also measures the card's bf16 matrix-product rate and copy bandwidth, and quantises the
 random model to NF4 once (children load the 4-bit folder). A configuration that would start after
@@ -126,8 +129,9 @@ def make_model_folder(folder: Path, *, smoke: bool) -> Path:
                             bos_token_id=tokenizer.bos_token_id)
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
-    with torch.device(device):  # random init on the GPU takes seconds instead of a minute on CPU
-        model = save_random_model(folder, config, dtype=torch.float32 if smoke else torch.bfloat16)
+    # Random init on the GPU takes seconds instead of minutes on the CPU (save_random_model's own device
+    # argument decides: an enclosing torch.device context does not reach inside it).
+    model = save_random_model(folder, config, dtype=torch.float32 if smoke else torch.bfloat16, device=device)
     params = sum(p.numel() for p in model.parameters())
     del model
     gc.collect()
@@ -185,9 +189,9 @@ def notebook_args(output_dir: Path, steps: int, *, smoke: bool, bf16: bool = Fal
     return trl.SFTConfig(**supported_kwargs(trl.SFTConfig, kwargs, warmup_ratio=0.03))
 
 
-SPEED_FLAGS = ("liger", "offload", "compile", "lean")
+SPEED_FLAGS = ("liger", "offload", "compile", "lean", "reent")
 NOTEBOOK_LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # the notebook's LoraConfig
-MICRO_BATCHES = {"b2": 2, "b4": 4, "b8": 8}
+MICRO_BATCHES = {"b1": 1, "b2": 2, "b4": 4, "b8": 8}
 
 
 def variant_overrides(name: str) -> dict[str, Any]:
@@ -198,7 +202,7 @@ def variant_overrides(name: str) -> dict[str, Any]:
     attention, flags, micro = parts[0], set(parts[1:-1]), parts[-1]
     if attention not in ("sdpa", "varlen") or micro not in MICRO_BATCHES or not flags <= set(SPEED_FLAGS):
         raise ValueError(f"unknown configuration {name!r}: use notebook, notebook-bf16, ours or "
-                         "<sdpa|varlen>[-liger][-offload][-compile][-lean]-<b2|b4|b8>")
+                         "<sdpa|varlen>[-liger][-offload][-compile][-lean][-reent]-<b1|b2|b4|b8>")
     batch = MICRO_BATCHES[micro]
 
     def switch(flag: str) -> str:
@@ -206,6 +210,7 @@ def variant_overrides(name: str) -> dict[str, Any]:
 
     return {"attention": attention, "liger_kernels": switch("liger"), "activation_offloading": switch("offload"),
             "compile_layers": switch("compile"), "deferred_metrics": switch("lean"),
+            "gradient_checkpointing": "reentrant" if "reent" in flags else "on",
             "batch_size": batch, "grad_accum": 8 // batch}
 
 
@@ -219,7 +224,9 @@ def ours_args(name: str, output_dir: Path, steps: int, *, smoke: bool) -> tuple[
     config = TrainConfig(max_steps=steps, save_steps=10**6).with_overrides(overrides)
     config = config.resolved("cpu" if smoke else "cuda")
     if smoke:  # CPU cannot run the CUDA settings; keep everything else
-        config = replace(config, max_length=MAX_LENGTH, gradient_checkpointing="on", batch_size=config.batch_size or 2,
+        checkpointing = "on" if config.gradient_checkpointing == "off" else config.gradient_checkpointing
+        config = replace(config, max_length=MAX_LENGTH, gradient_checkpointing=checkpointing,
+                         batch_size=config.batch_size or 2,
                          grad_accum=config.grad_accum or 4, attention="sdpa", liger_kernels="off",
                          activation_offloading="off")
     args = sft_config(config, output_dir=output_dir, device="cpu" if smoke else "cuda")
@@ -240,6 +247,7 @@ class StepTimer:
         self.peak_reserved: int | None = None
         self.warmup_peak: tuple[int | None, int | None] = (None, None)
         self.timed_peak_allocated: int | None = None
+        self.graphs: list[int] = []  # Dynamo graphs built so far, at the end of each step (compiled layers)
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -251,6 +259,7 @@ class StepTimer:
                 _sync()
                 tokens = int(getattr(timer.trainer, "_total_train_tokens", 0) or state.num_input_tokens_seen)
                 timer.marks.append((time.perf_counter(), tokens))
+                timer.graphs.append(_graphs_built())
                 if len(timer.marks) == timer.warmup:
                     timer.warmup_peak = _peak_memory()
                     _reset_peak_memory()
@@ -352,12 +361,19 @@ def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, ste
                                   if k in ("batch_size", "grad_accum", "max_length", "attention", "liger_kernels",
                                            "activation_offloading", "compile_layers", "deferred_metrics",
                                            "gradient_checkpointing", "optim", "packing")}
+    # Every configuration must train: a LoRA that received no gradient would log a zero norm here.
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry and "grad_norm" in entry]
+    result["loss_per_step"] = [round(float(entry["loss"]), 4) for entry in logged]
+    result["grad_norm_per_step"] = [round(float(entry["grad_norm"]), 4) for entry in logged]
     if profiler:
         result["profile"] = profiler.result()
     if recorder:
         result["memory_breakdown"] = recorder.result
     if config is not None and config.compile_layers == "on":
         result["compile"] = dynamo_counters()
+        built = [after - before for before, after in zip([0, *timer.graphs], timer.graphs, strict=False)]
+        result["compile"]["graphs_built_per_step"] = built
+        result["compile"]["graphs_built_in_timed_steps"] = sum(built[warmup:timed])
     del trainer, model
     _free()
     return result
@@ -373,6 +389,14 @@ def dynamo_counters() -> dict[str, Any]:
             "graph_break_reasons": [str(reason)[:300]
                                     for reason, _ in sorted(breaks.items(), key=lambda kv: -kv[1])[:5]],
             "recompiles": {str(k)[:200]: int(v) for k, v in list(counters.get("recompiles", {}).items())[:5]}}
+
+
+def _graphs_built() -> int:
+    if "torch._dynamo" not in sys.modules:  # nothing compiled in this process
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters.get("stats", {}).get("unique_graphs", 0))
 
 
 def projection_params(model: Any) -> int:

@@ -4,10 +4,14 @@ One step after the timed ones runs under ``torch.cuda.memory._record_memory_hist
 allocation, no C++ symbolisation). The allocator's trace of that step is then replayed: the running total of
 allocated bytes gives the step's peak, and the allocations still live at that moment are grouped by
 
-- phase: ``forward``, ``recompute`` (a checkpointed layer run again inside the backward), ``backward``
+- phase: ``forward``, ``recompute`` (a checkpointed layer run again inside the backward; with reentrant
+  checkpointing that layer's backward too, which runs inside the same call), ``backward``
   (anything else allocated under ``backward()``: gradients of activations, LoRA gradients), or ``optimizer``;
 - what allocated them: the innermost frame of a known library (bitsandbytes' 4-bit matmul, PEFT's LoRA branch,
   Liger's kernels, TRL's fused LM head, the attention function, Phi-3's decoder layer, compiled code, ...).
+
+Two checks of what outlives its work: the allocations of the step still live when it ends, by phase, and the
+bytes a ``gc.collect()`` frees right after it (tensors held only by a reference cycle).
 
 What was allocated before the step (weights, LoRA parameters, optimizer state) is not in the trace; it is
 itemised from the model and optimizer objects instead, and the remainder is reported as such. The paged 8-bit
@@ -78,12 +82,18 @@ class MemoryRecorder:
                                                  max_entries=2_000_000)
 
     def stop(self) -> None:
+        import gc
+
         import torch
 
         torch.cuda.synchronize()
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         stats = torch.cuda.memory_stats()
+        # Memory that only Python's cycle collector would free (a reference cycle holding tensors) shows here.
+        before_gc = int(torch.cuda.memory_allocated())
+        gc.collect()
+        freed_by_gc = before_gc - int(torch.cuda.memory_allocated())
         traces = snapshot.get("device_traces") or [[]]
         trace = traces[torch.cuda.current_device()] if len(traces) > torch.cuda.current_device() else traces[0]
         self.result = {
@@ -93,6 +103,8 @@ class MemoryRecorder:
             "allocation_retries": int(stats.get("num_alloc_retries", 0)),
             "before_the_step": static_breakdown(self.trainer, self.baseline),
             **peak_breakdown(trace, self.baseline),
+            "live_at_step_end": live_at_end(trace),
+            "freed_by_gc_collect_at_step_end_gib": _gib(freed_by_gc),
         }
 
 
@@ -179,11 +191,29 @@ def peak_breakdown(trace: list[dict[str, Any]], baseline: int) -> dict[str, Any]
     }
 
 
+def live_at_end(trace: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Allocations of the step still live when it ends (after the optimizer), by phase: what outlives its step."""
+    live: dict[int, dict[str, Any]] = {}
+    for event in trace:
+        if event.get("action") == "alloc":
+            live[event["addr"]] = event
+        elif event.get("action") == "free_requested":
+            live.pop(event["addr"], None)
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for event in live.values():
+        phase, label, _ = classify(event.get("frames") or [])
+        groups[(phase, label)].append(event["size"])
+    return [{"phase": phase, "what": label, "gib": _gib(sum(s)), "tensors": len(s)}
+            for (phase, label), s in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:8]]
+
+
 def classify(frames: list[dict[str, Any]]) -> tuple[str, str, str]:
     """(phase, what, innermost site) of an allocation from its Python frames (innermost first)."""
     files = [(str(f.get("filename", "")).replace("\\", "/"), str(f.get("name", "")), f.get("line")) for f in frames]
     phase = "forward"
-    if any(name in ("recompute_fn", "unpack_hook") and path.endswith("torch/utils/checkpoint.py")
+    # Non-reentrant checkpointing recomputes inside its unpack hook; reentrant inside CheckpointFunction.backward
+    # (which then runs that layer's backward too).
+    if any(name in ("recompute_fn", "unpack_hook", "backward") and path.endswith("torch/utils/checkpoint.py")
            for path, name, _ in files):
         phase = "recompute"
     elif any(name == "backward" and ("accelerate/" in path or "torch/autograd" in path or "torch/_tensor" in path)

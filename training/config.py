@@ -46,6 +46,7 @@ OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_to
 SWITCHES = ("auto", "on", "off")
 MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
 ATTENTIONS = ("auto", "sdpa", "varlen", "eager")
+CHECKPOINTING = ("auto", "on", "off", "reentrant")
 
 # Per-device defaults for the fields left as None.
 CUDA_DEFAULTS: dict[str, Any] = {
@@ -92,6 +93,9 @@ class TrainConfig:
     # Rows (by question hash) trained without the persona's system prompt, so the adapter carries the style on
     # its own (None: CPU/demo 0.5, CUDA 0.0).
     prompt_free_fraction: float | None = None
+    # "on": PyTorch's non-reentrant checkpointing; "reentrant": the forward runs without autograd and the
+    # backward recomputes each layer and differentiates it on the spot (with compiled layers: a lighter
+    # gradient-free forward graph, and nothing of a recomputation outlives its layer's backward).
     gradient_checkpointing: str = "auto"
     mixed_precision: str = "auto"
     # Speed settings (training/cuda_kernels.py): attention over packed rows ("varlen": each example attends to
@@ -140,7 +144,7 @@ class TrainConfig:
             raise ConfigError(f"{self.epochs} must be in (0, 100]", field="epochs")
         if not isinstance(self.packing, bool):
             raise ConfigError(f"{self.packing!r} must be true or false", field="packing")
-        _choice(self, "gradient_checkpointing", SWITCHES)
+        _choice(self, "gradient_checkpointing", CHECKPOINTING)
         _choice(self, "mixed_precision", MIXED_PRECISIONS)
         _choice(self, "attention", ATTENTIONS)
         _choice(self, "liger_kernels", SWITCHES)

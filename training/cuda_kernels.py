@@ -56,7 +56,10 @@ def prepare_model(model: Any, config: Any, device: str) -> dict[str, str]:
     if config.compile_layers == "on":
         from persona_router.training.regional_compile import compile_decoder_layers
 
-        applied["compile_layers"] = f"torch.compile of {compile_decoder_layers(model)} decoder layers"
+        # Packed rows hold whole examples of at most max_length tokens: that bound keeps one graph per grad mode.
+        bound = config.max_length if config.packing else None
+        applied["compile_layers"] = (f"torch.compile of {compile_decoder_layers(model, max_length=bound)} "
+                                     "decoder layers")
     if applied:
         log.info("training speed settings: %s", applied)
     return applied

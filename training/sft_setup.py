@@ -57,7 +57,7 @@ def sft_config(config: TrainConfig, *, output_dir: Path, device: str, eval_rows:
     optim = config.optim
     if device == "cpu" and optim in ("paged_adamw_8bit", "adamw_8bit"):
         raise ConfigError(f"{optim!r} needs CUDA; on CPU use 'adamw_torch'", field="optim")
-    checkpointing = config.gradient_checkpointing == "on"
+    checkpointing = config.gradient_checkpointing in ("on", "reentrant")
     offload = config.activation_offloading == "on"
     if offload and device != "cuda":
         raise ConfigError("activation offloading moves activations from the GPU to host memory; it needs CUDA",
@@ -87,7 +87,8 @@ def sft_config(config: TrainConfig, *, output_dir: Path, device: str, eval_rows:
         "bf16": mixed == "bf16",
         "fp16": mixed == "fp16",
         "gradient_checkpointing": checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
+        "gradient_checkpointing_kwargs": ({"use_reentrant": config.gradient_checkpointing == "reentrant"}
+                                          if checkpointing else None),
         "activation_offloading": offload,
         "logging_steps": config.logging_steps,
         "save_strategy": "steps",

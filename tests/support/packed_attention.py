@@ -34,3 +34,20 @@ def packed_batch(lengths: list[int], vocab: int, *, device: str = "cpu", seed: i
     return {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device),
             "cu_seq_lens_q": cu.to(device), "cu_seq_lens_k": cu.to(device),
             "max_length_q": max(lengths), "max_length_k": max(lengths)}
+
+
+def traceable_packed_kernel(q: Any, k: Any, v: Any, cu_seqlens: Any, max_len: int, scale: float, left: int) -> Any:
+    """The same function without host reads, so that Dynamo traces it with the lengths symbolic.
+
+    Each token attends causally within its example: example ids come from the boundaries on the device, and one
+    SDPA call runs over the block-diagonal causal mask. ``max_len`` is an upper bound, as for FlashAttention.
+    """
+    import torch
+
+    assert left == -1, "the reference has no sliding window"
+    positions = torch.arange(q.shape[0], device=q.device)
+    example = torch.searchsorted(cu_seqlens[1:].to(torch.int64), positions, right=True)
+    allowed = (example[:, None] == example[None, :]) & (positions[:, None] >= positions[None, :])
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                           attn_mask=allowed, scale=scale)
+    return out.transpose(0, 1)

@@ -20,7 +20,7 @@ from persona_router.core.records import QARecord
 from persona_router.training.config import TrainConfig
 from persona_router.training.formatting import build_examples
 
-from tests.support.packed_attention import packed_batch
+from tests.support.packed_attention import packed_batch, traceable_packed_kernel
 
 LENGTHS = [5, 17, 1, 9, 30]
 SYSTEM = "explain simply"
@@ -153,11 +153,12 @@ def _lora_model(folder: Path, device: str, dtype: Any, dropout: float, *, four_b
     return model
 
 
-def _loss_and_grads(model: Any, batch: dict[str, Any], *, checkpointing: bool, seed: int, dtype: Any) -> Any:
+def _loss_and_grads(model: Any, batch: dict[str, Any], *, checkpointing: bool, seed: int, dtype: Any,
+                    reentrant: bool = False) -> Any:
     import torch
 
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.enable_input_require_grads()
     else:
         model.gradient_checkpointing_disable()
@@ -178,7 +179,7 @@ def _rel(a: Any, b: Any) -> float:
 
 
 def _compiled_matches_eager(folder: Path, device: str, dtype: Any, *, attention: str, four_bit: bool,
-                            tolerance: float) -> None:
+                            tolerance: float, reentrant: bool) -> None:
     import torch
     from persona_router.training.cuda_kernels import prepare_model
     from transformers import AutoConfig
@@ -189,39 +190,128 @@ def _compiled_matches_eager(folder: Path, device: str, dtype: Any, *, attention:
     eager = _lora_model(folder, device, dtype, 0.0, four_bit=four_bit)
     prepare_model(eager.get_base_model(), TrainConfig(attention=attention, liger_kernels="off").resolved(device),
                   device)
-    want_loss, want = _loss_and_grads(eager, batch, checkpointing=True, seed=0, dtype=dtype)
+    want_loss, want = _loss_and_grads(eager, batch, checkpointing=True, seed=0, dtype=dtype, reentrant=reentrant)
     compiled = _lora_model(folder, device, dtype, 0.0, four_bit=four_bit)
     assert "compile_layers" in prepare_model(compiled.get_base_model(), config, device)
-    got_loss, got = _loss_and_grads(compiled, batch, checkpointing=True, seed=0, dtype=dtype)
+    got_loss, got = _loss_and_grads(compiled, batch, checkpointing=True, seed=0, dtype=dtype, reentrant=reentrant)
     assert _rel(got_loss, want_loss) < tolerance
     assert got.keys() == want.keys()
     for name in want:
         assert _rel(got[name], want[name]) < tolerance, name
-    # Dropout: the recomputation under checkpointing must reproduce the forward's masks.
+    # Dropout: the recomputation under checkpointing must reproduce the forward's masks (reentrant: the training
+    # graph of the recomputation must draw what the gradient-free forward graph drew).
     torch._dynamo.reset()
     dropped = _lora_model(folder, device, dtype, 0.3, four_bit=four_bit)
     prepare_model(dropped.get_base_model(), config, device)
     plain_loss, plain = _loss_and_grads(dropped, batch, checkpointing=False, seed=5, dtype=dtype)
-    ckpt_loss, ckpt = _loss_and_grads(dropped, batch, checkpointing=True, seed=5, dtype=dtype)
+    ckpt_loss, ckpt = _loss_and_grads(dropped, batch, checkpointing=True, seed=5, dtype=dtype, reentrant=reentrant)
     assert torch.equal(plain_loss, ckpt_loss)
     for name in plain:
         assert _rel(ckpt[name], plain[name]) < 1e-5, name
-    other_loss, _ = _loss_and_grads(dropped, batch, checkpointing=True, seed=6, dtype=dtype)
+    other_loss, _ = _loss_and_grads(dropped, batch, checkpointing=True, seed=6, dtype=dtype, reentrant=reentrant)
     assert not torch.equal(other_loss, ckpt_loss)  # control: dropout is active, so another seed differs
     torch._dynamo.reset()
 
 
 @pytest.mark.slow
-def test_compiled_layers_match_eager_on_cpu(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_compiled_layers_match_eager_on_cpu(tiny_model_dir: Path, reentrant: bool) -> None:
     import torch
 
     _compiled_matches_eager(tiny_model_dir, "cpu", torch.float32, attention="sdpa", four_bit=False,
-                            tolerance=1e-4)
+                            tolerance=1e-4, reentrant=reentrant)
 
 
 @pytest.mark.gpu
-def test_compiled_layers_match_eager_on_cuda_4bit_varlen(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_compiled_layers_match_eager_on_cuda_4bit_varlen(tiny_model_dir: Path, reentrant: bool) -> None:
     import torch
 
     _compiled_matches_eager(tiny_model_dir, "cuda", torch.bfloat16, attention="varlen", four_bit=True,
-                            tolerance=3e-2)
+                            tolerance=3e-2, reentrant=reentrant)
+
+
+# Packed batches whose total length, example count and longest example all change from one to the next.
+CHANGING_BATCHES = [[5, 17, 1, 9, 30], [12, 40, 3], [7, 7, 20, 2, 11, 6], [33, 14]]
+
+
+def _varlen_with(model: Any, kernel: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from persona_router.training import cuda_kernels
+
+    monkeypatch.setattr(cuda_kernels, "packed_kernel_for", lambda query: kernel)
+    model.set_attn_implementation(cuda_kernels.register_varlen_attention())
+
+
+def _compiles_once(folder: Path, device: str, dtype: Any, monkeypatch: pytest.MonkeyPatch, *, kernel: Any,
+                   four_bit: bool, reentrant: bool, tolerance: float) -> None:
+    """Every packed batch runs compiled code built in the first one, and each batch's loss and LoRA gradients
+    equal the eager layers' on the same batch."""
+    import torch
+    from persona_router.training.regional_compile import compile_decoder_layers
+    from torch._dynamo.utils import counters
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(folder).vocab_size
+    eager = _lora_model(folder, device, dtype, 0.0, four_bit=four_bit)
+    _varlen_with(eager.get_base_model(), kernel, monkeypatch)
+    compiled = _lora_model(folder, device, dtype, 0.0, four_bit=four_bit)
+    _varlen_with(compiled.get_base_model(), kernel, monkeypatch)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_decoder_layers(compiled.get_base_model(), max_length=64)
+    graphs = []
+    for index, lengths in enumerate(CHANGING_BATCHES):
+        batch = packed_batch(lengths, vocab, device=device, seed=index)
+        want_loss, want = _loss_and_grads(eager, batch, checkpointing=True, seed=0, dtype=dtype, reentrant=reentrant)
+        got_loss, got = _loss_and_grads(compiled, batch, checkpointing=True, seed=0, dtype=dtype,
+                                        reentrant=reentrant)
+        assert _rel(got_loss, want_loss) < tolerance, lengths
+        for name in want:
+            assert _rel(got[name], want[name]) < tolerance, (lengths, name)
+        graphs.append(int(counters["stats"]["unique_graphs"]))
+    assert graphs[0] >= 1 and graphs == graphs[:1] * len(CHANGING_BATCHES), graphs  # nothing compiled after batch 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_compiled_layers_compile_once_for_changing_packed_batches(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, reentrant: bool) -> None:
+    import torch
+
+    _compiles_once(tiny_model_dir, "cpu", torch.float32, monkeypatch, kernel=traceable_packed_kernel,
+                   four_bit=False, reentrant=reentrant, tolerance=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_compiled_layers_compile_once_on_cuda_4bit_varlen(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, reentrant: bool) -> None:
+    import torch
+    from persona_router.training.cuda_kernels import _torch_varlen
+
+    kernel = _torch_varlen()
+    assert kernel is not None, "this torch has no varlen attention"
+    _compiles_once(tiny_model_dir, "cuda", torch.bfloat16, monkeypatch, kernel=kernel, four_bit=True,
+                   reentrant=reentrant, tolerance=3e-2)
+
+
+@pytest.mark.gpu
+def test_flash_varlen_takes_an_upper_bound_for_the_longest_example() -> None:
+    """The compiled layers hand FlashAttention max_length instead of the batch's longest example."""
+    import torch
+    from persona_router.training.cuda_kernels import _torch_varlen
+
+    kernel = _torch_varlen()
+    assert kernel is not None
+    lengths = [5, 17, 1, 9, 30]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(sum(lengths), 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn(sum(lengths), 4, 64, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for bound in (max(lengths), 1024):
+        out = kernel(q, k, v, cu, bound, 64 ** -0.5, -1)
+        results.append((out.detach().float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad))))
+    for exact, bounded in zip(*results, strict=True):
+        torch.testing.assert_close(bounded, exact, rtol=0, atol=0)

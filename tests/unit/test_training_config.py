@@ -99,3 +99,17 @@ def test_cpu_bf16_probe_reads_torch() -> None:
     flags = cpu_flags_summary()
     assert cpu_bf16_native() == (flags.get("avx512_bf16", False) or flags.get("amx_tile", False))
     assert flags.get("avx512_bf16") == torch.cpu._is_avx512_bf16_supported()
+
+
+@pytest.mark.parametrize(("value", "enabled", "reentrant"), [("on", True, False), ("reentrant", True, True),
+                                                             ("off", False, None)])
+def test_gradient_checkpointing_modes_reach_trl(value: str, enabled: bool, reentrant: bool | None) -> None:
+    from persona_router.training.sft_setup import sft_config
+
+    args = sft_config(TrainConfig(gradient_checkpointing=value).resolved("cpu"), output_dir=Path("/tmp/x"),
+                      device="cpu")
+    assert args.gradient_checkpointing is enabled
+    kwargs = args.gradient_checkpointing_kwargs
+    assert (kwargs or {}).get("use_reentrant") == reentrant
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        TrainConfig(gradient_checkpointing="selective")
