@@ -178,6 +178,14 @@ def _rel(a: Any, b: Any) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
+def _rel_all(got: dict[str, Any], want: dict[str, Any]) -> float:
+    """Relative distance of two sets of gradients taken as one vector."""
+    import torch
+
+    diff = torch.stack([(got[name] - want[name]).norm() for name in want]).norm()
+    return float(diff / torch.stack([want[name].norm() for name in want]).norm().clamp(min=1e-12))
+
+
 def _compiled_matches_eager(folder: Path, device: str, dtype: Any, *, attention: str, four_bit: bool,
                             tolerance: float, reentrant: bool) -> None:
     import torch
@@ -205,11 +213,19 @@ def _compiled_matches_eager(folder: Path, device: str, dtype: Any, *, attention:
     prepare_model(dropped.get_base_model(), config, device)
     plain_loss, plain = _loss_and_grads(dropped, batch, checkpointing=False, seed=5, dtype=dtype)
     ckpt_loss, ckpt = _loss_and_grads(dropped, batch, checkpointing=True, seed=5, dtype=dtype, reentrant=reentrant)
-    assert torch.equal(plain_loss, ckpt_loss)
-    for name in plain:
-        assert _rel(ckpt[name], plain[name]) < 1e-5, name
-    other_loss, _ = _loss_and_grads(dropped, batch, checkpointing=True, seed=6, dtype=dtype, reentrant=reentrant)
+    other_loss, other = _loss_and_grads(dropped, batch, checkpointing=True, seed=6, dtype=dtype, reentrant=reentrant)
     assert not torch.equal(other_loss, ckpt_loss)  # control: dropout is active, so another seed differs
+    if reentrant and dtype != torch.float32:
+        # The reentrant forward runs the gradient-free graph, whose fusions round bf16 differently from the
+        # training graph's (seen on an H200: losses 6.0081 vs 6.0083). Same masks: equal up to that rounding,
+        # far closer than another seed's masks are.
+        assert _rel(ckpt_loss, plain_loss) < 1e-3
+        same, another = _rel_all(ckpt, plain), _rel_all(other, plain)
+        assert same < 0.1 * another, (same, another)
+    else:
+        assert torch.equal(plain_loss, ckpt_loss)
+        for name in plain:
+            assert _rel(ckpt[name], plain[name]) < 1e-5, name
     torch._dynamo.reset()
 
 
