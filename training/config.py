@@ -13,10 +13,11 @@ Liger's fused RMSNorm/SwiGLU kernels replace transformers' (``training/cuda_kern
 are read once per log line instead of once per micro-batch (``deferred_metrics``, ``training/lean_trainer.py``).
 They are the fastest configuration that benchmarks/train_gpu.py measured at or under the notebook's peak GPU
 memory on an H200 (``varlen-liger-lean-b2``: 1.43x the notebook's tokens/s at 3.049 vs 3.067 GiB, in one run).
-Two measured alternatives are opt-in: a micro-batch of 4 (``batch_size=4, grad_accum=2``) trains 1.7x faster
-again but needs 3.8 GiB; ``compile_layers=on`` (``training/regional_compile.py``) ran its settled steps 1.47x
-faster than the default but recompiled once inside the timed steps and peaked at 3.073 GiB (timed steps) to
-3.116 GiB (compilation included), over the notebook's 3.067.
+Measured alternatives that are opt-in: a micro-batch of 4 (``batch_size=4, grad_accum=2``) trains 1.7x faster
+again but needs 3.8 GiB; ``compile_layers=on, liger_kernels=off, gradient_checkpointing=reentrant``
+(``training/regional_compile.py``) trained 2.0x faster than the default (2.33x the notebook, nothing recompiled
+after the first step) but peaked at 3.085 GiB, 0.6% over the notebook's 3.067 in the same run; with
+``gradient_checkpointing=on`` it ran 1.84x the notebook at 3.073 GiB.
 README's GPU benchmark section has every measured alternative.
 
 CPU defaults (the offline 135M base; bf16 autocast on CPUs with native bf16, float32 elsewhere) are sized so
