@@ -186,6 +186,10 @@ def lora_cases() -> list[dict[str, Any]]:
                      "shrink_ms": graph_ms([lambda x=x, s=slots: lora_kernels.shrink(x, a, bt, s, scaling, m=4)] * 20),
                      "shrink_expand_ms": graph_ms([lambda x=x, s=slots, o=out: lora_kernels.expand_(
                          o, lora_kernels.shrink(x, a, bt, s, scaling, m=4))] * 20)})
+        if m <= lora_kernels.GATHER_ROWS:  # the few-row expand alone, per column block
+            shrunk = lora_kernels.shrink(x, a, bt, slots, scaling, m=4)
+            rows[-1]["expand_ms_by_block_n"] = {
+                bn: graph_ms([partial(lora_kernels.expand_, out, shrunk, None, bn)] * 20) for bn in (32, 64, 128, 256)}
     return rows
 
 
@@ -245,6 +249,23 @@ def attention_cases(bandwidth: float) -> list[dict[str, Any]]:
                                                     v_cache, positions, cache_len)] * 20),
                      "sdpa_masked_ms": graph_ms([partial(F.scaled_dot_product_attention, q.unsqueeze(2), k_cache,
                                                          v_cache, attn_mask=mask)] * 20)})
+        launches = {}
+        for block in (16, 32, 64):
+            for warps in (1, 2, 4, 8):
+                for guard in (True, False):
+                    shape = attention_kernels.Launch(block, warps, guard)
+                    label = f"{block}/{warps}/{'guard' if guard else 'masked'}"
+                    try:
+                        err = rel(attention_kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, positions,
+                                                                     cache_len, launch=shape), want)
+                        ms = graph_ms([partial(attention_kernels.decode_attention, q, k_new, v_new, k_cache, v_cache,
+                                               positions, cache_len, launch=shape)] * 20)
+                        launches[label] = {"ms": ms, "rel_err": err}
+                    except Exception as exc:  # noqa: BLE001 - a shape the compiler refuses: recorded, the rest go on
+                        launches[label] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        rows[-1]["launches"] = launches
+        timed = {k: v["ms"] for k, v in launches.items() if "ms" in v and v["rel_err"] < 2e-2}
+        rows[-1]["best_launch"] = min(timed, key=timed.__getitem__) if timed else None
     return rows
 
 

@@ -10,19 +10,38 @@ online softmax in float32. The kernel is in ``triton_ops``; ``reference`` is the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
-BLOCK = 64  # cache positions per loop step
+BLOCK = 64  # cache positions per loop step (default)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The kernel's launch shape: ``block`` cache positions per step, ``warps`` per program, and ``guard``:
+    skip the blocks past a row's position with a branch (True) or run every block with masked loads (False,
+    no branch, so the compiler may issue all blocks' loads before the first one's arithmetic)."""
+
+    block: int = BLOCK
+    warps: int = 4
+    guard: bool = True
+
+
+def launch_for(rows: int) -> Launch:
+    """The launch shape for a step of ``rows`` rows (what measured fastest on an H200, see the README)."""
+    return Launch()
 
 
 def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, positions: Any, kv_len: int,
-                     window: int | None = None, rotary: tuple[Any, Any] | None = None) -> Any:
+                     window: int | None = None, rotary: tuple[Any, Any] | None = None,
+                     launch: Launch | None = None) -> Any:
     """``q`` [n, heads, dim], ``k_new``/``v_new`` [n, kv_heads, dim] (any strides, last dim contiguous),
     caches [rows, kv_heads, cache_len, dim]; returns [n, heads, dim]. Row ``i`` attends ``0..positions[i]``
     (all positions below ``kv_len``), after writing ``k_new[i]``/``v_new[i]`` at ``positions[i]``.
 
     ``rotary = (cos, sin)`` (each ``[positions, rotary_dim]``, contiguous): ``q`` and ``k_new`` are given
-    before the rotary embedding and the kernel applies it at each row's position."""
+    before the rotary embedding and the kernel applies it at each row's position. ``launch``: the kernel's
+    launch shape (default ``launch_for(n)``)."""
     import torch
     from persona_router.adapters.engine.triton_ops import require_triton
 
@@ -31,7 +50,8 @@ def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any,
     if heads % kv_heads or k_cache.stride(3) != 1 or q.stride(2) != 1 or k_new.stride(2) != 1 or v_new.stride(2) != 1:
         raise ValueError("decode_attention wants whole query groups per KV head and a contiguous head dim")
     out = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
-    nblk = -(-kv_len // BLOCK)
+    shape = launch or launch_for(n)
+    nblk = -(-kv_len // shape.block)
     cos, sin = rotary if rotary is not None else (out, out)
     if rotary is not None and (cos.stride(1) != 1 or cos.stride(0) != cos.shape[1] or sin.stride() != cos.stride()):
         raise ValueError("rotary tables must be contiguous [positions, rotary_dim]")
@@ -40,7 +60,8 @@ def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any,
         k_new.stride(1),
         v_new.stride(0), v_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
         out.stride(1), 1.0 / math.sqrt(dim), GROUP=heads // kv_heads, D=dim, DP=1 << (dim - 1).bit_length(),
-        BL=BLOCK, NBLK=nblk, WINDOW=window or 0, ROT=int(cos.shape[1]) if rotary is not None else 0, num_warps=4)
+        BL=shape.block, NBLK=nblk, WINDOW=window or 0, ROT=int(cos.shape[1]) if rotary is not None else 0,
+        GUARD=shape.guard, num_warps=shape.warps)
     return out
 
 

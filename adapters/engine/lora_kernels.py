@@ -40,11 +40,15 @@ GATHER_ROWS = 8  # up to this many rows each row gathers its own A (BGMV); more 
 
 
 def splits_for(rows: int) -> int:
-    """K chunks per row: enough programs to stream A quickly at decode, fewer for long prefills."""
-    if rows <= GATHER_ROWS:
-        return 16 if rows <= 4 else 8
+    """K chunks per row for many rows (the tensor-core shrink): fewer for long prefills."""
     blocks = -(-rows // 64)
     return max(1, min(8, 64 // blocks))
+
+
+def gather_chunk(k: int) -> int:
+    """Columns of K per program of the few-row shrink: a power of two (one masked load step, no loop), about
+    K / 16 so that a one-row step still runs a dozen programs, at most 512 (the A slice stays in registers)."""
+    return max(64, min(512, _pow2(-(-k // 16))))
 
 
 @dataclass(frozen=True)
@@ -87,12 +91,10 @@ def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any, m: int | None =
     norm_weight = prologue.weight if prologue is not None and prologue.weight is not None else x
     eps = prologue.eps if prologue is not None else 0.0
     rank = a.shape[1]
-    splits = splits_for(rows)
-    block_k = 64
-    per_split = -(-k // splits)
-    chunk = -(-per_split // block_k) * block_k
     ops = require_triton()
-    if rows <= GATHER_ROWS:
+    if rows <= GATHER_ROWS:  # each program: one row, one K chunk in one load step (a short chain of loads)
+        chunk = block_k = gather_chunk(k)
+        splits = -(-k // chunk)
         rank_pow2 = _pow2(rank)
         t = torch.empty(splits, rows, rank_pow2, dtype=torch.float32, device=x.device)
         ops.lora_shrink[(rows, splits)](
@@ -100,6 +102,10 @@ def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any, m: int | None =
             t.stride(0), t.stride(1), rank, CHUNK=chunk, RP=rank_pow2, BK=block_k, PRO=pro,
             RB=norm_block or _pow2(k), num_warps=4)
         return LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits, h=h)
+    splits = splits_for(rows)
+    block_k = 64
+    per_split = -(-k // splits)
+    chunk = -(-per_split // block_k) * block_k
     present = max(1, min(m if m is not None else a.shape[0], a.shape[0]))  # slots 1..present exist in ``a``
     slots = _pow2(present)
     rank_pow2 = max(16, _pow2(rank))  # a tensor-core tile is at least 16 wide
@@ -112,8 +118,9 @@ def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any, m: int | None =
     return LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits, h=h)
 
 
-def expand_(out: Any, lora: LoraShrunk, residual: Any = None) -> Any:
-    """``out += t @ Bt[slot] [+ residual]`` in place for a row-major [M, N] ``out``; returns ``out``."""
+def expand_(out: Any, lora: LoraShrunk, residual: Any = None, block_n: int | None = None) -> Any:
+    """``out += t @ Bt[slot] [+ residual]`` in place for a row-major [M, N] ``out``; returns ``out``.
+    ``block_n``: output columns per program for few rows (default by size)."""
     from persona_router.adapters.engine.triton_ops import require_triton
 
     m, n = out.shape
@@ -121,10 +128,17 @@ def expand_(out: Any, lora: LoraShrunk, residual: Any = None) -> Any:
         raise ValueError("out must be row-major")
     if residual is not None and (residual.stride(1) != 1 or tuple(residual.shape) != (m, n)):
         raise ValueError("residual must be a row-major [M, N] tensor")
+    res = residual if residual is not None else out
+    if m <= GATHER_ROWS:  # one program per (row, column block), the whole rank in one load
+        bn = block_n or (64 if m * n <= 16384 else 128)
+        require_triton().lora_expand_rows[(m, -(-n // bn))](
+            out, res, lora.t, lora.bt, lora.slot_ids, n, out.stride(0), res.stride(0), lora.t.stride(0),
+            lora.t.stride(1), lora.bt.stride(0), lora.bt.stride(1), lora.rank, SPLITS=lora.splits,
+            SP=_pow2(lora.splits), RP=lora.rank_pow2, BN=bn, HAS_RES=residual is not None, num_warps=4)
+        return out
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn = 64 if m <= 64 else 128
     grid = ((n + bn - 1) // bn, (m + bm - 1) // bm)
-    res = residual if residual is not None else out
     require_triton().lora_expand[grid](
         out, res, lora.t, lora.bt, lora.slot_ids, m, n, out.stride(0), res.stride(0), lora.t.stride(0),
         lora.t.stride(1), lora.bt.stride(0), lora.bt.stride(1), lora.rank, SPLITS=lora.splits, RP=lora.rank_pow2,

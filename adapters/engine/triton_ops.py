@@ -174,6 +174,33 @@ if triton is not None:
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def lora_expand_rows(out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, N, stride_om, stride_rm, stride_ts, stride_tm,
+                         stride_bs, stride_br, R: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
+                         RP: tl.constexpr, BN: tl.constexpr, HAS_RES: tl.constexpr):
+        """``out += LoRA [+ residual]`` in place for few rows: one program per (row, ``BN`` columns) reads its
+        row's partial sums and its adapter's whole ``[R, BN]`` slice of ``Bt`` in one step each (no row tile
+        padded to 16, no loop over the rank): a short chain of loads, which is what bounds a one-row step."""
+        m = tl.program_id(0)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask_n = rn < N
+        slot = tl.load(slot_ptr + m)
+        live = slot > 0
+        index = tl.where(live, slot - 1, 0)
+        ranks = tl.arange(0, RP)
+        rank_ok = ranks < R
+        parts = tl.arange(0, SP)
+        t = tl.load(t_ptr + parts[:, None] * stride_ts + m * stride_tm + ranks[None, :],
+                    mask=(parts < SPLITS)[:, None] & rank_ok[None, :] & live, other=0.0)
+        t = tl.sum(t, axis=0)  # [RP]: the shrink's partial sums over K chunks (already times the scaling)
+        b = tl.load(bt_ptr + index * stride_bs + ranks[:, None] * stride_br + rn[None, :],
+                    mask=rank_ok[:, None] & mask_n[None, :] & live, other=0.0).to(tl.float32)
+        ptrs = out_ptr + m * stride_om + rn
+        acc = tl.load(ptrs, mask=mask_n, other=0.0).to(tl.float32) + tl.sum(t[:, None] * b, axis=0)
+        if HAS_RES:
+            acc += tl.load(res_ptr + m * stride_rm + rn, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
     def store_out(acc, rm, mask_m, rn, mask_n, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, stride_om, stride_rm,
                   stride_ts, stride_tm, stride_bs, stride_br, R: tl.constexpr, SPLITS: tl.constexpr, RP: tl.constexpr,
                   HAS_RES: tl.constexpr, HAS_LORA: tl.constexpr):
@@ -353,11 +380,27 @@ if triton is not None:
         return x.to(dtype)
 
     @triton.jit
+    def attend_block(k_cache_ptr, v_cache_ptr, cache, stride_cl, start, pos, lowest, d, d_ok, q, m_i, l_i, acc,
+                     BL: tl.constexpr):
+        """One online-softmax step over cache positions ``start .. start + BL - 1`` (those in ``[lowest, pos)``)."""
+        ll = start + tl.arange(0, BL)
+        live = (ll < pos) & (ll >= lowest)
+        offs = cache + ll[:, None] * stride_cl + d[None, :]
+        both = live[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=both, other=0.0).to(tl.float32)
+        v = tl.load(v_cache_ptr + offs, mask=both, other=0.0).to(tl.float32)
+        scores = tl.where(live, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new)
+        return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v, axis=0)
+
+    @triton.jit
     def decode_attention(q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, cos_ptr, sin_ptr,
                          stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cb, stride_ch,
                          stride_cl, stride_on, stride_oh, scale, GROUP: tl.constexpr, D: tl.constexpr,
                          DP: tl.constexpr, BL: tl.constexpr, NBLK: tl.constexpr, WINDOW: tl.constexpr,
-                         ROT: tl.constexpr):
+                         ROT: tl.constexpr, GUARD: tl.constexpr):
         """One query token of row ``n``, head ``h`` over cache positions ``0..pos`` (``pos`` is the row's own).
 
         With ``ROT > 0`` the query and new key arrive before the rotary embedding, which is applied here (two
@@ -387,19 +430,12 @@ if triton is not None:
         lowest = pos - WINDOW + 1 if WINDOW > 0 else pos * 0
         for b in tl.static_range(NBLK):
             start = b * BL
-            if (start < pos) & (start + BL > lowest):
-                ll = start + tl.arange(0, BL)
-                live = (ll < pos) & (ll >= lowest)
-                offs = cache + ll[:, None] * stride_cl + d[None, :]
-                both = live[:, None] & d_ok[None, :]
-                k = tl.load(k_cache_ptr + offs, mask=both, other=0.0).to(tl.float32)
-                scores = tl.where(live, tl.sum(k * q[None, :], axis=1), float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(scores - m_new)
-                v = tl.load(v_cache_ptr + offs, mask=both, other=0.0).to(tl.float32)
-                l_i = l_i * alpha + tl.sum(p, axis=0)
-                acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-                m_i = m_new
+            if GUARD:  # skip blocks past the row's position (no load instructions for them at all)
+                if (start < pos) & (start + BL > lowest):
+                    m_i, l_i, acc = attend_block(k_cache_ptr, v_cache_ptr, cache, stride_cl, start, pos, lowest, d,
+                                                 d_ok, q, m_i, l_i, acc, BL)
+            else:  # every block with masked loads: no branch, so the loads of all blocks can be issued early
+                m_i, l_i, acc = attend_block(k_cache_ptr, v_cache_ptr, cache, stride_cl, start, pos, lowest, d,
+                                             d_ok, q, m_i, l_i, acc, BL)
         # acc started as v_new with weight exp(s_new - m) where m began at s_new: consistent with l_i.
         tl.store(out_ptr + n * stride_on + h * stride_oh + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)

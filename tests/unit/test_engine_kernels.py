@@ -175,6 +175,23 @@ def test_lora_shrink_expand_match_reference(m: int, rank: int) -> None:
         assert torch.equal(got[no_adapter], base[no_adapter])
 
 
+@pytest.mark.parametrize("block_n", [16, 64, 256])
+def test_few_row_expand_column_blocks(block_n: int) -> None:
+    """The few-row expand (one program per row and column block) for column blocks narrower and wider than
+    the output, with a residual, 11 splits of K (not a power of two) and a row without an adapter."""
+    k, n, capacity, rank = 700, 100, 3, 12
+    a, bt, scaling = _bank(capacity, rank, k, n)
+    slots = torch.tensor([2, 0, 3, 1], device=_device())
+    x = torch.randn(4, k, device=_device()).to(_dtype())
+    base, residual = (torch.randn(4, n, device=_device()).to(_dtype()) for _ in range(2))
+    shrunk = lora_kernels.shrink(x, a, bt, slots, scaling)
+    assert shrunk.splits == 11  # chunks of 64 columns
+    want = base.float() + residual.float() + lora_kernels.reference(x, a, bt, slots, scaling)
+    got = lora_kernels.expand_(base.clone(), shrunk, residual, block_n=block_n)
+    assert _rel(got, want) < TOL
+    assert torch.equal(got[1], (base[1].float() + residual[1].float()).to(base.dtype))
+
+
 @pytest.mark.parametrize(("m", "kind", "slots_present"), [(1, "norm", 3), (5, "silu_mul", 3), (20, "norm", 2),
                                                           (20, "silu_mul", 3), (70, None, 3)])
 def test_lora_shrink_prologue(m: int, kind: str | None, slots_present: int) -> None:
@@ -217,12 +234,15 @@ def test_nf4_matmul_with_lora_and_residual(m: int, split: int) -> None:
     assert _rel(got, want) < TOL
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "rot"),
-                         [(4, 4, 96, None, 96), (6, 2, 40, None, 0), (4, 2, 32, 5, 16)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "rot", "launch"),
+                         [(4, 4, 96, None, 96, None), (6, 2, 40, None, 0, None), (4, 2, 32, 5, 16, None),
+                          (4, 4, 96, None, 96, (32, 2, False)), (4, 2, 32, 5, 16, (16, 1, False)),
+                          (6, 2, 40, None, 0, (32, 4, True))])
 def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int, window: int | None,
-                                            rot: int) -> None:
+                                            rot: int, launch: tuple[int, int, bool] | None) -> None:
     """Live-length decode attention; ``rot > 0``: the kernel also applies the rotary embedding (full or partial)
-    to the query and the new key, which the reference does with the engine's eager ``rotate``."""
+    to the query and the new key, which the reference does with the engine's eager ``rotate``. ``launch``:
+    other block sizes and the branch-free form (every block loaded under masks, junk past the row unread)."""
     from persona_router.adapters.engine import attention_kernels
 
     rows, cache_len, n = 5, 160, 4
@@ -245,8 +265,9 @@ def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int,
     want, k_want, v_want = attention_kernels.reference(q, k_new, v_new, k_cache, v_cache, positions, window,
                                                        rotary=tables)
     before = k_cache.clone()
+    shape = attention_kernels.Launch(*launch) if launch else None
     got = attention_kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, positions, kv_len=160, window=window,
-                                             rotary=tables)
+                                             rotary=tables, launch=shape)
     assert _rel(got, want) < TOL
     written = torch.arange(n, device=_device()), slice(None), positions  # the new keys and values
     assert _rel(k_cache[written], k_want[written]) < TOL
