@@ -167,6 +167,60 @@ def nf4_cases(bandwidth: float) -> list[dict[str, Any]]:
     return rows
 
 
+def lut_cases(bandwidth: float) -> list[dict[str, Any]]:
+    """One row: the register-lookup NF4 GEMV (``nf4_lut``, decoded absmax) over launch shapes, against
+    bitsandbytes' GEMV (``Gemv4bit``, the same decoded absmax) and cuBLAS on a dense bf16 copy."""
+    import torch
+    import torch.nn.functional as F
+    from persona_router.adapters.engine import nf4_kernels
+    from persona_router.adapters.engine.nf4_lut import ptx
+    from persona_router.adapters.engine.weights import Gemv4bit
+
+    from tests.support.nf4 import FakeLinear4bit
+
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        nf4_bytes = n * k // 2 + n * k // 64 * 4
+        copies = quantized_copies(n, k, max(4, int(ROTATE_BYTES // nf4_bytes) + 1))
+        views = [nf4_kernels.decoded(w) for _, _, w in copies]
+        gemvs = [Gemv4bit.of(FakeLinear4bit(packed, state)) for packed, state, _ in copies]
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                 for _ in range(max(3, int(ROTATE_BYTES // (2 * n * k)) + 1))]
+        asm = ptx(views[0].code.tolist())
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        want = nf4_kernels.reference_matmul(x, copies[0][2])
+        row: dict[str, Any] = {"shape": name, "n": n, "k": k, "bytes": nf4_bytes,
+                               "floor_ms": nf4_bytes / bandwidth * 1e3,
+                               "cublas_bf16_ms": graph_ms([lambda d=d, x=x: F.linear(x, d) for d in dense]),
+                               "bnb_gemv_ms": graph_ms([lambda g=g, x=x: g(x) for g in gemvs]),
+                               "bnb_gemv_rel_err": rel(gemvs[0](x), want), "configs": {}}
+        default = nf4_kernels.lut_tiles(n, k)
+        shapes = [default] + [nf4_kernels.Tiles("gemv", 1, bn, inner, warps, 1, split, xvec=True)
+                              for bn, inner, warps, split in ((4, 128, 4, 1), (16, 64, 4, 1), (16, 128, 8, 1),
+                                                              (8, 64, 2, 1), (32, 32, 4, 1), (8, 128, 4, 2),
+                                                              (16, 64, 4, 2), (8, 32, 4, 4), (4, 64, 2, 2))]
+        for tiles in shapes:
+            key = "default" if tiles is default else str(tuple(vars(tiles).values()))
+            try:
+                err = rel(nf4_kernels.nf4_matmul(x, views[0], tiles=tiles, lut=asm), want)
+                ms = graph_ms([lambda w=w, t=tiles, x=x, a=asm: nf4_kernels.nf4_matmul(x, w, tiles=t, lut=a)
+                               for w in views])
+            except Exception as exc:  # noqa: BLE001 - a shape that fails to compile is recorded, the rest go on
+                row["configs"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                continue
+            row["configs"][key] = {"ms": ms, "rel_err": err, "tb_s": nf4_bytes / ms / 1e9}
+        timed = {c: v for c, v in row["configs"].items() if "ms" in v and v["rel_err"] < 2e-2}
+        if timed:
+            best = min(timed, key=lambda c: timed[c]["ms"])
+            row["best"] = {"config": best, **timed[best]}
+        rows.append(row)
+        log.info("lut %s: cublas %.4f bnb %.4f default %s best %s", name, row["cublas_bf16_ms"], row["bnb_gemv_ms"],
+                 row["configs"].get("default"), row.get("best"))
+        del copies, views, gemvs, dense
+        torch.cuda.empty_cache()
+    return rows
+
+
 def lora_cases() -> list[dict[str, Any]]:
     import torch
     from persona_router.adapters.engine import lora_kernels
@@ -283,7 +337,7 @@ def main() -> int:
                               "bandwidth": copy_bandwidth()}
     bandwidth = report["bandwidth"]["tb_s"] * 1e12
     sections = {"attention": lambda: attention_cases(bandwidth), "lora": lora_cases, "prologue": prologue_cases,
-                "nf4": lambda: nf4_cases(bandwidth)}
+                "nf4": lambda: nf4_cases(bandwidth), "lut": lambda: lut_cases(bandwidth)}
     for key in args.only.split(","):
         try:
             report[key] = sections[key]()
@@ -303,6 +357,12 @@ def main() -> int:
               f"{default.get('ms', float('nan')):.4f} | best {best.get('config')} "
               f"{best.get('ms', float('nan')):.4f} ms "
               f"{best.get('tb_s', 0):.2f} TB/s err {best.get('rel_err', float('nan')):.1e}")
+    for row in report.get("lut", []) if isinstance(report.get("lut"), list) else []:
+        print(f"lut {row['shape']:8s} floor {row['floor_ms'] * 1e3:.1f} us | cublas-bf16 "
+              f"{row['cublas_bf16_ms'] * 1e3:.1f} bnb {row['bnb_gemv_ms'] * 1e3:.1f} | default "
+              f"{row['configs'].get('default')} | best {row.get('best')}")
+    if isinstance(report.get("lut"), dict):
+        print("lut", report["lut"])
     for section in ("lora", "prologue", "attention"):
         print(section, json.dumps(report.get(section)))
     return 0

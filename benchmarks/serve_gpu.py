@@ -59,7 +59,8 @@ def parse_args() -> argparse.Namespace:
                              "(default: the engine's own defaults)")
     parser.add_argument("--variants", default="",
                         help="';'-separated further engine configurations measured after the first one in the same "
-                             "process on the same model (self-check, streams, memory), e.g. 'kernels=on;lora=folded'")
+                             "process on the same model (self-check, streams, memory), e.g. 'kernels=off;"
+                             "nf4:gemv=triton' (a 'precision:' prefix limits one to that precision)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
     return parser.parse_args()
 
@@ -492,8 +493,9 @@ def compare_with_vanilla(bench: Bench) -> Any:
           save)
     engine.stop()
     engine = None  # its cache and weights go before the next configuration's are built
-    for text in (v.strip() for v in bench.args.variants.split(";")):
-        if text:
+    for item in (v.strip() for v in bench.args.variants.split(";")):
+        only, _, text = item.rpartition(":")  # "nf4:kernels=on" applies to that precision only
+        if text and only in ("", bench.precision):
             free_memory()
             phase(section.setdefault("variants", {}), text,
                   lambda t=text: variant(bench, t, peft_model, reference), save)

@@ -55,7 +55,10 @@ def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any,
     cos, sin = rotary if rotary is not None else (out, out)
     if rotary is not None and (cos.stride(1) != 1 or cos.stride(0) != cos.shape[1] or sin.stride() != cos.stride()):
         raise ValueError("rotary tables must be contiguous [positions, rotary_dim]")
-    require_triton().decode_attention[(n, heads)](
+    require_triton()
+    import persona_router.adapters.engine.triton_attention as triton_attention
+
+    triton_attention.decode_attention[(n, heads)](
         q, k_new, v_new, k_cache, v_cache, positions, out, cos, sin, q.stride(0), q.stride(1), k_new.stride(0),
         k_new.stride(1),
         v_new.stride(0), v_new.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),

@@ -8,6 +8,7 @@ from persona_router.core.errors import ConfigError, choices
 
 NF4_MODES: tuple[str, ...] = ("auto", "fused", "dequantize", "kernel")
 SWITCHES: tuple[str, ...] = ("auto", "on", "off")
+GEMVS: tuple[str, ...] = ("bitsandbytes", "triton")
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,13 @@ class EngineConfig:
     row's adapter by slot and also computes the projection's input (the layer norm, the gated activation: two
     kernels fewer), with an expand that adds the residual; for one row in ``dequantize`` mode, bitsandbytes'
     4-bit GEMV on the NF4 bytes instead of cuBLAS on the bf16 copy. Wider steps keep the bank's LoRA products
-    and cuBLAS. ``auto`` is on for CUDA with a half-precision model and Triton installed (float32 keeps the
-    exact torch path), off on CPU.
+    and cuBLAS. ``auto`` (the default) is on for CUDA with a half-precision model and Triton installed (float32
+    keeps the exact torch path), off on CPU: on an H200 it measured faster than the torch path in every serving
+    case of the same run (see the README's GPU serving section).
+
+    ``gemv`` picks the one-row 4-bit product of ``kernels`` in ``dequantize`` mode: ``bitsandbytes`` (its own
+    GEMV) or ``triton`` (the engine's ``nf4_gemv`` with the code table in registers, ``nf4_lut``, which also
+    adds the residual and the LoRA update in its epilogue, so the expand is no separate kernel).
 
     ``kv_block`` rounds the attended cache length up (fewer graph shapes; at most that many masked positions).
     ``stop_token_ids`` end every request in addition to its own; ``None`` takes the tokenizer's and the
@@ -54,7 +60,8 @@ class EngineConfig:
     cuda_graphs: str = "auto"
     fuse: str = "auto"
     compile: str = "auto"
-    kernels: str = "off"
+    kernels: str = "auto"
+    gemv: str = "bitsandbytes"
     kv_block: int = 256
     stop_token_ids: tuple[int, ...] | None = None
 
@@ -69,6 +76,8 @@ class EngineConfig:
             raise ConfigError(f"{self.max_prefill_tokens} must be at least 1", field="max_prefill_tokens")
         if self.nf4_mode not in NF4_MODES:
             raise ConfigError(f"{self.nf4_mode!r} is not one of {choices(NF4_MODES)}", field="nf4_mode")
+        if self.gemv not in GEMVS:
+            raise ConfigError(f"{self.gemv!r} is not one of {choices(GEMVS)}", field="gemv")
         for name in ("cuda_graphs", "fuse", "compile", "kernels"):
             value = getattr(self, name)
             if value not in SWITCHES:

@@ -91,7 +91,8 @@ class BatchedEngine:
         kernels = _switch(self.config.kernels, model_on_cuda and triton_available() and half)
         if kernels:
             require_triton()
-        weights = extract_weights(model, nf4_mode=nf4_mode, gemv=kernels and model_on_cuda)
+        weights = extract_weights(model, nf4_mode=nf4_mode, gemv=kernels and model_on_cuda,
+                                  gemv_kernel=self.config.gemv)
         self.nf4_mode = nf4_mode  # as resolved (applies only to a 4-bit base)
         self.vocab_size = weights.vocab_size
         self.group_shapes = {name: GroupShape(tuple(group.parts), group.in_features)

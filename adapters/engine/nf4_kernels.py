@@ -188,12 +188,38 @@ class Workspace:
 _SHARED = Workspace()
 
 
+def decoded(w: Nf4Weight) -> Nf4Weight:
+    """The same weight with its double-quantised scales decoded once to float32 (4 bytes per 64 weights, 0.2 GB
+    for Phi-3-mini): the kernel then reads one scale per block instead of decoding it from two tables."""
+    import torch
+
+    if not w.double:
+        return w
+    blocks = torch.arange(w.absmax_q.numel(), device=w.packed.device)
+    absmax = (w.code2[w.absmax_q.long()] * w.absmax2[blocks // w.block2] + w.offset2[blocks // w.block2]).float()
+    one = torch.ones(1, device=w.packed.device)
+    return Nf4Weight(packed=w.packed, absmax_q=absmax.contiguous(), absmax2=one, offset2=one * 0,
+                     code2=one * 0, code=w.code, n=w.n, k=w.k, block2=1 << 30, double=False)
+
+
+def lut_tiles(n: int, k: int) -> Tiles | None:
+    """The one-row launch shape for the register-lookup GEMV (``nf4_lut``), or None when K does not split into
+    whole loop steps (that kernel path has no masked tail)."""
+    t = default_tiles(1, n, k)
+    words = k // 8
+    if k % 64 or words % t.split_k:
+        return None
+    inner = next((b for b in (128, 64, 32, 16, 8) if (words // t.split_k) % b == 0), None)
+    return None if inner is None else Tiles("gemv", 1, t.bn, inner, t.warps, t.stages, t.split_k, xvec=True)
+
+
 def nf4_matmul(x: Any, w: Nf4Weight, *, residual: Any = None, lora: Any = None, tiles: Tiles | None = None,
-               workspace: Workspace | None = None) -> Any:
+               workspace: Workspace | None = None, lut: str = "") -> Any:
     """``[residual +] x W^T [+ LoRA(x)]`` for 2-D ``x`` ([M, K]); ``lora`` is a ``LoraShrunk`` (``lora_kernels``).
 
     ``workspace`` holds split-K scratch (default: one per process; pass your own when launches of two threads
-    could overlap)."""
+    could overlap). ``lut``: ``nf4_lut.ptx(code)``, one row only: the codes are decoded by register permutes
+    (tiles from ``lut_tiles``)."""
     import torch
 
     if x.dim() != 2 or x.shape[1] != w.k:
@@ -206,9 +232,12 @@ def nf4_matmul(x: Any, w: Nf4Weight, *, residual: Any = None, lora: Any = None, 
         return out
     if residual is not None and (residual.stride(1) != 1 or tuple(residual.shape) != (m, w.n)):
         raise ValueError("residual must be a row-major [M, N] tensor")
-    t = tiles or default_tiles(m, w.n, w.k)
+    t = tiles or (lut_tiles(w.n, w.k) if lut else None) or default_tiles(m, w.n, w.k)
     if t.kind == "gemv" and m != 1:
         raise ValueError("the gemv kernel takes one row")
+    if lut and (t.kind != "gemv" or not t.xvec or w.k % 64 or (w.k // 8) % t.split_k
+                or (w.k // 8 // t.split_k) % t.inner):
+        raise ValueError("the register-lookup GEMV takes one row, xvec tiles and whole loop steps (see lut_tiles)")
     split = max(1, t.split_k)
     if split > Workspace.MAX_SPLIT:
         raise ValueError(f"split-K takes at most {Workspace.MAX_SPLIT} splits")
@@ -232,7 +261,7 @@ def nf4_matmul(x: Any, w: Nf4Weight, *, residual: Any = None, lora: Any = None, 
     if t.kind == "gemv":
         ops.nf4_gemv[(grid_n, split)](
             x, w.packed.view(torch.int32), *common, w.n, w.k, out.stride(0), res_stride, *lora_args,
-            BN=t.bn, BKW=t.inner, XVEC=t.xvec, **flags)
+            BN=t.bn, BKW=t.inner, XVEC=t.xvec, LUT=lut, **flags)
     else:
         ops.nf4_dot[(grid_n, grid_m, split)](
             x, w.packed, *common, m, w.n, w.k, x.stride(0), out.stride(0), res_stride, *lora_args,

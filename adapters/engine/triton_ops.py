@@ -1,9 +1,9 @@
-"""The engine's Triton kernels (CUDA; Triton's interpreter runs them on CPU for tests).
+"""The engine's Triton kernels for products and LoRA (CUDA; Triton's interpreter runs them on CPU for tests).
 
-Kept in one module because Triton resolves a kernel's helper functions among its module's globals. The
-module imports without Triton (every module must import on a CPU-only machine); ``require_triton`` says
-what to install. Launchers, shapes and plain-torch references live in ``nf4_kernels``, ``lora_kernels`` and
-``attention_kernels``.
+Kept in one module because Triton resolves a kernel's helper functions among its module's globals (decode
+attention, with its own helpers, is in ``triton_attention``). The module imports without Triton (every module
+must import on a CPU-only machine); ``require_triton`` says what to install. Launchers, shapes and plain-torch
+references live in ``nf4_kernels``, ``lora_kernels`` and ``attention_kernels``.
 """
 
 from __future__ import annotations
@@ -236,7 +236,8 @@ if triton is not None:
                  slot_ptr, ws_ptr, cnt_ptr, N, K: tl.constexpr, stride_om, stride_rm, stride_ts, stride_tm,
                  stride_bs, stride_br, R: tl.constexpr, BLOCK2: tl.constexpr, DOUBLE: tl.constexpr,
                  SPLITS: tl.constexpr, RP: tl.constexpr, HAS_RES: tl.constexpr, HAS_LORA: tl.constexpr,
-                 BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr, XVEC: tl.constexpr):
+                 BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr, XVEC: tl.constexpr,
+                 LUT: tl.constexpr = ""):
         """One row: ``out = [res +] x W^T [+ LoRA]`` on CUDA cores, no tensor-core tile, no layout conversion.
 
         ``q_ptr`` is the packed weight viewed as int32 words ``[N, K // 8]``: a word holds 8 consecutive
@@ -245,7 +246,8 @@ if triton is not None:
         ``BN`` output features and one of ``SPLIT_K`` slices of K; per word it looks up 8 codes in the 16-entry
         table (one cache line: stays in L1), multiplies by the 8 activations, and scales the word's sum by its
         64-element block's absmax (double quantisation decoded in place); partial sums stay element-wise in
-        registers until the end of the loop.
+        registers until the end of the loop. ``LUT``: inline PTX that decodes a word's eight codes in registers
+        (``nf4_lut``) instead of eight table loads; it needs ``XVEC`` and whole loop steps.
         """
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
@@ -286,9 +288,17 @@ if triton is not None:
                 x1, x5 = tl.split(b1_10)
                 x3, x7 = tl.split(b1_11)
                 xv = (x0, x1, x2, x3, x4, x5, x6, x7)
-                for e in tl.static_range(8):
-                    nib = (words >> (8 * (e // 2) + 4 * (1 - e % 2))) & 15
-                    part += tl.load(code_ptr + nib) * xv[e][None, :]
+                if LUT != "":
+                    vals = tl.inline_asm_elementwise(
+                        LUT, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words],
+                        dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32,
+                               tl.float32), is_pure=True, pack=1)
+                    for e in tl.static_range(8):
+                        part += vals[e] * xv[e][None, :]
+                else:
+                    for e in tl.static_range(8):
+                        nib = (words >> (8 * (e // 2) + 4 * (1 - e % 2))) & 15
+                        part += tl.load(code_ptr + nib) * xv[e][None, :]
             else:
                 for e in tl.static_range(8):
                     nib = (words >> (8 * (e // 2) + 4 * (1 - e % 2))) & 15
@@ -362,80 +372,3 @@ if triton is not None:
                 store_out(acc, rm_safe, mask_m, rn_safe, mask_n, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr,
                           stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES,
                           HAS_LORA)
-
-    @triton.jit
-    def rotary(x_ptr, d, d_ok, cos_ptr, sin_ptr, pos, ROT: tl.constexpr, dtype: tl.constexpr):
-        """Head vector at ``x_ptr`` with the rotary embedding of position ``pos`` on its first ``ROT`` dims
-        (``x * cos + rotate_half(x) * sin``, Hugging Face's layout), rounded to ``dtype`` as the model stores it."""
-        x = tl.load(x_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-        if ROT > 0:
-            half: tl.constexpr = ROT // 2
-            in_rot = d < ROT
-            partner = tl.where(d < half, d + half, d - half)
-            other = tl.load(x_ptr + partner, mask=in_rot, other=0.0).to(tl.float32)
-            c = tl.load(cos_ptr + pos * ROT + d, mask=in_rot, other=1.0).to(tl.float32)
-            s = tl.load(sin_ptr + pos * ROT + d, mask=in_rot, other=0.0).to(tl.float32)
-            sign = tl.where(d < half, -1.0, 1.0)
-            x = tl.where(in_rot, x * c + sign * other * s, x)
-        return x.to(dtype)
-
-    @triton.jit
-    def attend_block(k_cache_ptr, v_cache_ptr, cache, stride_cl, start, pos, lowest, d, d_ok, q, m_i, l_i, acc,
-                     BL: tl.constexpr):
-        """One online-softmax step over cache positions ``start .. start + BL - 1`` (those in ``[lowest, pos)``)."""
-        ll = start + tl.arange(0, BL)
-        live = (ll < pos) & (ll >= lowest)
-        offs = cache + ll[:, None] * stride_cl + d[None, :]
-        both = live[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=both, other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + offs, mask=both, other=0.0).to(tl.float32)
-        scores = tl.where(live, tl.sum(k * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new)
-        return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v, axis=0)
-
-    @triton.jit
-    def decode_attention(q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, cos_ptr, sin_ptr,
-                         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cb, stride_ch,
-                         stride_cl, stride_on, stride_oh, scale, GROUP: tl.constexpr, D: tl.constexpr,
-                         DP: tl.constexpr, BL: tl.constexpr, NBLK: tl.constexpr, WINDOW: tl.constexpr,
-                         ROT: tl.constexpr, GUARD: tl.constexpr):
-        """One query token of row ``n``, head ``h`` over cache positions ``0..pos`` (``pos`` is the row's own).
-
-        With ``ROT > 0`` the query and new key arrive before the rotary embedding, which is applied here (two
-        fewer kernels per layer). The new key and value (position ``pos``) come from registers and are written
-        to the cache by the first query head of each KV group; blocks past ``pos`` are skipped, so a row reads
-        only its live length. Online softmax in float32.
-        """
-        n = tl.program_id(0)
-        h = tl.program_id(1)
-        kv = h // GROUP
-        pos = tl.load(pos_ptr + n)
-        d = tl.arange(0, DP)
-        d_ok = d < D
-        dtype = k_cache_ptr.dtype.element_ty
-        q = rotary(q_ptr + n * stride_qn + h * stride_qh, d, d_ok, cos_ptr, sin_ptr, pos, ROT,
-                   dtype).to(tl.float32) * scale
-        k_new = rotary(k_new_ptr + n * stride_kn + kv * stride_kh, d, d_ok, cos_ptr, sin_ptr, pos, ROT, dtype)
-        v_new = tl.load(v_new_ptr + n * stride_vn + kv * stride_vh + d, mask=d_ok, other=0.0).to(dtype)
-        cache = n * stride_cb + kv * stride_ch
-        if h % GROUP == 0:
-            tl.store(k_cache_ptr + cache + pos * stride_cl + d, k_new, mask=d_ok)
-            tl.store(v_cache_ptr + cache + pos * stride_cl + d, v_new, mask=d_ok)
-        # The current position first: it is always visible, so the running max starts finite.
-        m_i = tl.sum(q * k_new.to(tl.float32), axis=0)
-        l_i = m_i * 0.0 + 1.0
-        acc = v_new.to(tl.float32)
-        lowest = pos - WINDOW + 1 if WINDOW > 0 else pos * 0
-        for b in tl.static_range(NBLK):
-            start = b * BL
-            if GUARD:  # skip blocks past the row's position (no load instructions for them at all)
-                if (start < pos) & (start + BL > lowest):
-                    m_i, l_i, acc = attend_block(k_cache_ptr, v_cache_ptr, cache, stride_cl, start, pos, lowest, d,
-                                                 d_ok, q, m_i, l_i, acc, BL)
-            else:  # every block with masked loads: no branch, so the loads of all blocks can be issued early
-                m_i, l_i, acc = attend_block(k_cache_ptr, v_cache_ptr, cache, stride_cl, start, pos, lowest, d,
-                                             d_ok, q, m_i, l_i, acc, BL)
-        # acc started as v_new with weight exp(s_new - m) where m began at s_new: consistent with l_i.
-        tl.store(out_ptr + n * stride_on + h * stride_oh + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)

@@ -106,11 +106,13 @@ def architecture(config: Any) -> str:
     return str(model_type)
 
 
-def extract_weights(model: Any, *, nf4_mode: str, gemv: bool = False) -> ModelWeights:
+def extract_weights(model: Any, *, nf4_mode: str, gemv: bool = False, gemv_kernel: str = "bitsandbytes"
+                    ) -> ModelWeights:
     """Collect the weights of a loaded ``*ForCausalLM`` (dense or bitsandbytes 4-bit).
 
-    ``gemv``: in ``dequantize`` mode, also keep each single-module 4-bit group readable by bitsandbytes' one-row
-    kernel (``Gemv4bit``), for batch-1 decoding from the 4-bit bytes beside the dense copy for wider batches."""
+    ``gemv``: in ``dequantize`` mode, also keep each single-module 4-bit group readable by a one-row kernel
+    (``Gemv4bit``; ``gemv_kernel`` says whose), for batch-1 decoding from the 4-bit bytes beside the dense copy
+    for wider batches."""
     from transformers.activations import ACT2FN
 
     config = model.config
@@ -118,7 +120,8 @@ def extract_weights(model: Any, *, nf4_mode: str, gemv: bool = False) -> ModelWe
     inner = model.model
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     embed = inner.embed_tokens.weight.detach()
-    layers = [_layer(layer, LAYOUTS[arch], nf4_mode=nf4_mode, dtype=embed.dtype, gemv=gemv) for layer in inner.layers]
+    layers = [_layer(layer, LAYOUTS[arch], nf4_mode=nf4_mode, dtype=embed.dtype, gemv=gemv_kernel if gemv else None)
+              for layer in inner.layers]
     rope = dict(getattr(config, "rope_parameters", None) or {})
     return ModelWeights(
         arch=arch,
@@ -142,7 +145,8 @@ def extract_weights(model: Any, *, nf4_mode: str, gemv: bool = False) -> ModelWe
     )
 
 
-def _layer(layer: Any, layout: dict[str, tuple[str, ...]], *, nf4_mode: str, dtype: Any, gemv: bool) -> LayerWeights:
+def _layer(layer: Any, layout: dict[str, tuple[str, ...]], *, nf4_mode: str, dtype: Any, gemv: str | None
+           ) -> LayerWeights:
     groups = {name: _group(layer, paths, nf4_mode=nf4_mode, dtype=dtype, gemv=gemv) for name, paths in layout.items()}
     return LayerWeights(
         input_norm=layer.input_layernorm.weight.detach(),
@@ -151,7 +155,7 @@ def _layer(layer: Any, layout: dict[str, tuple[str, ...]], *, nf4_mode: str, dty
     )
 
 
-def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any, gemv: bool = False) -> LinearGroup:
+def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any, gemv: str | None = None) -> LinearGroup:
     import torch
 
     # A PEFT-wrapped model shares its base weights; the engine must see the bare layers, never the LoRA wrapper.
@@ -177,8 +181,8 @@ def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any, gem
             return group
         log.warning("%s: 4-bit layout the fused kernel does not read (block size or shape); dequantizing it",
                     ", ".join(paths))
-    if all(quantized) and gemv and len(modules) == 1 and modules[0].weight.data.is_cuda:
-        group.gemv = Gemv4bit.of(modules[0])
+    if all(quantized) and gemv is not None and len(modules) == 1 and modules[0].weight.data.is_cuda:
+        group.gemv = Gemv4bit.of(modules[0], kernel=gemv)
     weights = [_dense_weight(module, dtype) for module in modules]
     biases = [module.bias for module in modules]
     group.weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
@@ -200,17 +204,40 @@ class Gemv4bit:
     absmax: Any
     code: Any
     blocksize: int
+    # (nf4_kernels.Nf4Weight over the same bytes and decoded absmax, nf4_lut PTX): the engine's register-lookup
+    # GEMV instead of bitsandbytes' (``gemv="triton"``); None where its shape rules it out
+    lut: tuple[Any, str] | None = None
 
     @classmethod
-    def of(cls, module: Any) -> Gemv4bit:
+    def of(cls, module: Any, kernel: str = "bitsandbytes") -> Gemv4bit:
         import bitsandbytes.functional as bnbf
 
         state = module.weight.quant_state
         absmax = state.absmax
         if state.nested:
             absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        return cls(packed=module.weight.data, shape=(int(state.shape[0]), int(state.shape[1])),
+        gemv = cls(packed=module.weight.data, shape=(int(state.shape[0]), int(state.shape[1])),
                    absmax=absmax.float().contiguous(), code=state.code, blocksize=int(state.blocksize))
+        if kernel == "triton":
+            gemv.lut = gemv.lut_view()
+            if gemv.lut is None:
+                log.warning("4-bit weight %s x %s (block %d): no register-lookup GEMV for this shape; using "
+                            "bitsandbytes' GEMV", *gemv.shape, gemv.blocksize)
+        return gemv
+
+    def lut_view(self) -> tuple[Any, str] | None:
+        import torch
+        from persona_router.adapters.engine.nf4_kernels import QBLOCK, Nf4Weight, lut_tiles
+        from persona_router.adapters.engine.nf4_lut import ptx
+
+        n, k = self.shape
+        if self.blocksize != QBLOCK or lut_tiles(n, k) is None or self.packed.numel() * 2 != n * k:
+            return None
+        one = torch.ones(1, device=self.absmax.device)
+        weight = Nf4Weight(packed=self.packed.reshape(n, k // 2), absmax_q=self.absmax, absmax2=one,
+                           offset2=one * 0, code2=one * 0, code=self.code.float(), n=n, k=k, block2=1 << 30,
+                           double=False)
+        return weight, ptx(self.code.float().tolist())
 
     def __call__(self, x: Any) -> Any:
         """``x W^T`` for one row ``x`` ([1, K], the compute dtype)."""

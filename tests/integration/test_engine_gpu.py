@@ -169,19 +169,24 @@ def test_fp32_adapter_swap_during_graph_replay(cuda_required: None, tiny_model_d
     assert new_tokens == expected_new
 
 
-@pytest.mark.parametrize(("precision", "nf4_mode", "kernels"), [
-    ("bf16", "auto", "on"), ("bf16", "auto", "off"), ("nf4", "fused", "on"), ("nf4", "dequantize", "on"),
-    ("nf4", "dequantize", "off"), ("nf4", "kernel", "off")])
+@pytest.mark.parametrize(("precision", "nf4_mode", "kernels", "gemv"), [
+    ("bf16", "auto", "on", "bitsandbytes"), ("bf16", "auto", "off", "bitsandbytes"),
+    ("nf4", "fused", "on", "bitsandbytes"), ("nf4", "dequantize", "on", "bitsandbytes"),
+    ("nf4", "dequantize", "on", "triton"), ("nf4", "dequantize", "off", "bitsandbytes"),
+    ("nf4", "kernel", "off", "bitsandbytes")])
 def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_dir: Path,
                                                engine_adapters: dict[str, Path], precision: str,
-                                               nf4_mode: str, kernels: str) -> None:
+                                               nf4_mode: str, kernels: str, gemv: str) -> None:
     import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     peft_model = _peft(tiny_model_dir, engine_adapters, precision)
-    engine = _engine(tiny_model_dir, engine_adapters, precision, nf4_mode=nf4_mode, kernels=kernels)
+    engine = _engine(tiny_model_dir, engine_adapters, precision, nf4_mode=nf4_mode, kernels=kernels, gemv=gemv)
     assert engine.runner.kernels == (kernels == "on")
+    if gemv == "triton":  # every 4-bit group of the tiny model has a register-lookup view
+        assert all(group.gemv is not None and group.gemv.lut is not None
+                   for layer in engine.runner.w.layers for group in layer.groups.values())
     for prompt in prompts(tokenizer)[:2]:
         for adapter in (None, *ADAPTER_SPECS):
             continuation = _greedy(peft_model, prompt, adapter, NEW_TOKENS)

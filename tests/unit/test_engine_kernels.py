@@ -123,6 +123,49 @@ def test_bitsandbytes_gemv_view_matches_reference(n: int, k: int) -> None:
     assert _rel(Gemv4bit.of(module)(x), nf4_kernels.reference_matmul(x, weight)) < TOL
 
 
+@pytest.mark.gpu  # inline PTX: Triton's interpreter does not run it (tests/unit/test_engine_nf4_lut.py checks the
+# same instruction list in Python)
+@pytest.mark.parametrize(("n", "k", "split"), [(48, 192, 1), (130, 512, 1), (130, 512, 2), (3072, 3072, 2),
+                                               (200, 8192, 4)])
+def test_register_lookup_gemv_matches_reference(n: int, k: int, split: int) -> None:
+    """The one-row NF4 product with the code table in registers (decoded absmax), alone and with residual and
+    LoRA in its epilogue, split-K twice in a row; and ``Gemv4bit``'s view of a module for it."""
+    from persona_router.adapters.engine.nf4_lut import ptx
+    from persona_router.adapters.engine.weights import Gemv4bit
+
+    module = _quantized(n, k, seed=n + split)
+    weight = nf4_kernels.nf4_weight([module])
+    assert weight is not None
+    view = nf4_kernels.decoded(weight)
+    asm = ptx(view.code.tolist())
+    default = nf4_kernels.lut_tiles(n, k)
+    assert default is not None
+    tiles = nf4_kernels.Tiles("gemv", 1, default.bn, default.inner // split, default.warps, 1, split, xvec=True)
+    x = torch.randn(1, k, device=_device()).to(_dtype())
+    residual = torch.randn(1, n, device=_device()).to(_dtype())
+    a, bt, scaling = _bank(3, 16, k, n)
+    slots = torch.tensor([2], device=_device())
+    lora = lora_kernels.reference(x, a, bt, slots, scaling)
+    want = nf4_kernels.reference_matmul(x, weight)
+    want_full = nf4_kernels.reference_matmul(x, weight, residual=residual, lora=lora)
+    for _ in range(2):  # split-K counters back at zero after each launch
+        assert _rel(nf4_kernels.nf4_matmul(x, view, tiles=tiles, lut=asm), want) < TOL
+        got = nf4_kernels.nf4_matmul(x, view, residual=residual, tiles=tiles, lut=asm,
+                                     lora=lora_kernels.shrink(x, a, bt, slots, scaling))
+        assert _rel(got, want_full) < TOL
+    gemv = Gemv4bit.of(module, kernel="triton")
+    assert gemv.lut is not None
+    assert _rel(nf4_kernels.nf4_matmul(x, gemv.lut[0], lut=gemv.lut[1]), want) < TOL
+
+
+def test_register_lookup_refuses_ragged_steps() -> None:
+    weight = nf4_kernels.nf4_weight([_quantized(16, 192)])
+    assert weight is not None
+    ragged = nf4_kernels.Tiles("gemv", 1, 8, 16, 4, 1, 1, xvec=True)  # 24 words: not whole steps of 16
+    with pytest.raises(ValueError, match="register-lookup"):
+        nf4_kernels.nf4_matmul(torch.randn(1, 192, device=_device()).to(_dtype()), weight, tiles=ragged, lut="x")
+
+
 def test_expand_adds_the_residual() -> None:
     k, n, capacity, rank = 128, 80, 2, 8
     a, bt, scaling = _bank(capacity, rank, k, n)

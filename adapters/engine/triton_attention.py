@@ -1,0 +1,93 @@
+"""The decode-attention Triton kernels (see ``attention_kernels`` for the launcher and the plain-torch reference).
+
+Their own module, with their helpers beside them: Triton resolves a kernel's helper functions among its
+module's globals. Imports without Triton; ``triton_ops.require_triton`` says what to install.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the engine's torch paths need no Triton
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def rotary(x_ptr, d, d_ok, cos_ptr, sin_ptr, pos, ROT: tl.constexpr, dtype: tl.constexpr):
+        """Head vector at ``x_ptr`` with the rotary embedding of position ``pos`` on its first ``ROT`` dims
+        (``x * cos + rotate_half(x) * sin``, Hugging Face's layout), rounded to ``dtype`` as the model stores it."""
+        x = tl.load(x_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        if ROT > 0:
+            half: tl.constexpr = ROT // 2
+            in_rot = d < ROT
+            partner = tl.where(d < half, d + half, d - half)
+            other = tl.load(x_ptr + partner, mask=in_rot, other=0.0).to(tl.float32)
+            c = tl.load(cos_ptr + pos * ROT + d, mask=in_rot, other=1.0).to(tl.float32)
+            s = tl.load(sin_ptr + pos * ROT + d, mask=in_rot, other=0.0).to(tl.float32)
+            sign = tl.where(d < half, -1.0, 1.0)
+            x = tl.where(in_rot, x * c + sign * other * s, x)
+        return x.to(dtype)
+
+    @triton.jit
+    def attend_block(k_cache_ptr, v_cache_ptr, cache, stride_cl, start, pos, lowest, d, d_ok, q, m_i, l_i, acc,
+                     BL: tl.constexpr):
+        """One online-softmax step over cache positions ``start .. start + BL - 1`` (those in ``[lowest, pos)``)."""
+        ll = start + tl.arange(0, BL)
+        live = (ll < pos) & (ll >= lowest)
+        offs = cache + ll[:, None] * stride_cl + d[None, :]
+        both = live[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=both, other=0.0).to(tl.float32)
+        v = tl.load(v_cache_ptr + offs, mask=both, other=0.0).to(tl.float32)
+        scores = tl.where(live, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new)
+        return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v, axis=0)
+
+    @triton.jit
+    def decode_attention(q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, cos_ptr, sin_ptr,
+                         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cb, stride_ch,
+                         stride_cl, stride_on, stride_oh, scale, GROUP: tl.constexpr, D: tl.constexpr,
+                         DP: tl.constexpr, BL: tl.constexpr, NBLK: tl.constexpr, WINDOW: tl.constexpr,
+                         ROT: tl.constexpr, GUARD: tl.constexpr):
+        """One query token of row ``n``, head ``h`` over cache positions ``0..pos`` (``pos`` is the row's own).
+
+        With ``ROT > 0`` the query and new key arrive before the rotary embedding, which is applied here (two
+        fewer kernels per layer). The new key and value (position ``pos``) come from registers and are written
+        to the cache by the first query head of each KV group; blocks past ``pos`` are skipped, so a row reads
+        only its live length. Online softmax in float32.
+        """
+        n = tl.program_id(0)
+        h = tl.program_id(1)
+        kv = h // GROUP
+        pos = tl.load(pos_ptr + n)
+        d = tl.arange(0, DP)
+        d_ok = d < D
+        dtype = k_cache_ptr.dtype.element_ty
+        q = rotary(q_ptr + n * stride_qn + h * stride_qh, d, d_ok, cos_ptr, sin_ptr, pos, ROT,
+                   dtype).to(tl.float32) * scale
+        k_new = rotary(k_new_ptr + n * stride_kn + kv * stride_kh, d, d_ok, cos_ptr, sin_ptr, pos, ROT, dtype)
+        v_new = tl.load(v_new_ptr + n * stride_vn + kv * stride_vh + d, mask=d_ok, other=0.0).to(dtype)
+        cache = n * stride_cb + kv * stride_ch
+        if h % GROUP == 0:
+            tl.store(k_cache_ptr + cache + pos * stride_cl + d, k_new, mask=d_ok)
+            tl.store(v_cache_ptr + cache + pos * stride_cl + d, v_new, mask=d_ok)
+        # The current position first: it is always visible, so the running max starts finite.
+        m_i = tl.sum(q * k_new.to(tl.float32), axis=0)
+        l_i = m_i * 0.0 + 1.0
+        acc = v_new.to(tl.float32)
+        lowest = pos - WINDOW + 1 if WINDOW > 0 else pos * 0
+        for b in tl.static_range(NBLK):
+            start = b * BL
+            if GUARD:  # skip blocks past the row's position (no load instructions for them at all)
+                if (start < pos) & (start + BL > lowest):
+                    m_i, l_i, acc = attend_block(k_cache_ptr, v_cache_ptr, cache, stride_cl, start, pos, lowest, d,
+                                                 d_ok, q, m_i, l_i, acc, BL)
+            else:  # every block with masked loads: no branch, so the loads of all blocks can be issued early
+                m_i, l_i, acc = attend_block(k_cache_ptr, v_cache_ptr, cache, stride_cl, start, pos, lowest, d,
+                                             d_ok, q, m_i, l_i, acc, BL)
+        # acc started as v_new with weight exp(s_new - m) where m began at s_new: consistent with l_i.
+        tl.store(out_ptr + n * stride_on + h * stride_oh + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)
