@@ -81,7 +81,7 @@ def ptx(code: Sequence[float]) -> str:
     words = table_words(code)
     regs = sorted({str(op[1]) for op in PROGRAM if op[0] != "cvt2"} - {"$in"})
     lines = ["{", ".reg .b32 " + ", ".join(f"%lut_{r}" for r in regs + [t.lower() for t in TABLES]) + ";",
-             ".reg .b16 %lut_f0, %lut_f1;"]
+             ".reg .b16 %lut_f0, %lut_f1;", ".reg .f32 %lut_x;"]
     lines += [f"mov.b32 %lut_{t.lower()}, {words[t]:#010x};" for t in TABLES]
 
     def operand(x: object) -> str:
@@ -97,8 +97,9 @@ def ptx(code: Sequence[float]) -> str:
         if kind == "cvt2":
             first, second, src = (str(x) for x in op[1:])
             lines.append(f"mov.b32 {{%lut_f0, %lut_f1}}, {operand(src)};")
-            lines.append(f"cvt.f32.f16 ${NIBBLE_TO_ELEMENT[int(first[3:])]}, %lut_f0;")
-            lines.append(f"cvt.f32.f16 ${NIBBLE_TO_ELEMENT[int(second[3:])]}, %lut_f1;")
+            for half, name in (("%lut_f0", first), ("%lut_f1", second)):  # via a .f32 register: typed cvt
+                lines.append(f"cvt.f32.f16 %lut_x, {half};")
+                lines.append(f"mov.b32 ${NIBBLE_TO_ELEMENT[int(name[3:])]}, %lut_x;")
         else:
             suffix = ".u32" if kind == "shr" else ".b32"
             lines.append(f"{kind}{suffix} {operand(op[1])}, " + ", ".join(operand(x) for x in op[2:]) + ";")
