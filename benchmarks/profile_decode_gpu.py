@@ -274,7 +274,24 @@ def markdown(report: dict[str, Any]) -> str:
             lines[-1] += (f"{prof.get('kernel_total_ms', float('nan')):.3f} | {prof.get('kernel_count', '-')} | "
                           + " | ".join(cells) + " |")
         lines.append("")
+        lines += _families_table(data)
     return "\n".join(lines)
+
+
+def _families_table(data: dict[str, Any]) -> list[str]:
+    """Kernel time and launches per kernel family (by name), which also covers the Triton kernels."""
+    cases = [(f"decode batch {name}", case.get("profile", {})) for name, case in data["decode"].items()]
+    cases.append((f"prefill {data['prefill']['prompt_len']}", data["prefill"].get("profile", {})))
+    families = sorted({f for _, prof in cases for f in prof.get("by_kernel_name_ms", {})})
+    if not families:
+        return []
+    lines = ["Kernel families by name, ms / launches:", "",
+             "| case | " + " | ".join(families) + " |", "|---" * (1 + len(families)) + "|"]
+    for label, prof in cases:
+        named = prof.get("by_kernel_name_ms", {})
+        lines.append(f"| {label} | " + " | ".join(
+            f"{named[f]['ms']:.3f} / {named[f]['count']}" if f in named else "-" for f in families) + " |")
+    return [*lines, ""]
 
 
 def summary(report: dict[str, Any]) -> str:
