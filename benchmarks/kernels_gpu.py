@@ -329,7 +329,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", default="attention,lora,prologue,nf4", help="comma-separated sections")
+    parser.add_argument("--only", default="attention,lora,prologue,lut,nf4", help="comma-separated sections")
     args = parser.parse_args()
     from benchmarks.serve_gpu import copy_bandwidth
 
