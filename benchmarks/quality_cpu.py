@@ -65,7 +65,9 @@ def epoch_snapshots(folder: Path, persona: str, base_path: str) -> Any:
 
     class Snapshot(TrainerCallback):
         def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-            save_adapter(model, folder / f"epoch-{round(state.epoch or 0)}" / persona, base_path)
+            # Quarter epochs: a fractional run (e.g. 1.5 epochs) ends between whole epochs, and its last
+            # snapshot must not be named after the epoch it did not finish.
+            save_adapter(model, folder / f"epoch-{round((state.epoch or 0) * 4) / 4:g}" / persona, base_path)
 
     return Snapshot()
 
@@ -154,9 +156,9 @@ def phase_curve(args: argparse.Namespace, out: Path) -> None:
     """Judge accuracy of each epoch's snapshot (with the system prompt, all items): the learning curve."""
     snapshots = Path(args.adapters).parent / (Path(args.adapters).name + "-epochs")
     curve = []
-    wanted = {int(e) for e in args.curve_epochs.split(",")} if args.curve_epochs else None
-    for epoch_dir in sorted(snapshots.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1])):
-        if wanted is not None and int(epoch_dir.name.split("-")[1]) not in wanted:
+    wanted = {float(e) for e in args.curve_epochs.split(",")} if args.curve_epochs else None
+    for epoch_dir in sorted(snapshots.glob("epoch-*"), key=_epoch_of):
+        if wanted is not None and _epoch_of(epoch_dir) not in wanted:
             continue
         report_dir = out / "curve" / epoch_dir.name
         seconds: float | None = None
@@ -173,7 +175,7 @@ def phase_curve(args: argparse.Namespace, out: Path) -> None:
                               "--out", str(report_dir)], out / f"curve_{epoch_dir.name}.log")
         report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
         summary = condition_summary(report)
-        curve.append({"epoch": int(epoch_dir.name.split("-")[1]), "adapter_accuracy": summary["adapter_accuracy"],
+        curve.append({"epoch": _epoch_of(epoch_dir), "adapter_accuracy": summary["adapter_accuracy"],
                       "prompt_accuracy": summary["baseline_accuracy"], "accuracy_diff": summary["accuracy_diff"],
                       "accuracy_diff_ci": summary["accuracy_diff_ci"],
                       "per_persona_adapter": summary["per_persona_adapter"], "eval_wall_s": seconds,
@@ -214,7 +216,11 @@ def _trained_epochs(folder: Path) -> float | None:
 
 def _is_final_epoch(out: Path, epoch_dir: Path) -> bool:
     epochs = _trained_epochs(out)
-    return epochs is not None and round(epochs) == int(epoch_dir.name.split("-")[1])
+    return epochs is not None and abs(epochs - _epoch_of(epoch_dir)) < 0.01
+
+
+def _epoch_of(epoch_dir: Path) -> float:
+    return float(epoch_dir.name.split("-", 1)[1])
 
 
 def phase_eval(args: argparse.Namespace, out: Path) -> None:

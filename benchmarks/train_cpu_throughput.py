@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("train_cpu_throughput")
 
 # Variants that run the trainer's own CPU loss (training/answer_loss.py); every other trainer variant runs TRL's.
-ANSWER_LOSS_VARIANTS = ("trainer-after", "trainer-after-bf16-base", "trainer-after-eager", "trainer-after-sdpa")
+ANSWER_LOSS_VARIANTS = ("trainer-after", "trainer-after-bf16-base", "trainer-after-eager", "trainer-after-sdpa",
+                        "trainer-after-compiled")
 BF16_BASE_VARIANTS = ("trainer-after-bf16-base",)
 
 # The CPU defaults before this benchmark's changes (for the "before" row; the current ones come from the code).
@@ -240,6 +241,7 @@ def main() -> int:
         "trainer-after-bf16-base": {},
         "trainer-after-eager": {"attention": "eager"},
         "trainer-after-sdpa": {"attention": "sdpa"},
+        "trainer-after-compiled": {"compile_layers": "on"},
     }
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="train-cpu-") as tmp:
