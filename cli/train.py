@@ -23,8 +23,9 @@ def register(subparsers: Any) -> None:
     who = train.add_mutually_exclusive_group(required=True)
     who.add_argument("--persona", help="persona name from the pack")
     who.add_argument("--all", action="store_true",
-                     help="every persona of the pack: one after another, or spread over the visible GPUs (one "
-                     "worker process per GPU) when there are several")
+                     help="every persona of the pack, spread over worker processes that each train whole "
+                     "personas: one per visible GPU when there are several, else on a CPU one per core (one torch "
+                     "thread each; --workers sets the count)")
     train.add_argument("--pack", default="demo",
                        help="persona pack: 'demo', 'user' ($PERSONA_ROUTER_HOME/packs/user.toml, made by "
                        "'persona add') or a TOML/YAML file (default: demo)")
@@ -45,6 +46,9 @@ def register(subparsers: Any) -> None:
                        help="train each persona on N GPUs with data parallelism (DDP): starts one process per GPU "
                        "through torch.distributed.run; the default accumulation is split so the global batch "
                        "stays the same; rank 0 publishes")
+    train.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="with --all on a CPU: train N personas at once in N processes, the torch threads split "
+                       "between them (default: one per core; 1 trains one persona after another)")
     train.add_argument("--quantization", default="auto", choices=("auto", "nf4", "bf16", "fp16", "fp32"),
                        help="base weights (default: nf4 on CUDA, fp32 on CPU)")
     steps = train.add_mutually_exclusive_group()
@@ -105,11 +109,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from persona_router.core.pack import load_pack
     from persona_router.training.distributed import world
     from persona_router.training.jobs import plan_jobs
-    from persona_router.training.parallel import train_spread, visible_gpus
+    from persona_router.training.parallel import cpu_workers, train_spread, visible_gpus
     from persona_router.training.trainer import train_persona
 
     if args.gpus is not None and args.gpus < 1:
         raise ConfigError(f"{args.gpus} must be at least 1", field="--gpus")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"{args.workers} must be at least 1", field="--workers")
     if args.gpus is not None and args.gpus > 1 and not world().distributed:
         return _launch_ranks(args.gpus)
     config = build_train_config(args)
@@ -119,14 +125,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                      skip_missing=args.skip_missing)
     base_config = BaseModelConfig(base=args.base, device=args.device, quantization=args.quantization)
     registry = AdapterRegistry(Path(args.adapters) if args.adapters else None)
-    configure_threads()
+    threads = configure_threads()
     results = []
-    gpus = visible_gpus() if args.all and not world().distributed and pick_device(args.device) == "cuda" else []
+    device = pick_device(args.device)
+    gpus = visible_gpus() if args.all and not world().distributed and device == "cuda" else []
+    cpu_count = cpu_workers(len(jobs), threads if args.workers is None else args.workers) if device == "cpu" else 1
     # The trainer prints its per-step loss lines to stdout; keep stdout for the results (--json).
     with contextlib.redirect_stdout(sys.stderr):
         if len(gpus) > 1 and len(jobs) > 1:
             results = train_spread(jobs, config, base_config, registry.root, devices=gpus[: len(jobs)],
                                    resume=args.resume)
+        elif cpu_count > 1 and not world().distributed:
+            results = train_spread(jobs, config, base_config, registry.root, devices=[""] * cpu_count,
+                                   resume=args.resume, threads=max(1, threads // cpu_count))
         else:
             for index, job in enumerate(jobs, start=1):
                 log.info("[%d/%d] training %s on %d rows from %s", index, len(jobs), job.persona.name,

@@ -22,10 +22,11 @@ README's GPU benchmark section has every measured alternative.
 
 CPU defaults (the offline 135M base; bf16 autocast on CPUs with native bf16, float32 elsewhere) are sized so
 ``persona-router train --all`` on the demo pack (5 personas x 80 rows, about 85k tokens per epoch) stays within
-15 minutes on 2 free cores: ``benchmarks/train_all_cpu.py`` timed two epochs at 1,034 s and 1,248 s on a
-2-core Xeon with AMX (the trainer ran 150-205 tokens/s inside those runs, depending on the persona and the
-machine's day), so the default is 1.5 epochs. README's training section shows the measurement and the learning
-curve (1, 1.5, 2 and 3 epochs).
+15 minutes on 2 free cores. One process trained two epochs in 17.2 minutes on a 2-core Xeon with AMX (its
+torch pool over both cores ran 150-205 tokens/s); ``train --all`` now trains one persona per core at once, one
+torch thread each (``training/parallel.py``: 1.66x the tokens/s of one 2-thread process), so two epochs fit
+(``benchmarks/train_all_cpu.py``). 1.5 epochs measured worse on the quality benchmark (judge accuracy 0.57 vs
+0.64); README's training section shows the measurements and the learning curve.
 No gradient checkpointing on CPU: memory is plentiful there and recomputation costs a third.
 """
 
@@ -60,7 +61,7 @@ CUDA_DEFAULTS: dict[str, Any] = {
     "compile_layers": "off", "deferred_metrics": "on",
 }
 CPU_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-3, "batch_size": 1, "grad_accum": 4, "max_length": 512, "epochs": 1.5,
+    "learning_rate": 1e-3, "batch_size": 1, "grad_accum": 4, "max_length": 512, "epochs": 2.0,
     "optim": "adamw_torch", "gradient_checkpointing": "off", "mixed_precision": "no", "save_steps": 10,
     "prompt_free_fraction": 0.5, "lora_dropout": 0.0, "attention": "varlen",
     # Compiling costs minutes of CPU time up front, more than a demo run gains. CPU training uses its own loss

@@ -169,6 +169,7 @@ def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseMo
         extra={"run_hash": run_hash, "system_prompt": job.persona.system_prompt,
                "compute_precision": compute_precision(config, base.precision),
                "base_folder": str(base.resolved.folder), "world_size": distributed.world().size,
+               "torch_threads": _torch_threads(),
                "global_batch_rows": (config.batch_size or 1) * (config.grad_accum or 1) * distributed.world().size})
     version, folder, manifest = _publish(trainer.model, manifest, registry, started, base_name_or_path(base))
     log.info("%s: published version %d at %s (eval loss %s -> %s, %.0f s)", name, version, folder,
@@ -327,6 +328,12 @@ def _run_hash(job: PersonaJob, config: TrainConfig, fingerprint: str, base_confi
     if world_size > 1:  # a checkpoint of N ranks resumes with N ranks only (data order, per-rank RNG states)
         payload["world_size"] = world_size
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def _evaluate(trainer: Any) -> float | None:

@@ -124,6 +124,38 @@ def test_all_spread_over_two_workers_publishes_every_persona_once(tiny_model_dir
         assert sorted(p.name for p in (root / name).iterdir() if not p.name.startswith(".")) == ["1", "LATEST"]
 
 
+def test_cli_all_on_cpu_spreads_personas_over_one_worker_per_core(tiny_model_dir: Path, tmp_path: Path,
+                                                                  isolated_home: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from persona_router.cli.main import main
+
+    monkeypatch.setenv("PERSONA_ROUTER_THREADS", "2")  # two cores' worth: two workers of one thread each
+    data = tmp_path / "rows.jsonl"
+    rows = [_as(r, name) for name in ("student", "clinician", "educator") for r in records(6)]
+    data.write_text("".join(json.dumps(r.to_json()) + "\n" for r in rows), encoding="utf-8")
+    adapters = tmp_path / "adapters"
+    common = ["-q", "train", "--all", "--skip-missing", "--data", str(data), "--base", str(tiny_model_dir),
+              "--max-steps", "1", "--max-length", "512", "--device", "cpu", "--json"]
+    assert main([*common, "--adapters", str(adapters)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [row["persona"] for row in summary] == ["student", "clinician", "educator"]
+    registry = AdapterRegistry(adapters)
+    names = ("student", "clinician", "educator")
+    assert {name: registry.read_manifest(name, 1).extra["torch_threads"] for name in names} == dict.fromkeys(names, 1)
+
+    # --workers 1: one persona after another in this process, with every thread
+    assert main([*common, "--adapters", str(tmp_path / "serial"), "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert AdapterRegistry(tmp_path / "serial").read_manifest("student", 1).extra["torch_threads"] == 2
+
+
+def test_cpu_worker_count() -> None:
+    from persona_router.training.parallel import cpu_workers
+
+    assert cpu_workers(5, 2) == 2 and cpu_workers(1, 2) == 1 and cpu_workers(5, 1) == 1 and cpu_workers(2, 8) == 2
+
+
 def _as(record: Any, persona: str) -> Any:
     from dataclasses import replace
 
