@@ -24,7 +24,7 @@ CPU defaults (the offline 135M base; bf16 autocast on CPUs with native bf16, flo
 ``persona-router train --all`` on the demo pack (5 personas x 80 rows, about 85k tokens per epoch) stays within
 15 minutes on 2 free cores. One process trained two epochs in 17.2 minutes on a 2-core Xeon with AMX (its
 torch pool over both cores ran 150-205 tokens/s); ``train --all`` now trains one persona per core at once, one
-torch thread each (``training/parallel.py``: 1.66x the tokens/s of one 2-thread process), so two epochs fit
+torch thread each (``training/parallel.py``: 1.33-1.66x the tokens/s of one 2-thread process), so two epochs fit
 (``benchmarks/train_all_cpu.py``). 1.5 epochs measured worse on the quality benchmark (judge accuracy 0.57 vs
 0.64); README's training section shows the measurements and the learning curve.
 No gradient checkpointing on CPU: memory is plentiful there and recomputation costs a third.

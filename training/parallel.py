@@ -2,8 +2,9 @@
 
 On a CPU, one worker per core with one torch thread each trains faster in total than one process whose torch
 pool spans the cores: the 135M demo model's matrices are too small for two threads to share well. Measured on a
-2-core Xeon with AMX (``benchmarks/results/train_cpu_workers.json``): one process, 2 threads 195.7 tokens/s;
-1 thread 177.8; two 1-thread processes at once 156.0 + 167.7 = 323.7.
+2-core Xeon with AMX (``benchmarks/train_cpu_workers.py``): one process with 2 threads 244.7 tokens/s, two
+1-thread processes at once 185.4 + 140.1 = 325.5 (1.33x; an earlier run of the same comparison gave 1.66x,
+195.7 against 156.0 + 167.7).
 
 Workers are started with the ``spawn`` method and see one GPU each (``CUDA_VISIBLE_DEVICES`` is set before
 torch is imported in the worker). They take personas from a shared queue, so a GPU that finishes early takes the
