@@ -65,9 +65,12 @@ def epoch_snapshots(folder: Path, persona: str, base_path: str) -> Any:
 
     class Snapshot(TrainerCallback):
         def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-            # Quarter epochs: a fractional run (e.g. 1.5 epochs) ends between whole epochs, and its last
-            # snapshot must not be named after the epoch it did not finish.
-            save_adapter(model, folder / f"epoch-{round((state.epoch or 0) * 4) / 4:g}" / persona, base_path)
+            # Whole epochs only: a fractional run (e.g. 1.5 epochs) ends at a different fraction for each
+            # persona (whole optimizer steps), which would scatter the personas over several snapshots; its
+            # final adapter is the published one, which the eval phase evaluates.
+            epoch = state.epoch or 0.0
+            if abs(epoch - round(epoch)) < 0.01:
+                save_adapter(model, folder / f"epoch-{round(epoch)}" / persona, base_path)
 
     return Snapshot()
 
