@@ -213,7 +213,9 @@ def _trained_epochs(folder: Path) -> float | None:
     train = folder / "train.json"
     if not train.is_file():
         return None
-    epochs = {p["epochs"] for p in json.loads(train.read_text(encoding="utf-8"))["personas"].values()}
+    personas = json.loads(train.read_text(encoding="utf-8"))["personas"].values()
+    # The configured epochs: the trained fraction differs per persona when it is not whole (whole steps).
+    epochs = {p.get("hyperparameters", {}).get("epochs", p["epochs"]) for p in personas}
     return epochs.pop() if len(epochs) == 1 else None
 
 
