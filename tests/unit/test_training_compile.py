@@ -16,20 +16,13 @@ from typing import Any
 
 import pytest
 from persona_router.core.errors import ConfigError
-from persona_router.core.records import QARecord
 from persona_router.training.config import TrainConfig
 from persona_router.training.formatting import build_examples
 
 from tests.support.packed_attention import packed_batch, traceable_packed_kernel
+from tests.support.tiny_training import RECORDS, SYSTEM
 
 LENGTHS = [5, 17, 1, 9, 30]
-SYSTEM = "explain simply"
-RECORDS = [
-    QARecord(persona="student", question="why is the sky blue?", answer="light scatters in air."),
-    QARecord(persona="student", question="what does the heart do?", answer="the heart pumps blood.",
-             context="a student asks a question and a teacher answers it."),
-    QARecord(persona="student", question="is code fast?", answer="code runs fast. the quick brown fox jumps."),
-]
 
 
 @pytest.mark.parametrize("field", ["compile_layers", "deferred_metrics"])
