@@ -15,9 +15,11 @@ with its error after the others have finished; the ones already published stay p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
+import sys
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,12 +115,15 @@ def _worker(name: str, device: str, tasks: Any, results: Any, config: Any, base_
     from persona_router.training.trainer import train_persona
 
     registry = AdapterRegistry(Path(registry_root))
-    while (task := tasks.get()) is not None:
-        index, job = task
-        try:
-            result = train_persona(job, config, base_config, registry, resume=resume)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it with the persona's name
-            log.error("%s failed: %s", job.persona.name, traceback.format_exc())
-            results.put(Outcome(index, device, error=f"{type(exc).__name__}: {exc}"))
-            continue
-        results.put(Outcome(index, device, result=result))
+    # The trainer prints its per-step loss lines to stdout, which this process shares with the parent's: keep
+    # that for the parent's results (--json), as the parent does for its own trainer.
+    with contextlib.redirect_stdout(sys.stderr):
+        while (task := tasks.get()) is not None:
+            index, job = task
+            try:
+                result = train_persona(job, config, base_config, registry, resume=resume)
+            except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it with the persona's name
+                log.error("%s failed: %s", job.persona.name, traceback.format_exc())
+                results.put(Outcome(index, device, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            results.put(Outcome(index, device, result=result))

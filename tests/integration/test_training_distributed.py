@@ -127,7 +127,7 @@ def test_all_spread_over_two_workers_publishes_every_persona_once(tiny_model_dir
 def test_cli_all_on_cpu_spreads_personas_over_one_worker_per_core(tiny_model_dir: Path, tmp_path: Path,
                                                                   isolated_home: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+                                                                  capfd: pytest.CaptureFixture[str]) -> None:
     from persona_router.cli.main import main
 
     monkeypatch.setenv("PERSONA_ROUTER_THREADS", "2")  # two cores' worth: two workers of one thread each
@@ -138,7 +138,7 @@ def test_cli_all_on_cpu_spreads_personas_over_one_worker_per_core(tiny_model_dir
     common = ["-q", "train", "--all", "--skip-missing", "--data", str(data), "--base", str(tiny_model_dir),
               "--max-steps", "1", "--max-length", "512", "--device", "cpu", "--json"]
     assert main([*common, "--adapters", str(adapters)]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = json.loads(capfd.readouterr().out)
     assert [row["persona"] for row in summary] == ["student", "clinician", "educator"]
     registry = AdapterRegistry(adapters)
     names = ("student", "clinician", "educator")
@@ -146,7 +146,7 @@ def test_cli_all_on_cpu_spreads_personas_over_one_worker_per_core(tiny_model_dir
 
     # --workers 1: one persona after another in this process, with every thread
     assert main([*common, "--adapters", str(tmp_path / "serial"), "--workers", "1"]) == 0
-    capsys.readouterr()
+    capfd.readouterr()
     assert AdapterRegistry(tmp_path / "serial").read_manifest("student", 1).extra["torch_threads"] == 2
 
 
