@@ -23,6 +23,7 @@ SFTTrainer on the same rows:
   ``training/regional_compile.py``), ``lean`` (metrics read once per log line instead of a host-device
   synchronisation per micro-batch, ``training/lean_trainer.py``), ``reent`` (reentrant gradient
   checkpointing: a forward without autograd, each layer recomputed and differentiated inside the backward),
+  ``off<N>`` (with ``reent``: the first N layers' checkpointed inputs wait in host memory, ``training/offload.py``),
   and micro-batch 1, 2, 4 or 8 packed rows (accumulation 8, 4, 2 or 1: always 8 rows per optimizer step).
   ``sdpa-b4`` is the default before varlen attention, ``varlen-liger-b2`` the one before ``compile`` and
   ``lean``.
@@ -200,9 +201,12 @@ def variant_overrides(name: str) -> dict[str, Any]:
         return {}
     parts = name.split("-")
     attention, flags, micro = parts[0], set(parts[1:-1]), parts[-1]
-    if attention not in ("sdpa", "varlen") or micro not in MICRO_BATCHES or not flags <= set(SPEED_FLAGS):
+    layer_offload = [f for f in flags if f.startswith("off") and f[3:].isdigit()]
+    flags -= set(layer_offload)
+    if (attention not in ("sdpa", "varlen") or micro not in MICRO_BATCHES or not flags <= set(SPEED_FLAGS)
+            or len(layer_offload) > 1):
         raise ValueError(f"unknown configuration {name!r}: use notebook, notebook-bf16, ours or "
-                         "<sdpa|varlen>[-liger][-offload][-compile][-lean][-reent]-<b1|b2|b4|b8>")
+                         "<sdpa|varlen>[-liger][-offload][-compile][-lean][-reent][-off<N>]-<b1|b2|b4|b8>")
     batch = MICRO_BATCHES[micro]
 
     def switch(flag: str) -> str:
@@ -211,6 +215,7 @@ def variant_overrides(name: str) -> dict[str, Any]:
     return {"attention": attention, "liger_kernels": switch("liger"), "activation_offloading": switch("offload"),
             "compile_layers": switch("compile"), "deferred_metrics": switch("lean"),
             "gradient_checkpointing": "reentrant" if "reent" in flags else "on",
+            "offload_layers": int(layer_offload[0][3:]) if layer_offload else 0,
             "batch_size": batch, "grad_accum": 8 // batch}
 
 
@@ -228,7 +233,7 @@ def ours_args(name: str, output_dir: Path, steps: int, *, smoke: bool) -> tuple[
         config = replace(config, max_length=MAX_LENGTH, gradient_checkpointing=checkpointing,
                          batch_size=config.batch_size or 2,
                          grad_accum=config.grad_accum or 4, attention="sdpa", liger_kernels="off",
-                         activation_offloading="off")
+                         activation_offloading="off", offload_layers=0)
     args = sft_config(config, output_dir=output_dir, device="cpu" if smoke else "cuda")
     args.disable_tqdm = True
     return args, config
@@ -359,8 +364,8 @@ def run_config(name: str, folder: Path, rows: list[dict[str, list[int]]], *, ste
     if config is not None:
         result["train_config"] = {k: v for k, v in config.to_json().items()
                                   if k in ("batch_size", "grad_accum", "max_length", "attention", "liger_kernels",
-                                           "activation_offloading", "compile_layers", "deferred_metrics",
-                                           "gradient_checkpointing", "optim", "packing")}
+                                           "activation_offloading", "offload_layers", "compile_layers",
+                                           "deferred_metrics", "gradient_checkpointing", "optim", "packing")}
     # Every configuration must train: a LoRA that received no gradient would log a zero norm here.
     logged = [entry for entry in trainer.state.log_history if "loss" in entry and "grad_norm" in entry]
     result["loss_per_step"] = [round(float(entry["loss"]), 4) for entry in logged]

@@ -58,7 +58,7 @@ CUDA_DEFAULTS: dict[str, Any] = {
     "prompt_free_fraction": 0.0, "lora_dropout": 0.05,
     # CUDA-only speed settings (training/cuda_kernels.py); benchmarks/train_gpu.py measured each one.
     "attention": "varlen", "liger_kernels": "on", "activation_offloading": "off",
-    "compile_layers": "off", "deferred_metrics": "on",
+    "compile_layers": "off", "deferred_metrics": "on", "offload_layers": 0,
 }
 CPU_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-3, "batch_size": 1, "grad_accum": 4, "max_length": 512, "epochs": 2.0,
@@ -66,7 +66,7 @@ CPU_DEFAULTS: dict[str, Any] = {
     "prompt_free_fraction": 0.5, "lora_dropout": 0.0, "attention": "varlen",
     # Compiling costs minutes of CPU time up front, more than a demo run gains. CPU training uses its own loss
     # (training/answer_loss.py), whose metric reads wait for no device.
-    "compile_layers": "off", "deferred_metrics": "off",
+    "compile_layers": "off", "deferred_metrics": "off", "offload_layers": 0,
 }
 
 
@@ -115,6 +115,10 @@ class TrainConfig:
     # Entropy, token accuracy and token counts kept on the device and read once per log line, instead of TRL's
     # per-micro-batch `.item()` calls, each of which makes the host wait for the GPU (training/lean_trainer.py).
     deferred_metrics: str = "auto"
+    # With reentrant checkpointing: the checkpointed inputs of this many first decoder layers wait in pinned host
+    # memory until the backward reaches them, which lowers the backward's peak by one layer input each
+    # (training/offload.py). CUDA-only; 0 keeps them all on the device.
+    offload_layers: int | None = None
     # evaluation and checkpoints
     eval_fraction: float = 0.1  # held out from a --data source that has no separate eval split
     eval_max_rows: int | None = None  # cap on eval rows (None: all)
@@ -154,6 +158,14 @@ class TrainConfig:
         _choice(self, "activation_offloading", SWITCHES)
         _choice(self, "compile_layers", SWITCHES)
         _choice(self, "deferred_metrics", SWITCHES)
+        if self.offload_layers is not None:
+            _count(self, "offload_layers")
+            if self.offload_layers and self.gradient_checkpointing not in ("auto", "reentrant"):
+                raise ConfigError(f"{self.offload_layers} needs gradient_checkpointing='reentrant' (the other kinds "
+                                  "keep layer inputs out of autograd's reach)", field="offload_layers")
+            if self.offload_layers and self.activation_offloading == "on":
+                raise ConfigError("activation_offloading='on' already moves every checkpointed input; set "
+                                  "offload_layers=0 or activation_offloading='off'", field="offload_layers")
         _fraction(self, "eval_fraction", upper_open=True)
         if self.prompt_free_fraction is not None and not 0 <= self.prompt_free_fraction <= 1:
             raise ConfigError(f"{self.prompt_free_fraction} must be in [0, 1]", field="prompt_free_fraction")
@@ -288,6 +300,12 @@ def _positive_int(config: TrainConfig, name: str) -> None:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{value!r} must be an integer >= 1", field=name)
+
+
+def _count(config: TrainConfig, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{value!r} must be an integer >= 0", field=name)
 
 
 def _fraction(config: TrainConfig, name: str, *, upper_open: bool) -> None:

@@ -1,7 +1,8 @@
 """Training speed-ups applied to a loaded base before TRL wraps it; Liger and offloading are CUDA-only.
 
 Three switches of :class:`TrainConfig` land here (``activation_offloading`` and ``deferred_metrics`` are set in
-``sft_setup.py``; ``compile_layers`` is ``training/regional_compile.py``):
+``sft_setup.py``; ``compile_layers`` is ``training/regional_compile.py``, ``offload_layers``
+``training/offload.py``):
 
 - ``attention="varlen"``: packed rows are one flat sequence of several examples (TRL's padding-free collator).
   With SDPA, transformers turns their restarting ``position_ids`` into a dense ``(S, S)`` block-diagonal mask,
@@ -60,6 +61,11 @@ def prepare_model(model: Any, config: Any, device: str) -> dict[str, str]:
         bound = config.max_length if config.packing else None
         applied["compile_layers"] = (f"torch.compile of {compile_decoder_layers(model, max_length=bound)} "
                                      "decoder layers")
+    if config.offload_layers:
+        from persona_router.training.offload import offload_first_layers
+
+        offload_first_layers(model, config.offload_layers)
+        applied["offload_layers"] = f"checkpointed inputs of the first {config.offload_layers} layers in host memory"
     if applied:
         log.info("training speed settings: %s", applied)
     return applied
@@ -75,6 +81,9 @@ def _check(config: Any, device: str) -> None:
                               field="attention")
     if config.liger_kernels == "on" and device != "cuda":
         raise ConfigError("Liger kernels need CUDA (Triton)", field="liger_kernels")
+    if config.offload_layers and device != "cuda":
+        raise ConfigError("offloading moves checkpointed inputs from the GPU to host memory; it needs CUDA",
+                          field="offload_layers")
 
 
 def register_varlen_attention() -> str:

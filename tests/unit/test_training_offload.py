@@ -1,0 +1,123 @@
+"""Checkpointed inputs of the first layers in host memory (``offload_layers``, training/offload.py).
+
+The setting must not change what is learnt: with reentrant checkpointing the gradients equal those of the same
+model without it, to the last bit on CPU (float32), and only the chosen layers' inputs move. On CUDA the peak
+of a forward and backward must fall by about the moved inputs' size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from persona_router.core.errors import ConfigError
+from persona_router.training.config import TrainConfig
+from persona_router.training.cuda_kernels import prepare_model
+from persona_router.training.offload import OffloadedCheckpoint, offload_first_layers
+
+
+def test_setting_validates_and_defaults_to_none_moved() -> None:
+    assert TrainConfig().resolved("cuda").offload_layers == 0
+    assert TrainConfig().resolved("cpu").offload_layers == 0
+    assert TrainConfig(offload_layers=4, gradient_checkpointing="reentrant").resolved("cuda").offload_layers == 4
+    with pytest.raises(ConfigError, match=r"offload_layers.*>= 0"):
+        TrainConfig(offload_layers=-1)
+    with pytest.raises(ConfigError, match=r"offload_layers.*reentrant"):
+        TrainConfig(offload_layers=2, gradient_checkpointing="on")
+    with pytest.raises(ConfigError, match=r"offload_layers.*activation_offloading"):
+        TrainConfig(offload_layers=2, gradient_checkpointing="reentrant", activation_offloading="on")
+    assert TrainConfig().with_overrides({"offload_layers": "3"}).offload_layers == 3
+
+
+def test_cpu_training_refuses_it(tiny_model_dir: Path) -> None:
+    config = TrainConfig(offload_layers=1, gradient_checkpointing="reentrant").resolved("cpu")
+    with pytest.raises(ConfigError, match=r"offload_layers.*CUDA"):
+        prepare_model(_model(tiny_model_dir), config, "cpu")
+
+
+def test_more_layers_than_the_model_has_is_an_error(tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"offload_layers.*2 decoder layers"):
+        offload_first_layers(_model(tiny_model_dir), 3)
+
+
+def test_gradients_equal_and_only_the_first_layers_inputs_move(tiny_model_dir: Path) -> None:
+    import torch
+
+    batch = _batch(seq=24)
+    reference, _ = _grads(_model(tiny_model_dir), batch)
+    model = _model(tiny_model_dir)
+    wrappers = offload_first_layers(model, 1)
+    grads, loss = _grads(model, batch)
+    assert torch.isfinite(loss)
+    assert grads.keys() == reference.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, reference[name]), name
+    # One input of (1, 24, hidden) float32 per forward, of the first layer only.
+    hidden = model.config.hidden_size
+    assert len(wrappers) == 1 and wrappers[0].bytes_offloaded == 24 * hidden * 4
+    layers = model.model.layers
+    assert isinstance(layers[0]._gradient_checkpointing_func, OffloadedCheckpoint)
+    assert not isinstance(layers[1]._gradient_checkpointing_func, OffloadedCheckpoint)
+    # Checkpointing enabled again (as a trainer does): the new function is wrapped at the next forward.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    _grads(model, batch)
+    assert isinstance(layers[0]._gradient_checkpointing_func, OffloadedCheckpoint)
+    assert wrappers[0].bytes_offloaded == 2 * 24 * hidden * 4
+
+
+@pytest.mark.gpu
+def test_cuda_peak_falls_by_the_moved_inputs(tmp_path: Path) -> None:
+    import torch
+
+    from tests.support.random_model import save_random_model, tiny_phi3_config
+
+    config = tiny_phi3_config(512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=6,
+                              num_attention_heads=8, num_key_value_heads=8)
+    save_random_model(tmp_path, config)
+    batch = {k: v.cuda() for k, v in _batch(seq=4096, vocab=512).items()}
+    peaks, grads = [], []
+    for count in (0, 3):
+        model = _model(tmp_path, device="cuda", dtype=torch.bfloat16, attention="eager")
+        wrappers = offload_first_layers(model, count) if count else []
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        got, _ = _grads(model, batch)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+        grads.append(got)
+        if count:
+            assert sum(w.bytes_offloaded for w in wrappers) == 3 * 4096 * 1024 * 2
+        del model
+        torch.cuda.empty_cache()
+    moved = 3 * 4096 * 1024 * 2  # three (1, 4096, 1024) bf16 inputs: 24 MiB
+    assert peaks[0] - peaks[1] >= 0.9 * moved, (peaks, moved)
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grad, grads[0][name], rtol=1e-2, atol=1e-3, msg=name)
+
+
+def _model(folder: Path, *, device: str = "cpu", dtype: Any = None, attention: str = "sdpa") -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, attn_implementation=attention)
+    model = model.to(device).train()
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    return model
+
+
+def _batch(*, seq: int, vocab: int = 300) -> dict[str, Any]:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (1, seq), generator=generator)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _grads(model: Any, batch: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return grads, loss.detach()
