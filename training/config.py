@@ -8,16 +8,19 @@ CUDA defaults follow QLoRA as the original project used it on Phi-3-mini (LoRA r
 all linear layers; lr 2e-4, cosine, 3 % warm-up, paged 8-bit AdamW, NF4 base with bf16 compute; 1,024 tokens
 with gradient checkpointing; an effective batch of 8 as a micro-batch of 2 x accumulation 4) with these
 changes: the loss covers the answer only, examples are packed without padding, attention over the packed rows
-runs per example in FlashAttention's variable-length kernel instead of SDPA over a dense block-diagonal mask,
-Liger's fused RMSNorm/SwiGLU kernels replace transformers' (``training/cuda_kernels.py``), and TRL's metrics
-are read once per log line instead of once per micro-batch (``deferred_metrics``, ``training/lean_trainer.py``).
-They are the fastest configuration that benchmarks/train_gpu.py measured at or under the notebook's peak GPU
-memory on an H200 (``varlen-liger-lean-b2``: 1.43x the notebook's tokens/s at 3.049 vs 3.067 GiB, in one run).
-Measured alternatives that are opt-in: a micro-batch of 4 (``batch_size=4, grad_accum=2``) trains 1.7x faster
-again but needs 3.8 GiB; ``compile_layers=on, liger_kernels=off, gradient_checkpointing=reentrant``
-(``training/regional_compile.py``) trained 2.0x faster than the default (2.33x the notebook, nothing recompiled
-after the first step) but peaked at 3.085 GiB, 0.6% over the notebook's 3.067 in the same run; with
-``gradient_checkpointing=on`` it ran 1.84x the notebook at 3.073 GiB.
+runs per example in FlashAttention's variable-length kernel instead of SDPA over a dense block-diagonal mask
+(``training/cuda_kernels.py``), each decoder layer runs compiled (``training/regional_compile.py``), gradient
+checkpointing is the reentrant kind (the forward runs without autograd; each layer is recomputed and
+differentiated inside the backward), the first 4 layers' checkpointed inputs wait in host memory
+(``training/offload.py``), and TRL's metrics are read once per log line instead of once per micro-batch
+(``deferred_metrics``, ``training/lean_trainer.py``). They are the fastest configuration that
+benchmarks/train_gpu.py measured at or under the notebook's peak GPU memory on an H200
+(``varlen-compile-lean-reent-off4-b2``: 2.47x the notebook's tokens/s at 3.050 vs 3.067 GiB, in one run;
+without the offloaded inputs the same speed at 3.085 GiB). Liger's fused RMSNorm/SwiGLU kernels are opt-in
+(``liger_kernels=on``): they were the default before compiled layers (1.22x the notebook in that run), and
+compiled layers fuse the same element-wise work. Data-parallel runs (several GPUs) keep non-reentrant
+checkpointing (see :meth:`TrainConfig.resolved`). A micro-batch of 4 (``batch_size=4, grad_accum=2``) trains
+faster again but needs about 3.8 GiB.
 README's GPU benchmark section has every measured alternative.
 
 CPU defaults (the offline 135M base; bf16 autocast on CPUs with native bf16, float32 elsewhere) are sized so
@@ -54,11 +57,11 @@ CHECKPOINTING = ("auto", "on", "off", "reentrant")
 # Per-device defaults for the fields left as None.
 CUDA_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-4, "batch_size": 2, "grad_accum": 4, "max_length": 1024, "epochs": 1.0,
-    "optim": "paged_adamw_8bit", "gradient_checkpointing": "on", "mixed_precision": "bf16", "save_steps": 50,
-    "prompt_free_fraction": 0.0, "lora_dropout": 0.05,
+    "optim": "paged_adamw_8bit", "gradient_checkpointing": "reentrant", "mixed_precision": "bf16",
+    "save_steps": 50, "prompt_free_fraction": 0.0, "lora_dropout": 0.05,
     # CUDA-only speed settings (training/cuda_kernels.py); benchmarks/train_gpu.py measured each one.
-    "attention": "varlen", "liger_kernels": "on", "activation_offloading": "off",
-    "compile_layers": "off", "deferred_metrics": "on", "offload_layers": 0,
+    "attention": "varlen", "liger_kernels": "off", "activation_offloading": "off",
+    "compile_layers": "on", "deferred_metrics": "on", "offload_layers": 4,
 }
 CPU_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-3, "batch_size": 1, "grad_accum": 4, "max_length": 512, "epochs": 2.0,
@@ -202,6 +205,16 @@ class TrainConfig:
                     updates[name] = value
             elif current is None or current == "auto":
                 updates[name] = value
+        if world_size > 1 and "gradient_checkpointing" in updates and device == "cuda":
+            # Reentrant checkpointing runs each layer's backward inside a nested backward call, which PyTorch's
+            # DistributedDataParallel supports only under conditions no multi-GPU run here has checked; data-
+            # parallel runs keep the non-reentrant kind (and so no offloaded layer inputs).
+            updates["gradient_checkpointing"] = "on"
+        if "offload_layers" in updates:
+            checkpointing = updates.get("gradient_checkpointing", self.gradient_checkpointing)
+            offloading = updates.get("activation_offloading", self.activation_offloading)
+            if checkpointing != "reentrant" or offloading == "on":
+                updates["offload_layers"] = 0  # only reentrant checkpointing saves layer inputs through autograd
         if "grad_accum" in updates and world_size > 1:
             if updates["grad_accum"] % world_size:
                 log.warning("the default accumulation %d does not split over %d ranks; the global batch grows %dx",

@@ -81,16 +81,21 @@ def _unpack(packed: Any) -> Any:
 def offload_first_layers(model: Any, count: int) -> list[OffloadedCheckpoint]:
     """Keep the checkpointed inputs of ``model``'s first ``count`` decoder layers in host memory.
 
-    Returns the wrappers (one per layer, filled in at the first forward; ``bytes_offloaded`` says what moved).
+    At most all layers but the last. Returns the wrappers (one per layer, filled in at the first forward;
+    ``bytes_offloaded`` says what moved).
     """
     if count < 1:
         raise ConfigError(f"{count!r} must be an integer >= 1", field="offload_layers")
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if len(layers) < count:
-        raise ConfigError(f"{count} is more than the {len(layers)} decoder layers of {type(model).__name__}",
-                          field="offload_layers")
+    if count >= len(layers):
+        # The last layer's input is the first the backward needs: moving it out would only add two copies.
+        log.warning("offload_layers=%d on a model of %d decoder layers: moving the first %d", count, len(layers),
+                    max(len(layers) - 1, 0))
+        count = len(layers) - 1
+    if count < 1:
+        return []
     stack = _decoder_stack(model, layers[0])
     chosen: list[Any] = layers[:count]
     wrappers: list[OffloadedCheckpoint] = []

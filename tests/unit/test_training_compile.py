@@ -185,12 +185,13 @@ def _compiled_matches_eager(folder: Path, device: str, dtype: Any, *, attention:
     from persona_router.training.cuda_kernels import prepare_model
     from transformers import AutoConfig
 
-    config = TrainConfig(attention=attention, compile_layers="on", liger_kernels="off").resolved(device)
+    config = TrainConfig(attention=attention, compile_layers="on", liger_kernels="off",
+                         offload_layers=0).resolved(device)
     batch = packed_batch(LENGTHS, AutoConfig.from_pretrained(folder).vocab_size, device=device)
     # Eager reference, no dropout.
     eager = _lora_model(folder, device, dtype, 0.0, four_bit=four_bit)
-    prepare_model(eager.get_base_model(), TrainConfig(attention=attention, liger_kernels="off").resolved(device),
-                  device)
+    eager_config = TrainConfig(attention=attention, liger_kernels="off", compile_layers="off", offload_layers=0)
+    prepare_model(eager.get_base_model(), eager_config.resolved(device), device)
     want_loss, want = _loss_and_grads(eager, batch, checkpointing=True, seed=0, dtype=dtype, reentrant=reentrant)
     compiled = _lora_model(folder, device, dtype, 0.0, four_bit=four_bit)
     assert "compile_layers" in prepare_model(compiled.get_base_model(), config, device)

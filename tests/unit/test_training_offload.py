@@ -17,10 +17,16 @@ from persona_router.training.cuda_kernels import prepare_model
 from persona_router.training.offload import OffloadedCheckpoint, offload_first_layers
 
 
-def test_setting_validates_and_defaults_to_none_moved() -> None:
-    assert TrainConfig().resolved("cuda").offload_layers == 0
+def test_setting_validates_and_defaults_per_checkpointing() -> None:
+    cuda = TrainConfig().resolved("cuda")
+    assert (cuda.gradient_checkpointing, cuda.offload_layers) == ("reentrant", 4)
     assert TrainConfig().resolved("cpu").offload_layers == 0
-    assert TrainConfig(offload_layers=4, gradient_checkpointing="reentrant").resolved("cuda").offload_layers == 4
+    # The default follows the checkpointing kind: asking for another kind is not an error about this field.
+    assert TrainConfig(gradient_checkpointing="on").resolved("cuda").offload_layers == 0
+    assert TrainConfig(activation_offloading="on").resolved("cuda").offload_layers == 0
+    two_gpus = TrainConfig().resolved("cuda", world_size=2)
+    assert (two_gpus.gradient_checkpointing, two_gpus.offload_layers) == ("on", 0)
+    assert TrainConfig(offload_layers=2, gradient_checkpointing="reentrant").resolved("cuda").offload_layers == 2
     with pytest.raises(ConfigError, match=r"offload_layers.*>= 0"):
         TrainConfig(offload_layers=-1)
     with pytest.raises(ConfigError, match=r"offload_layers.*reentrant"):
@@ -36,9 +42,14 @@ def test_cpu_training_refuses_it(tiny_model_dir: Path) -> None:
         prepare_model(_model(tiny_model_dir), config, "cpu")
 
 
-def test_more_layers_than_the_model_has_is_an_error(tiny_model_dir: Path) -> None:
-    with pytest.raises(ConfigError, match=r"offload_layers.*2 decoder layers"):
-        offload_first_layers(_model(tiny_model_dir), 3)
+def test_all_layers_but_the_last_at_most(tiny_model_dir: Path) -> None:
+    model = _model(tiny_model_dir)  # two layers
+    wrappers = offload_first_layers(model, 4)
+    _grads(model, _batch(seq=8))
+    assert len(wrappers) == 1 and wrappers[0].bytes_offloaded > 0
+    assert not isinstance(model.model.layers[1]._gradient_checkpointing_func, OffloadedCheckpoint)
+    with pytest.raises(ConfigError, match=r"offload_layers.*>= 1"):
+        offload_first_layers(model, 0)
 
 
 def test_gradients_equal_and_only_the_first_layers_inputs_move(tiny_model_dir: Path) -> None:
@@ -85,7 +96,8 @@ def test_cuda_peak_falls_by_the_moved_inputs(tmp_path: Path) -> None:
         got, _ = _grads(model, batch)
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated())
-        grads.append(got)
+        grads.append({name: grad.cpu() for name, grad in got.items()})  # off the card: not in the next peak
+        del got
         if count:
             assert sum(w.bytes_offloaded for w in wrappers) == 3 * 4096 * 1024 * 2
         del model
