@@ -95,7 +95,7 @@ def test_cuda_inputs_leave_the_card_until_the_backward_needs_them(tmp_path: Path
         wrappers = offload_first_layers(model, count) if count else []
         seen: list[int] = []
         model.model.norm.register_forward_pre_hook(_when_last_layer_backward_starts(
-            lambda: seen.append(torch.cuda.memory_allocated())))
+            lambda seen=seen: seen.append(torch.cuda.memory_allocated())))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         got, _ = _grads(model, batch)
