@@ -8,7 +8,7 @@ from persona_router.core.errors import ConfigError, choices
 
 NF4_MODES: tuple[str, ...] = ("auto", "fused", "dequantize", "kernel")
 SWITCHES: tuple[str, ...] = ("auto", "on", "off")
-GEMVS: tuple[str, ...] = ("bitsandbytes", "triton")
+GEMVS: tuple[str, ...] = ("bitsandbytes", "triton", "kmajor")
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,10 @@ class EngineConfig:
     case of the same run (see the README's GPU serving section).
 
     ``gemv`` picks the one-row 4-bit product of ``kernels`` in ``dequantize`` mode: ``bitsandbytes`` (its own
-    GEMV) or ``triton`` (the engine's ``nf4_gemv`` with the code table in registers, ``nf4_lut``, which also
-    adds the residual and the LoRA update in its epilogue, so the expand is no separate kernel).
+    GEMV), ``triton`` (the engine's row-major ``nf4_gemv`` with the code table in registers, ``nf4_lut``) or
+    ``kmajor`` (``nf4_gemv``: a K-major copy of each 4-bit weight, made at load, read by the engine's own GEMV;
+    0.56 bytes per weight more memory). The engine's GEMVs add the residual and the LoRA update in their
+    epilogue, so the expand is no separate kernel.
 
     ``kv_block`` rounds the attended cache length up (fewer graph shapes; at most that many masked positions).
     ``stop_token_ids`` end every request in addition to its own; ``None`` takes the tokenizer's and the

@@ -253,8 +253,8 @@ class ModelRunner:
         """The kernel path. LoRA: for few rows a Triton shrink by slot (computing the product's input from ``x``
         first when given a ``prologue``, which needs ``_triton_lora``) and an expand that also adds the
         residual; for many rows the bank's products. Base: the fused 4-bit kernel (``nf4_mode="fused"``, LoRA
-        and residual in its epilogue), for one row a 4-bit GEMV (``gemv="triton"``: the engine's register-lookup
-        kernel, LoRA and residual in its epilogue; else bitsandbytes'), else cuBLAS on the dense weight."""
+        and residual in its epilogue), for one row a 4-bit GEMV (``gemv="kmajor"`` or ``"triton"``: the engine's
+        own, LoRA and residual in its epilogue; else bitsandbytes'), else cuBLAS on the dense weight."""
         import torch
         from persona_router.adapters.engine.lora_kernels import expand_, shrink
 
@@ -265,6 +265,12 @@ class ModelRunner:
             shrunk = shrink(x, self.bank.a[index][group], self.bank.bt[index][group], lora.slot_ids,
                             self.bank.scaling, m=lora.m, prologue=prologue)
             x = shrunk.h
+        kmajor = linear.gemv.kmajor if linear.gemv is not None and rows == 1 else None
+        if kmajor is not None and linear.bias is None:
+            from persona_router.adapters.engine.nf4_gemv import gemv
+
+            out = gemv(x, kmajor, residual=residual, lora=shrunk, workspace=self.workspace)
+            return out if shrunk is not None else self.bank.apply(index, group, x, out, lora)
         lut = linear.gemv.lut if linear.gemv is not None and rows == 1 else None
         if (linear.nf4 is not None or lut is not None) and linear.bias is None:
             from persona_router.adapters.engine.nf4_kernels import nf4_matmul

@@ -182,7 +182,7 @@ def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any, gem
         log.warning("%s: 4-bit layout the fused kernel does not read (block size or shape); dequantizing it",
                     ", ".join(paths))
     if all(quantized) and gemv is not None and len(modules) == 1 and modules[0].weight.data.is_cuda:
-        group.gemv = Gemv4bit.of(modules[0], kernel=gemv)
+        group.gemv = Gemv4bit.of(modules[0], kernel=gemv, dtype=dtype)
     weights = [_dense_weight(module, dtype) for module in modules]
     biases = [module.bias for module in modules]
     group.weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
@@ -207,9 +207,11 @@ class Gemv4bit:
     # (nf4_kernels.Nf4Weight over the same bytes and decoded absmax, nf4_lut PTX): the engine's register-lookup
     # GEMV instead of bitsandbytes' (``gemv="triton"``); None where its shape rules it out
     lut: tuple[Any, str] | None = None
+    # nf4_gemv.KMajor: the engine's K-major copy for its own GEMV (``gemv="kmajor"``); None where K rules it out
+    kmajor: Any = None
 
     @classmethod
-    def of(cls, module: Any, kernel: str = "bitsandbytes") -> Gemv4bit:
+    def of(cls, module: Any, kernel: str = "bitsandbytes", dtype: Any = None) -> Gemv4bit:
         import bitsandbytes.functional as bnbf
 
         state = module.weight.quant_state
@@ -218,7 +220,18 @@ class Gemv4bit:
             absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
         gemv = cls(packed=module.weight.data, shape=(int(state.shape[0]), int(state.shape[1])),
                    absmax=absmax.float().contiguous(), code=state.code, blocksize=int(state.blocksize))
-        if kernel == "triton":
+        if kernel == "kmajor":
+            from persona_router.adapters.engine.nf4_gemv import kmajor
+
+            n, k = gemv.shape
+            if gemv.blocksize == 64 and dtype is not None:
+                gemv.kmajor = kmajor(gemv.packed, gemv.absmax, gemv.code, n, k, dtype)
+            if gemv.kmajor is None:
+                log.warning("4-bit weight %s x %s (block %d, %s): no K-major GEMV for it; using bitsandbytes' GEMV",
+                            n, k, gemv.blocksize, dtype)
+            else:  # its scales are in the copy: keep one float32 absmax, not two
+                gemv.absmax = None
+        elif kernel == "triton":
             gemv.lut = gemv.lut_view()
             if gemv.lut is None:
                 log.warning("4-bit weight %s x %s (block %d): no register-lookup GEMV for this shape; using "
@@ -243,6 +256,10 @@ class Gemv4bit:
         """``x W^T`` for one row ``x`` ([1, K], the compute dtype)."""
         import torch
 
+        if self.kmajor is not None:
+            from persona_router.adapters.engine.nf4_gemv import gemv
+
+            return gemv(x, self.kmajor)
         return torch.ops.bitsandbytes.gemv_4bit.default(x, self.packed, list(self.shape), self.absmax, self.code,
                                                        self.blocksize)
 

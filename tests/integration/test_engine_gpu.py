@@ -172,7 +172,8 @@ def test_fp32_adapter_swap_during_graph_replay(cuda_required: None, tiny_model_d
 @pytest.mark.parametrize(("precision", "nf4_mode", "kernels", "gemv"), [
     ("bf16", "auto", "on", "bitsandbytes"), ("bf16", "auto", "off", "bitsandbytes"),
     ("nf4", "fused", "on", "bitsandbytes"), ("nf4", "dequantize", "on", "bitsandbytes"),
-    ("nf4", "dequantize", "on", "triton"), ("nf4", "dequantize", "off", "bitsandbytes"),
+    ("nf4", "dequantize", "on", "triton"), ("nf4", "dequantize", "on", "kmajor"),
+    ("nf4", "dequantize", "off", "bitsandbytes"),
     ("nf4", "kernel", "off", "bitsandbytes")])
 def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_dir: Path,
                                                engine_adapters: dict[str, Path], precision: str,
@@ -186,6 +187,9 @@ def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_d
     assert engine.runner.kernels == (kernels == "on")
     if gemv == "triton":  # every 4-bit group of the tiny model has a register-lookup view
         assert all(group.gemv is not None and group.gemv.lut is not None
+                   for layer in engine.runner.w.layers for group in layer.groups.values())
+    if gemv == "kmajor":  # every 4-bit group of the tiny model has a K-major copy
+        assert all(group.gemv is not None and group.gemv.kmajor is not None
                    for layer in engine.runner.w.layers for group in layer.groups.values())
     for prompt in prompts(tokenizer)[:2]:
         for adapter in (None, *ADAPTER_SPECS):

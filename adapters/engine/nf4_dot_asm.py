@@ -1,0 +1,257 @@
+"""One 32-bit word of eight 4-bit codes times eight activations, as inline PTX for the one-row GEMV (``nf4_gemv``).
+
+The code table's 16 entries, rounded to the activations' 16-bit type, live in eight 32-bit immediates: the low
+bytes of the entries (L0-L3) and their high bytes (H0-H3). ``prmt`` (byte permute) picks four bytes out of two
+registers with 3 bits per target byte, so one permute looks up four codes in entries 0-7 and another in 8-15;
+a third permute, whose selector is built from each code's top bit, keeps the right one of the two (done for the
+low and the high bytes). Two more permutes interleave low and high bytes into two 16-bit pairs, which meet the
+activations (16-bit pairs too, as they lie in memory) in packed ``fma.rn.{bf16x2,f16x2}``: four packed
+multiply-adds per word, chained in 16-bit, then the two halves are added in float32. About 28 instructions per
+eight weights and no memory access: bitsandbytes' GEMV reads its table from shared memory once per weight.
+
+Two word layouts: ``bnb`` (bitsandbytes' own bytes: byte ``b`` of a word holds elements ``2b`` in its high and
+``2b + 1`` in its low nibble) and ``perm`` (``nf4_gemv.repack``: nibble ``2p + h`` of word ``j`` of a 64-element
+block holds element ``16p + 2j + h``, so the activation pairs a word meets are 8 pairs apart and the pairs for
+consecutive words are consecutive in memory). The layouts differ only in the two interleaving selectors.
+
+``PROGRAM`` is the instruction list; ``ptx`` prints it and ``emulate`` runs it in Python (16-bit rounding
+included), so the bit manipulation is tested on any machine and the assembly's syntax on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+
+LAYOUTS = ("bnb", "perm")
+DTYPES = ("bf16", "f16")
+# Interleaving selectors (low pair, high pair) per layout: byte i of the result takes byte sel[i] of (lo, hi).
+_INTERLEAVE = {"bnb": (0x4051, 0x6273), "perm": (0x5140, 0x7362)}
+# (op, destination, sources...): register names, table names (L0-L3, H0-H3), "$w" (the word), "$x0".."$x3"
+# (the activation pairs), integers (immediates). The last instruction writes "$out" (float32).
+
+
+def program(layout: str, dtype: str = "bf16") -> list[tuple[object, ...]]:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    first, second = _INTERLEAVE[layout]
+    prog: list[tuple[object, ...]] = [
+        ("and", "s", "$w", 0x77777777),  # 3-bit entry index per nibble (prmt reads selector nibbles' low bits)
+        ("shr", "t", "$w", 1),
+        ("lop3", "sel", "t", 0x44444444, 0x32103210, 0xEA),  # (t & 0x4444..) | 0x3210..: byte i, or i + 4 if bit 3
+        ("shr", "sh", "s", 16),
+        ("shr", "selh", "sel", 16),
+    ]
+    for half, (s, sel) in enumerate((("s", "sel"), ("sh", "selh"))):
+        prog += [
+            ("prmt", "a", "L0", "L1", s), ("prmt", "b", "L2", "L3", s), ("prmt", "lo", "a", "b", sel),
+            ("prmt", "c", "H0", "H1", s), ("prmt", "d", "H2", "H3", s), ("prmt", "hi", "c", "d", sel),
+            ("prmt", f"p{2 * half}", "lo", "hi", first), ("prmt", f"p{2 * half + 1}", "lo", "hi", second),
+        ]
+    prog += [
+        ("fma0", "acc", "p0", "$x0"),  # acc = p0 * x0 (a packed fma with +0)
+        ("fma", "acc", "p1", "$x1", "acc"),
+        ("fma", "acc", "p2", "$x2", "acc"),
+        ("fma", "acc", "p3", "$x3", "acc"),
+    ]
+    if dtype == "bf16":  # a bfloat16 is the top half of its float32
+        prog += [("shl", "t", "acc", 16), ("and", "s", "acc", 0xFFFF0000)]
+    else:
+        prog += [("cvtlo", "t", "acc"), ("cvthi", "s", "acc")]
+    prog.append(("addf", "$out", "t", "s"))
+    return prog
+
+
+def _bits16(value: float, dtype: str) -> int:
+    if dtype == "f16":
+        return int(struct.unpack("<H", struct.pack("<e", value))[0])
+    return _bf16_bits(value)
+
+
+def _bf16_bits(value: float) -> int:
+    """Round-to-nearest-even of a float to bfloat16 bits (through its exact float32 value when it has one)."""
+    if value == 0.0:
+        return 0x8000 if math.copysign(1.0, value) < 0 else 0
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    if struct.unpack("<f", struct.pack("<I", bits))[0] == value:  # exact in float32: round the bits
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+    mantissa, exponent = math.frexp(value)  # value = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    rounded = round(mantissa * 256) * 2.0 ** (exponent - 8)  # 8 significant bits, ties to even
+    return _bf16_bits(rounded)
+
+
+def _from16(bits: int, dtype: str) -> float:
+    if dtype == "f16":
+        return float(struct.unpack("<e", struct.pack("<H", bits & 0xFFFF))[0])
+    return float(struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0])
+
+
+def _round16(value: float, dtype: str) -> float:
+    return _from16(_bits16(value, dtype), dtype)
+
+
+def table_words(code: Sequence[float], dtype: str = "bf16") -> dict[str, int]:
+    """The eight 32-bit words holding the low (L) and high (H) bytes of the entries' 16-bit values."""
+    if len(code) != 16:
+        raise ValueError(f"a 4-bit code has 16 entries, got {len(code)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    halves = [_bits16(float(value), dtype) for value in code]
+    words = {}
+    for i in range(4):
+        entries = halves[4 * i:4 * i + 4]
+        words[f"L{i}"] = sum((h & 0xFF) << (8 * j) for j, h in enumerate(entries))
+        words[f"H{i}"] = sum((h >> 8) << (8 * j) for j, h in enumerate(entries))
+    return words
+
+
+def ptx(code: Sequence[float], dtype: str = "bf16", layout: str = "bnb") -> str:
+    """Inline PTX: output ``$0`` (float32), inputs ``$1`` (the word), ``$2..$5`` (activation pairs 0-3), ``$6..$9``
+    (table words L0, L2, H0, H2: ``register_words``)."""
+    words = table_words(code, dtype)
+    prog = program(layout, dtype)
+    regs = sorted({str(op[1]) for op in prog if not str(op[1]).startswith("$")})
+    lines = ["{", ".reg .b32 " + ", ".join(f"%q_{r}" for r in [*regs, "zero"]) + ";",
+             ".reg .f32 %q_f0, %q_f1;", ".reg .b16 %q_e0, %q_e1;", "mov.b32 %q_zero, 0;"]
+    names = {"$w": "$1", "$x0": "$2", "$x1": "$3", "$x2": "$4", "$x3": "$5", "$out": "$0"}
+    # The first table operand of each lookup comes in a register (``$6..$9``: L0, L2, H0, H2, loaded once by the
+    # kernel, so the assembler keeps them instead of re-making them per word), the second as an immediate.
+    names.update({"L0": "$6", "L2": "$7", "H0": "$8", "H2": "$9"})
+
+    def operand(x: object) -> str:
+        if isinstance(x, int):
+            return f"{x:#x}"
+        if str(x) in ("L1", "L3", "H1", "H3"):
+            return f"{words[str(x)]:#010x}"
+        return names.get(str(x), f"%q_{str(x).lower()}")
+
+    fma = f"fma.rn.{'bf16x2' if dtype == 'bf16' else 'f16x2'}"
+    for op in prog:
+        kind, args = op[0], [operand(x) for x in op[1:]]
+        if kind == "fma0":
+            lines.append(f"{fma} {args[0]}, {args[1]}, {args[2]}, %q_zero;")
+        elif kind == "fma":
+            lines.append(f"{fma} {args[0]}, {args[1]}, {args[2]}, {args[3]};")
+        elif kind in ("cvtlo", "cvthi"):  # typed cvt through .b16 and .f32 registers
+            lines.append(f"mov.b32 {{%q_e0, %q_e1}}, {args[1]};")
+            lines.append(f"cvt.f32.f16 %q_f0, {'%q_e0' if kind == 'cvtlo' else '%q_e1'};")
+            lines.append(f"mov.b32 {args[0]}, %q_f0;")
+        elif kind == "addf":
+            lines.append(f"mov.b32 %q_f0, {args[1]};")
+            lines.append(f"mov.b32 %q_f1, {args[2]};")
+            lines.append("add.f32 %q_f0, %q_f0, %q_f1;")
+            lines.append(f"mov.b32 {args[0]}, %q_f0;")
+        else:
+            suffix = ".u32" if kind == "shr" else ".b32"
+            lines.append(f"{kind}{suffix} " + ", ".join(args) + ";")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+REGISTER_TABLES = ("L0", "L2", "H0", "H2")
+
+
+def register_words(code: Sequence[float], dtype: str = "bf16") -> list[int]:
+    """The table words the PTX takes as inputs ``$6..$9``, as signed 32-bit integers (an int32 tensor's values)."""
+    words = table_words(code, dtype)
+    return [w - (1 << 32) if w >= 1 << 31 else w for w in (words[t] for t in REGISTER_TABLES)]
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    source = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = 0
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        byte = source[sel & 7]
+        if sel & 8:  # sign-replicate mode
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    out = 0
+    for bit in range(32):
+        index = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+        out |= ((lut >> index) & 1) << bit
+    return out
+
+
+def _fma2(a: int, b: int, c: int, dtype: str) -> int:
+    """Packed 16-bit fma: each half ``round16(a * b + c)``, one rounding (the product of two 16-bit values and
+    their sum are exact in a Python float for the magnitudes the tests use)."""
+    out = 0
+    for half in range(2):
+        value = (_from16(a >> (16 * half), dtype) * _from16(b >> (16 * half), dtype)
+                 + _from16(c >> (16 * half), dtype))
+        out |= _bits16(value, dtype) << (16 * half)
+    return out
+
+
+def _f32(bits: int) -> float:
+    return float(struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0])
+
+
+def emulate(word: int, pairs: Sequence[int], code: Sequence[float], dtype: str = "bf16", layout: str = "bnb") -> float:
+    """Run the program on one word and four activation pairs (32-bit words of two 16-bit values) in Python."""
+    regs: dict[str, int] = {"$w": word & 0xFFFFFFFF, **table_words(code, dtype)}
+    regs.update({f"$x{i}": p & 0xFFFFFFFF for i, p in enumerate(pairs)})
+
+    def value(x: object) -> int:
+        return x if isinstance(x, int) else regs[str(x)]
+
+    out = math.nan
+    for op in program(layout, dtype):
+        kind, dst = op[0], str(op[1])
+        args = [value(x) for x in op[2:]]
+        if kind == "and":
+            regs[dst] = args[0] & args[1]
+        elif kind == "shl":
+            regs[dst] = (args[0] << args[1]) & 0xFFFFFFFF
+        elif kind == "shr":
+            regs[dst] = args[0] >> args[1]
+        elif kind == "prmt":
+            regs[dst] = _prmt(*args)
+        elif kind == "lop3":
+            regs[dst] = _lop3(*args)
+        elif kind == "fma0":
+            regs[dst] = _fma2(args[0], args[1], 0, dtype)
+        elif kind == "fma":
+            regs[dst] = _fma2(args[0], args[1], args[2], dtype)
+        elif kind in ("cvtlo", "cvthi"):
+            half = _from16(args[0] >> (0 if kind == "cvtlo" else 16), dtype)
+            regs[dst] = struct.unpack("<I", struct.pack("<f", half))[0]
+        elif kind == "addf":  # float32 add of two float32 bit patterns, rounded to float32
+            out = _f32(struct.unpack("<I", struct.pack("<f", _f32(args[0]) + _f32(args[1])))[0])
+        else:
+            raise ValueError(f"unknown op {kind}")
+    return out
+
+
+def element_codes(word: int, layout: str) -> list[tuple[int, int]]:
+    """(pair, half) -> nibble position: for each of the eight (pair ``p``, half ``h``) slots the word feeds, the
+    4-bit code it holds; in ``bnb`` pair ``p`` is byte ``p`` (even element in the high nibble), in ``perm``
+    nibble ``2p + h``."""
+    codes = []
+    for pair in range(4):
+        for half in range(2):
+            nibble = 2 * pair + (1 - half) if layout == "bnb" else 2 * pair + half
+            codes.append((pair * 2 + half, (word >> (4 * nibble)) & 15))
+    return codes
+
+
+def reference(word: int, pairs: Sequence[int], code: Sequence[float], dtype: str = "bf16", layout: str = "bnb"
+              ) -> float:
+    """What ``emulate`` must give, written from the layouts' definitions: the same 16-bit chain of products."""
+    values = {slot: _round16(float(code[c]), dtype) for slot, c in element_codes(word, layout)}
+    halves = []
+    for half in range(2):
+        acc = 0.0
+        for pair in range(4):
+            x = _from16(pairs[pair] >> (16 * half), dtype)
+            acc = _round16(values[2 * pair + half] * x + acc, dtype)
+        halves.append(acc)
+    return _f32(struct.unpack("<I", struct.pack("<f", halves[0] + halves[1]))[0])

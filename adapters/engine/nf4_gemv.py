@@ -1,0 +1,177 @@
+"""The one-row NF4 product (batch-1 decode) on a K-major copy of the 4-bit weight, near memory speed.
+
+Why bitsandbytes' GEMV and the engine's earlier Triton GEMVs sit at about 0.85 TB/s on an H200 (the committed
+profiles, ``benchmarks/results/serve_gpu_profile_round3_after_h200.md``): at one row every weight is used once,
+so the kernel must decode 4-bit codes as fast as the memory delivers them, about 7.5e12 weights/s, against an
+issue rate of about 33e12 thread instructions/s; a kernel may spend at most ~4 instructions per weight. bitsandbytes
+reads its code table from shared memory once per weight and multiplies in 16-bit one weight at a time, with one
+16-byte load per thread in flight. The row-major Triton GEMVs paid layout conversions through shared memory
+on every step (the scales and the activations did not load in the layout of the words) and, with the table in
+registers, re-made the table constants for every word.
+
+This kernel (``gemv_triton.nf4_gemv_kmajor``) reads a copy of the weight made once at load, **K-major**: the
+int32 words of eight codes as ``[K // 8, N]`` and one float32 scale per 64-element block as ``[K // 64, N]``.
+Rows run along the fast axis of both, so a thread's 16-byte load holds one word of four consecutive rows, the
+scales of those rows load the same way, and each activation pair it loads serves all four rows; no layout
+conversion. The codes are decoded in registers by byte permutes and multiplied by packed 16-bit FMAs
+(``nf4_dot_asm``): about 33 instructions per eight weights in the loop, by the compiler's own output.
+
+Memory: the copy holds ``N * K / 2`` bytes of codes and ``N * K / 16`` of float32 scales (0.56 bytes per
+weight; 2.0 GB for Phi-3-mini), beside the model's own 4-bit tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+QBLOCK = 64
+
+
+@dataclass
+class KMajor:
+    """A 4-bit ``[N, K]`` weight laid out for ``gemv``: see the module docstring."""
+
+    words: Any  # [K // 8, N] int32: word kw of row n holds elements 8 kw .. 8 kw + 7 (bitsandbytes' nibble order)
+    scales: Any  # [K // 64, N] float32
+    code: Any  # [16] float32: the 4-bit code (NF4 or FP4)
+    table: Any  # [4] int32: the table words the PTX reads from registers (nf4_dot_asm.register_words)
+    n: int
+    k: int
+    asm: str  # the PTX for this code and activation dtype ("" under Triton's interpreter)
+    f16: bool  # float16 activations (else bfloat16)
+
+    @property
+    def nbytes(self) -> int:
+        return self.words.numel() * 4 + self.scales.numel() * 4
+
+
+def kmajor(packed: Any, absmax: Any, code: Any, n: int, k: int, dtype: Any) -> KMajor | None:
+    """The K-major copy of a bitsandbytes 4-bit weight (``packed``: ``N * K / 2`` bytes in its order, ``absmax``:
+    one float32 scale per 64 elements, already decoded from double quantisation), for activations of ``dtype``
+    (bfloat16 or float16); None when K is not a multiple of 64."""
+    import torch
+    from persona_router.adapters.engine import nf4_dot_asm
+
+    if k % QBLOCK or packed.numel() * 2 != n * k or absmax.numel() * QBLOCK != n * k:
+        return None
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the 4-bit GEMV takes bfloat16 or float16 activations, not {dtype}")
+    kind = "f16" if dtype == torch.float16 else "bf16"
+    words = packed.contiguous().view(torch.uint8).reshape(n, k // 2).view(torch.int32).t().contiguous()
+    scales = absmax.float().reshape(n, k // QBLOCK).t().contiguous()
+    values = code.float().tolist()
+    table = torch.tensor(nf4_dot_asm.register_words(values, kind), dtype=torch.int32, device=words.device)
+    asm = "" if _interpreting() else nf4_dot_asm.ptx(values, kind, "bnb")
+    return KMajor(words=words, scales=scales, code=code.float().to(words.device).contiguous(), table=table, n=n,
+                  k=k, asm=asm, f16=kind == "f16")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dequantize(w: KMajor) -> Any:
+    """Plain-torch dense ``[N, K]`` float32 weight: the reference the kernel is tested against."""
+    import torch
+
+    words = w.words.t().contiguous().view(torch.uint8).reshape(w.n, w.k // 2).long()
+    values = torch.stack([w.code[words >> 4], w.code[words & 15]], dim=-1).reshape(w.n, w.k)
+    return values * w.scales.t().repeat_interleave(QBLOCK, dim=1)
+
+
+def reference(x: Any, w: KMajor, residual: Any = None, lora: Any = None) -> Any:
+    """``[residual +] x W^T [+ lora]`` in float32, one final rounding."""
+    out = x.float() @ dequantize(w).T
+    if lora is not None:
+        out = out + lora.float()
+    if residual is not None:
+        out = out + residual.float()
+    return out.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A launch shape: ``bn`` rows per program, ``bkw`` words of K per loop step, ``split_k`` programs per
+    row block (the last one to finish adds the partial sums), ``prefetch`` the next step's loads before this
+    step's arithmetic, ``maxnreg`` the register cap given to the compiler (without one it spends registers
+    sparingly and re-makes the table constants for every word)."""
+
+    bn: int = 64
+    bkw: int = 16
+    warps: int = 4
+    split_k: int = 1
+    prefetch: bool = False
+    maxnreg: int | None = 80
+
+    def fits(self, n: int, k: int) -> bool:
+        words = k // 8
+        return (k % QBLOCK == 0 and words % self.split_k == 0 and (words // self.split_k) % self.bkw == 0
+                and self.bkw % 8 == 0 and self.split_k <= MAX_SPLIT and self.bn % 4 == 0 and n >= 1)
+
+
+MAX_SPLIT = 8
+# Chosen per projection shape from benchmarks/kernels_gpu.py's ``kmajor`` section (see default_shape).
+_DEFAULTS: dict[tuple[int, int], Shape] = {}
+
+
+def default_shape(n: int, k: int) -> Shape:
+    """The measured best shape for this (N, K) where one was measured, else enough programs to fill an H200:
+    split K until there are at least 512 programs."""
+    if (n, k) in _DEFAULTS:
+        return _DEFAULTS[(n, k)]
+    bn = 64
+    programs = -(-n // bn)
+    for split in (1, 2, 4, 8):
+        shape = Shape(bn=bn, bkw=16, split_k=split)
+        if programs * split >= 512 and shape.fits(n, k):
+            return shape
+    for split in (8, 4, 2, 1):
+        for bkw in (16, 8):
+            shape = Shape(bn=bn, bkw=bkw, split_k=split)
+            if shape.fits(n, k):
+                return shape
+    raise ValueError(f"no launch shape of the 4-bit GEMV fits K={k} (needs a multiple of 64)")
+
+
+def gemv(x: Any, w: KMajor, *, residual: Any = None, lora: Any = None, shape: Shape | None = None,
+         workspace: Any = None) -> Any:
+    """``[residual +] x W^T [+ LoRA(x)]`` for one row ``x`` ([1, K]); ``lora`` is a ``LoraShrunk``
+    (``lora_kernels``), added with ``residual`` in the kernel's epilogue."""
+    import torch
+    from persona_router.adapters.engine.nf4_kernels import _SHARED
+    from persona_router.adapters.engine.triton_ops import require_triton
+
+    require_triton()
+    from persona_router.adapters.engine import gemv_triton
+
+    if x.dim() != 2 or x.shape != (1, w.k):
+        raise ValueError(f"x must be [1, {w.k}], got {tuple(x.shape)}")
+    if x.dtype != (torch.float16 if w.f16 else torch.bfloat16):
+        raise ValueError(f"x is {x.dtype}; this weight was laid out for {'float16' if w.f16 else 'bfloat16'}")
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.contiguous().clone()
+    if residual is not None and (residual.stride(1) != 1 or tuple(residual.shape) != (1, w.n)):
+        raise ValueError("residual must be a row-major [1, N] tensor")
+    t = shape or default_shape(w.n, w.k)
+    if not t.fits(w.n, w.k):
+        raise ValueError(f"launch shape {t} does not fit N={w.n}, K={w.k}")
+    out = torch.empty(1, w.n, dtype=x.dtype, device=x.device)
+    grid_n = -(-w.n // t.bn)
+    ws, counters = ((workspace or _SHARED).get(x.device, w.n, 1, t.split_k, grid_n) if t.split_k > 1
+                    else (out, out))
+    has_lora = lora is not None
+    tl_t, tl_bt, slots = (lora.t, lora.bt, lora.slot_ids) if has_lora else (out, out, out)
+    options = {} if t.maxnreg is None or _interpreting() else {"maxnreg": t.maxnreg}
+    gemv_triton.nf4_gemv_kmajor[(grid_n, t.split_k)](
+        x.view(torch.int32), w.words, w.scales, w.code, w.table, out,
+        residual if residual is not None else out, tl_t, tl_bt, slots, ws, counters, w.n, w.k, out.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        tl_t.stride(0) if has_lora else 0, tl_t.stride(1) if has_lora else 0,
+        tl_bt.stride(0) if has_lora else 0, tl_bt.stride(1) if has_lora else 0,
+        R=lora.rank if has_lora else 0, SPLITS=lora.splits if has_lora else 1,
+        RP=lora.rank_pow2 if has_lora else 1, HAS_RES=residual is not None, HAS_LORA=has_lora, BN=t.bn,
+        BKW=t.bkw, SPLIT_K=t.split_k, PREFETCH=t.prefetch, EVEN_N=w.n % t.bn == 0, F16=w.f16, ASM=w.asm,
+        num_warps=t.warps, **options)
+    return out
