@@ -35,7 +35,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/persona-router-bench/phi3-mini-random"))
     parser.add_argument("--modes", default="dequantize:off,kernel:off,fused:auto",
-                        help="comma-separated nf4_mode:kernels pairs (EngineConfig fields)")
+                        help="comma-separated nf4_mode:kernels[:gemv] (EngineConfig fields; gemv defaults to the "
+                             "engine's)")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--position", type=int, default=160, help="decode position of every row")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -143,12 +144,13 @@ def profile_mode(model: Any, tokenizer: Any, mode: str, adapters: list[Path], ar
     from persona_router.adapters.engine.lora_bank import slot_bucket
     from persona_router.adapters.engine.sampling import choose_tokens
 
-    from benchmarks.serve_gpu import timed, weight_bytes
+    from benchmarks.serve_gpu import one_row_bytes, timed, weight_bytes
 
     batches = [int(b) for b in args.batches.split(",")]
-    nf4_mode, _, kernels = mode.partition(":")
+    nf4_mode, _, rest = mode.partition(":")
+    kernels, _, gemv = rest.partition(":")
     config = EngineConfig(max_batch=max(batches), max_len=256, max_adapters=8, max_rank=16, stop_token_ids=(),
-                          nf4_mode=nf4_mode, kernels=kernels or "auto")
+                          nf4_mode=nf4_mode, kernels=kernels or "auto", **({"gemv": gemv} if gemv else {}))
     engine = BatchedEngine(model, tokenizer, config)
     names = [f"a{i}" for i in range(len(adapters))]
     for name, folder in zip(names, adapters, strict=True):
@@ -157,9 +159,11 @@ def profile_mode(model: Any, tokenizer: Any, mode: str, adapters: list[Path], ar
     runner = engine.runner
     kv_cache_gib = runner.kv_bytes() / 2**30
     wbytes = weight_bytes(runner)
-    result: dict[str, Any] = {"nf4_mode": engine.nf4_mode, "kernels": runner.kernels,
+    row_bytes = one_row_bytes(runner)
+    result: dict[str, Any] = {"nf4_mode": engine.nf4_mode, "kernels": runner.kernels, "gemv": config.gemv,
                               "weight_bytes": wbytes, "kv_cache_gib": kv_cache_gib,
-                              "weight_floor_ms": wbytes / bandwidth * 1e3, "decode": {}}
+                              "weight_floor_ms": wbytes / bandwidth * 1e3, "one_row_weight_bytes": row_bytes,
+                              "one_row_floor_ms": row_bytes / bandwidth * 1e3, "decode": {}}
     gen = torch.Generator().manual_seed(3)
     for batch in batches:
         rows_slots = [slots[i % len(slots)] for i in range(batch)]
@@ -259,7 +263,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"## nf4_mode:kernels = {mode}", "",
                   f"Weights read per step: {data['weight_bytes'] / 1e9:.2f} GB, floor "
                   f"{data['weight_floor_ms']:.3f} ms; KV cache {data['kv_cache_gib']:.1f} GiB; peak "
-                  f"{data.get('memory_peak_gib', float('nan')):.1f} GiB.", "",
+                  f"{data.get('memory_peak_gib', float('nan')):.1f} GiB. A one-row step through the 4-bit GEMV "
+                  f"({data.get('gemv', '-')}) reads {data.get('one_row_weight_bytes', 0) / 1e9:.2f} GB, floor "
+                  f"{data.get('one_row_floor_ms', float('nan')):.3f} ms.", "",
                   "| case | graph ms | eager ms | floor ms | kernels ms | kernel count | "
                   + " | ".join(parts) + " |", "|---" * (6 + len(parts)) + "|"]
         for name, case in [*data["decode"].items(), ("prefill", data["prefill"])]:

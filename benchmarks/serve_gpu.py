@@ -234,6 +234,24 @@ def weight_bytes(runner: Any) -> int:
     return total
 
 
+def one_row_bytes(runner: Any) -> int:
+    """Bytes a one-row decode step reads at least once: each group through its one-row 4-bit GEMV where it has
+    one (the K-major copy, or bitsandbytes' bytes and float32 scales), else as stored (``weight_bytes``)."""
+    total = runner.w.lm_head.numel() * runner.w.lm_head.element_size()
+    for layer in runner.w.layers:
+        for group in layer.groups.values():
+            gemv = group.gemv
+            if gemv is not None and gemv.kmajor is not None:
+                total += gemv.kmajor.nbytes
+            elif gemv is not None:
+                total += gemv.packed.numel() * gemv.packed.element_size() + gemv.absmax.numel() * 4
+            elif group.weight is not None:
+                total += group.weight.numel() * group.weight.element_size()
+            elif group.nf4 is not None:
+                total += group.nf4.nbytes
+    return total
+
+
 # -- vanilla PEFT -----------------------------------------------------------------------------------
 
 
