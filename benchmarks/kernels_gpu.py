@@ -18,6 +18,7 @@ including the in-graph launch gap, as the engine's decode graph runs it.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import statistics
@@ -412,6 +413,18 @@ def attention_cases(bandwidth: float) -> list[dict[str, Any]]:
     return rows
 
 
+def write_shapes(path: Path, device: str, rows: list[dict[str, Any]]) -> None:
+    """Merge each row's fastest shape (a ``Shape``'s fields in order) under ``device`` into ``path``."""
+    table = json.loads(path.read_text()) if path.exists() else {}
+    entries = table.setdefault(device, {})
+    for row in rows:
+        if "best" in row:
+            entries[f"{row['n']}x{row['k']}"] = list(ast.literal_eval(row["best"]["config"]))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
 def main() -> int:
     import torch
 
@@ -419,6 +432,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default="kmajor,attention,lora,prologue,lut,nf4", help="comma-separated sections")
+    parser.add_argument("--write-shapes", type=Path,
+                        help="merge the kmajor section's fastest launch shape per weight shape, for this GPU, into "
+                             "this JSON file (the engine's adapters/engine/gemv_shapes.json)")
     args = parser.parse_args()
     from benchmarks.serve_gpu import copy_bandwidth
 
@@ -435,6 +451,8 @@ def main() -> int:
             log.exception("%s failed", key)
             report[key] = {"error": f"{type(exc).__name__}: {exc}"}
         args.out.write_text(json.dumps(report, indent=1))
+    if args.write_shapes and isinstance(report.get("kmajor"), list):
+        write_shapes(args.write_shapes, report["device"], report["kmajor"])
     print(f"{report['device']}: copy {report['bandwidth']['tb_s']:.2f} TB/s")
     for row in report.get("nf4", []) if isinstance(report.get("nf4"), list) else []:
         best = row.get("best", {})

@@ -22,11 +22,18 @@ weight; 2.0 GB for Phi-3-mini), beside the model's own 4-bit tensors.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 QBLOCK = 64
+# Measured launch shapes per GPU name and "NxK", written by ``benchmarks/kernels_gpu.py --write-shapes``.
+SHAPES_FILE = Path(__file__).with_name("gemv_shapes.json")
 
 
 @dataclass
@@ -41,6 +48,7 @@ class KMajor:
     k: int
     asm: str  # the PTX for this code and activation dtype ("" under Triton's interpreter)
     f16: bool  # float16 activations (else bfloat16)
+    shape: Shape | None = None  # the launch shape, chosen at load for this GPU (None: default_shape's)
 
     @property
     def nbytes(self) -> int:
@@ -64,8 +72,10 @@ def kmajor(packed: Any, absmax: Any, code: Any, n: int, k: int, dtype: Any) -> K
     values = code.float().tolist()
     table = torch.tensor(nf4_dot_asm.register_words(values, kind), dtype=torch.int32, device=words.device)
     asm = "" if _interpreting() else nf4_dot_asm.ptx(values, kind, "bnb")
-    return KMajor(words=words, scales=scales, code=code.float().to(words.device).contiguous(), table=table, n=n,
-                  k=k, asm=asm, f16=kind == "f16")
+    device = words.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return KMajor(words=words, scales=scales, code=code.float().to(device).contiguous(), table=table, n=n,
+                  k=k, asm=asm, f16=kind == "f16", shape=measured_shape(name, n, k))
 
 
 def _interpreting() -> bool:
@@ -112,15 +122,30 @@ class Shape:
 
 
 MAX_SPLIT = 8
-# Chosen per projection shape from benchmarks/kernels_gpu.py's ``kmajor`` section (see default_shape).
-_DEFAULTS: dict[tuple[int, int], Shape] = {}
+
+
+@cache
+def _measured() -> dict[str, dict[str, list[Any]]]:
+    if not SHAPES_FILE.exists():
+        return {}
+    return dict(json.loads(SHAPES_FILE.read_text()))
+
+
+def measured_shape(device_name: str, n: int, k: int) -> Shape | None:
+    """The fastest launch shape measured for this GPU and weight shape (``SHAPES_FILE``), or None."""
+    entry = _measured().get(device_name, {}).get(f"{n}x{k}")
+    if entry is None:
+        return None
+    shape = Shape(*entry)
+    if not shape.fits(n, k):
+        log.warning("measured GEMV shape %s does not fit %dx%d; using the default", shape, n, k)
+        return None
+    return shape
 
 
 def default_shape(n: int, k: int) -> Shape:
-    """The measured best shape for this (N, K) where one was measured, else enough programs to fill an H200:
-    split K until there are at least 512 programs."""
-    if (n, k) in _DEFAULTS:
-        return _DEFAULTS[(n, k)]
+    """Where no shape was measured: enough programs to keep an H200's 132 multiprocessors streaming (split K
+    until there are at least 512 programs)."""
     bn = 64
     programs = -(-n // bn)
     for split in (1, 2, 4, 8):
@@ -154,7 +179,7 @@ def gemv(x: Any, w: KMajor, *, residual: Any = None, lora: Any = None, shape: Sh
         x = x.contiguous().clone()
     if residual is not None and (residual.stride(1) != 1 or tuple(residual.shape) != (1, w.n)):
         raise ValueError("residual must be a row-major [1, N] tensor")
-    t = shape or default_shape(w.n, w.k)
+    t = shape or w.shape or default_shape(w.n, w.k)
     if not t.fits(w.n, w.k):
         raise ValueError(f"launch shape {t} does not fit N={w.n}, K={w.k}")
     out = torch.empty(1, w.n, dtype=x.dtype, device=x.device)
