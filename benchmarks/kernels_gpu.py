@@ -224,19 +224,24 @@ def lut_cases(bandwidth: float) -> list[dict[str, Any]]:
 
 KMAJOR_BASES = ((64, 16, 4, False, 80), (128, 8, 4, False, 80), (32, 16, 4, False, 80), (128, 16, 4, False, 96),
                 (64, 16, 8, False, 80), (64, 8, 4, True, 128), (64, 16, 4, False, None))
+# The second H200 run (split-K 8 was the largest tried and the fastest for every shape): more splits, the bases
+# that led.
+KMAJOR_BASES_WIDE = ((64, 16, 4, False, 80), (32, 16, 4, False, 80), (64, 8, 4, False, 80), (128, 16, 4, False, 96))
 
 
-def kmajor_shapes(n: int, k: int) -> list[Any]:
+def kmajor_shapes(n: int, k: int, wide: bool = False) -> list[Any]:
     """Every launch shape of the K-major GEMV tried: KMAJOR_BASES (rows per program, words per step, warps,
-    prefetch, register cap) times split-K 1, 2, 4, 8, where it fits."""
+    prefetch, register cap) times split-K 1, 2, 4, 8, or with ``wide`` KMAJOR_BASES_WIDE times 8, 16, 32; where
+    it fits."""
     from persona_router.adapters.engine.nf4_gemv import Shape
 
-    shapes = [Shape(bn, bkw, warps, split, prefetch, maxnreg) for bn, bkw, warps, prefetch, maxnreg in KMAJOR_BASES
-              for split in (1, 2, 4, 8)]
+    bases, splits = (KMAJOR_BASES_WIDE, (8, 16, 32)) if wide else (KMAJOR_BASES, (1, 2, 4, 8))
+    shapes = [Shape(bn, bkw, warps, split, prefetch, maxnreg) for bn, bkw, warps, prefetch, maxnreg in bases
+              for split in splits]
     return [shape for shape in shapes if shape.fits(n, k)]
 
 
-def kmajor_cases(bandwidth: float) -> list[dict[str, Any]]:
+def kmajor_cases(bandwidth: float, wide: bool = False) -> list[dict[str, Any]]:
     """One row: the K-major NF4 GEMV (``nf4_gemv``) over launch shapes, against bitsandbytes' GEMV (``Gemv4bit``,
     absmax decoded once, as the engine calls it) and cuBLAS on a dense bf16 copy; then, at the best shape, the
     projection as the engine runs it with a LoRA adapter and the residual: folded into the GEMV's epilogue,
@@ -263,7 +268,7 @@ def kmajor_cases(bandwidth: float) -> list[dict[str, Any]]:
                                "cublas_bf16_ms": graph_ms([lambda d=d, x=x: F.linear(x, d) for d in dense]),
                                "bnb_gemv_ms": graph_ms([lambda g=g, x=x: g(x) for g in gemvs]),
                                "bnb_gemv_rel_err": rel(gemvs[0](x), want), "configs": {}}
-        for shape in kmajor_shapes(n, k):
+        for shape in kmajor_shapes(n, k, wide):
             key = str(tuple(vars(shape).values()))
             try:
                 err = rel(nf4_gemv.gemv(x, layouts[0], shape=shape), want)
@@ -276,7 +281,7 @@ def kmajor_cases(bandwidth: float) -> list[dict[str, Any]]:
         if timed:
             best_key = min(timed, key=lambda c: timed[c]["ms"])
             row["best"] = {"config": best_key, **timed[best_key]}
-            best = next(s for s in kmajor_shapes(n, k) if str(tuple(vars(s).values())) == best_key)
+            best = next(s for s in kmajor_shapes(n, k, wide) if str(tuple(vars(s).values())) == best_key)
             row["epilogue"] = _epilogue_case(x, n, k, layouts, gemvs, best, lora_kernels, nf4_gemv)
         rows.append(row)
         log.info("kmajor %s: floor %.4f cublas %.4f bnb %.4f best %s", name, row["floor_ms"], row["cublas_bf16_ms"],
@@ -389,6 +394,7 @@ def attention_cases(bandwidth: float) -> list[dict[str, Any]]:
         live_bytes = 2 * n * heads * (pos + 1) * dim * 2
         rows.append({"n": n, "rel_err": rel(got, want), "live_bytes": live_bytes,
                      "floor_ms": live_bytes / bandwidth * 1e3,
+                     "default_launch": str(attention_kernels.launch_for(n)),
                      "kernel_ms": graph_ms([partial(attention_kernels.decode_attention, q, k_new, v_new, k_cache,
                                                     v_cache, positions, cache_len)] * 20),
                      "sdpa_masked_ms": graph_ms([partial(F.scaled_dot_product_attention, q.unsqueeze(2), k_cache,
@@ -396,9 +402,9 @@ def attention_cases(bandwidth: float) -> list[dict[str, Any]]:
         launches = {}
         for block in (16, 32, 64):
             for warps in (1, 2, 4, 8):
-                for guard in (True, False):
-                    shape = attention_kernels.Launch(block, warps, guard)
-                    label = f"{block}/{warps}/{'guard' if guard else 'masked'}"
+                for guard, split in ((True, False), (False, False), (True, True)):
+                    shape = attention_kernels.Launch(block, warps, guard, split)
+                    label = f"{block}/{warps}/{'split' if split else 'guard' if guard else 'masked'}"
                     try:
                         err = rel(attention_kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, positions,
                                                                      cache_len, launch=shape), want)
@@ -443,7 +449,7 @@ def main() -> int:
     bandwidth = report["bandwidth"]["tb_s"] * 1e12
     sections = {"attention": lambda: attention_cases(bandwidth), "lora": lora_cases, "prologue": prologue_cases,
                 "nf4": lambda: nf4_cases(bandwidth), "lut": lambda: lut_cases(bandwidth),
-                "kmajor": lambda: kmajor_cases(bandwidth)}
+                "kmajor": lambda: kmajor_cases(bandwidth), "kmajor_wide": lambda: kmajor_cases(bandwidth, wide=True)}
     for key in args.only.split(","):
         try:
             report[key] = sections[key]()
@@ -451,8 +457,9 @@ def main() -> int:
             log.exception("%s failed", key)
             report[key] = {"error": f"{type(exc).__name__}: {exc}"}
         args.out.write_text(json.dumps(report, indent=1))
-    if args.write_shapes and isinstance(report.get("kmajor"), list):
-        write_shapes(args.write_shapes, report["device"], report["kmajor"])
+    for key in ("kmajor", "kmajor_wide"):
+        if args.write_shapes and isinstance(report.get(key), list):
+            write_shapes(args.write_shapes, report["device"], report[key])
     print(f"{report['device']}: copy {report['bandwidth']['tb_s']:.2f} TB/s")
     for row in report.get("nf4", []) if isinstance(report.get("nf4"), list) else []:
         best = row.get("best", {})
@@ -469,7 +476,7 @@ def main() -> int:
         print(f"lut {row['shape']:8s} floor {row['floor_ms'] * 1e3:.1f} us | cublas-bf16 "
               f"{row['cublas_bf16_ms'] * 1e3:.1f} bnb {row['bnb_gemv_ms'] * 1e3:.1f} | default "
               f"{row['configs'].get('default')} | best {row.get('best')}")
-    for row in report.get("kmajor", []) if isinstance(report.get("kmajor"), list) else []:
+    for row in [r for key in ("kmajor", "kmajor_wide") if isinstance(report.get(key), list) for r in report[key]]:
         best = row.get("best", {})
         print(f"kmajor {row['shape']:8s} floor {row['floor_ms'] * 1e3:.1f} us | cublas-bf16 "
               f"{row['cublas_bf16_ms'] * 1e3:.1f} bnb {row['bnb_gemv_ms'] * 1e3:.1f} "

@@ -20,31 +20,39 @@ BLOCK = 64  # cache positions per loop step (default)
 class Launch:
     """The kernel's launch shape: ``block`` cache positions per step, ``warps`` per program, and ``guard``:
     skip the blocks past a row's position with a branch (True) or run every block with masked loads (False,
-    no branch, so the compiler may issue all blocks' loads before the first one's arithmetic)."""
+    no branch, so the compiler may issue all blocks' loads before the first one's arithmetic). ``split``: one
+    program per ``block`` positions of each (row, head), merged by the last to finish (``decode_attention_split``)
+    instead of one program looping over the blocks."""
 
     block: int = BLOCK
     warps: int = 4
     guard: bool = True
+    split: bool = False
+
+
+SPLIT_ROWS = 4  # up to this many rows the positions are split over programs (rows x heads alone leave SMs idle)
 
 
 def launch_for(rows: int) -> Launch:
-    """The launch shape for a step of ``rows`` rows: the default at every row count. On an H200
-    (``benchmarks/results/kernels_gpu_round3_h200.json``, 160 live positions) no other shape was faster by more
-    than 8% (1 row: 8.5 us for 8 warps against 9.2; 64 rows: 65 us branch-free with 2 warps against 69), and
-    Triton 3.6 failed to compile the branching form with 1-2 warps, and with 4 warps for blocks under 64."""
-    return Launch()
+    """The launch shape for a step of ``rows`` rows. One program per (row, head) looping over blocks: on an H200
+    (``benchmarks/results/kernels_gpu_round3_h200.json``, 160 live positions) no other shape of that kernel was
+    faster by more than 8% (1 row: 8.5 us for 8 warps against 9.2; 64 rows: 65 us branch-free with 2 warps
+    against 69). For few rows the 32 programs of one row run one block after another, each a full memory
+    latency: the positions are split over programs instead, 32 per program (``kernels_gpu_round4b_h200``)."""
+    return Launch(block=32, split=True) if rows <= SPLIT_ROWS else Launch()
 
 
 def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, positions: Any, kv_len: int,
                      window: int | None = None, rotary: tuple[Any, Any] | None = None,
-                     launch: Launch | None = None) -> Any:
+                     launch: Launch | None = None, workspace: Any = None) -> Any:
     """``q`` [n, heads, dim], ``k_new``/``v_new`` [n, kv_heads, dim] (any strides, last dim contiguous),
     caches [rows, kv_heads, cache_len, dim]; returns [n, heads, dim]. Row ``i`` attends ``0..positions[i]``
     (all positions below ``kv_len``), after writing ``k_new[i]``/``v_new[i]`` at ``positions[i]``.
 
     ``rotary = (cos, sin)`` (each ``[positions, rotary_dim]``, contiguous): ``q`` and ``k_new`` are given
     before the rotary embedding and the kernel applies it at each row's position. ``launch``: the kernel's
-    launch shape (default ``launch_for(n)``)."""
+    launch shape (default ``launch_for(n)``). ``workspace`` (``nf4_kernels.Workspace``, default one per process)
+    holds the split form's partial states; launches sharing one must not overlap."""
     import torch
     from persona_router.adapters.engine.triton_ops import require_triton
 
@@ -61,6 +69,18 @@ def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any,
     require_triton()
     import persona_router.adapters.engine.triton_attention as triton_attention
 
+    dp = 1 << (dim - 1).bit_length()
+    if shape.split:
+        from persona_router.adapters.engine.nf4_kernels import _SHARED
+
+        ws, counters = (workspace or _SHARED).get(q.device, heads * (dp + 2), n, nblk, n * heads, tag="attention")
+        triton_attention.decode_attention_split[(n, heads, nblk)](
+            q, k_new, v_new, k_cache, v_cache, positions, out, cos, sin, ws, counters, n, q.stride(0), q.stride(1),
+            k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), out.stride(0), out.stride(1), 1.0 / math.sqrt(dim), HEADS=heads,
+            GROUP=heads // kv_heads, D=dim, DP=dp, BL=shape.block, NSPLIT=nblk, NSP=1 << (nblk - 1).bit_length(),
+            WINDOW=window or 0, ROT=int(cos.shape[1]) if rotary is not None else 0, num_warps=shape.warps)
+        return out
     triton_attention.decode_attention[(n, heads)](
         q, k_new, v_new, k_cache, v_cache, positions, out, cos, sin, q.stride(0), q.stride(1), k_new.stride(0),
         k_new.stride(1),

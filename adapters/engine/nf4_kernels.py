@@ -173,12 +173,14 @@ class Workspace:
     MAX_SPLIT = 8
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[str, int, int, int, int], tuple[Any, Any]] = {}
+        self._buffers: dict[tuple[str, str, int, int, int, int], tuple[Any, Any]] = {}
 
-    def get(self, device: Any, n: int, rows: int, split: int, tiles: int) -> tuple[Any, Any]:
+    def get(self, device: Any, n: int, rows: int, split: int, tiles: int, tag: str = "") -> tuple[Any, Any]:
+        """``split * rows * n`` float32 partials and ``tiles`` zeroed counters; ``tag`` keeps one kernel's
+        buffers apart from another's of the same sizes."""
         import torch
 
-        key = (str(device), n, rows, split, tiles)
+        key = (tag, str(device), n, rows, split, tiles)
         if key not in self._buffers:
             self._buffers[key] = (torch.empty(split * rows * n, dtype=torch.float32, device=device),
                                   torch.zeros(tiles, dtype=torch.int32, device=device))

@@ -293,7 +293,8 @@ class ModelRunner:
         from persona_router.adapters.engine.attention_kernels import decode_attention
 
         out = decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.k_cache[index], self.v_cache[index],
-                               positions, kv_len, self.w.sliding_window, rotary=(self.cos, self.sin))
+                               positions, kv_len, self.w.sliding_window, rotary=(self.cos, self.sin),
+                               workspace=self.workspace)
         return out.unsqueeze(2)  # [n, heads, 1, dim], as SDPA returns it
 
     def _logits(self, hidden: Any) -> Any:

@@ -91,3 +91,61 @@ if triton is not None:
                                              d_ok, q, m_i, l_i, acc, BL)
         # acc started as v_new with weight exp(s_new - m) where m began at s_new: consistent with l_i.
         tl.store(out_ptr + n * stride_on + h * stride_oh + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+    @triton.jit
+    def decode_attention_split(q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, cos_ptr,
+                               sin_ptr, ws_ptr, cnt_ptr, rows, stride_qn, stride_qh, stride_kn, stride_kh, stride_vn,
+                               stride_vh, stride_cb, stride_ch, stride_cl, stride_on, stride_oh, scale,
+                               HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                               BL: tl.constexpr, NSPLIT: tl.constexpr, NSP: tl.constexpr, WINDOW: tl.constexpr,
+                               ROT: tl.constexpr):
+        """``decode_attention`` with the cache positions split over programs (flash-decoding): program
+        ``(n, h, s)`` attends the ``BL`` positions of block ``s`` (split 0 also the new position, from registers,
+        and writes the new key and value to the cache), stores its partial softmax state (running max, sum,
+        weighted values) in ``ws_ptr``; the last program of ``(n, h)`` to arrive (counted atomically in
+        ``cnt_ptr``) merges the ``NSPLIT`` states in a fixed order and writes the output. One launch; each
+        program's latency is one block's, so a few rows still fill the GPU."""
+        n = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.program_id(2)
+        kv = h // GROUP
+        pos = tl.load(pos_ptr + n)
+        d = tl.arange(0, DP)
+        d_ok = d < D
+        dtype = k_cache_ptr.dtype.element_ty
+        q = rotary(q_ptr + n * stride_qn + h * stride_qh, d, d_ok, cos_ptr, sin_ptr, pos, ROT,
+                   dtype).to(tl.float32) * scale
+        cache = n * stride_cb + kv * stride_ch
+        first = s == 0
+        k_new = rotary(k_new_ptr + n * stride_kn + kv * stride_kh, d, d_ok, cos_ptr, sin_ptr, pos, ROT, dtype)
+        v_new = tl.load(v_new_ptr + n * stride_vn + kv * stride_vh + d, mask=d_ok, other=0.0).to(dtype)
+        if first & (h % GROUP == 0):  # no other program reads position pos: it comes from registers
+            tl.store(k_cache_ptr + cache + pos * stride_cl + d, k_new, mask=d_ok)
+            tl.store(v_cache_ptr + cache + pos * stride_cl + d, v_new, mask=d_ok)
+        # Split 0 starts from the current position (always visible); the others from an empty state whose
+        # finite "max" keeps exp() of the differences free of inf - inf.
+        m_i = tl.where(first, tl.sum(q * k_new.to(tl.float32), axis=0), -1.0e30)
+        l_i = tl.where(first, 1.0, 0.0)
+        acc = tl.where(first, v_new.to(tl.float32), 0.0)
+        lowest = pos - WINDOW + 1 if WINDOW > 0 else pos * 0
+        start = s * BL
+        if (start < pos) & (start + BL > lowest):
+            m_i, l_i, acc = attend_block(k_cache_ptr, v_cache_ptr, cache, stride_cl, start, pos, lowest, d, d_ok, q,
+                                         m_i, l_i, acc, BL)
+        state = ws_ptr + ((s * rows + n) * HEADS + h) * (DP + 2)
+        tl.store(state + d, acc)
+        tl.store(state + DP, m_i)
+        tl.store(state + DP + 1, l_i)
+        tl.debug_barrier()  # every thread's part of the state is written before the count says so
+        arrived = tl.atomic_add(cnt_ptr + n * HEADS + h, 1, sem="acq_rel", scope="gpu")
+        if arrived == NSPLIT - 1:
+            splits = tl.arange(0, NSP)
+            ok = splits < NSPLIT
+            states = ws_ptr + ((splits * rows + n) * HEADS + h) * (DP + 2)
+            ms = tl.load(states + DP, mask=ok, other=-1.0e30, cache_modifier=".cg")
+            ls = tl.load(states + DP + 1, mask=ok, other=0.0, cache_modifier=".cg")
+            weights = tl.where(ok, tl.exp(ms - tl.max(ms, axis=0)), 0.0)
+            accs = tl.load(states[:, None] + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
+            total = tl.sum(accs * weights[:, None], axis=0) / tl.sum(ls * weights, axis=0)
+            tl.store(out_ptr + n * stride_on + h * stride_oh + d, total.to(out_ptr.dtype.element_ty), mask=d_ok)
+            tl.atomic_xchg(cnt_ptr + n * HEADS + h, 0, sem="relaxed", scope="gpu")

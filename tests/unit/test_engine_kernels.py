@@ -280,12 +280,15 @@ def test_nf4_matmul_with_lora_and_residual(m: int, split: int) -> None:
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "rot", "launch"),
                          [(4, 4, 96, None, 96, None), (6, 2, 40, None, 0, None), (4, 2, 32, 5, 16, None),
                           (4, 4, 96, None, 96, (32, 2, False)), (4, 2, 32, 5, 16, (16, 1, False)),
-                          (6, 2, 40, None, 0, (32, 4, True))])
+                          (6, 2, 40, None, 0, (32, 4, True)), (4, 4, 96, None, 96, (64, 4, True, False)),
+                          (4, 2, 32, 5, 16, (16, 1, True, True)), (6, 2, 40, None, 0, (64, 2, True, True))])
 def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int, window: int | None,
-                                            rot: int, launch: tuple[int, int, bool] | None) -> None:
+                                            rot: int, launch: tuple[Any, ...] | None) -> None:
     """Live-length decode attention; ``rot > 0``: the kernel also applies the rotary embedding (full or partial)
     to the query and the new key, which the reference does with the engine's eager ``rotate``. ``launch``:
-    other block sizes and the branch-free form (every block loaded under masks, junk past the row unread)."""
+    other block sizes, the branch-free form (every block loaded under masks, junk past the row unread) and the
+    split form (one program per block, merged by the last; the default for these four rows). Each launch runs
+    twice: the split form's arrival counters must be back at zero."""
     from persona_router.adapters.engine import attention_kernels
 
     rows, cache_len, n = 5, 160, 4
@@ -312,6 +315,9 @@ def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int,
     got = attention_kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, positions, kv_len=160, window=window,
                                              rotary=tables, launch=shape)
     assert _rel(got, want) < TOL
+    again = attention_kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, positions, kv_len=160,
+                                               window=window, rotary=tables, launch=shape)
+    assert torch.equal(again, got)
     written = torch.arange(n, device=_device()), slice(None), positions  # the new keys and values
     assert _rel(k_cache[written], k_want[written]) < TOL
     assert torch.equal(v_cache[written], v_want[written])

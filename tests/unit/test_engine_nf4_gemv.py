@@ -207,3 +207,32 @@ def test_gemv_at_model_shapes_with_default_launch(n: int, k: int) -> None:
 
     bnb = bnbf.gemv_4bit(x, packed.t(), state=state)
     assert _rel(nf4_gemv.gemv(x, layout), bnb) < 2e-2
+
+
+def test_measured_shapes_are_looked_up_by_gpu_and_weight_shape(tmp_path: Any, monkeypatch: Any) -> None:
+    import json
+
+    from persona_router.adapters.engine import nf4_gemv
+
+    table = {"GPU A": {"128x512": [32, 16, 4, 2, False, 80], "96x256": [64, 16, 4, 3, False, 80]}}
+    (tmp_path / "shapes.json").write_text(json.dumps(table))
+    monkeypatch.setattr(nf4_gemv, "SHAPES_FILE", tmp_path / "shapes.json")
+    nf4_gemv._measured.cache_clear()
+    try:
+        assert nf4_gemv.measured_shape("GPU A", 128, 512) == nf4_gemv.Shape(32, 16, 4, 2, False, 80)
+        assert nf4_gemv.measured_shape("GPU A", 96, 256) is None  # split 3 does not divide K's words
+        assert nf4_gemv.measured_shape("GPU B", 128, 512) is None
+        assert nf4_gemv.default_shape(9216, 3072).fits(9216, 3072)
+    finally:
+        nf4_gemv._measured.cache_clear()
+
+
+def test_shipped_shapes_fit_their_weights() -> None:
+    import json
+
+    from persona_router.adapters.engine import nf4_gemv
+
+    for gpu, entries in json.loads(nf4_gemv.SHAPES_FILE.read_text()).items():
+        for key, fields in entries.items():
+            n, k = (int(v) for v in key.split("x"))
+            assert nf4_gemv.Shape(*fields).fits(n, k), (gpu, key)
