@@ -226,17 +226,20 @@ KMAJOR_BASES = ((64, 16, 4, False, 80), (128, 8, 4, False, 80), (32, 16, 4, Fals
                 (64, 16, 8, False, 80), (64, 8, 4, True, 128), (64, 16, 4, False, None))
 # The second H200 run (split-K 8 was the largest tried and the fastest for every shape): more splits, the bases
 # that led.
-KMAJOR_BASES_WIDE = ((64, 16, 4, False, 80), (32, 16, 4, False, 80), (64, 8, 4, False, 80), (128, 16, 4, False, 96))
+KMAJOR_BASES_WIDE = ((64, 16, 4, False, 80), (32, 16, 4, False, 80), (64, 8, 4, False, 80), (128, 16, 4, False, 96),
+                     (64, 16, 4, False, 80, True), (64, 16, 4, False, 128, True), (32, 16, 4, False, 128, True),
+                     (64, 8, 4, False, 128, True))
 
 
 def kmajor_shapes(n: int, k: int, wide: bool = False) -> list[Any]:
     """Every launch shape of the K-major GEMV tried: KMAJOR_BASES (rows per program, words per step, warps,
-    prefetch, register cap) times split-K 1, 2, 4, 8, or with ``wide`` KMAJOR_BASES_WIDE times 8, 16, 32; where
-    it fits."""
+    prefetch, register cap[, unrolled]) times split-K 1, 2, 4, 8, or with ``wide`` KMAJOR_BASES_WIDE times 8,
+    16, 32; where it fits."""
     from persona_router.adapters.engine.nf4_gemv import Shape
 
-    bases, splits = (KMAJOR_BASES_WIDE, (8, 16, 32)) if wide else (KMAJOR_BASES, (1, 2, 4, 8))
-    shapes = [Shape(bn, bkw, warps, split, prefetch, maxnreg) for bn, bkw, warps, prefetch, maxnreg in bases
+    bases: tuple[tuple[Any, ...], ...] = KMAJOR_BASES_WIDE if wide else KMAJOR_BASES
+    splits = (8, 16, 32) if wide else (1, 2, 4, 8)
+    shapes = [Shape(base[0], base[1], base[2], split, base[3], base[4], *base[5:]) for base in bases
               for split in splits]
     return [shape for shape in shapes if shape.fits(n, k)]
 

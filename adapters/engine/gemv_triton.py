@@ -61,7 +61,8 @@ if triton is not None:
                         cnt_ptr, N, K: tl.constexpr, stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br,
                         R: tl.constexpr, SPLITS: tl.constexpr, RP: tl.constexpr, HAS_RES: tl.constexpr,
                         HAS_LORA: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr,
-                        PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+                        PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
+                        UNROLL: tl.constexpr = False):
         """One row: ``out = [res +] x W^T [+ LoRA]`` from the K-major layout (``nf4_gemv.KMajor``): ``w_ptr`` the
         codes as int32 words ``[K // 8, N]`` (the word of 8 elements of row ``n`` at ``[kw, n]``), ``s_ptr`` one
         float32 scale per 64-element block ``[K // 64, N]``, ``x_ptr`` the activations as int32 pairs ``[K // 2]``.
@@ -89,6 +90,10 @@ if triton is not None:
                 nxt = _step(x_ptr, w_ptr, s_ptr, rn, base + (i + BKW) % PER_SPLIT + tl.arange(0, BKW), N, EVEN_N)
                 acc += _word_dot(words, x0, x1, x2, x3, code_ptr, tab, ASM, F16) * scale
                 words, scale, x0, x1, x2, x3 = nxt
+        elif UNROLL:  # every step's loads in one basic block: the compiler may issue them all before any arithmetic
+            for i in tl.static_range(0, PER_SPLIT, BKW):
+                words, scale, x0, x1, x2, x3 = _step(x_ptr, w_ptr, s_ptr, rn, base + i + tl.arange(0, BKW), N, EVEN_N)
+                acc += _word_dot(words, x0, x1, x2, x3, code_ptr, tab, ASM, F16) * scale
         else:
             for i in range(0, PER_SPLIT, BKW):
                 words, scale, x0, x1, x2, x3 = _step(x_ptr, w_ptr, s_ptr, rn, base + i + tl.arange(0, BKW), N, EVEN_N)

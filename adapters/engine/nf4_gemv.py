@@ -107,7 +107,8 @@ class Shape:
     """A launch shape: ``bn`` rows per program, ``bkw`` words of K per loop step, ``split_k`` programs per
     row block (the last one to finish adds the partial sums), ``prefetch`` the next step's loads before this
     step's arithmetic, ``maxnreg`` the register cap given to the compiler (without one it spends registers
-    sparingly and re-makes the table constants for every word)."""
+    sparingly and re-makes the table constants for every word), ``unroll`` the steps unrolled (the compiler
+    then issues several steps' loads before the first step's arithmetic)."""
 
     bn: int = 64
     bkw: int = 16
@@ -115,6 +116,7 @@ class Shape:
     split_k: int = 1
     prefetch: bool = False
     maxnreg: int | None = 80
+    unroll: bool = False
 
     def fits(self, n: int, k: int) -> bool:
         words = k // 8
@@ -199,5 +201,5 @@ def gemv(x: Any, w: KMajor, *, residual: Any = None, lora: Any = None, shape: Sh
         R=lora.rank if has_lora else 0, SPLITS=lora.splits if has_lora else 1,
         RP=lora.rank_pow2 if has_lora else 1, HAS_RES=residual is not None, HAS_LORA=has_lora, BN=t.bn,
         BKW=t.bkw, SPLIT_K=t.split_k, PREFETCH=t.prefetch, EVEN_N=w.n % t.bn == 0, F16=w.f16, ASM=w.asm,
-        num_warps=t.warps, **options)
+        UNROLL=t.unroll and not t.prefetch, num_warps=t.warps, **options)
     return out

@@ -147,14 +147,17 @@ def test_kmajor_refuses_what_it_cannot_read() -> None:
                       shape=nf4_gemv.Shape(bkw=16, split_k=3))
 
 
-SHAPES = [(200, 320, None), (200, 320, "s1"), (130, 512, "s2"), (96, 256, "s4"), (64, 1024, "s8")]
+SHAPES = [(200, 320, None), (200, 320, "s1"), (130, 512, "s2"), (96, 256, "s4"), (64, 1024, "s8"),
+          (130, 1024, "s16u"), (200, 512, "s2u")]
 
 
 def _shape(name: str | None) -> Any:
     from persona_router.adapters.engine.nf4_gemv import Shape
 
     return {None: None, "s1": Shape(bn=64, bkw=8), "s2": Shape(bn=32, bkw=16, split_k=2, prefetch=True),
-            "s4": Shape(bn=128, bkw=8, split_k=4, prefetch=True), "s8": Shape(bn=64, bkw=16, split_k=8)}[name]
+            "s4": Shape(bn=128, bkw=8, split_k=4, prefetch=True), "s8": Shape(bn=64, bkw=16, split_k=8),
+            "s16u": Shape(bn=32, bkw=8, split_k=16, unroll=True),
+            "s2u": Shape(bn=64, bkw=16, split_k=2, maxnreg=128, unroll=True)}[name]
 
 
 @pytest.mark.parametrize(("n", "k", "shape"), SHAPES)
