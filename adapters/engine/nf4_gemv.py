@@ -1,4 +1,4 @@
-"""The one-row NF4 product (batch-1 decode) on a K-major copy of the 4-bit weight, near memory speed.
+"""The one-row NF4 product (batch-1 decode) on a K-major copy of the 4-bit weight.
 
 Why bitsandbytes' GEMV and the engine's earlier Triton GEMVs sit at about 0.85 TB/s on an H200 (the committed
 profiles, ``benchmarks/results/serve_gpu_profile_round3_after_h200.md``): at one row every weight is used once,
@@ -15,6 +15,11 @@ Rows run along the fast axis of both, so a thread's 16-byte load holds one word 
 scales of those rows load the same way, and each activation pair it loads serves all four rows; no layout
 conversion. The codes are decoded in registers by byte permutes and multiplied by packed 16-bit FMAs
 (``nf4_dot_asm``): about 33 instructions per eight weights in the loop, by the compiler's own output.
+
+Measured on an H200 (``benchmarks/results/kernels_gpu_round4b_h200.json``, graph-timed, L2-cold): 1.6-1.9x
+bitsandbytes' GEMV per Phi-3-mini projection, 0.9-1.8 TB/s of the 4.2 TB/s copy bandwidth. Splitting K helps
+most (30-45% per doubling up to 8): each loop step of a program waits a full memory latency, so latency and
+instruction issue, not bytes, bound it; ``Shape.unroll`` (several steps' loads in flight) gained a few percent.
 
 Memory: the copy holds ``N * K / 2`` bytes of codes and ``N * K / 16`` of float32 scales (0.56 bytes per
 weight, 2.0 GB for Phi-3-mini's projections), beside the model's own 4-bit tensors; the scales replace the
