@@ -65,8 +65,8 @@ def kmajor(packed: Any, absmax: Any, code: Any, n: int, k: int, dtype: Any) -> K
     """The K-major copy of a bitsandbytes 4-bit weight (``packed``: ``N * K / 2`` bytes in its order, ``absmax``:
     one float32 scale per 64 elements, already decoded from double quantisation), for activations of ``dtype``
     (bfloat16 or float16); None when K is not a multiple of 64."""
+    import persona_router.adapters.engine.nf4_dot_asm as nf4_dot_asm
     import torch
-    from persona_router.adapters.engine import nf4_dot_asm
 
     if k % QBLOCK or packed.numel() * 2 != n * k or absmax.numel() * QBLOCK != n * k:
         return None
@@ -177,7 +177,7 @@ def gemv(x: Any, w: KMajor, *, residual: Any = None, lora: Any = None, shape: Sh
     from persona_router.adapters.engine.triton_ops import require_triton
 
     require_triton()
-    from persona_router.adapters.engine import gemv_triton
+    import persona_router.adapters.engine.gemv_triton as gemv_triton
 
     if x.dim() != 2 or x.shape != (1, w.k):
         raise ValueError(f"x must be [1, {w.k}], got {tuple(x.shape)}")
