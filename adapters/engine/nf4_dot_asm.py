@@ -24,6 +24,8 @@ import math
 import struct
 from collections.abc import Sequence
 
+from persona_router.adapters.engine.nf4_lut import lop3, prmt
+
 LAYOUTS = ("bnb", "perm")
 DTYPES = ("bf16", "f16")
 # Interleaving selectors (low pair, high pair) per layout: byte i of the result takes byte sel[i] of (lo, hi).
@@ -160,26 +162,6 @@ def register_words(code: Sequence[float], dtype: str = "bf16") -> list[int]:
     return [w - (1 << 32) if w >= 1 << 31 else w for w in (words[t] for t in REGISTER_TABLES)]
 
 
-def _prmt(a: int, b: int, c: int) -> int:
-    source = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
-    out = 0
-    for i in range(4):
-        sel = (c >> (4 * i)) & 0xF
-        byte = source[sel & 7]
-        if sel & 8:  # sign-replicate mode
-            byte = 0xFF if byte & 0x80 else 0
-        out |= byte << (8 * i)
-    return out
-
-
-def _lop3(a: int, b: int, c: int, lut: int) -> int:
-    out = 0
-    for bit in range(32):
-        index = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
-        out |= ((lut >> index) & 1) << bit
-    return out
-
-
 def _fma2(a: int, b: int, c: int, dtype: str) -> int:
     """Packed 16-bit fma: each half ``round16(a * b + c)``, one rounding (the product of two 16-bit values and
     their sum are exact in a Python float for the magnitudes the tests use)."""
@@ -214,9 +196,9 @@ def emulate(word: int, pairs: Sequence[int], code: Sequence[float], dtype: str =
         elif kind == "shr":
             regs[dst] = args[0] >> args[1]
         elif kind == "prmt":
-            regs[dst] = _prmt(*args)
+            regs[dst] = prmt(*args)
         elif kind == "lop3":
-            regs[dst] = _lop3(*args)
+            regs[dst] = lop3(*args)
         elif kind == "fma0":
             regs[dst] = _fma2(args[0], args[1], 0, dtype)
         elif kind == "fma":

@@ -99,12 +99,9 @@ def dequantize(w: KMajor) -> Any:
 
 def reference(x: Any, w: KMajor, residual: Any = None, lora: Any = None) -> Any:
     """``[residual +] x W^T [+ lora]`` in float32, one final rounding."""
-    out = x.float() @ dequantize(w).T
-    if lora is not None:
-        out = out + lora.float()
-    if residual is not None:
-        out = out + residual.float()
-    return out.to(x.dtype)
+    from persona_router.adapters.engine.nf4_kernels import reference_epilogue
+
+    return reference_epilogue(x.float() @ dequantize(w).T, x.dtype, residual, lora)
 
 
 @dataclass(frozen=True)

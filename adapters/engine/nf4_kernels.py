@@ -111,12 +111,17 @@ def dequantize(w: Nf4Weight, dtype: Any) -> Any:
 
 def reference_matmul(x: Any, w: Nf4Weight, residual: Any = None, lora: Any = None) -> Any:
     """``[residual +] x W^T [+ lora]`` in float32 with one final rounding (what the kernel computes)."""
-    out = x.float() @ dequantize(w, x.dtype).float().T
+    return reference_epilogue(x.float() @ dequantize(w, x.dtype).float().T, x.dtype, residual, lora)
+
+
+def reference_epilogue(product: Any, dtype: Any, residual: Any = None, lora: Any = None) -> Any:
+    """The kernels' epilogue in float32 (``product [+ lora] [+ residual]``), rounded once to ``dtype``."""
+    out = product
     if lora is not None:
         out = out + lora.float()
     if residual is not None:
         out = out + residual.float()
-    return out.to(x.dtype)
+    return out.to(dtype)
 
 
 @dataclass(frozen=True)

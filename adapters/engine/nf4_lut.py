@@ -107,7 +107,9 @@ def ptx(code: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
-def _prmt(a: int, b: int, c: int) -> int:
+def prmt(a: int, b: int, c: int) -> int:
+    """PTX ``prmt.b32``: four bytes picked from ``b:a`` by the nibbles of ``c`` (a nibble with bit 3 set gives
+    the picked byte's sign bit replicated, the mode ``nf4_lut`` uses for its masks)."""
     source = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
     out = 0
     for i in range(4):
@@ -119,7 +121,8 @@ def _prmt(a: int, b: int, c: int) -> int:
     return out
 
 
-def _lop3(a: int, b: int, c: int, lut: int) -> int:
+def lop3(a: int, b: int, c: int, lut: int) -> int:
+    """PTX ``lop3.b32``: any three-input bitwise function, given as its 8-entry truth table ``lut``."""
     out = 0
     for bit in range(32):
         index = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
@@ -145,9 +148,9 @@ def emulate(word: int, code: Sequence[float]) -> list[float]:
         elif kind == "shr":
             regs[dst] = args[0] >> args[1]
         elif kind == "prmt":
-            regs[dst] = _prmt(*args)
+            regs[dst] = prmt(*args)
         elif kind == "lop3":
-            regs[dst] = _lop3(*args)
+            regs[dst] = lop3(*args)
         else:  # cvt2: the two float16 halves of a register, widened
             pair = regs[str(op[3])]
             low, high = struct.unpack("<ee", struct.pack("<I", pair))
