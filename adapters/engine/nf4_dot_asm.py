@@ -24,7 +24,7 @@ import math
 import struct
 from collections.abc import Sequence
 
-from persona_router.adapters.engine.nf4_lut import lop3, prmt
+from persona_router.adapters.engine.nf4_lut import integer_op
 
 LAYOUTS = ("bnb", "perm")
 DTYPES = ("bf16", "f16")
@@ -189,16 +189,9 @@ def emulate(word: int, pairs: Sequence[int], code: Sequence[float], dtype: str =
     for op in program(layout, dtype):
         kind, dst = op[0], str(op[1])
         args = [value(x) for x in op[2:]]
-        if kind == "and":
-            regs[dst] = args[0] & args[1]
-        elif kind == "shl":
-            regs[dst] = (args[0] << args[1]) & 0xFFFFFFFF
-        elif kind == "shr":
-            regs[dst] = args[0] >> args[1]
-        elif kind == "prmt":
-            regs[dst] = prmt(*args)
-        elif kind == "lop3":
-            regs[dst] = lop3(*args)
+        result = integer_op(str(kind), args)
+        if result is not None:
+            regs[dst] = result
         elif kind == "fma0":
             regs[dst] = _fma2(args[0], args[1], 0, dtype)
         elif kind == "fma":

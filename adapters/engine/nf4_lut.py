@@ -130,6 +130,22 @@ def lop3(a: int, b: int, c: int, lut: int) -> int:
     return out
 
 
+def integer_op(kind: str, args: Sequence[int]) -> int | None:
+    """The 32-bit integer instructions of the decode programs (this one and ``nf4_dot_asm``'s) in Python; None
+    for any other kind."""
+    if kind == "and":
+        return args[0] & args[1]
+    if kind == "shl":
+        return (args[0] << args[1]) & 0xFFFFFFFF
+    if kind == "shr":
+        return args[0] >> args[1]
+    if kind == "prmt":
+        return prmt(args[0], args[1], args[2])
+    if kind == "lop3":
+        return lop3(args[0], args[1], args[2], args[3])
+    return None
+
+
 def emulate(word: int, code: Sequence[float]) -> list[float]:
     """Run ``PROGRAM`` on one 32-bit word in Python: the eight values in element order."""
     regs: dict[str, int] = {"$in": word & 0xFFFFFFFF, **table_words(code)}
@@ -141,16 +157,9 @@ def emulate(word: int, code: Sequence[float]) -> list[float]:
     for op in PROGRAM:
         kind, dst = op[0], str(op[1])
         args = [value(x) for x in op[2:]] if kind != "cvt2" else []
-        if kind == "and":
-            regs[dst] = args[0] & args[1]
-        elif kind == "shl":
-            regs[dst] = (args[0] << args[1]) & 0xFFFFFFFF
-        elif kind == "shr":
-            regs[dst] = args[0] >> args[1]
-        elif kind == "prmt":
-            regs[dst] = prmt(*args)
-        elif kind == "lop3":
-            regs[dst] = lop3(*args)
+        result = integer_op(str(kind), args)
+        if result is not None:
+            regs[dst] = result
         else:  # cvt2: the two float16 halves of a register, widened
             pair = regs[str(op[3])]
             low, high = struct.unpack("<ee", struct.pack("<I", pair))
