@@ -18,8 +18,9 @@ benchmarks/train_gpu.py measured at or under the notebook's peak GPU memory on a
 (``varlen-compile-lean-reent-off4-b2``: 2.47x the notebook's tokens/s at 3.050 vs 3.067 GiB, in one run;
 without the offloaded inputs the same speed at 3.085 GiB). Liger's fused RMSNorm/SwiGLU kernels are opt-in
 (``liger_kernels=on``): they were the default before compiled layers (1.22x the notebook in that run), and
-compiled layers fuse the same element-wise work. Data-parallel runs (several GPUs) keep non-reentrant
-checkpointing (see :meth:`TrainConfig.resolved`). A micro-batch of 4 (``batch_size=4, grad_accum=2``) trains
+compiled layers fuse the same element-wise work; asking for them keeps the layers eager. Data-parallel runs
+(several GPUs) keep the defaults from before compiled layers: non-reentrant checkpointing, eager layers, Liger
+(``_keep_measured_combinations``). A micro-batch of 4 (``batch_size=4, grad_accum=2``) trains
 faster again but needs about 3.8 GiB.
 README's GPU benchmark section has every measured alternative.
 
@@ -205,16 +206,15 @@ class TrainConfig:
                     updates[name] = value
             elif current is None or current == "auto":
                 updates[name] = value
-        if world_size > 1 and "gradient_checkpointing" in updates and device == "cuda":
-            # Reentrant checkpointing runs each layer's backward inside a nested backward call, which PyTorch's
-            # DistributedDataParallel supports only under conditions no multi-GPU run here has checked; data-
-            # parallel runs keep the non-reentrant kind (and so no offloaded layer inputs).
-            updates["gradient_checkpointing"] = "on"
+        if device == "cuda":
+            _keep_measured_combinations(self, updates, world_size)
         if "offload_layers" in updates:
             checkpointing = updates.get("gradient_checkpointing", self.gradient_checkpointing)
             offloading = updates.get("activation_offloading", self.activation_offloading)
             if checkpointing != "reentrant" or offloading == "on":
                 updates["offload_layers"] = 0  # only reentrant checkpointing saves layer inputs through autograd
+        elif self.offload_layers:
+            _check_explicit_offload(self, updates, device, world_size)
         if "grad_accum" in updates and world_size > 1:
             if updates["grad_accum"] % world_size:
                 log.warning("the default accumulation %d does not split over %d ranks; the global batch grows %dx",
@@ -249,6 +249,36 @@ class TrainConfig:
             raise ConfigError(f"unknown training settings {unknown}; valid: {', '.join(sorted(known))}", field=where)
         converted = {k: _convert(k, v, known[k].type) for k, v in data.items()}
         return replace(self, **converted)
+
+
+def _keep_measured_combinations(config: TrainConfig, updates: dict[str, Any], world_size: int) -> None:
+    """CUDA defaults left to ``auto`` that would pair a setting with one no run has measured together.
+
+    Data-parallel runs (``world_size > 1``) keep the defaults from before compiled layers: non-reentrant
+    checkpointing, eager layers, Liger's kernels. Reentrant checkpointing runs each layer's backward inside a
+    nested backward call, which DistributedDataParallel supports only under conditions no multi-GPU run here has
+    checked, and compiled layers under DDP are unchecked too. An explicit ``liger_kernels=on`` keeps eager
+    layers: Liger's kernels inside compiled layers were never measured.
+    """
+    if world_size > 1:
+        for name, value in (("gradient_checkpointing", "on"), ("compile_layers", "off"), ("liger_kernels", "on")):
+            if name in updates:
+                updates[name] = value
+    if config.liger_kernels == "on" and "compile_layers" in updates:
+        updates["compile_layers"] = "off"
+
+
+def _check_explicit_offload(config: TrainConfig, updates: dict[str, Any], device: str, world_size: int) -> None:
+    """An ``offload_layers`` the user set must fit what the rest resolved to; say which setting decided."""
+    if device != "cuda":
+        raise ConfigError(f"{config.offload_layers} moves checkpointed inputs from the GPU to host memory: it "
+                          "needs CUDA; set 0 on CPU", field="offload_layers")
+    checkpointing = updates.get("gradient_checkpointing", config.gradient_checkpointing)
+    if checkpointing != "reentrant":
+        why = (f"data-parallel runs ({world_size} ranks) default to gradient_checkpointing='on'"
+               if world_size > 1 else f"gradient_checkpointing resolved to {checkpointing!r}")
+        raise ConfigError(f"{config.offload_layers} needs gradient_checkpointing='reentrant' ({why}); set "
+                          "gradient_checkpointing='reentrant' or offload_layers=0", field="offload_layers")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

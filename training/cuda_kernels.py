@@ -64,8 +64,8 @@ def prepare_model(model: Any, config: Any, device: str) -> dict[str, str]:
     if config.offload_layers:
         from persona_router.training.offload import offload_first_layers
 
-        offload_first_layers(model, config.offload_layers)
-        applied["offload_layers"] = f"checkpointed inputs of the first {config.offload_layers} layers in host memory"
+        moved = offload_first_layers(model, config.offload_layers).count
+        applied["offload_layers"] = f"checkpointed inputs of the first {moved} layers in host memory"
     if applied:
         log.info("training speed settings: %s", applied)
     return applied

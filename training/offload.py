@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from persona_router.core.errors import ConfigError
@@ -78,12 +79,18 @@ def _unpack(packed: Any) -> Any:
     return packed
 
 
-def offload_first_layers(model: Any, count: int) -> list[OffloadedCheckpoint]:
-    """Keep the checkpointed inputs of ``model``'s first ``count`` decoder layers in host memory.
+@dataclass
+class OffloadedLayers:
+    """What :func:`offload_first_layers` set up: ``count`` layers, and their wrappers (filled in at the first
+    forward; ``bytes_offloaded`` says what moved)."""
 
-    At most all layers but the last. Returns the wrappers (one per layer, filled in at the first forward;
-    ``bytes_offloaded`` says what moved).
-    """
+    count: int
+    wrappers: list[OffloadedCheckpoint] = field(default_factory=list)
+
+
+def offload_first_layers(model: Any, count: int) -> OffloadedLayers:
+    """Keep the checkpointed inputs of ``model``'s first ``count`` decoder layers (at most all but the last) in
+    host memory."""
     if count < 1:
         raise ConfigError(f"{count!r} must be an integer >= 1", field="offload_layers")
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -95,10 +102,11 @@ def offload_first_layers(model: Any, count: int) -> list[OffloadedCheckpoint]:
                     max(len(layers) - 1, 0))
         count = len(layers) - 1
     if count < 1:
-        return []
+        return OffloadedLayers(0)
     stack = _decoder_stack(model, layers[0])
     chosen: list[Any] = layers[:count]
-    wrappers: list[OffloadedCheckpoint] = []
+    result = OffloadedLayers(count)
+    wrappers = result.wrappers
 
     def wrap_checkpoint_functions(_module: Any, _args: Any) -> None:
         for index, layer in enumerate(chosen):
@@ -115,7 +123,7 @@ def offload_first_layers(model: Any, count: int) -> list[OffloadedCheckpoint]:
 
     stack.register_forward_pre_hook(wrap_checkpoint_functions)
     log.info("checkpointed inputs of the first %d of %d decoder layers go to host memory", count, len(layers))
-    return wrappers
+    return result
 
 
 def _decoder_stack(model: Any, first_layer: Any) -> Any:

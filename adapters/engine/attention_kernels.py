@@ -75,7 +75,13 @@ def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any,
     if shape.split:
         from persona_router.adapters.engine.nf4_kernels import _SHARED
 
-        ws, counters = (workspace or _SHARED).get(q.device, heads * (dp + 2), n, nblk, n * heads, tag="attention")
+        # One buffer for every step of a cache: sized for the whole cache and at least SPLIT_ROWS rows, so steps of
+        # other lengths or row counts use a prefix of it (the kernel lays states out by its own rows and splits)
+        # instead of each adding a buffer of their own for the life of the process.
+        rows_cap = max(n, SPLIT_ROWS)
+        most_blocks = -(-int(k_cache.shape[2]) // shape.block)
+        ws, counters = (workspace or _SHARED).get(q.device, heads * (dp + 2), rows_cap, most_blocks, rows_cap * heads,
+                                                  tag="attention")
         triton_attention.decode_attention_split[(n, heads, nblk)](
             q, k_new, v_new, k_cache, v_cache, positions, out, cos, sin, ws, counters, n, q.stride(0), q.stride(1),
             k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), k_cache.stride(0), k_cache.stride(1),

@@ -224,7 +224,7 @@ class Gemv4bit:
             from persona_router.adapters.engine.nf4_gemv import kmajor
 
             n, k = gemv.shape
-            if gemv.blocksize == 64 and dtype is not None:
+            if gemv.blocksize == 64 and _kmajor_runs(dtype, gemv.packed.device):
                 gemv.kmajor = kmajor(gemv.packed, gemv.absmax, gemv.code, n, k, dtype)
             if gemv.kmajor is None:
                 log.warning("4-bit weight %s x %s (block %d, %s): no K-major GEMV for it; using bitsandbytes' GEMV",
@@ -288,3 +288,13 @@ def _dense_weight(module: Any, dtype: Any) -> Any:
     except ImportError as exc:  # pragma: no cover - a 4-bit model cannot load without it
         raise ConfigError("4-bit weights need bitsandbytes: pip install bitsandbytes==0.50.2") from exc
     return bnbf.dequantize_4bit(module.weight.data, state).to(dtype)
+
+
+def _kmajor_runs(dtype: Any, device: Any) -> bool:
+    """The K-major GEMV multiplies 16-bit pairs (``fma.rn.bf16x2`` / ``f16x2``: compute capability 8.0 and up);
+    float32 models and older GPUs keep bitsandbytes' GEMV."""
+    import torch
+
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)

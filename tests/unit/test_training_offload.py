@@ -25,7 +25,10 @@ def test_setting_validates_and_defaults_per_checkpointing() -> None:
     assert TrainConfig(gradient_checkpointing="on").resolved("cuda").offload_layers == 0
     assert TrainConfig(activation_offloading="on").resolved("cuda").offload_layers == 0
     two_gpus = TrainConfig().resolved("cuda", world_size=2)
-    assert (two_gpus.gradient_checkpointing, two_gpus.offload_layers) == ("on", 0)
+    assert (two_gpus.gradient_checkpointing, two_gpus.offload_layers, two_gpus.compile_layers) == ("on", 0, "off")
+    # Liger's kernels were never measured inside compiled layers: asking for them keeps the layers eager.
+    assert TrainConfig(liger_kernels="on").resolved("cuda").compile_layers == "off"
+    assert TrainConfig(liger_kernels="on", compile_layers="on").resolved("cuda").compile_layers == "on"
     assert TrainConfig(offload_layers=2, gradient_checkpointing="reentrant").resolved("cuda").offload_layers == 2
     with pytest.raises(ConfigError, match=r"offload_layers.*>= 0"):
         TrainConfig(offload_layers=-1)
@@ -36,17 +39,32 @@ def test_setting_validates_and_defaults_per_checkpointing() -> None:
     assert TrainConfig().with_overrides({"offload_layers": "3"}).offload_layers == 3
 
 
+def test_an_explicit_count_names_what_rules_it_out() -> None:
+    with pytest.raises(ConfigError, match=r"offload_layers.*data-parallel runs \(2 ranks\)"):
+        TrainConfig(offload_layers=2).resolved("cuda", world_size=2)
+    assert TrainConfig(offload_layers=2, gradient_checkpointing="reentrant").resolved(
+        "cuda", world_size=2).offload_layers == 2
+    with pytest.raises(ConfigError, match=r"offload_layers.*needs CUDA"):
+        TrainConfig(offload_layers=2).resolved("cpu")
+
+
 def test_cpu_training_refuses_it(tiny_model_dir: Path) -> None:
-    config = TrainConfig(offload_layers=1, gradient_checkpointing="reentrant").resolved("cpu")
+    from dataclasses import replace
+
+    with pytest.raises(ConfigError, match=r"offload_layers.*CUDA"):
+        TrainConfig(offload_layers=1, gradient_checkpointing="reentrant").resolved("cpu")
+    # And where the model is prepared, for a config that did not come through resolved().
+    config = replace(TrainConfig().resolved("cpu"), offload_layers=1, gradient_checkpointing="reentrant")
     with pytest.raises(ConfigError, match=r"offload_layers.*CUDA"):
         prepare_model(_model(tiny_model_dir), config, "cpu")
 
 
 def test_all_layers_but_the_last_at_most(tiny_model_dir: Path) -> None:
     model = _model(tiny_model_dir)  # two layers
-    wrappers = offload_first_layers(model, 4)
+    offloaded = offload_first_layers(model, 4)
     _grads(model, _batch(seq=8))
-    assert len(wrappers) == 1 and wrappers[0].bytes_offloaded > 0
+    wrappers = offloaded.wrappers
+    assert offloaded.count == 1 and len(wrappers) == 1 and wrappers[0].bytes_offloaded > 0
     assert not isinstance(model.model.layers[1]._gradient_checkpointing_func, OffloadedCheckpoint)
     with pytest.raises(ConfigError, match=r"offload_layers.*>= 1"):
         offload_first_layers(model, 0)
@@ -58,7 +76,7 @@ def test_gradients_equal_and_only_the_first_layers_inputs_move(tiny_model_dir: P
     batch = _batch(seq=24)
     reference, _ = _grads(_model(tiny_model_dir), batch)
     model = _model(tiny_model_dir)
-    wrappers = offload_first_layers(model, 1)
+    wrappers = offload_first_layers(model, 1).wrappers
     grads, loss = _grads(model, batch)
     assert torch.isfinite(loss)
     assert grads.keys() == reference.keys()
@@ -92,7 +110,7 @@ def test_cuda_inputs_leave_the_card_until_the_backward_needs_them(tmp_path: Path
     live, peaks, grads = [], [], []
     for count in (0, 3):
         model = _model(tmp_path, device="cuda", dtype=torch.bfloat16, attention="eager")
-        wrappers = offload_first_layers(model, count) if count else []
+        wrappers = offload_first_layers(model, count).wrappers if count else []
         seen: list[int] = []
         model.model.norm.register_forward_pre_hook(_when_last_layer_backward_starts(
             lambda seen=seen: seen.append(torch.cuda.memory_allocated())))
