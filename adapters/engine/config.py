@@ -45,7 +45,7 @@ class EngineConfig:
     GEMV), ``triton`` (the engine's row-major ``nf4_kernels.nf4_gemv`` with the code table in registers,
     ``nf4_lut``) or ``kmajor`` (the default; ``nf4_gemv``: a K-major copy of each 4-bit weight, made at load,
     read by the engine's own GEMV; half a byte per weight more memory, 1.8 GB for Phi-3-mini; on an H200
-    1.6-1.9x faster per projection than bitsandbytes' GEMV, see the README's GPU serving section). The engine's
+    1.5-1.9x faster per projection than bitsandbytes' GEMV, see the README's GPU serving section). The engine's
     GEMVs add the residual and the LoRA update in their epilogue, so the expand is no separate kernel.
 
     ``kv_block`` rounds the attended cache length up (fewer graph shapes; at most that many masked positions).

@@ -6,13 +6,13 @@ registers with 3 bits per target byte, so one permute looks up four codes in ent
 a third permute, whose selector is built from each code's top bit, keeps the right one of the two (done for the
 low and the high bytes). Two more permutes interleave low and high bytes into two 16-bit pairs, which meet the
 activations (16-bit pairs too, as they lie in memory) in packed ``fma.rn.{bf16x2,f16x2}``: four packed
-multiply-adds per word, chained in 16-bit, then the two halves are added in float32. About 28 instructions per
-eight weights and no memory access: bitsandbytes' GEMV reads its table from shared memory once per weight.
+multiply-adds per word, chained in 16-bit, then the two halves are added in float32. 28 PTX instructions per
+word of eight weights and no memory access (the compiled loop, loads and addressing included, has 33 SASS
+instructions per eight weights: ``nf4_gemv``); bitsandbytes' GEMV reads its table from shared memory once per
+weight.
 
-Two word layouts: ``bnb`` (bitsandbytes' own bytes: byte ``b`` of a word holds elements ``2b`` in its high and
-``2b + 1`` in its low nibble) and ``perm`` (``nf4_gemv.repack``: nibble ``2p + h`` of word ``j`` of a 64-element
-block holds element ``16p + 2j + h``, so the activation pairs a word meets are 8 pairs apart and the pairs for
-consecutive words are consecutive in memory). The layouts differ only in the two interleaving selectors.
+The word layout is bitsandbytes' own (``bnb``: byte ``b`` of a word holds elements ``2b`` in its high and
+``2b + 1`` in its low nibble), which the K-major copy keeps; it fixes the two interleaving selectors.
 
 ``PROGRAM`` is the instruction list; ``ptx`` prints it and ``emulate`` runs it in Python (16-bit rounding
 included), so the bit manipulation is tested on any machine and the assembly's syntax on the GPU.
@@ -26,10 +26,10 @@ from collections.abc import Sequence
 
 from persona_router.adapters.engine.nf4_lut import integer_op
 
-LAYOUTS = ("bnb", "perm")
+LAYOUTS = ("bnb",)
 DTYPES = ("bf16", "f16")
 # Interleaving selectors (low pair, high pair) per layout: byte i of the result takes byte sel[i] of (lo, hi).
-_INTERLEAVE = {"bnb": (0x4051, 0x6273), "perm": (0x5140, 0x7362)}
+_INTERLEAVE = {"bnb": (0x4051, 0x6273)}
 # (op, destination, sources...): register names, table names (L0-L3, H0-H3), "$w" (the word), "$x0".."$x3"
 # (the activation pairs), integers (immediates). The last instruction writes "$out" (float32).
 
@@ -208,12 +208,11 @@ def emulate(word: int, pairs: Sequence[int], code: Sequence[float], dtype: str =
 
 def element_codes(word: int, layout: str) -> list[tuple[int, int]]:
     """(pair, half) -> nibble position: for each of the eight (pair ``p``, half ``h``) slots the word feeds, the
-    4-bit code it holds; in ``bnb`` pair ``p`` is byte ``p`` (even element in the high nibble), in ``perm``
-    nibble ``2p + h``."""
+    4-bit code it holds: pair ``p`` is byte ``p``, the even element in the high nibble."""
     codes = []
     for pair in range(4):
         for half in range(2):
-            nibble = 2 * pair + (1 - half) if layout == "bnb" else 2 * pair + half
+            nibble = 2 * pair + (1 - half)
             codes.append((pair * 2 + half, (word >> (4 * nibble)) & 15))
     return codes
 

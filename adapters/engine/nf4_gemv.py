@@ -16,10 +16,13 @@ scales of those rows load the same way, and each activation pair it loads serves
 conversion. The codes are decoded in registers by byte permutes and multiplied by packed 16-bit FMAs
 (``nf4_dot_asm``): about 33 instructions per eight weights in the loop, by the compiler's own output.
 
-Measured on an H200 (``benchmarks/results/kernels_gpu_round4b_h200.json``, graph-timed, L2-cold): 1.6-1.9x
+Measured on an H200 (``benchmarks/results/kernels_gpu_round4b_h200.json``, graph-timed, L2-cold): 1.5-1.9x
 bitsandbytes' GEMV per Phi-3-mini projection, 0.9-1.8 TB/s of the 4.2 TB/s copy bandwidth. Splitting K helps
 most (30-45% per doubling up to 8): each loop step of a program waits a full memory latency, so latency and
 instruction issue, not bytes, bound it; ``Shape.unroll`` (several steps' loads in flight) gained a few percent.
+The residual and LoRA expand ride in the epilogue for every projection: over a layer that took 47.7 us against
+53.0 for the GEMV followed by the expand kernel, though for ``down`` alone the separate expand was faster
+(12.3 against 13.4 us; same file).
 
 Memory: the copy holds ``N * K / 2`` bytes of codes and ``N * K / 16`` of float32 scales (0.56 bytes per
 weight, 2.0 GB for Phi-3-mini's projections), beside the model's own 4-bit tensors; the scales replace the

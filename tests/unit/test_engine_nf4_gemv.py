@@ -1,9 +1,10 @@
 """The K-major one-row NF4 product (``nf4_gemv``) and its decode instructions (``nf4_dot_asm``).
 
-The instruction list the GPU runs as inline PTX is executed in Python for every code at every position, both
-word layouts and both 16-bit types, against a product written from the layouts' definitions. The kernel is
-compared with a plain-PyTorch float32 reference: under Triton's interpreter on CPU (the table-load variant, the
-same indexing) and compiled on CUDA (the PTX variant, ``gpu``), at odd shapes: N not a multiple of the rows per
+The instruction list the GPU runs as inline PTX is executed in Python for every code at every position and
+both 16-bit types, against a product written from the layout's definition. The kernel is compared with a
+plain-PyTorch float32 reference: under Triton's interpreter on CPU where Triton is installed (the table-load
+variant, the same indexing; the project's CPU environment has no Triton, so there these skip) and compiled on
+CUDA (the PTX variant, ``gpu``), at odd shapes: N not a multiple of the rows per
 program, K a multiple of 64 but not of 256, split K, prefetch, residual and LoRA in the epilogue.
 """
 
