@@ -6,7 +6,9 @@ every candidate launch shape of the fused NF4 product is checked against the pla
 beside cuBLAS on a dense bf16 weight, bitsandbytes' own 4-bit product (``matmul_4bit``: its GEMV kernel for one
 row) and bitsandbytes' dequantisation into a reused bf16 scratch followed by cuBLAS. Also the LoRA shrink
 (gather by slot for few rows, one tensor-core product over the resident slots for many) with the expand, and
-decode attention over live lengths against SDPA over the masked bucket.
+decode attention over live lengths against SDPA over the masked bucket. The K-major GEMV's sections (``kmajor``,
+``kmajor_wide``, ``--write-shapes``) are in ``kernels_gpu_kmajor.py``, the timing helpers in
+``kernels_gpu_timing.py``.
 
 Timing: each launch is captured in a CUDA graph, one launch per weight copy, with enough copies (over 240 MB)
 that the 60 MB L2 cache cannot serve them; the median replay time over the copies is one launch's time
@@ -18,12 +20,9 @@ including the in-graph launch gap, as the engine's decode graph runs it.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
-import statistics
 import sys
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after the installed package: the repo root holds a bare persona_router folder
 
+from benchmarks.kernels_gpu_kmajor import kmajor_cases, write_shapes  # noqa: E402
+from benchmarks.kernels_gpu_timing import ROTATE_BYTES, SHAPES, graph_ms, quantized_copies, rel  # noqa: E402
+
 log = logging.getLogger("kernels_gpu")
-SHAPES = {"qkv": (9216, 3072), "o": (3072, 3072), "gate_up": (16384, 3072), "down": (3072, 8192)}
-ROTATE_BYTES = 240e6  # weight bytes cycled through per timing (several times the L2)
 
 
 def candidates() -> dict[int, list[Any]]:
@@ -55,56 +55,6 @@ def candidates() -> dict[int, list[Any]]:
         128: [Tiles("dot", 128, 128, 1, 8, 3), Tiles("dot", 64, 128, 1, 4, 3, 4), Tiles("dot", 128, 64, 2, 8, 3, 2),
               Tiles("dot", 128, 128, 1, 8, 3, 4)],
     }
-
-
-def rel(got: Any, want: Any) -> float:
-    return float((got.float() - want.float()).norm() / want.float().norm())
-
-
-def graph_ms(fns: list[Callable[[], Any]], replays: int = 15) -> float:
-    """Median milliseconds per call: all ``fns`` captured once each in one CUDA graph, replayed."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:  # warm-up outside the capture: compilation, workspaces
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times) / len(fns)
-
-
-def quantized_copies(n: int, k: int, copies: int) -> list[tuple[Any, Any, Any]]:
-    import bitsandbytes.functional as bnbf
-    import torch
-    from persona_router.adapters.engine import nf4_kernels
-
-    from tests.support.nf4 import FakeLinear4bit
-
-    out = []
-    for _ in range(copies):
-        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        weight = nf4_kernels.nf4_weight([FakeLinear4bit(packed, state)])
-        assert weight is not None
-        out.append((packed, state, weight))
-    return out
 
 
 def nf4_cases(bandwidth: float) -> list[dict[str, Any]]:
@@ -222,103 +172,6 @@ def lut_cases(bandwidth: float) -> list[dict[str, Any]]:
     return rows
 
 
-KMAJOR_BASES = ((64, 16, 4, False, 80), (128, 8, 4, False, 80), (32, 16, 4, False, 80), (128, 16, 4, False, 96),
-                (64, 16, 8, False, 80), (64, 8, 4, True, 128), (64, 16, 4, False, None))
-# The second H200 run (split-K 8 was the largest tried and the fastest for every shape): more splits, the bases
-# that led.
-KMAJOR_BASES_WIDE = ((64, 16, 4, False, 80), (32, 16, 4, False, 80), (64, 8, 4, False, 80), (128, 16, 4, False, 96),
-                     (64, 16, 4, False, 80, True), (64, 16, 4, False, 128, True), (32, 16, 4, False, 128, True),
-                     (64, 8, 4, False, 128, True))
-
-
-def kmajor_shapes(n: int, k: int, wide: bool = False) -> list[Any]:
-    """Every launch shape of the K-major GEMV tried: KMAJOR_BASES (rows per program, words per step, warps,
-    prefetch, register cap[, unrolled]) times split-K 1, 2, 4, 8, or with ``wide`` KMAJOR_BASES_WIDE times 8,
-    16, 32; where it fits."""
-    from persona_router.adapters.engine.nf4_gemv import Shape
-
-    bases: tuple[tuple[Any, ...], ...] = KMAJOR_BASES_WIDE if wide else KMAJOR_BASES
-    splits = (8, 16, 32) if wide else (1, 2, 4, 8)
-    shapes = [Shape(base[0], base[1], base[2], split, base[3], base[4], *base[5:]) for base in bases
-              for split in splits]
-    return [shape for shape in shapes if shape.fits(n, k)]
-
-
-def kmajor_cases(bandwidth: float, wide: bool = False) -> list[dict[str, Any]]:
-    """One row: the K-major NF4 GEMV (``nf4_gemv``) over launch shapes, against bitsandbytes' GEMV (``Gemv4bit``,
-    absmax decoded once, as the engine calls it) and cuBLAS on a dense bf16 copy; then, at the best shape, the
-    projection as the engine runs it with a LoRA adapter and the residual: folded into the GEMV's epilogue,
-    or added by the separate expand kernel after it, or after bitsandbytes' GEMV."""
-    import torch
-    import torch.nn.functional as F
-    from persona_router.adapters.engine import lora_kernels, nf4_gemv
-    from persona_router.adapters.engine.weights import Gemv4bit
-
-    from tests.support.nf4 import FakeLinear4bit
-
-    rows = []
-    for name, (n, k) in SHAPES.items():
-        nbytes = n * k // 2 + n * k // 64 * 4  # 4-bit codes and one float32 scale per 64 (both kernels read these)
-        copies = quantized_copies(n, k, max(4, int(ROTATE_BYTES // nbytes) + 1))
-        gemvs = [Gemv4bit.of(FakeLinear4bit(packed, state)) for packed, state, _ in copies]
-        layouts = [nf4_gemv.kmajor(g.packed, g.absmax, g.code, n, k, torch.bfloat16) for g in gemvs]
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-                 for _ in range(max(3, int(ROTATE_BYTES // (2 * n * k)) + 1))]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        want = nf4_gemv.reference(x, layouts[0])
-        row: dict[str, Any] = {"shape": name, "n": n, "k": k, "bytes": nbytes, "copies": len(copies),
-                               "floor_ms": nbytes / bandwidth * 1e3,
-                               "cublas_bf16_ms": graph_ms([lambda d=d, x=x: F.linear(x, d) for d in dense]),
-                               "bnb_gemv_ms": graph_ms([lambda g=g, x=x: g(x) for g in gemvs]),
-                               "bnb_gemv_rel_err": rel(gemvs[0](x), want), "configs": {}}
-        for shape in kmajor_shapes(n, k, wide):
-            key = str(tuple(vars(shape).values()))
-            try:
-                err = rel(nf4_gemv.gemv(x, layouts[0], shape=shape), want)
-                ms = graph_ms([lambda w=w, t=shape, x=x: nf4_gemv.gemv(x, w, shape=t) for w in layouts])
-            except Exception as exc:  # noqa: BLE001 - a shape that fails to compile is recorded, the rest go on
-                row["configs"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                continue
-            row["configs"][key] = {"ms": ms, "rel_err": err, "tb_s": nbytes / ms / 1e9}
-        timed = {c: v for c, v in row["configs"].items() if "ms" in v and v["rel_err"] < 2e-2}
-        if timed:
-            best_key = min(timed, key=lambda c: timed[c]["ms"])
-            row["best"] = {"config": best_key, **timed[best_key]}
-            best = next(s for s in kmajor_shapes(n, k, wide) if str(tuple(vars(s).values())) == best_key)
-            row["epilogue"] = _epilogue_case(x, n, k, layouts, gemvs, best, lora_kernels, nf4_gemv)
-        rows.append(row)
-        log.info("kmajor %s: floor %.4f cublas %.4f bnb %.4f best %s", name, row["floor_ms"], row["cublas_bf16_ms"],
-                 row["bnb_gemv_ms"], row.get("best"))
-        del copies, gemvs, layouts, dense
-        torch.cuda.empty_cache()
-    return rows
-
-
-def _epilogue_case(x: Any, n: int, k: int, layouts: list[Any], gemvs: list[Any], best: Any, lora_kernels: Any,
-                   nf4_gemv: Any) -> dict[str, Any]:
-    import torch
-
-    capacity, rank = 8, 16
-    a = torch.randn(capacity, rank, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-    bt = torch.randn(capacity, rank, n, device="cuda", dtype=torch.bfloat16) * 0.02
-    scaling = torch.full((capacity + 1,), 2.0, device="cuda", dtype=torch.bfloat16)
-    slots = torch.tensor([3], device="cuda")
-    residual = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
-    shrunk = lora_kernels.shrink(x, a, bt, slots, scaling, m=4)
-    want = (nf4_gemv.reference(x, layouts[0], residual=residual).float()
-            + lora_kernels.reference(x, a, bt, slots, scaling).float())
-    fused = nf4_gemv.gemv(x, layouts[0], residual=residual, lora=shrunk, shape=best)
-    apart = lora_kernels.expand_(nf4_gemv.gemv(x, layouts[0], shape=best), shrunk, residual)
-    return {
-        "fused_rel_err": rel(fused, want), "separate_rel_err": rel(apart, want),
-        "kmajor_fused_ms": graph_ms([lambda w=w: nf4_gemv.gemv(x, w, residual=residual, lora=shrunk, shape=best)
-                                     for w in layouts]),
-        "kmajor_then_expand_ms": graph_ms([lambda w=w: lora_kernels.expand_(nf4_gemv.gemv(x, w, shape=best), shrunk,
-                                                                            residual) for w in layouts]),
-        "bnb_then_expand_ms": graph_ms([lambda g=g: lora_kernels.expand_(g(x), shrunk, residual) for g in gemvs]),
-    }
-
-
 def lora_cases() -> list[dict[str, Any]]:
     import torch
     from persona_router.adapters.engine import lora_kernels
@@ -420,18 +273,6 @@ def attention_cases(bandwidth: float) -> list[dict[str, Any]]:
         timed = {k: v["ms"] for k, v in launches.items() if "ms" in v and v["rel_err"] < 2e-2}
         rows[-1]["best_launch"] = min(timed, key=timed.__getitem__) if timed else None
     return rows
-
-
-def write_shapes(path: Path, device: str, rows: list[dict[str, Any]]) -> None:
-    """Merge each row's fastest shape (a ``Shape``'s fields in order) under ``device`` into ``path``."""
-    table = json.loads(path.read_text()) if path.exists() else {}
-    entries = table.setdefault(device, {})
-    for row in rows:
-        if "best" in row:
-            entries[f"{row['n']}x{row['k']}"] = list(ast.literal_eval(row["best"]["config"]))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 def main() -> int:
