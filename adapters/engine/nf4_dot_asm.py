@@ -24,7 +24,7 @@ import math
 import struct
 from collections.abc import Sequence
 
-from persona_router.adapters.engine.nf4_lut import integer_op
+from persona_router.adapters.engine.nf4_lut import byte_table_words, integer_op
 
 LAYOUTS = ("bnb",)
 DTYPES = ("bf16", "f16")
@@ -101,13 +101,7 @@ def table_words(code: Sequence[float], dtype: str = "bf16") -> dict[str, int]:
         raise ValueError(f"a 4-bit code has 16 entries, got {len(code)}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    halves = [_bits16(float(value), dtype) for value in code]
-    words = {}
-    for i in range(4):
-        entries = halves[4 * i:4 * i + 4]
-        words[f"L{i}"] = sum((h & 0xFF) << (8 * j) for j, h in enumerate(entries))
-        words[f"H{i}"] = sum((h >> 8) << (8 * j) for j, h in enumerate(entries))
-    return words
+    return byte_table_words([_bits16(float(value), dtype) for value in code])
 
 
 def ptx(code: Sequence[float], dtype: str = "bf16", layout: str = "bnb") -> str:

@@ -67,7 +67,12 @@ def table_words(code: Sequence[float]) -> dict[str, int]:
     """The eight 32-bit words holding the low (L) and high (H) bytes of the 16 entries' float16 values."""
     if len(code) != 16:
         raise ValueError(f"a 4-bit code has 16 entries, got {len(code)}")
-    halves = [struct.unpack("<H", struct.pack("<e", float(value)))[0] for value in code]
+    return byte_table_words([struct.unpack("<H", struct.pack("<e", float(value)))[0] for value in code])
+
+
+def byte_table_words(halves: Sequence[int]) -> dict[str, int]:
+    """Sixteen 16-bit entries as eight 32-bit words: L0-L3 hold their low bytes, H0-H3 their high bytes, four
+    entries per word in order (the layout both decode programs' ``prmt`` lookups read)."""
     words = {}
     for i in range(4):
         entries = halves[4 * i:4 * i + 4]
