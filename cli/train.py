@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from persona_router.adapters.registry import AdapterRegistry
     from persona_router.core.errors import ConfigError
     from persona_router.core.pack import load_pack
-    from persona_router.training.distributed import world
+    from persona_router.training.distributed import leave_process_group, world
     from persona_router.training.jobs import plan_jobs
     from persona_router.training.parallel import cpu_workers, train_spread, visible_gpus
     from persona_router.training.trainer import train_persona
@@ -143,6 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 log.info("[%d/%d] training %s on %d rows from %s", index, len(jobs), job.persona.name,
                          len(job.train_records), job.data_source)
                 results.append(train_persona(job, config, base_config, registry, resume=args.resume))
+    leave_process_group()
     if not world().is_main:
         return 0  # rank 0 reports
     summary = [_summary(r) for r in results]

@@ -96,3 +96,19 @@ def barrier() -> None:
 
         if dist.is_initialized():
             dist.barrier()
+
+
+def leave_process_group() -> None:
+    """Leave the launch's process group once every rank has arrived (a no-op outside a distributed launch).
+
+    A rank that simply exits leaves its gloo or NCCL state to the interpreter's shutdown while another rank may
+    still be inside a collective: one clean-clone test run saw rank 0 abort that way ("terminate called without
+    an active exception") after the --resume skip, which returns right after one broadcast.
+    """
+    if not world().distributed:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
