@@ -7,7 +7,8 @@ beside cuBLAS on a dense bf16 weight, bitsandbytes' own 4-bit product (``matmul_
 row) and bitsandbytes' dequantisation into a reused bf16 scratch followed by cuBLAS. Also the LoRA shrink
 (gather by slot for few rows, one tensor-core product over the resident slots for many) with the expand, and
 decode attention over live lengths against SDPA over the masked bucket. The K-major GEMV's sections (``kmajor``,
-``kmajor_wide``, ``--write-shapes``) are in ``kernels_gpu_kmajor.py``, the timing helpers in
+``kmajor_wide``, ``--write-shapes``) are in ``kernels_gpu_kmajor.py``, the many-row K-major product's (``mma``)
+in ``kernels_gpu_mma.py``, the timing helpers in
 ``kernels_gpu_timing.py``.
 
 Timing: each launch is captured in a CUDA graph, one launch per weight copy, with enough copies (over 240 MB)
@@ -32,6 +33,8 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after the installed package: the repo root holds a bare persona_router folder
 
 from benchmarks.kernels_gpu_kmajor import kmajor_cases, write_shapes  # noqa: E402
+from benchmarks.kernels_gpu_mma import mma_cases  # noqa: E402
+from benchmarks.kernels_gpu_mma import summary as mma_summary  # noqa: E402
 from benchmarks.kernels_gpu_timing import ROTATE_BYTES, SHAPES, graph_ms, quantized_copies, rel  # noqa: E402
 
 log = logging.getLogger("kernels_gpu")
@@ -293,7 +296,8 @@ def main() -> int:
     bandwidth = report["bandwidth"]["tb_s"] * 1e12
     sections = {"attention": lambda: attention_cases(bandwidth), "lora": lora_cases, "prologue": prologue_cases,
                 "nf4": lambda: nf4_cases(bandwidth), "lut": lambda: lut_cases(bandwidth),
-                "kmajor": lambda: kmajor_cases(bandwidth), "kmajor_wide": lambda: kmajor_cases(bandwidth, wide=True)}
+                "kmajor": lambda: kmajor_cases(bandwidth), "kmajor_wide": lambda: kmajor_cases(bandwidth, wide=True),
+                "mma": lambda: mma_cases(bandwidth)}
     for key in args.only.split(","):
         try:
             report[key] = sections[key]()
@@ -305,6 +309,8 @@ def main() -> int:
         if args.write_shapes and isinstance(report.get(key), list):
             write_shapes(args.write_shapes, report["device"], report[key])
     print(f"{report['device']}: copy {report['bandwidth']['tb_s']:.2f} TB/s")
+    for line in mma_summary(report["mma"]) if isinstance(report.get("mma"), list) else []:
+        print(line)
     for row in report.get("nf4", []) if isinstance(report.get("nf4"), list) else []:
         best = row.get("best", {})
         base = row["baselines"]

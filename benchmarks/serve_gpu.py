@@ -225,6 +225,8 @@ def weight_bytes(runner: Any) -> int:
                 total += group.weight.numel() * group.weight.element_size()
             if group.nf4 is not None:
                 total += group.nf4.nbytes
+            if group.kmajor is not None:
+                total += group.kmajor.nbytes
             for module in group.modules:
                 state = module.weight.quant_state
                 total += module.weight.numel() * module.weight.element_size()
@@ -241,7 +243,9 @@ def one_row_bytes(runner: Any) -> int:
     for layer in runner.w.layers:
         for group in layer.groups.values():
             gemv = group.gemv
-            if gemv is not None and gemv.kmajor is not None:
+            if group.kmajor is not None:
+                total += group.kmajor.nbytes
+            elif gemv is not None and gemv.kmajor is not None:
                 total += gemv.kmajor.nbytes
             elif gemv is not None:
                 total += gemv.packed.numel() * gemv.packed.element_size() + gemv.absmax.numel() * 4

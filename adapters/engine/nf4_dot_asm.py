@@ -34,9 +34,10 @@ _INTERLEAVE = {"bnb": (0x4051, 0x6273)}
 # (the activation pairs), integers (immediates). The last instruction writes "$out" (float32).
 
 
-def program(layout: str, dtype: str = "bf16") -> list[tuple[object, ...]]:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+def decode_program(layout: str) -> list[tuple[object, ...]]:
+    """The lookup alone: the word ``$w`` to four 16-bit pairs ``p0..p3`` (pair ``j``: element ``2j`` in the low
+    half, ``2j + 1`` in the high half, as the activations lie in memory). The GEMV multiplies them in place
+    (``program``); the many-row kernel (``nf4_mma``) takes them out as its tensor-core tile (``unpack_ptx``)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     first, second = _INTERLEAVE[layout]
@@ -53,6 +54,13 @@ def program(layout: str, dtype: str = "bf16") -> list[tuple[object, ...]]:
             ("prmt", "c", "H0", "H1", s), ("prmt", "d", "H2", "H3", s), ("prmt", "hi", "c", "d", sel),
             ("prmt", f"p{2 * half}", "lo", "hi", first), ("prmt", f"p{2 * half + 1}", "lo", "hi", second),
         ]
+    return prog
+
+
+def program(layout: str, dtype: str = "bf16") -> list[tuple[object, ...]]:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    prog = decode_program(layout)
     prog += [
         ("fma0", "acc", "p0", "$x0"),  # acc = p0 * x0 (a packed fma with +0)
         ("fma", "acc", "p1", "$x1", "acc"),
@@ -107,15 +115,25 @@ def table_words(code: Sequence[float], dtype: str = "bf16") -> dict[str, int]:
 def ptx(code: Sequence[float], dtype: str = "bf16", layout: str = "bnb") -> str:
     """Inline PTX: output ``$0`` (float32), inputs ``$1`` (the word), ``$2..$5`` (activation pairs 0-3), ``$6..$9``
     (table words L0, L2, H0, H2: ``register_words``)."""
-    words = table_words(code, dtype)
-    prog = program(layout, dtype)
-    regs = sorted({str(op[1]) for op in prog if not str(op[1]).startswith("$")})
+    names = {"$w": "$1", "$x0": "$2", "$x1": "$3", "$x2": "$4", "$x3": "$5", "$out": "$0",
+             "L0": "$6", "L2": "$7", "H0": "$8", "H2": "$9"}
+    return _render(program(layout, dtype), names, table_words(code, dtype), dtype)
+
+
+def unpack_ptx(code: Sequence[float], dtype: str = "bf16", layout: str = "bnb") -> str:
+    """Inline PTX of ``decode_program``: outputs ``$0..$3`` (the 16-bit pairs p0-p3), inputs ``$4`` (the word),
+    ``$5..$8`` (table words L0, L2, H0, H2: ``register_words``)."""
+    names = {"p0": "$0", "p1": "$1", "p2": "$2", "p3": "$3", "$w": "$4",
+             "L0": "$5", "L2": "$6", "H0": "$7", "H2": "$8"}
+    return _render(decode_program(layout), names, table_words(code, dtype), dtype)
+
+
+def _render(prog: list[tuple[object, ...]], names: dict[str, str], words: dict[str, int], dtype: str) -> str:
+    # The first table operand of each lookup comes in a register (loaded once by the kernel, so the assembler
+    # keeps them instead of re-making them per word), the second as an immediate.
+    regs = sorted({str(op[1]) for op in prog if not str(op[1]).startswith("$") and str(op[1]) not in names})
     lines = ["{", ".reg .b32 " + ", ".join(f"%q_{r}" for r in [*regs, "zero"]) + ";",
              ".reg .f32 %q_f0, %q_f1;", ".reg .b16 %q_e0, %q_e1;", "mov.b32 %q_zero, 0;"]
-    names = {"$w": "$1", "$x0": "$2", "$x1": "$3", "$x2": "$4", "$x3": "$5", "$out": "$0"}
-    # The first table operand of each lookup comes in a register (``$6..$9``: L0, L2, H0, H2, loaded once by the
-    # kernel, so the assembler keeps them instead of re-making them per word), the second as an immediate.
-    names.update({"L0": "$6", "L2": "$7", "H0": "$8", "H2": "$9"})
 
     def operand(x: object) -> str:
         if isinstance(x, int):
@@ -198,6 +216,17 @@ def emulate(word: int, pairs: Sequence[int], code: Sequence[float], dtype: str =
         else:
             raise ValueError(f"unknown op {kind}")
     return out
+
+
+def emulate_unpack(word: int, code: Sequence[float], dtype: str = "bf16", layout: str = "bnb") -> list[float]:
+    """Run ``decode_program`` on one word in Python: the eight 16-bit values in element order."""
+    regs: dict[str, int] = {"$w": word & 0xFFFFFFFF, **table_words(code, dtype)}
+    for op in decode_program(layout):
+        result = integer_op(str(op[0]), [x if isinstance(x, int) else regs[str(x)] for x in op[2:]])
+        if result is None:
+            raise ValueError(f"unknown op {op[0]}")
+        regs[str(op[1])] = result
+    return [_from16(regs[f"p{e // 2}"] >> (16 * (e % 2)), dtype) for e in range(8)]
 
 
 def element_codes(word: int, layout: str) -> list[tuple[int, int]]:

@@ -58,6 +58,7 @@ class KMajor:
     asm: str  # the PTX for this code and activation dtype ("" under Triton's interpreter)
     f16: bool  # float16 activations (else bfloat16)
     shape: Shape | None = None  # the launch shape, chosen at load for this GPU (None: default_shape's)
+    unpack_asm: str = ""  # the lookup alone (nf4_dot_asm.unpack_ptx), for the many-row product (nf4_mma)
 
     @property
     def nbytes(self) -> int:
@@ -81,10 +82,11 @@ def kmajor(packed: Any, absmax: Any, code: Any, n: int, k: int, dtype: Any) -> K
     values = code.float().tolist()
     table = torch.tensor(nf4_dot_asm.register_words(values, kind), dtype=torch.int32, device=words.device)
     asm = "" if _interpreting() else nf4_dot_asm.ptx(values, kind, "bnb")
+    unpack_asm = "" if _interpreting() else nf4_dot_asm.unpack_ptx(values, kind, "bnb")
     device = words.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return KMajor(words=words, scales=scales, code=code.float().to(device).contiguous(), table=table, n=n,
-                  k=k, asm=asm, f16=kind == "f16", shape=measured_shape(name, n, k))
+                  k=k, asm=asm, f16=kind == "f16", shape=measured_shape(name, n, k), unpack_asm=unpack_asm)
 
 
 def _interpreting() -> bool:

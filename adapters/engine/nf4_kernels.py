@@ -179,6 +179,18 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, str, int, int, int, int], tuple[Any, Any]] = {}
+        self._scratch: dict[tuple[str, Any], Any] = {}
+
+    def scratch(self, device: Any, numel: int, dtype: Any) -> Any:
+        """A flat buffer of at least ``numel`` elements, one per device and dtype, grown (never shrunk) on demand:
+        the dense weight of one wide product at a time (``nf4_mma``)."""
+        import torch
+
+        key = (str(device), dtype)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._scratch[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
 
     def get(self, device: Any, n: int, rows: int, split: int, tiles: int, tag: str = "") -> tuple[Any, Any]:
         """``split * rows * n`` float32 partials and ``tiles`` zeroed counters; ``tag`` keeps one kernel's

@@ -253,7 +253,8 @@ class ModelRunner:
         """The kernel path. LoRA: for few rows a Triton shrink by slot (computing the product's input from ``x``
         first when given a ``prologue``, which needs ``_triton_lora``) and an expand that also adds the
         residual; for many rows the bank's products. Base: the fused 4-bit kernel (``nf4_mode="fused"``, LoRA
-        and residual in its epilogue), for one row a 4-bit GEMV (``gemv="kmajor"`` or ``"triton"``: the engine's
+        and residual in its epilogue; one K-major copy for every row count where it runs: ``nf4_gemv`` for one row,
+        ``nf4_mma`` for more), for one row a 4-bit GEMV (``gemv="kmajor"`` or ``"triton"``: the engine's
         own, LoRA and residual in its epilogue; else bitsandbytes'), else cuBLAS on the dense weight."""
         import torch
         from persona_router.adapters.engine.lora_kernels import expand_, shrink
@@ -265,11 +266,13 @@ class ModelRunner:
             shrunk = shrink(x, self.bank.a[index][group], self.bank.bt[index][group], lora.slot_ids,
                             self.bank.scaling, m=lora.m, prologue=prologue)
             x = shrunk.h
-        kmajor = linear.gemv.kmajor if linear.gemv is not None and rows == 1 else None
+        kmajor = linear.kmajor or (linear.gemv.kmajor if linear.gemv is not None and rows == 1 else None)
         if kmajor is not None and linear.bias is None:
             from persona_router.adapters.engine.nf4_gemv import gemv
+            from persona_router.adapters.engine.nf4_mma import matmul
 
-            out = gemv(x, kmajor, residual=residual, lora=shrunk, workspace=self.workspace)
+            product = gemv if rows == 1 else matmul
+            out = product(x, kmajor, residual=residual, lora=shrunk, workspace=self.workspace)
             return out if shrunk is not None else self.bank.apply(index, group, x, out, lora)
         lut = linear.gemv.lut if linear.gemv is not None and rows == 1 else None
         if (linear.nf4 is not None or lut is not None) and linear.bias is None:

@@ -46,6 +46,7 @@ class LinearGroup:
     modules: list[Any] = field(default_factory=list)  # bitsandbytes Linear4bit modules (kernel mode)
     nf4: Any = None  # nf4_kernels.Nf4Weight (fused mode): the modules' 4-bit tensors, read by the Triton kernel
     gemv: Any = None  # Gemv4bit: bitsandbytes' one-row 4-bit product on the module's own weight (dequantize mode)
+    kmajor: Any = None  # nf4_gemv.KMajor (fused mode, 16-bit on CUDA): one 4-bit copy for every row count
 
     @property
     def out_features(self) -> int:
@@ -57,6 +58,12 @@ class LinearGroup:
 
         if self.weight is not None:
             return F.linear(x, self.weight, self.bias)
+        if self.kmajor is not None:
+            from persona_router.adapters.engine.nf4_gemv import gemv
+            from persona_router.adapters.engine.nf4_mma import matmul
+
+            out = gemv(x, self.kmajor) if x.shape[0] == 1 else matmul(x, self.kmajor)
+            return out if self.bias is None else out + self.bias
         if self.nf4 is not None:
             from persona_router.adapters.engine.nf4_kernels import nf4_matmul
 
@@ -171,8 +178,9 @@ def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any, gem
     if all(quantized) and nf4_mode == "fused":
         from persona_router.adapters.engine.nf4_kernels import nf4_weight
 
-        group.nf4 = nf4_weight(modules)
-        if group.nf4 is not None:
+        group.kmajor = _kmajor_group(modules, dtype)
+        group.nf4 = None if group.kmajor is not None else nf4_weight(modules)
+        if group.kmajor is not None or group.nf4 is not None:
             biases = [module.bias for module in modules]
             if any(b is not None for b in biases):
                 if not all(b is not None for b in biases):
@@ -288,6 +296,32 @@ def _dense_weight(module: Any, dtype: Any) -> Any:
     except ImportError as exc:  # pragma: no cover - a 4-bit model cannot load without it
         raise ConfigError("4-bit weights need bitsandbytes: pip install bitsandbytes==0.50.2") from exc
     return bnbf.dequantize_4bit(module.weight.data, state).to(dtype)
+
+
+def _kmajor_group(modules: list[Any], dtype: Any) -> Any:
+    """One K-major copy of the modules' 4-bit weights stacked along N (``nf4_gemv.KMajor``), read by the one-row
+    GEMV and the many-row product alike; None where they cannot read it (block size, K, dtype, GPU), and the
+    fused mode then keeps the row-major kernels (``nf4_kernels``)."""
+    import torch
+    from persona_router.adapters.engine.nf4_gemv import kmajor
+    from persona_router.adapters.engine.nf4_mma import default_shape
+
+    states = [module.weight.quant_state for module in modules]
+    k = int(states[0].shape[1])
+    if (any(s.blocksize != 64 or int(s.shape[1]) != k or s.quant_type != states[0].quant_type for s in states)
+            or k % 128
+            or not _kmajor_runs(dtype, modules[0].weight.data.device)):
+        return None
+    if any(getattr(s, "packing_format_for_cpu", False) for s in states):
+        return None
+    n = sum(int(s.shape[0]) for s in states)
+    try:
+        default_shape(2, n, k)
+    except ValueError:
+        return None
+    absmax = [Gemv4bit.of(module).absmax for module in modules]
+    packed = torch.cat([module.weight.data.reshape(-1) for module in modules])
+    return kmajor(packed, torch.cat(absmax), states[0].code, n, k, dtype)
 
 
 def _kmajor_runs(dtype: Any, device: Any) -> bool:

@@ -188,6 +188,11 @@ def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_d
     if gemv == "triton":  # every 4-bit group of the tiny model has a register-lookup view
         assert all(group.gemv is not None and group.gemv.lut is not None
                    for layer in engine.runner.w.layers for group in layer.groups.values())
+    if nf4_mode == "fused":  # groups with K a multiple of 128 (down) share one K-major copy for every row count;
+        # the tiny model's K=64 groups keep the row-major kernels
+        groups = [group for layer in engine.runner.w.layers for group in layer.groups.values()]
+        assert all((group.kmajor is not None) == (group.in_features % 128 == 0) for group in groups)
+        assert any(group.kmajor is not None for group in groups)
     if gemv == "kmajor":  # every 4-bit group of the tiny model has a K-major copy
         assert all(group.gemv is not None and group.gemv.kmajor is not None
                    for layer in engine.runner.w.layers for group in layer.groups.values())

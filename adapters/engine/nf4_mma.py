@@ -1,0 +1,147 @@
+"""The many-row NF4 product (multi-stream decode, prefill) on the K-major copy the one-row GEMV reads.
+
+With the one-row GEMV (``nf4_gemv``) this makes the ``fused`` mode whole: one 4-bit copy of each weight serves
+every step and no 16-bit copy of the model is kept (the ``dequantize`` mode keeps a bf16 copy of every weight,
+4x the bytes; wide products here decode one weight at a time into a scratch buffer, see below).
+
+The kernel (``mma_triton.nf4_mma_kmajor``) loads ``BKW`` words of ``BN`` weight rows per step from the
+``[K // 8, N]`` word array (rows along the fast axis: whole cache lines), decodes each word's eight codes by
+register permutes (``nf4_dot_asm.unpack_ptx``, the GEMV's lookup without its products), multiplies by the block
+scale in float32, rounds once to the activations' 16-bit type, joins the eight element tensors into one
+``[8 BKW, BN]`` tile in K order and runs one tensor-core product per step against the contiguous activations.
+For few rows the eight element tensors go to eight ``[BM, BKW] x [BKW, BN]`` products instead (``slices``), one
+per element position of the words, against strided activation columns: no tile is re-ordered in registers.
+Measured in one H200 run each (``kernels_gpu_mma_first_h200.json``: the slice products only;
+``kernels_gpu_mma_h200.json``: the joined tile), best launch shape, microseconds for qkv / o / gate_up / down:
+2 rows 20.7 / 9.8 / 31.1 / 19.5 against 32.0 / 13.8 / 48.6 / 30.1 (cuBLAS on a dense bf16 weight: 19.3 / 10.4 /
+27.8 / 19.1); 16 rows 40.7 / 20.4 / 46.2 / 36.2 against 38.7 / 19.8 / 55.9 / 33.6; 64 rows 176 / 93 / 180 / 161
+against 60 / 42 / 64 / 56. ``default_shape`` takes the slices up to 16 rows.
+
+Split K keeps every multiprocessor busy when ``N / BN`` tiles are few; the residual and the LoRA update of each
+row's own adapter ride in the epilogue as in the GEMV.
+
+Where it stands (H200, ``benchmarks/results/kernels_gpu_mma_h200.json``): at 64 rows the qkv projection takes
+60 us, 0.26 TB/s of its 4-bit bytes, against 17.9 us for cuBLAS on a dense bf16 weight. Not profiled yet; a
+likely cause is that the decoded tile goes through registers, so the words' loads are not pipelined ahead as
+a plain operand's would be. From ``DEQUANTIZE_ROWS`` rows the product therefore decodes the weight into a
+scratch buffer (one projection at a time, ``dequantize_t``: about 20 us for qkv, near the copy bandwidth) and
+multiplies on cuBLAS: a transient 16-bit copy of one weight, never of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+MAX_SPLIT = 8
+# From this many rows the product runs on cuBLAS over a dense copy of this one weight, decoded into a scratch
+# buffer the size of the largest projection. Measured on an H200 (the module docstring's files; us for qkv / o /
+# gate_up / down): decode-then-cuBLAS takes 37.7 / 16.1 / 65.1 / 34.8 at 2 rows, 38.2 / 15.7 / 65.3 / 34.3 at
+# 16 and 39.6 / 15.2 / 66.3 / 35.6 at 64; the fused kernel is faster at 2, about even at 16, slower from 32.
+DEQUANTIZE_ROWS = 17
+
+
+@dataclass(frozen=True)
+class MmaShape:
+    """A launch shape: ``bm x bn`` output tiles, ``bkw`` words of K (8 elements each) per loop step, ``split_k``
+    programs per tile (the last one to finish adds the partial sums), ``stages`` software-pipeline depth,
+    ``slices`` eight K-slice products per step instead of one joined tile (see the module docstring)."""
+
+    bm: int = 64
+    bn: int = 64
+    bkw: int = 16
+    warps: int = 4
+    stages: int = 2
+    split_k: int = 1
+    slices: bool = False
+
+    def fits(self, n: int, k: int) -> bool:
+        words = k // 8
+        return (k % 64 == 0 and 1 <= self.split_k <= MAX_SPLIT and words % self.split_k == 0
+                and (words // self.split_k) % self.bkw == 0 and self.bkw >= 16 and self.bm >= 16
+                and self.bn >= 16 and n >= 1)
+
+
+def default_shape(m: int, n: int, k: int) -> MmaShape:
+    """Up to 16 rows the K-slice products, split K toward 1024 programs (at 2 rows the measured best split was 8 for
+    qkv, o and down, 4 for gate_up); more rows one joined tile per step, split K until the grid covers the
+    H200's 132 multiprocessors (the measured best at 64 rows for all four projections)."""
+    slices = m <= 16
+    bm = 16 if slices else 32 if m <= 32 else 64 if m <= 64 else 128
+    tiles = -(-n // 64) * -(-m // bm)
+    target = 1024 if slices else 132
+    fitting = [MmaShape(bm=bm, split_k=split, slices=slices) for split in (1, 2, 4, 8)]
+    fitting = [shape for shape in fitting if shape.fits(n, k)]
+    if not fitting:
+        raise ValueError(f"no launch shape of the 4-bit product fits K={k} (needs a multiple of 128)")
+    return next((shape for shape in fitting if tiles * shape.split_k >= target), fitting[-1])
+
+
+def matmul(x: Any, w: Any, *, residual: Any = None, lora: Any = None, shape: MmaShape | None = None,
+           workspace: Any = None) -> Any:
+    """``[residual +] x W^T [+ LoRA(x)]`` for ``x`` of any row count ([M, K]); ``w`` is an ``nf4_gemv.KMajor``,
+    ``lora`` a ``LoraShrunk`` (``lora_kernels``), added with ``residual`` in the kernel's epilogue."""
+    import torch
+    from persona_router.adapters.engine.nf4_kernels import _SHARED
+    from persona_router.adapters.engine.triton_ops import require_triton
+
+    require_triton()
+    import persona_router.adapters.engine.mma_triton as mma_triton
+
+    if x.dim() != 2 or x.shape[1] != w.k:
+        raise ValueError(f"x must be [M, {w.k}], got {tuple(x.shape)}")
+    if x.dtype != (torch.float16 if w.f16 else torch.bfloat16):
+        raise ValueError(f"x is {x.dtype}; this weight was laid out for {'float16' if w.f16 else 'bfloat16'}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    if residual is not None and (residual.stride(1) != 1 or tuple(residual.shape) != (m, w.n)):
+        raise ValueError(f"residual must be a row-major [{m}, {w.n}] tensor")
+    if shape is None and m >= DEQUANTIZE_ROWS:
+        return _dequantized_product(x, w, residual, lora, workspace or _SHARED)
+    t = shape or default_shape(m, w.n, w.k)
+    if not t.fits(w.n, w.k):
+        raise ValueError(f"launch shape {t} does not fit N={w.n}, K={w.k}")
+    grid = (-(-w.n // t.bn), -(-m // t.bm), t.split_k)
+    ws, counters = ((workspace or _SHARED).get(x.device, w.n, m, t.split_k, grid[0] * grid[1], tag="mma")
+                    if t.split_k > 1 else (out, out))
+    has_lora = lora is not None
+    tl_t, tl_bt, slots = (lora.t, lora.bt, lora.slot_ids) if has_lora else (out, out, out)
+    mma_triton.nf4_mma_kmajor[grid](
+        x, w.words, w.scales, w.code, w.table, out, residual if residual is not None else out, tl_t, tl_bt, slots,
+        ws, counters, m, w.n, w.k, x.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
+        tl_t.stride(0) if has_lora else 0, tl_t.stride(1) if has_lora else 0,
+        tl_bt.stride(0) if has_lora else 0, tl_bt.stride(1) if has_lora else 0,
+        R=lora.rank if has_lora else 0, SPLITS=lora.splits if has_lora else 1,
+        RP=lora.rank_pow2 if has_lora else 1, HAS_RES=residual is not None, HAS_LORA=has_lora, BM=t.bm, BN=t.bn,
+        BKW=t.bkw, SPLIT_K=t.split_k, EVEN_N=w.n % t.bn == 0, F16=w.f16, ASM=w.unpack_asm, SLICES=t.slices,
+        num_warps=t.warps, num_stages=t.stages)
+    return out
+
+
+def dequantize_t(w: Any, out: Any) -> Any:
+    """Decode the K-major weight into ``out`` as the dense transposed weight ``[K, N]`` in the activations'
+    dtype (one kernel; the values ``reference`` multiplies by, rounded once)."""
+    import persona_router.adapters.engine.mma_triton as mma_triton
+
+    bn, bkw = 64, 16
+    mma_triton.kmajor_dequant[(-(-w.n // bn), w.k // 8 // bkw)](
+        w.words, w.scales, w.code, w.table, out, w.n, BN=bn, BKW=bkw, F16=w.f16, ASM=w.unpack_asm, num_warps=4)
+    return out
+
+
+def _dequantized_product(x: Any, w: Any, residual: Any, lora: Any, workspace: Any) -> Any:
+    import torch
+    from persona_router.adapters.engine.lora_kernels import expand_
+
+    if w.k % 128:
+        raise ValueError(f"the 4-bit product needs K a multiple of 128, got {w.k}")
+    dense = dequantize_t(w, workspace.scratch(x.device, w.k * w.n, x.dtype).view(w.k, w.n))
+    if lora is not None:
+        return expand_(x @ dense, lora, residual)
+    return torch.addmm(residual, x, dense) if residual is not None else x @ dense
