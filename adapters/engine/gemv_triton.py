@@ -9,7 +9,7 @@ from __future__ import annotations
 try:
     import triton
     import triton.language as tl
-    from persona_router.adapters.engine.triton_ops import split_k_finish, store_out
+    from persona_router.adapters.engine.triton_ops import finish_tile
 except ImportError:  # nf4_gemv checks require_triton() before any launch
     triton = None
 
@@ -101,11 +101,6 @@ if triton is not None:
         total = tl.sum(acc, axis=1)[None, :]  # [1, BN]
         rm = tl.arange(0, 1)
         mask_m = rm < 1
-        if SPLIT_K == 1:
-            store_out(total, rm, mask_m, rn, mask_n, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, stride_om,
-                      stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES, HAS_LORA)
-        else:
-            total, last = split_k_finish(total, rm, mask_m, rn, mask_n, ws_ptr, cnt_ptr, pid_n, split, 1, N, SPLIT_K)
-            if last:
-                store_out(total, rm, mask_m, rn, mask_n, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, stride_om,
-                          stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES, HAS_LORA)
+        finish_tile(total, rm, mask_m, rn, mask_n, pid_n, split, 1, N, out_ptr, res_ptr, t_ptr, bt_ptr,
+                    slot_ptr, ws_ptr, cnt_ptr, stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R,
+                    SPLITS, RP, HAS_RES, HAS_LORA, SPLIT_K)

@@ -9,7 +9,7 @@ from __future__ import annotations
 try:
     import triton
     import triton.language as tl
-    from persona_router.adapters.engine.triton_ops import split_k_finish, store_out
+    from persona_router.adapters.engine.triton_ops import finish_tile
 except ImportError:  # nf4_mma checks require_triton() before any launch
     triton = None
 
@@ -123,17 +123,10 @@ if triton is not None:
                     acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(x, w, acc)
-        if SPLIT_K == 1:
-            store_out(acc, rm_safe, mask_m, rn_safe, mask_n, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, stride_om,
-                      stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES, HAS_LORA)
-        else:
-            tile = pid_m * tl.num_programs(0) + pid_n
-            acc, last = split_k_finish(acc, rm_safe, mask_m, rn_safe, mask_n, ws_ptr, cnt_ptr, tile, split, M, N,
-                                       SPLIT_K)
-            if last:
-                store_out(acc, rm_safe, mask_m, rn_safe, mask_n, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr,
-                          stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES,
-                          HAS_LORA)
+        tile = pid_m * tl.num_programs(0) + pid_n
+        finish_tile(acc, rm_safe, mask_m, rn_safe, mask_n, tile, split, M, N, out_ptr, res_ptr, t_ptr, bt_ptr,
+                    slot_ptr, ws_ptr, cnt_ptr, stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R,
+                    SPLITS, RP, HAS_RES, HAS_LORA, SPLIT_K)
 
     @triton.jit
     def kmajor_dequant(w_ptr, s_ptr, code_ptr, tab_ptr, out_ptr, N, BN: tl.constexpr, BKW: tl.constexpr,

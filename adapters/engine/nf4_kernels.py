@@ -232,6 +232,20 @@ def lut_tiles(n: int, k: int) -> Tiles | None:
     return None if inner is None else Tiles("gemv", 1, t.bn, inner, t.warps, t.stages, t.split_k, xvec=True)
 
 
+def product_operands(x: Any, k: int, n: int, residual: Any) -> tuple[Any, Any]:
+    """A 4-bit product's checked operands: ``x`` ([M, K]) with unit column stride and an empty ``[M, N]`` output;
+    ``residual`` must be a row-major ``[M, N]`` tensor (or None)."""
+    import torch
+
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if residual is not None and (residual.stride(1) != 1 or tuple(residual.shape) != (x.shape[0], n)):
+        raise ValueError(f"residual must be a row-major [{x.shape[0]}, {n}] tensor")
+    return x, torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+
+
 def nf4_matmul(x: Any, w: Nf4Weight, *, residual: Any = None, lora: Any = None, tiles: Tiles | None = None,
                workspace: Workspace | None = None, lut: str = "") -> Any:
     """``[residual +] x W^T [+ LoRA(x)]`` for 2-D ``x`` ([M, K]); ``lora`` is a ``LoraShrunk`` (``lora_kernels``).
@@ -241,16 +255,10 @@ def nf4_matmul(x: Any, w: Nf4Weight, *, residual: Any = None, lora: Any = None, 
     (tiles from ``lut_tiles``)."""
     import torch
 
-    if x.dim() != 2 or x.shape[1] != w.k:
-        raise ValueError(f"x must be [M, {w.k}], got {tuple(x.shape)}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x, out = product_operands(x, w.k, w.n, residual)
     m = x.shape[0]
-    out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    if residual is not None and (residual.stride(1) != 1 or tuple(residual.shape) != (m, w.n)):
-        raise ValueError("residual must be a row-major [M, N] tensor")
     t = tiles or (lut_tiles(w.n, w.k) if lut else None) or default_tiles(m, w.n, w.k)
     if t.kind == "gemv" and m != 1:
         raise ValueError("the gemv kernel takes one row")

@@ -84,24 +84,18 @@ def matmul(x: Any, w: Any, *, residual: Any = None, lora: Any = None, shape: Mma
     """``[residual +] x W^T [+ LoRA(x)]`` for ``x`` of any row count ([M, K]); ``w`` is an ``nf4_gemv.KMajor``,
     ``lora`` a ``LoraShrunk`` (``lora_kernels``), added with ``residual`` in the kernel's epilogue."""
     import torch
-    from persona_router.adapters.engine.nf4_kernels import _SHARED
+    from persona_router.adapters.engine.nf4_kernels import _SHARED, product_operands
     from persona_router.adapters.engine.triton_ops import require_triton
 
     require_triton()
     import persona_router.adapters.engine.mma_triton as mma_triton
 
-    if x.dim() != 2 or x.shape[1] != w.k:
-        raise ValueError(f"x must be [M, {w.k}], got {tuple(x.shape)}")
+    x, out = product_operands(x, w.k, w.n, residual)
     if x.dtype != (torch.float16 if w.f16 else torch.bfloat16):
         raise ValueError(f"x is {x.dtype}; this weight was laid out for {'float16' if w.f16 else 'bfloat16'}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
     m = x.shape[0]
-    out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    if residual is not None and (residual.stride(1) != 1 or tuple(residual.shape) != (m, w.n)):
-        raise ValueError(f"residual must be a row-major [{m}, {w.n}] tensor")
     if shape is None and m >= DEQUANTIZE_ROWS:
         return _dequantized_product(x, w, residual, lora, workspace or _SHARED)
     t = shape or default_shape(m, w.n, w.k)

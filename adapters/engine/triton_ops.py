@@ -232,6 +232,22 @@ if triton is not None:
         return total, last
 
     @triton.jit
+    def finish_tile(acc, rm, mask_m, rn, mask_n, tile, split, M, N, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, ws_ptr,
+                    cnt_ptr, stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R: tl.constexpr,
+                    SPLITS: tl.constexpr, RP: tl.constexpr, HAS_RES: tl.constexpr, HAS_LORA: tl.constexpr,
+                    SPLIT_K: tl.constexpr):
+        """The end of every split-K product: the shared epilogue at once, or by the last of the tile's programs
+        once ``split_k_finish`` has added the partial sums."""
+        if SPLIT_K == 1:
+            store_out(acc, rm, mask_m, rn, mask_n, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, stride_om, stride_rm,
+                      stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES, HAS_LORA)
+        else:
+            total, last = split_k_finish(acc, rm, mask_m, rn, mask_n, ws_ptr, cnt_ptr, tile, split, M, N, SPLIT_K)
+            if last:
+                store_out(total, rm, mask_m, rn, mask_n, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, stride_om,
+                          stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES, HAS_LORA)
+
+    @triton.jit
     def nf4_gemv(x_ptr, q_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, code_ptr, out_ptr, res_ptr, t_ptr, bt_ptr,
                  slot_ptr, ws_ptr, cnt_ptr, N, K: tl.constexpr, stride_om, stride_rm, stride_ts, stride_tm,
                  stride_bs, stride_br, R: tl.constexpr, BLOCK2: tl.constexpr, DOUBLE: tl.constexpr,
@@ -308,15 +324,9 @@ if triton is not None:
         total = tl.sum(acc, axis=1)[None, :]  # [1, BN]
         rm = tl.arange(0, 1)
         mask_m = rm < 1
-        if SPLIT_K == 1:
-            store_out(total, rm, mask_m, rn_safe, mask_n, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, stride_om,
-                      stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES, HAS_LORA)
-        else:
-            total, last = split_k_finish(total, rm, mask_m, rn_safe, mask_n, ws_ptr, cnt_ptr, pid_n, split, 1, N,
-                                         SPLIT_K)
-            if last:
-                store_out(total, rm, mask_m, rn_safe, mask_n, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, stride_om,
-                          stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES, HAS_LORA)
+        finish_tile(total, rm, mask_m, rn_safe, mask_n, pid_n, split, 1, N, out_ptr, res_ptr, t_ptr, bt_ptr,
+                    slot_ptr, ws_ptr, cnt_ptr, stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R,
+                    SPLITS, RP, HAS_RES, HAS_LORA, SPLIT_K)
 
     @triton.jit
     def nf4_dot(x_ptr, q_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, code_ptr, out_ptr, res_ptr, t_ptr, bt_ptr,
@@ -361,14 +371,7 @@ if triton is not None:
                 w = (w * scale[:, None]).to(dtype)
                 x = tl.load(xrow + (b * 64 + kk)[None, :], mask=mask_m[:, None] & ok, other=0.0)
                 acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-        if SPLIT_K == 1:
-            store_out(acc, rm_safe, mask_m, rn_safe, mask_n, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, stride_om,
-                      stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES, HAS_LORA)
-        else:
-            tile = pid_m * tl.num_programs(0) + pid_n
-            acc, last = split_k_finish(acc, rm_safe, mask_m, rn_safe, mask_n, ws_ptr, cnt_ptr, tile, split, M, N,
-                                       SPLIT_K)
-            if last:
-                store_out(acc, rm_safe, mask_m, rn_safe, mask_n, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr,
-                          stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES,
-                          HAS_LORA)
+        tile = pid_m * tl.num_programs(0) + pid_n
+        finish_tile(acc, rm_safe, mask_m, rn_safe, mask_n, tile, split, M, N, out_ptr, res_ptr, t_ptr, bt_ptr,
+                    slot_ptr, ws_ptr, cnt_ptr, stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R,
+                    SPLITS, RP, HAS_RES, HAS_LORA, SPLIT_K)
