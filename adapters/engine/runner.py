@@ -54,6 +54,10 @@ class ModelRunner:
         from persona_router.adapters.engine.nf4_kernels import Workspace
 
         self.workspace = Workspace()  # split-K scratch of the fused 4-bit kernels, this runner's own
+        largest = max((g.kmajor.n * g.kmajor.k for layer in weights.layers for g in layer.groups.values()
+                       if g.kmajor is not None), default=0)
+        if largest:  # the wide 4-bit products' dense scratch at full size now: never re-allocated inside a capture
+            self.workspace.scratch(weights.device, largest, weights.dtype)
         # The kernel path computes the gated activation inside the down projection's LoRA shrink (SiLU only).
         self.silu = type(weights.activation).__name__ in ("SiLU", "SiLUActivation")
         self.device = weights.device
@@ -266,7 +270,9 @@ class ModelRunner:
             shrunk = shrink(x, self.bank.a[index][group], self.bank.bt[index][group], lora.slot_ids,
                             self.bank.scaling, m=lora.m, prologue=prologue)
             x = shrunk.h
-        kmajor = linear.kmajor or (linear.gemv.kmajor if linear.gemv is not None and rows == 1 else None)
+        kmajor = linear.kmajor
+        if kmajor is None and linear.gemv is not None and rows == 1:
+            kmajor = linear.gemv.kmajor
         if kmajor is not None and linear.bias is None:
             from persona_router.adapters.engine.nf4_gemv import gemv
             from persona_router.adapters.engine.nf4_mma import matmul
