@@ -20,7 +20,9 @@ The registry (``adapters/registry.py``) says what exists on disk; this module de
 - Errors shown to clients name persona and version, never a file-system path (the log has those).
 
 All methods run on the event loop; disk reads and engine loads run in worker threads. One asyncio lock
-serialises loads and unloads.
+serialises loads and unloads. What the adapters folder says (scans, stamps, checks, ``DISABLED.json``) is
+read and written by the base class in ``adapters/residency_folder.py``; the value types are in
+``adapters/residency_types.py``.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from persona_router.adapters.engine_api import Engine
-from persona_router.adapters.peft_folder import check_adapter_folder
-from persona_router.adapters.registry import LATEST_FILE, AdapterRegistry
+from persona_router.adapters.registry import AdapterRegistry
+from persona_router.adapters.residency_folder import ResidencyFolder
+from persona_router.adapters.residency_types import AdapterNotFoundError as AdapterNotFoundError  # re-exported
+from persona_router.adapters.residency_types import EventHook, Lease, _rebuild_error, _Refusal, engine_name
+from persona_router.adapters.residency_types import Stamp as Stamp  # re-exported
 from persona_router.core.errors import (
     AdapterError,
     AdapterIncompatibleError,
@@ -49,40 +53,8 @@ from persona_router.core.names import AdapterKey
 
 log = logging.getLogger(__name__)
 
-EventHook = Callable[[str, str, int], None]  # (event, persona, version)
-Stamp = tuple[tuple[str, int, int], ...]
 
-
-def engine_name(persona: str, version: int) -> str:
-    """The name a version is registered under in the engine: ``str(AdapterKey)``, ``persona@version``."""
-    return str(AdapterKey(persona, version))
-
-
-class AdapterNotFoundError(AdapterError):
-    """A persona/version pair that the adapters folder does not hold."""
-
-
-@dataclass(frozen=True)
-class Lease:
-    """An adapter held by one request; ``release`` it when the request ends."""
-
-    persona: str
-    version: int
-    name: str  # the engine's name for it, ``str(self.key)``
-
-    @property
-    def key(self) -> AdapterKey:
-        return AdapterKey(self.persona, self.version)
-
-
-@dataclass(frozen=True)
-class _Refusal:
-    stamp: Stamp
-    error: str
-    kind: str  # "incompatible", "broken" or "quarantined"
-
-
-class AdapterResidency:
+class AdapterResidency(ResidencyFolder):
     """Keeps the engine's adapters in step with the registry within a residency bound."""
 
     def __init__(self, engine: Engine, registry: AdapterRegistry, *, base_fingerprint: str,
@@ -186,11 +158,6 @@ class AdapterResidency:
         self._remove_when_idle.discard(name)
         self._event("loaded", persona, version)
 
-    def _validate(self, persona: str, version: int) -> None:
-        """Manifest, base fingerprint, config and weights header: cheap checks before the engine loads."""
-        self.registry.verify_compatible(persona, version, self.base_fingerprint)
-        check_adapter_folder(self.registry.path(persona, version))
-
     def _engine_add(self, name: str, folder: Path) -> None:
         try:
             self.engine.add_adapter(name, folder)
@@ -268,40 +235,6 @@ class AdapterResidency:
             else:
                 await self._unload(name)
 
-    def _scan(self) -> dict[str, tuple[list[int], int | None, set[int], str | None]]:
-        found: dict[str, tuple[list[int], int | None, set[int], str | None]] = {}
-        on_disk = set(self.registry.personas())
-        unknown = on_disk - set(self.personas)
-        if unknown:
-            log.warning("adapters folder has personas not in the pack (ignored): %s", ", ".join(sorted(unknown)))
-        for persona in self.personas:
-            try:
-                versions = self.registry.versions(persona)
-                latest = self.registry.latest(persona)
-                disabled = self.registry.disabled(persona)
-            except PersonaRouterError as exc:
-                log.warning("adapters of %s: %s", persona, exc)
-                found[persona] = (self._versions.get(persona, []), None, set(), public_message(exc))
-                continue
-            found[persona] = (versions, latest, disabled, None)
-        return found
-
-    def folder_stamp(self) -> tuple[Any, ...]:
-        """A cheap summary of the adapters folder: persona folders, their versions and LATEST pointers."""
-        root = self.registry.root
-        if not root.is_dir():
-            return ()
-        entries = []
-        for persona in self.personas:
-            folder = root / persona
-            if not folder.is_dir():
-                continue
-            pointer = folder / LATEST_FILE
-            latest = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
-            versions = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-            entries.append((persona, latest, tuple(versions)))
-        return tuple(entries)
-
     async def watch(self, interval_s: float) -> None:
         """Reload whenever the folder summary changes; runs until cancelled."""
         while True:
@@ -313,15 +246,6 @@ class AdapterResidency:
                     await self.reload()
             except (OSError, PersonaRouterError) as exc:
                 log.warning("watching the adapters folder failed: %s", exc)
-
-    def _file_stamp(self, persona: str, version: int) -> Stamp:
-        folder = self.registry.path(persona, version)
-        stamp = []
-        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
-            if path.is_file():
-                info = path.stat()
-                stamp.append((path.name, info.st_size, info.st_mtime_ns))
-        return tuple(stamp)
 
     async def set_personas(self, personas: Sequence[str]) -> dict[str, Any]:
         """The pack changed: serve these personas from now on. New ones are scanned and their live adapter
@@ -341,14 +265,6 @@ class AdapterResidency:
         return await self.reload()
 
     # -- admin ------------------------------------------------------------------------------------------
-    def _check_exists(self, persona: str, version: int) -> None:
-        if persona not in self.personas:
-            raise UnknownPersonaError(persona, self.personas)
-        if version not in self.registry.versions(persona):
-            have = ", ".join(map(str, self.registry.versions(persona))) or "none"
-            raise AdapterNotFoundError(f"persona {persona!r} has no version {version} (versions: {have})",
-                                       field="version")
-
     async def load(self, persona: str, version: int) -> dict[str, Any]:
         """Admin: enable a version and make it resident (forgetting an earlier refusal to retry it)."""
         await asyncio.to_thread(self._check_exists, persona, version)
@@ -376,14 +292,6 @@ class AdapterResidency:
             await self._retire()
             await self._load_live(persona)
         return self.describe_persona(persona)
-
-    def _save_disabled(self, persona: str) -> None:
-        try:
-            self.registry.set_disabled(persona, (v for p, v in self._disabled if p == persona))
-        except OSError as exc:
-            log.error("could not record the disabled versions of %s: %s", persona, exc)
-            raise AdapterError(f"could not record the disabled versions of {persona!r} in the adapters folder "
-                               f"({type(exc).__name__}); the change holds until restart only") from exc
 
     # -- the engine's watchdog --------------------------------------------------------------------------
     def quarantine(self, name: str, reason: str) -> None:
@@ -467,9 +375,3 @@ class AdapterResidency:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-
-
-def _rebuild_error(refusal: _Refusal) -> AdapterError:
-    if refusal.kind == "incompatible":
-        return AdapterIncompatibleError(refusal.error)
-    return AdapterError(refusal.error)
