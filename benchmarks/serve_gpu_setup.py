@@ -214,4 +214,10 @@ def environment() -> dict[str, Any]:
         info["bitsandbytes"] = bitsandbytes.__version__
     except ImportError:
         info["bitsandbytes"] = None
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
     return info

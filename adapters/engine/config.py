@@ -22,12 +22,13 @@ class EngineConfig:
     ``nf4_mode`` applies to a base loaded in 4-bit: ``fused`` (CUDA, Triton) reads the 4-bit weights inside
     the engine's own kernels: for a 16-bit model on compute capability 8.0+ one K-major copy made at load
     serves every row count (``nf4_gemv`` for one row, ``nf4_mma`` beyond, decoding one weight at a time for
-    cuBLAS from 17 rows), elsewhere bitsandbytes' own bytes (``nf4_kernels``); no bf16 copy of the model.
+    cuBLAS from 9 rows), elsewhere bitsandbytes' own bytes (``nf4_kernels``); no bf16 copy of the model.
     ``dequantize`` unpacks each NF4 weight once to the activations' dtype (the values bitsandbytes computes
     with, 4x the memory, plain matrix products); ``kernel`` keeps the 4-bit weights and calls the bitsandbytes
     module itself (the same call PEFT makes, so the reference on a CPU float32 model). ``auto`` is
     ``dequantize`` on CUDA, ``kernel`` on CPU: on an H200 ``fused`` peaked 6.9 GiB lower (Phi-3-mini's shape)
-    but served 1.3x fewer tokens/s from 8 streams up (see the README's GPU serving section), so it is opt-in.
+    but ``dequantize`` served 1.2-1.5x its tokens/s from 8 streams up (see the README's GPU serving section), so
+    ``fused`` is opt-in.
     ``cuda_graphs`` captures the decode step per batch shape on CUDA. ``fuse`` folds the residual add and
     the LoRA update into ``addmm`` calls and ``compile`` fuses the pointwise pieces with ``torch.compile``:
     fewer kernels, the same function up to rounding order. Each switch's ``auto`` means on for CUDA, off on

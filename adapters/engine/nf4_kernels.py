@@ -242,7 +242,8 @@ def product_operands(x: Any, k: int, n: int, residual: Any) -> tuple[Any, Any]:
     if x.stride(1) != 1:
         x = x.contiguous()
     if residual is not None and (residual.stride(1) != 1 or tuple(residual.shape) != (x.shape[0], n)):
-        raise ValueError(f"residual must be a row-major [{x.shape[0]}, {n}] tensor")
+        raise ValueError(f"residual must be a row-major [{x.shape[0]}, {n}] tensor, got shape "
+                         f"{tuple(residual.shape)} strides {residual.stride()}")
     return x, torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
 
 

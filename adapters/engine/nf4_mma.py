@@ -11,21 +11,23 @@ scale in float32, rounds once to the activations' 16-bit type, joins the eight e
 ``[8 BKW, BN]`` tile in K order and runs one tensor-core product per step against the contiguous activations.
 For few rows the eight element tensors go to eight ``[BM, BKW] x [BKW, BN]`` products instead (``slices``), one
 per element position of the words, against strided activation columns: no tile is re-ordered in registers.
-Measured in one H200 run each (``kernels_gpu_mma_first_h200.json``: the slice products only;
-``kernels_gpu_mma_h200.json``: the joined tile), best launch shape, microseconds for qkv / o / gate_up / down:
-2 rows 20.7 / 9.8 / 31.1 / 19.5 against 32.0 / 13.8 / 48.6 / 30.1 (cuBLAS on a dense bf16 weight: 19.3 / 10.4 /
-27.8 / 19.1); 16 rows 40.7 / 20.4 / 46.2 / 36.2 against 38.7 / 19.8 / 55.9 / 33.6; 64 rows 176 / 93 / 180 / 161
-against 60 / 42 / 64 / 56. ``default_shape`` takes the slices up to 16 rows.
+Best launch shape per variant, one H200 sweep each, microseconds for qkv / o / gate_up / down (the K-slice numbers
+come from this kernel's first version, the same loop body in a kernel without the joined-tile branch:
+``benchmarks/results/kernels_gpu_mma_first_h200.json``; the committed ``SLICES`` branch was not timed; the joined
+tile: ``kernels_gpu_mma_h200.json``): 2 rows 20.7 / 9.8 / 31.1 / 19.5 against 32.0 / 13.8 / 48.6 / 30.1 (cuBLAS on
+a dense bf16 weight: 19.3 / 10.4 / 27.8 / 19.1); 16 rows 40.7 / 20.4 / 46.2 / 36.2 against 38.7 / 19.8 / 55.9 /
+33.6; 64 rows 176 / 93 / 180 / 161 against 60 / 42 / 64 / 56.
 
-Split K keeps every multiprocessor busy when ``N / BN`` tiles are few; the residual and the LoRA update of each
-row's own adapter ride in the epilogue as in the GEMV.
+Split K keeps every multiprocessor busy when ``N / BN`` tiles are few; the residual rides in the epilogue, and so
+does the LoRA update of each row's own adapter where the runner's Triton shrink ran (up to
+``lora_kernels.GATHER_ROWS`` rows), as in the GEMV.
 
-Where it stands (H200, ``benchmarks/results/kernels_gpu_mma_h200.json``): at 64 rows the qkv projection takes
-60 us, 0.26 TB/s of its 4-bit bytes, against 17.9 us for cuBLAS on a dense bf16 weight. Not profiled yet; a
-likely cause is that the decoded tile goes through registers, so the words' loads are not pipelined ahead as
-a plain operand's would be. From ``DEQUANTIZE_ROWS`` rows the product therefore decodes the weight into a
-scratch buffer (one projection at a time, ``dequantize_t``: about 20 us for qkv, near the copy bandwidth) and
-multiplies on cuBLAS: a transient 16-bit copy of one weight, never of the model.
+Where it stands: at 64 rows the joined tile takes 60 us for qkv (0.26 TB/s of its 4-bit bytes; o 0.13, gate_up
+0.45, down 0.25) against 17.9 us for cuBLAS on a dense bf16 weight. Not profiled yet; a likely cause is that
+the decoded tile goes through registers, so the words' loads are not pipelined ahead as a plain operand's would
+be. From ``DEQUANTIZE_ROWS`` rows the product therefore decodes the weight into a scratch buffer (one
+projection at a time, ``dequantize_t``: about 18 us for qkv by the difference of two timings, not timed alone)
+and multiplies on cuBLAS: a transient 16-bit copy of one weight, never of the model.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ log = logging.getLogger(__name__)
 MAX_SPLIT = 8
 # From this many rows the product runs on cuBLAS over a dense copy of this one weight, decoded into a scratch
 # buffer the size of the largest projection. Measured on an H200 (the module docstring's files; us for qkv / o /
-# gate_up / down): decode-then-cuBLAS takes 37.7 / 16.1 / 65.1 / 34.8 at 2 rows, 38.2 / 15.7 / 65.3 / 34.3 at
-# 16 and 39.6 / 15.2 / 66.3 / 35.6 at 64; the fused kernel is faster at 2, about even at 16, slower from 32.
-DEQUANTIZE_ROWS = 17
+# gate_up / down): decode-then-cuBLAS 37.7 / 16.1 / 65.1 / 34.8 at 2 rows and 38.2 / 15.7 / 65.3 / 34.3 at 16;
+# the K-slice kernel at ``default_shape``'s launch shapes 20.7 / 9.8 / 31.1 / 19.5 at 2 rows but 50.9 / 22.4 /
+# 64.8 / 38.2 at 16. Where between 2 and 16 rows the two cross was not measured; 9 keeps 8-stream decoding on the
+# kernel. (The serving runs of the fifth H200 round used 17.)
+DEQUANTIZE_ROWS = 9
 
 
 @dataclass(frozen=True)
@@ -59,15 +63,16 @@ class MmaShape:
 
     def fits(self, n: int, k: int) -> bool:
         words = k // 8
-        return (k % 64 == 0 and 1 <= self.split_k <= MAX_SPLIT and words % self.split_k == 0
-                and (words // self.split_k) % self.bkw == 0 and self.bkw >= 16 and self.bm >= 16
-                and self.bn >= 16 and n >= 1)
+        tiles_ok = all(size >= 16 and size & (size - 1) == 0 for size in (self.bm, self.bn, self.bkw))
+        return (tiles_ok and k % 128 == 0 and 1 <= self.split_k <= MAX_SPLIT and words % self.split_k == 0
+                and (words // self.split_k) % self.bkw == 0 and n >= 1)
 
 
 def default_shape(m: int, n: int, k: int) -> MmaShape:
     """Up to 16 rows the K-slice products, split K toward 1024 programs (at 2 rows the measured best split was 8 for
     qkv, o and down, 4 for gate_up); more rows one joined tile per step, split K until the grid covers the
-    H200's 132 multiprocessors (the measured best at 64 rows for all four projections)."""
+    H200's 132 multiprocessors (the measured best at 64 rows for qkv and gate_up; o and down measured faster with
+    one pipeline stage). The engine launches these up to ``DEQUANTIZE_ROWS``; the rest serve the benchmark."""
     slices = m <= 16
     bm = 16 if slices else 32 if m <= 32 else 64 if m <= 64 else 128
     tiles = -(-n // 64) * -(-m // bm)
@@ -97,7 +102,7 @@ def matmul(x: Any, w: Any, *, residual: Any = None, lora: Any = None, shape: Mma
     if m == 0:
         return out
     if shape is None and m >= DEQUANTIZE_ROWS:
-        return _dequantized_product(x, w, residual, lora, workspace or _SHARED)
+        return _dequantized_product(x, w, out, residual, lora, workspace or _SHARED)
     t = shape or default_shape(m, w.n, w.k)
     if not t.fits(w.n, w.k):
         raise ValueError(f"launch shape {t} does not fit N={w.n}, K={w.k}")
@@ -119,9 +124,15 @@ def matmul(x: Any, w: Any, *, residual: Any = None, lora: Any = None, shape: Mma
 
 
 def dequantize_t(w: Any, out: Any) -> Any:
-    """Decode the K-major weight into ``out`` as the dense transposed weight ``[K, N]`` in the activations'
-    dtype (one kernel; the values ``reference`` multiplies by, rounded once)."""
+    """Decode the K-major weight into ``out``, a contiguous ``[K, N]`` tensor of the activations' dtype, as the
+    dense transposed weight (one kernel): each value the 16-bit table entry times its float32 scale, rounded once."""
     import persona_router.adapters.engine.mma_triton as mma_triton
+    import torch
+
+    dtype = torch.float16 if w.f16 else torch.bfloat16
+    if tuple(out.shape) != (w.k, w.n) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{w.k}, {w.n}] {dtype} tensor, got {tuple(out.shape)} "
+                         f"{out.dtype}{'' if out.is_contiguous() else ' (not contiguous)'}")
 
     bn, bkw = 64, 16
     mma_triton.kmajor_dequant[(-(-w.n // bn), w.k // 8 // bkw)](
@@ -129,13 +140,13 @@ def dequantize_t(w: Any, out: Any) -> Any:
     return out
 
 
-def _dequantized_product(x: Any, w: Any, residual: Any, lora: Any, workspace: Any) -> Any:
+def _dequantized_product(x: Any, w: Any, out: Any, residual: Any, lora: Any, workspace: Any) -> Any:
     import torch
     from persona_router.adapters.engine.lora_kernels import expand_
 
-    if w.k % 128:
-        raise ValueError(f"the 4-bit product needs K a multiple of 128, got {w.k}")
     dense = dequantize_t(w, workspace.scratch(x.device, w.k * w.n, x.dtype).view(w.k, w.n))
     if lora is not None:
-        return expand_(x @ dense, lora, residual)
-    return torch.addmm(residual, x, dense) if residual is not None else x @ dense
+        return expand_(torch.matmul(x, dense, out=out), lora, residual)
+    if residual is not None:
+        return torch.addmm(residual, x, dense, out=out)
+    return torch.matmul(x, dense, out=out)

@@ -249,7 +249,7 @@ class ModelRunner:
         linear = self.w.layers[index].groups[group]
         if self.fused and residual is not None and linear.weight is not None and linear.bias is None:
             return self.bank.apply(index, group, x, torch.addmm(residual, x, linear.weight.t()), lora)
-        out = self.bank.apply(index, group, x, linear(x), lora)
+        out = self.bank.apply(index, group, x, linear(x, self.workspace), lora)
         return out if residual is None else residual + out
 
     def _linear_kernels(self, index: int, group: str, x: Any, lora: Any, residual: Any,
@@ -292,7 +292,7 @@ class ModelRunner:
         elif residual is not None and linear.weight is not None and linear.bias is None:
             out, residual = torch.addmm(residual, x, linear.weight.t()), None
         else:
-            out = linear(x)
+            out = linear(x, self.workspace)
         if shrunk is not None:
             return expand_(out, shrunk, residual)
         out = out if residual is None else out + residual

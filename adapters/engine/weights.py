@@ -52,7 +52,9 @@ class LinearGroup:
     def out_features(self) -> int:
         return sum(n for _, n in self.parts)
 
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, workspace: Any = None) -> Any:
+        """``x W^T (+ b)``; ``workspace`` (``nf4_kernels.Workspace``): the 4-bit kernels' scratch, the caller's own
+        (the engine passes its runner's, so two engines never share one; None: one per process)."""
         import torch
         import torch.nn.functional as F
 
@@ -62,12 +64,13 @@ class LinearGroup:
             from persona_router.adapters.engine.nf4_gemv import gemv
             from persona_router.adapters.engine.nf4_mma import matmul
 
-            out = gemv(x, self.kmajor) if x.shape[0] == 1 else matmul(x, self.kmajor)
+            product = gemv if x.shape[0] == 1 else matmul
+            out = product(x, self.kmajor, workspace=workspace)
             return out if self.bias is None else out + self.bias
         if self.nf4 is not None:
             from persona_router.adapters.engine.nf4_kernels import nf4_matmul
 
-            out = nf4_matmul(x, self.nf4)
+            out = nf4_matmul(x, self.nf4, workspace=workspace)
             return out if self.bias is None else out + self.bias
         outs = [module(x) for module in self.modules]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
@@ -304,7 +307,6 @@ def _kmajor_group(modules: list[Any], dtype: Any) -> Any:
     fused mode then keeps the row-major kernels (``nf4_kernels``)."""
     import torch
     from persona_router.adapters.engine.nf4_gemv import kmajor
-    from persona_router.adapters.engine.nf4_mma import default_shape
 
     states = [module.weight.quant_state for module in modules]
     k = int(states[0].shape[1])
@@ -315,10 +317,6 @@ def _kmajor_group(modules: list[Any], dtype: Any) -> Any:
     if any(getattr(s, "packing_format_for_cpu", False) for s in states):
         return None
     n = sum(int(s.shape[0]) for s in states)
-    try:
-        default_shape(2, n, k)
-    except ValueError:
-        return None
     absmax = [Gemv4bit.of(module).absmax for module in modules]
     packed = torch.cat([module.weight.data.reshape(-1) for module in modules])
     return kmajor(packed, torch.cat(absmax), states[0].code, n, k, dtype)

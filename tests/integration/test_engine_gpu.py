@@ -171,7 +171,8 @@ def test_fp32_adapter_swap_during_graph_replay(cuda_required: None, tiny_model_d
 
 @pytest.mark.parametrize(("precision", "nf4_mode", "kernels", "gemv"), [
     ("bf16", "auto", "on", "bitsandbytes"), ("bf16", "auto", "off", "bitsandbytes"),
-    ("nf4", "fused", "on", "bitsandbytes"), ("nf4", "dequantize", "on", "bitsandbytes"),
+    ("nf4", "fused", "on", "bitsandbytes"), ("nf4", "fused", "off", "bitsandbytes"),
+    ("nf4", "dequantize", "on", "bitsandbytes"),
     ("nf4", "dequantize", "on", "triton"), ("nf4", "dequantize", "on", "kmajor"),
     ("nf4", "dequantize", "off", "bitsandbytes"),
     ("nf4", "kernel", "off", "bitsandbytes")])

@@ -113,6 +113,14 @@ def test_mma_takes_float16_and_refuses_what_it_cannot_run() -> None:
         nf4_mma.matmul(x, layout, shape=nf4_mma.MmaShape(split_k=3))
     with pytest.raises(ValueError, match="residual must be"):
         nf4_mma.matmul(x, layout, residual=torch.zeros(3, 71, dtype=torch.float16, device=_device()))
+    with pytest.raises(ValueError, match="got shape"):
+        nf4_mma.matmul(x, layout, residual=torch.zeros(3, 71, dtype=torch.float16, device=_device()))
+    with pytest.raises(ValueError, match="does not fit"):  # tiles must be powers of two (Triton's aranges)
+        nf4_mma.matmul(x, layout, shape=nf4_mma.MmaShape(bm=24))
+    with pytest.raises(ValueError, match=r"out must be a contiguous \[256, 72\]"):
+        nf4_mma.dequantize_t(layout, torch.empty(72, 256, dtype=torch.float16, device=_device()))
+    with pytest.raises(ValueError, match="out must be"):
+        nf4_mma.dequantize_t(layout, torch.empty(256, 72, dtype=torch.bfloat16, device=_device()))
 
 
 def test_default_shapes_fit_phi3_mini() -> None:

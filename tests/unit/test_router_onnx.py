@@ -72,11 +72,16 @@ def test_int8_embedding_is_a_function_of_the_text_alone(exports: dict[str, Path]
     assert cosine.min() > 0.95, cosine.min()
 
 
-def test_int8_router_routes_within_0_01_macro_f1_of_torch(exports: dict[str, Path], torch_encoder: Encoder,
+def test_int8_router_routes_within_0_02_macro_f1_of_torch(exports: dict[str, Path], torch_encoder: Encoder,
                                                           tmp_path: Path) -> None:
+    """Each router is fitted on its own encoder's embeddings, so the two differ by whole held-out questions (one
+    of 150 moves macro-F1 by about 0.007), and the CPU moves them too: on an Intel Xeon torch scored 0.906 and
+    int8 0.901, on an AMD EPYC 0.913 and 0.901 (7 of 150 decisions differed, 137 against 135 correct). The bound
+    is three questions' worth, and the int8 router must still meet the routing goal (macro-F1 >= 0.85)."""
     _, torch_f1 = held_out_macro_f1(torch_encoder)
     router, int8_f1 = held_out_macro_f1(OnnxEncoder(exports["onnx-int8"]))
-    assert abs(int8_f1 - torch_f1) <= 0.01, (int8_f1, torch_f1)
+    assert abs(int8_f1 - torch_f1) <= 0.02, (int8_f1, torch_f1)
+    assert int8_f1 >= 0.85, int8_f1
 
     saved = router.save(tmp_path / "router")
     description = json.loads((saved / "router.json").read_text())
