@@ -87,7 +87,9 @@ def default_shape(m: int, n: int, k: int) -> MmaShape:
 def matmul(x: Any, w: Any, *, residual: Any = None, lora: Any = None, shape: MmaShape | None = None,
            workspace: Any = None) -> Any:
     """``[residual +] x W^T [+ LoRA(x)]`` for ``x`` of any row count ([M, K]); ``w`` is an ``nf4_gemv.KMajor``,
-    ``lora`` a ``LoraShrunk`` (``lora_kernels``), added with ``residual`` in the kernel's epilogue."""
+    ``lora`` a ``LoraShrunk`` (``lora_kernels``), added with ``residual`` in the kernel's epilogue. Without a
+    ``shape``, one row goes to the K-major GEMV (``nf4_gemv.gemv``) and ``DEQUANTIZE_ROWS`` or more to
+    ``dequantize_t`` and cuBLAS."""
     import torch
     from persona_router.adapters.engine.nf4_kernels import _SHARED, product_operands
     from persona_router.adapters.engine.triton_ops import require_triton
@@ -95,6 +97,10 @@ def matmul(x: Any, w: Any, *, residual: Any = None, lora: Any = None, shape: Mma
     require_triton()
     import persona_router.adapters.engine.mma_triton as mma_triton
 
+    if shape is None and x.dim() == 2 and x.shape[0] == 1:
+        from persona_router.adapters.engine.nf4_gemv import gemv
+
+        return gemv(x, w, residual=residual, lora=lora, workspace=workspace)
     x, out = product_operands(x, w.k, w.n, residual)
     if x.dtype != (torch.float16 if w.f16 else torch.bfloat16):
         raise ValueError(f"x is {x.dtype}; this weight was laid out for {'float16' if w.f16 else 'bfloat16'}")
@@ -129,12 +135,13 @@ def dequantize_t(w: Any, out: Any) -> Any:
     import persona_router.adapters.engine.mma_triton as mma_triton
     import torch
 
+    bn, bkw = 64, 16
+    if w.k % (8 * bkw):
+        raise ValueError(f"the dense copy needs K a multiple of {8 * bkw}, got {w.k}")
     dtype = torch.float16 if w.f16 else torch.bfloat16
     if tuple(out.shape) != (w.k, w.n) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous [{w.k}, {w.n}] {dtype} tensor, got {tuple(out.shape)} "
                          f"{out.dtype}{'' if out.is_contiguous() else ' (not contiguous)'}")
-
-    bn, bkw = 64, 16
     mma_triton.kmajor_dequant[(-(-w.n // bn), w.k // 8 // bkw)](
         w.words, w.scales, w.code, w.table, out, w.n, BN=bn, BKW=bkw, F16=w.f16, ASM=w.unpack_asm, num_warps=4)
     return out

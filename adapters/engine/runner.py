@@ -274,11 +274,9 @@ class ModelRunner:
         if kmajor is None and linear.gemv is not None and rows == 1:
             kmajor = linear.gemv.kmajor
         if kmajor is not None and linear.bias is None:
-            from persona_router.adapters.engine.nf4_gemv import gemv
             from persona_router.adapters.engine.nf4_mma import matmul
 
-            product = gemv if rows == 1 else matmul
-            out = product(x, kmajor, residual=residual, lora=shrunk, workspace=self.workspace)
+            out = matmul(x, kmajor, residual=residual, lora=shrunk, workspace=self.workspace)
             return out if shrunk is not None else self.bank.apply(index, group, x, out, lora)
         lut = linear.gemv.lut if linear.gemv is not None and rows == 1 else None
         if (linear.nf4 is not None or lut is not None) and linear.bias is None:

@@ -61,11 +61,9 @@ class LinearGroup:
         if self.weight is not None:
             return F.linear(x, self.weight, self.bias)
         if self.kmajor is not None:
-            from persona_router.adapters.engine.nf4_gemv import gemv
             from persona_router.adapters.engine.nf4_mma import matmul
 
-            product = gemv if x.shape[0] == 1 else matmul
-            out = product(x, self.kmajor, workspace=workspace)
+            out = matmul(x, self.kmajor, workspace=workspace)
             return out if self.bias is None else out + self.bias
         if self.nf4 is not None:
             from persona_router.adapters.engine.nf4_kernels import nf4_matmul
@@ -223,14 +221,9 @@ class Gemv4bit:
 
     @classmethod
     def of(cls, module: Any, kernel: str = "bitsandbytes", dtype: Any = None) -> Gemv4bit:
-        import bitsandbytes.functional as bnbf
-
         state = module.weight.quant_state
-        absmax = state.absmax
-        if state.nested:
-            absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
         gemv = cls(packed=module.weight.data, shape=(int(state.shape[0]), int(state.shape[1])),
-                   absmax=absmax.float().contiguous(), code=state.code, blocksize=int(state.blocksize))
+                   absmax=_decoded_absmax(state), code=state.code, blocksize=int(state.blocksize))
         if kernel == "kmajor":
             from persona_router.adapters.engine.nf4_gemv import kmajor
 
@@ -317,9 +310,20 @@ def _kmajor_group(modules: list[Any], dtype: Any) -> Any:
     if any(getattr(s, "packing_format_for_cpu", False) for s in states):
         return None
     n = sum(int(s.shape[0]) for s in states)
-    absmax = [Gemv4bit.of(module).absmax for module in modules]
+    absmax = torch.cat([_decoded_absmax(s) for s in states])
     packed = torch.cat([module.weight.data.reshape(-1) for module in modules])
-    return kmajor(packed, torch.cat(absmax), states[0].code, n, k, dtype)
+    return kmajor(packed, absmax, states[0].code, n, k, dtype)
+
+
+def _decoded_absmax(state: Any) -> Any:
+    """A 4-bit weight's per-block scales as contiguous float32, decoded from double quantisation where nested
+    (bitsandbytes' GEMV would decode them on every call)."""
+    import bitsandbytes.functional as bnbf
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return absmax.float().contiguous()
 
 
 def _kmajor_runs(dtype: Any, device: Any) -> bool:

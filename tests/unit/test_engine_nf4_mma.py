@@ -121,6 +121,25 @@ def test_mma_takes_float16_and_refuses_what_it_cannot_run() -> None:
         nf4_mma.dequantize_t(layout, torch.empty(72, 256, dtype=torch.float16, device=_device()))
     with pytest.raises(ValueError, match="out must be"):
         nf4_mma.dequantize_t(layout, torch.empty(256, 72, dtype=torch.bfloat16, device=_device()))
+    _, _, odd_k = _layout(72, 192, seed=6, dtype=torch.float16)  # K a multiple of 64 (the GEMV's) but not of 128
+    with pytest.raises(ValueError, match="K a multiple of 128, got 192"):
+        nf4_mma.dequantize_t(odd_k, torch.empty(192, 72, dtype=torch.float16, device=_device()))
+
+
+def test_one_row_goes_to_the_gemv() -> None:
+    """Without a launch shape one row takes the K-major GEMV, residual and LoRA included: the same values."""
+    _kernel_ready()
+    from persona_router.adapters.engine import lora_kernels, nf4_gemv, nf4_mma
+
+    _, _, layout = _layout(96, 256, seed=8)
+    a = torch.randn(2, 4, 256, device=_device()).to(torch.bfloat16) / 16
+    bt = (torch.randn(2, 4, 96, device=_device()) * 0.05).to(torch.bfloat16)
+    scaling = torch.full((3,), 2.0, device=_device(), dtype=torch.bfloat16)
+    x = torch.randn(1, 256, device=_device()).to(torch.bfloat16)
+    residual = torch.randn(1, 96, device=_device()).to(torch.bfloat16)
+    shrunk = lora_kernels.shrink(x, a, bt, torch.tensor([1], device=_device()), scaling, m=2)
+    assert torch.equal(nf4_mma.matmul(x, layout, residual=residual, lora=shrunk),
+                       nf4_gemv.gemv(x, layout, residual=residual, lora=shrunk))
 
 
 def test_default_shapes_fit_phi3_mini() -> None:
