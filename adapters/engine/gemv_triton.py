@@ -9,7 +9,7 @@ from __future__ import annotations
 try:
     import triton
     import triton.language as tl
-    from persona_router.adapters.engine.triton_ops import finish_tile
+    from persona_router.adapters.engine.triton_ops import finish_row
 except ImportError:  # nf4_gemv checks require_triton() before any launch
     triton = None
 
@@ -98,9 +98,6 @@ if triton is not None:
             for i in range(0, PER_SPLIT, BKW):
                 words, scale, x0, x1, x2, x3 = _step(x_ptr, w_ptr, s_ptr, rn, base + i + tl.arange(0, BKW), N, EVEN_N)
                 acc += _word_dot(words, x0, x1, x2, x3, code_ptr, tab, ASM, F16) * scale
-        total = tl.sum(acc, axis=1)[None, :]  # [1, BN]
-        rm = tl.arange(0, 1)
-        mask_m = rm < 1
-        finish_tile(total, rm, mask_m, rn, mask_n, pid_n, split, 1, N, out_ptr, res_ptr, t_ptr, bt_ptr,
-                    slot_ptr, ws_ptr, cnt_ptr, stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R,
-                    SPLITS, RP, HAS_RES, HAS_LORA, SPLIT_K)
+        finish_row(acc, rn, mask_n, pid_n, split, N, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, ws_ptr, cnt_ptr,
+                   stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES, HAS_LORA,
+                   SPLIT_K)

@@ -48,6 +48,23 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * v, axis=0)
 
     @triton.jit
+    def row_head_inputs(q_ptr, k_new_ptr, v_new_ptr, pos_ptr, cos_ptr, sin_ptr, n, h, stride_qn, stride_qh,
+                        stride_kn, stride_kh, stride_vn, stride_vh, stride_cb, stride_ch, scale, GROUP: tl.constexpr,
+                        D: tl.constexpr, DP: tl.constexpr, ROT: tl.constexpr, dtype: tl.constexpr):
+        """What a program of row ``n``, query head ``h`` starts from, in both decode kernels: the row's position,
+        the head dims and their mask, the query (rotated, scaled, float32), the new key (rotated) and value in the
+        cache's dtype, and the offset of the row's KV group in the cache."""
+        kv = h // GROUP
+        pos = tl.load(pos_ptr + n)
+        d = tl.arange(0, DP)
+        d_ok = d < D
+        q = rotary(q_ptr + n * stride_qn + h * stride_qh, d, d_ok, cos_ptr, sin_ptr, pos, ROT,
+                   dtype).to(tl.float32) * scale
+        k_new = rotary(k_new_ptr + n * stride_kn + kv * stride_kh, d, d_ok, cos_ptr, sin_ptr, pos, ROT, dtype)
+        v_new = tl.load(v_new_ptr + n * stride_vn + kv * stride_vh + d, mask=d_ok, other=0.0).to(dtype)
+        return pos, d, d_ok, q, k_new, v_new, n * stride_cb + kv * stride_ch
+
+    @triton.jit
     def decode_attention(q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, cos_ptr, sin_ptr,
                          stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cb, stride_ch,
                          stride_cl, stride_on, stride_oh, scale, GROUP: tl.constexpr, D: tl.constexpr,
@@ -62,16 +79,9 @@ if triton is not None:
         """
         n = tl.program_id(0)
         h = tl.program_id(1)
-        kv = h // GROUP
-        pos = tl.load(pos_ptr + n)
-        d = tl.arange(0, DP)
-        d_ok = d < D
-        dtype = k_cache_ptr.dtype.element_ty
-        q = rotary(q_ptr + n * stride_qn + h * stride_qh, d, d_ok, cos_ptr, sin_ptr, pos, ROT,
-                   dtype).to(tl.float32) * scale
-        k_new = rotary(k_new_ptr + n * stride_kn + kv * stride_kh, d, d_ok, cos_ptr, sin_ptr, pos, ROT, dtype)
-        v_new = tl.load(v_new_ptr + n * stride_vn + kv * stride_vh + d, mask=d_ok, other=0.0).to(dtype)
-        cache = n * stride_cb + kv * stride_ch
+        pos, d, d_ok, q, k_new, v_new, cache = row_head_inputs(
+            q_ptr, k_new_ptr, v_new_ptr, pos_ptr, cos_ptr, sin_ptr, n, h, stride_qn, stride_qh, stride_kn, stride_kh,
+            stride_vn, stride_vh, stride_cb, stride_ch, scale, GROUP, D, DP, ROT, k_cache_ptr.dtype.element_ty)
         if h % GROUP == 0:
             tl.store(k_cache_ptr + cache + pos * stride_cl + d, k_new, mask=d_ok)
             tl.store(v_cache_ptr + cache + pos * stride_cl + d, v_new, mask=d_ok)
@@ -108,17 +118,10 @@ if triton is not None:
         n = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
-        kv = h // GROUP
-        pos = tl.load(pos_ptr + n)
-        d = tl.arange(0, DP)
-        d_ok = d < D
-        dtype = k_cache_ptr.dtype.element_ty
-        q = rotary(q_ptr + n * stride_qn + h * stride_qh, d, d_ok, cos_ptr, sin_ptr, pos, ROT,
-                   dtype).to(tl.float32) * scale
-        cache = n * stride_cb + kv * stride_ch
+        pos, d, d_ok, q, k_new, v_new, cache = row_head_inputs(
+            q_ptr, k_new_ptr, v_new_ptr, pos_ptr, cos_ptr, sin_ptr, n, h, stride_qn, stride_qh, stride_kn, stride_kh,
+            stride_vn, stride_vh, stride_cb, stride_ch, scale, GROUP, D, DP, ROT, k_cache_ptr.dtype.element_ty)
         first = s == 0
-        k_new = rotary(k_new_ptr + n * stride_kn + kv * stride_kh, d, d_ok, cos_ptr, sin_ptr, pos, ROT, dtype)
-        v_new = tl.load(v_new_ptr + n * stride_vn + kv * stride_vh + d, mask=d_ok, other=0.0).to(dtype)
         if first & (h % GROUP == 0):  # no other program reads position pos: it comes from registers
             tl.store(k_cache_ptr + cache + pos * stride_cl + d, k_new, mask=d_ok)
             tl.store(v_cache_ptr + cache + pos * stride_cl + d, v_new, mask=d_ok)

@@ -248,6 +248,19 @@ if triton is not None:
                           stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES, HAS_LORA)
 
     @triton.jit
+    def finish_row(acc, rn, mask_n, pid_n, split, N, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, ws_ptr, cnt_ptr,
+                   stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R: tl.constexpr,
+                   SPLITS: tl.constexpr, RP: tl.constexpr, HAS_RES: tl.constexpr, HAS_LORA: tl.constexpr,
+                   SPLIT_K: tl.constexpr):
+        """The one-row GEMVs' ending: the ``[BN, steps]`` partial products summed to the row ``[1, BN]``, then
+        ``finish_tile`` (one tile per program column)."""
+        total = tl.sum(acc, axis=1)[None, :]
+        rm = tl.arange(0, 1)
+        finish_tile(total, rm, rm < 1, rn, mask_n, pid_n, split, 1, N, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr,
+                    ws_ptr, cnt_ptr, stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP,
+                    HAS_RES, HAS_LORA, SPLIT_K)
+
+    @triton.jit
     def nf4_gemv(x_ptr, q_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, code_ptr, out_ptr, res_ptr, t_ptr, bt_ptr,
                  slot_ptr, ws_ptr, cnt_ptr, N, K: tl.constexpr, stride_om, stride_rm, stride_ts, stride_tm,
                  stride_bs, stride_br, R: tl.constexpr, BLOCK2: tl.constexpr, DOUBLE: tl.constexpr,
@@ -321,12 +334,9 @@ if triton is not None:
                     xe = tl.load(x_ptr + kw * 8 + e, mask=kw_ok, other=0.0).to(tl.float32)
                     part += tl.load(code_ptr + nib) * xe[None, :]
             acc += part * scale
-        total = tl.sum(acc, axis=1)[None, :]  # [1, BN]
-        rm = tl.arange(0, 1)
-        mask_m = rm < 1
-        finish_tile(total, rm, mask_m, rn_safe, mask_n, pid_n, split, 1, N, out_ptr, res_ptr, t_ptr, bt_ptr,
-                    slot_ptr, ws_ptr, cnt_ptr, stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R,
-                    SPLITS, RP, HAS_RES, HAS_LORA, SPLIT_K)
+        finish_row(acc, rn_safe, mask_n, pid_n, split, N, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, ws_ptr, cnt_ptr,
+                   stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES, HAS_LORA,
+                   SPLIT_K)
 
     @triton.jit
     def nf4_dot(x_ptr, q_ptr, absq_ptr, abs2_ptr, off2_ptr, code2_ptr, code_ptr, out_ptr, res_ptr, t_ptr, bt_ptr,
