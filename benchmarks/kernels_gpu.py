@@ -35,7 +35,15 @@ if str(ROOT) not in sys.path:
 from benchmarks.kernels_gpu_kmajor import kmajor_cases, write_shapes  # noqa: E402
 from benchmarks.kernels_gpu_mma import mma_cases  # noqa: E402
 from benchmarks.kernels_gpu_mma import summary as mma_summary  # noqa: E402
-from benchmarks.kernels_gpu_timing import ROTATE_BYTES, SHAPES, graph_ms, quantized_copies, rel  # noqa: E402
+from benchmarks.kernels_gpu_timing import (  # noqa: E402
+    ROTATE_BYTES,
+    SHAPES,
+    best_config,
+    graph_ms,
+    quantized_copies,
+    rel,
+    time_config,
+)
 
 log = logging.getLogger("kernels_gpu")
 
@@ -155,18 +163,11 @@ def lut_cases(bandwidth: float) -> list[dict[str, Any]]:
                                                               (16, 64, 4, 2), (8, 32, 4, 4), (4, 64, 2, 2))]
         for tiles in shapes:
             key = "default" if tiles is default else str(tuple(vars(tiles).values()))
-            try:
-                err = rel(nf4_kernels.nf4_matmul(x, views[0], tiles=tiles, lut=asm), want)
-                ms = graph_ms([lambda w=w, t=tiles, x=x, a=asm: nf4_kernels.nf4_matmul(x, w, tiles=t, lut=a)
-                               for w in views])
-            except Exception as exc:  # noqa: BLE001 - a shape that fails to compile is recorded, the rest go on
-                row["configs"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                continue
-            row["configs"][key] = {"ms": ms, "rel_err": err, "tb_s": nf4_bytes / ms / 1e9}
-        timed = {c: v for c, v in row["configs"].items() if "ms" in v and v["rel_err"] < 2e-2}
-        if timed:
-            best = min(timed, key=lambda c: timed[c]["ms"])
-            row["best"] = {"config": best, **timed[best]}
+            row["configs"][key] = time_config(
+                lambda w, t=tiles, x=x, a=asm: nf4_kernels.nf4_matmul(x, w, tiles=t, lut=a), views, want, nf4_bytes)
+        fastest = best_config(row["configs"])
+        if fastest is not None:
+            row["best"] = fastest
         rows.append(row)
         log.info("lut %s: cublas %.4f bnb %.4f default %s best %s", name, row["cublas_bf16_ms"], row["bnb_gemv_ms"],
                  row["configs"].get("default"), row.get("best"))

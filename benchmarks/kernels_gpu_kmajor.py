@@ -13,7 +13,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from benchmarks.kernels_gpu_timing import ROTATE_BYTES, SHAPES, graph_ms, quantized_copies, rel
+from benchmarks.kernels_gpu_timing import (
+    ROTATE_BYTES,
+    SHAPES,
+    best_config,
+    graph_ms,
+    quantized_copies,
+    rel,
+    time_config,
+)
 
 log = logging.getLogger("kernels_gpu")
 
@@ -68,19 +76,12 @@ def kmajor_cases(bandwidth: float, wide: bool = False) -> list[dict[str, Any]]:
                                "bnb_gemv_ms": graph_ms([lambda g=g, x=x: g(x) for g in gemvs]),
                                "bnb_gemv_rel_err": rel(gemvs[0](x), want), "configs": {}}
         for shape in kmajor_shapes(n, k, wide):
-            key = str(tuple(vars(shape).values()))
-            try:
-                err = rel(nf4_gemv.gemv(x, layouts[0], shape=shape), want)
-                ms = graph_ms([lambda w=w, t=shape, x=x: nf4_gemv.gemv(x, w, shape=t) for w in layouts])
-            except Exception as exc:  # noqa: BLE001 - a shape that fails to compile is recorded, the rest go on
-                row["configs"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                continue
-            row["configs"][key] = {"ms": ms, "rel_err": err, "tb_s": nbytes / ms / 1e9}
-        timed = {c: v for c, v in row["configs"].items() if "ms" in v and v["rel_err"] < 2e-2}
-        if timed:
-            best_key = min(timed, key=lambda c: timed[c]["ms"])
-            row["best"] = {"config": best_key, **timed[best_key]}
-            best = next(s for s in kmajor_shapes(n, k, wide) if str(tuple(vars(s).values())) == best_key)
+            row["configs"][str(tuple(vars(shape).values()))] = time_config(
+                lambda w, t=shape, x=x: nf4_gemv.gemv(x, w, shape=t), layouts, want, nbytes)
+        fastest = best_config(row["configs"])
+        if fastest is not None:
+            row["best"] = fastest
+            best = next(s for s in kmajor_shapes(n, k, wide) if str(tuple(vars(s).values())) == fastest["config"])
             row["epilogue"] = _epilogue_case(x, n, k, layouts, gemvs, best, lora_kernels, nf4_gemv)
         rows.append(row)
         log.info("kmajor %s: floor %.4f cublas %.4f bnb %.4f best %s", name, row["floor_ms"], row["cublas_bf16_ms"],

@@ -14,7 +14,15 @@ import logging
 from functools import partial
 from typing import Any
 
-from benchmarks.kernels_gpu_timing import ROTATE_BYTES, SHAPES, graph_ms, quantized_copies, rel
+from benchmarks.kernels_gpu_timing import (
+    ROTATE_BYTES,
+    SHAPES,
+    best_config,
+    graph_ms,
+    quantized_copies,
+    rel,
+    time_config,
+)
 
 log = logging.getLogger("kernels_gpu")
 ROWS = (2, 16, 32, 64, 128, 512, 2048)
@@ -80,21 +88,15 @@ def mma_cases(bandwidth: float, rows: tuple[int, ...] = ROWS) -> list[dict[str, 
                 "kmajor_dequant_rel_err": rel(kmajor_dequant_cublas(layouts[0]), want),
                 "configs": {}}
             for shape in mma_shapes(m, n, k):
-                key = str(tuple(vars(shape).values()))
-                try:
-                    err = rel(nf4_mma.matmul(x, layouts[0], shape=shape), want)
-                    ms = graph_ms([partial(nf4_mma.matmul, x, w, shape=shape) for w in layouts])
-                except Exception as exc:  # noqa: BLE001 - a shape that fails to compile is recorded, the rest go on
-                    row["configs"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                    continue
-                row["configs"][key] = {"ms": ms, "rel_err": err, "tb_s": nbytes / ms / 1e9,
-                                       "tflop_s": flops / ms / 1e9}
+                entry = time_config(lambda w, t=shape, x=x: nf4_mma.matmul(x, w, shape=t), layouts, want, nbytes)
+                if "ms" in entry:
+                    entry["tflop_s"] = flops / entry["ms"] / 1e9
+                row["configs"][str(tuple(vars(shape).values()))] = entry
             default = str(tuple(vars(nf4_mma.default_shape(m, n, k)).values()))
             row["default"] = {"config": default, **row["configs"].get(default, {})}
-            timed = {c: v for c, v in row["configs"].items() if "ms" in v and v["rel_err"] < 2e-2}
-            if timed:
-                best = min(timed, key=lambda c: timed[c]["ms"])
-                row["best"] = {"config": best, **timed[best]}
+            fastest = best_config(row["configs"])
+            if fastest is not None:
+                row["best"] = fastest
             out.append(row)
             log.info("mma %s m=%d: floor %.4f cublas %.4f deq+cublas %.4f default %s best %s", name, m,
                      row["floor_ms"], row["cublas_bf16_ms"], row["bnb_dequant_cublas_ms"], row["default"].get("ms"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 SHAPES = {"qkv": (9216, 3072), "o": (3072, 3072), "gate_up": (16384, 3072), "down": (3072, 8192)}
@@ -58,3 +59,24 @@ def quantized_copies(n: int, k: int, copies: int) -> list[tuple[Any, Any, Any]]:
         assert weight is not None
         out.append((packed, state, weight))
     return out
+
+
+def time_config(run: Callable[[Any], Any], weights: list[Any], want: Any, nbytes: int) -> dict[str, Any]:
+    """One launch shape of a product: its error against ``want`` on the first weight copy and its graph-timed
+    milliseconds over all copies (``run(weight)``), with the bandwidth of ``nbytes``; a shape the compiler or
+    the launcher refuses is recorded with its error, so a sweep goes on."""
+    try:
+        err = rel(run(weights[0]), want)
+        ms = graph_ms([partial(run, w) for w in weights])
+    except Exception as exc:  # noqa: BLE001 - a shape that fails to compile is recorded, the rest go on
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"ms": ms, "rel_err": err, "tb_s": nbytes / ms / 1e9}
+
+
+def best_config(configs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The fastest timed shape among those within 2% relative error of the reference, or None."""
+    timed = {c: v for c, v in configs.items() if "ms" in v and v["rel_err"] < 2e-2}
+    if not timed:
+        return None
+    best = min(timed, key=lambda c: timed[c]["ms"])
+    return {"config": best, **timed[best]}
