@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after the installed package: the repo root holds a bare persona_router folder
 
 from benchmarks.kernels_gpu_kmajor import kmajor_cases, write_shapes  # noqa: E402
+from benchmarks.kernels_gpu_mma import ROWS as MMA_ROWS  # noqa: E402
 from benchmarks.kernels_gpu_mma import mma_cases  # noqa: E402
 from benchmarks.kernels_gpu_mma import summary as mma_summary  # noqa: E402
 from benchmarks.kernels_gpu_timing import (  # noqa: E402
@@ -242,7 +243,7 @@ def attention_cases(bandwidth: float) -> list[dict[str, Any]]:
 
     rows = []
     heads, dim, cache_len, pos = 32, 96, 256, 160
-    for n in (1, 64):
+    for n in (1, 8, 32, 64):
         k_cache = torch.randn(n, heads, cache_len, dim, device="cuda", dtype=torch.bfloat16)
         v_cache = torch.randn_like(k_cache)
         q, k_new, v_new = (torch.randn(n, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -289,16 +290,21 @@ def main() -> int:
     parser.add_argument("--write-shapes", type=Path,
                         help="merge the kmajor section's fastest launch shape per weight shape, for this GPU, into "
                              "this JSON file (the engine's adapters/engine/gemv_shapes.json)")
+    parser.add_argument("--mma-rows", default=",".join(str(r) for r in MMA_ROWS),
+                        help="row counts of the mma section")
     args = parser.parse_args()
     from benchmarks.serve_gpu import copy_bandwidth
 
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "bandwidth": copy_bandwidth()}
     bandwidth = report["bandwidth"]["tb_s"] * 1e12
+    mma_rows = tuple(int(r) for r in args.mma_rows.split(","))
     sections = {"attention": lambda: attention_cases(bandwidth), "lora": lora_cases, "prologue": prologue_cases,
                 "nf4": lambda: nf4_cases(bandwidth), "lut": lambda: lut_cases(bandwidth),
-                "kmajor": lambda: kmajor_cases(bandwidth), "kmajor_wide": lambda: kmajor_cases(bandwidth, wide=True),
-                "mma": lambda: mma_cases(bandwidth)}
+                "kmajor": lambda: kmajor_cases(bandwidth), "kmajor_wide": lambda: kmajor_cases(bandwidth, "wide"),
+                "kmajor_staged": lambda: kmajor_cases(bandwidth, "staged"),
+                "mma": lambda: mma_cases(bandwidth, mma_rows),
+                "mma_pipe": lambda: mma_cases(bandwidth, mma_rows, pipe_only=True)}
     for key in args.only.split(","):
         try:
             report[key] = sections[key]()
@@ -306,12 +312,13 @@ def main() -> int:
             log.exception("%s failed", key)
             report[key] = {"error": f"{type(exc).__name__}: {exc}"}
         args.out.write_text(json.dumps(report, indent=1))
-    for key in ("kmajor", "kmajor_wide"):
+    for key in ("kmajor", "kmajor_wide", "kmajor_staged"):
         if args.write_shapes and isinstance(report.get(key), list):
             write_shapes(args.write_shapes, report["device"], report[key])
     print(f"{report['device']}: copy {report['bandwidth']['tb_s']:.2f} TB/s")
-    for line in mma_summary(report["mma"]) if isinstance(report.get("mma"), list) else []:
-        print(line)
+    for key in ("mma", "mma_pipe"):
+        for line in mma_summary(report[key]) if isinstance(report.get(key), list) else []:
+            print(line)
     for row in report.get("nf4", []) if isinstance(report.get("nf4"), list) else []:
         best = row.get("best", {})
         base = row["baselines"]
@@ -327,7 +334,9 @@ def main() -> int:
         print(f"lut {row['shape']:8s} floor {row['floor_ms'] * 1e3:.1f} us | cublas-bf16 "
               f"{row['cublas_bf16_ms'] * 1e3:.1f} bnb {row['bnb_gemv_ms'] * 1e3:.1f} | default "
               f"{row['configs'].get('default')} | best {row.get('best')}")
-    for row in [r for key in ("kmajor", "kmajor_wide") if isinstance(report.get(key), list) for r in report[key]]:
+    gemv_rows = [r for key in ("kmajor", "kmajor_wide", "kmajor_staged") if isinstance(report.get(key), list)
+                 for r in report[key]]
+    for row in gemv_rows:
         best = row.get("best", {})
         print(f"kmajor {row['shape']:8s} floor {row['floor_ms'] * 1e3:.1f} us | cublas-bf16 "
               f"{row['cublas_bf16_ms'] * 1e3:.1f} bnb {row['bnb_gemv_ms'] * 1e3:.1f} "

@@ -34,21 +34,29 @@ KMAJOR_BASES_WIDE = ((64, 16, 4, False, 80), (32, 16, 4, False, 80), (64, 8, 4, 
                      (64, 16, 4, False, 80, True), (64, 16, 4, False, 128, True), (32, 16, 4, False, 128, True),
                      (64, 8, 4, False, 128, True))
 
+# The software-pipelined loop (``Shape.stages``): longer loops (fewer splits) and deeper pipelines, against the
+# engine's measured shape of each weight (``gemv_shapes.json``), timed in the same process.
+KMAJOR_BASES_STAGED = tuple((bn, bkw, 4, False, reg, False, stages) for bn, bkw in ((64, 16), (64, 32), (128, 16))
+                            for reg in (80, 128) for stages in (3, 4))
+SWEEPS = {"narrow": (KMAJOR_BASES, (1, 2, 4, 8)), "wide": (KMAJOR_BASES_WIDE, (8, 16, 32)),
+          "staged": (KMAJOR_BASES_STAGED, (1, 2, 4, 8))}
 
-def kmajor_shapes(n: int, k: int, wide: bool = False) -> list[Any]:
-    """Every launch shape of the K-major GEMV tried: KMAJOR_BASES (rows per program, words per step, warps,
-    prefetch, register cap[, unrolled]) times split-K 1, 2, 4, 8, or with ``wide`` KMAJOR_BASES_WIDE times 8,
-    16, 32; where it fits."""
-    from persona_router.adapters.engine.nf4_gemv import Shape
 
-    bases: tuple[tuple[Any, ...], ...] = KMAJOR_BASES_WIDE if wide else KMAJOR_BASES
-    splits = (8, 16, 32) if wide else (1, 2, 4, 8)
+def kmajor_shapes(n: int, k: int, sweep: str = "narrow") -> list[Any]:
+    """Every launch shape of the K-major GEMV tried: the sweep's bases (rows per program, words per step, warps,
+    prefetch, register cap[, unrolled[, pipeline stages]]) times its split-K counts (``SWEEPS``), where it fits;
+    the ``staged`` sweep also the engine's measured shape for this GPU."""
+    import torch
+    from persona_router.adapters.engine.nf4_gemv import Shape, measured_shape
+
+    bases, splits = SWEEPS[sweep]
     shapes = [Shape(base[0], base[1], base[2], split, base[3], base[4], *base[5:]) for base in bases
               for split in splits]
-    return [shape for shape in shapes if shape.fits(n, k)]
+    engine = measured_shape(torch.cuda.get_device_name(), n, k) if sweep == "staged" else None
+    return [shape for shape in ([engine] if engine else []) + shapes if shape.fits(n, k)]
 
 
-def kmajor_cases(bandwidth: float, wide: bool = False) -> list[dict[str, Any]]:
+def kmajor_cases(bandwidth: float, sweep: str = "narrow") -> list[dict[str, Any]]:
     """One row: the K-major NF4 GEMV (``nf4_gemv``) over launch shapes, against bitsandbytes' GEMV (``Gemv4bit``,
     absmax decoded once, as the engine calls it) and cuBLAS on a dense bf16 copy; then, at the best shape, the
     projection as the engine runs it with a LoRA adapter and the residual: folded into the GEMV's epilogue,
@@ -75,13 +83,13 @@ def kmajor_cases(bandwidth: float, wide: bool = False) -> list[dict[str, Any]]:
                                "cublas_bf16_ms": graph_ms([lambda d=d, x=x: F.linear(x, d) for d in dense]),
                                "bnb_gemv_ms": graph_ms([lambda g=g, x=x: g(x) for g in gemvs]),
                                "bnb_gemv_rel_err": rel(gemvs[0](x), want), "configs": {}}
-        for shape in kmajor_shapes(n, k, wide):
+        for shape in kmajor_shapes(n, k, sweep):
             row["configs"][str(tuple(vars(shape).values()))] = time_config(
                 lambda w, t=shape, x=x: nf4_gemv.gemv(x, w, shape=t), layouts, want, nbytes)
         fastest = best_config(row["configs"])
         if fastest is not None:
             row["best"] = fastest
-            best = next(s for s in kmajor_shapes(n, k, wide) if str(tuple(vars(s).values())) == fastest["config"])
+            best = next(s for s in kmajor_shapes(n, k, sweep) if str(tuple(vars(s).values())) == fastest["config"])
             row["epilogue"] = _epilogue_case(x, n, k, layouts, gemvs, best, lora_kernels, nf4_gemv)
         rows.append(row)
         log.info("kmajor %s: floor %.4f cublas %.4f bnb %.4f best %s", name, row["floor_ms"], row["cublas_bf16_ms"],

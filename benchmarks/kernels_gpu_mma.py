@@ -28,8 +28,9 @@ log = logging.getLogger("kernels_gpu")
 ROWS = (2, 16, 32, 64, 128, 512, 2048)
 
 
-def mma_shapes(m: int, n: int, k: int) -> list[Any]:
-    """The default shape and a sweep of tiles, warps, pipeline depth and split K around it."""
+def mma_shapes(m: int, n: int, k: int, pipe_only: bool = False) -> list[Any]:
+    """The default shape and a sweep of tiles, warps, pipeline depth and split K around it; with ``pipe_only``
+    the default and its software-pipelined variants alone."""
     from persona_router.adapters.engine.nf4_mma import MmaShape, default_shape
 
     bms = (16,) if m <= 16 else (32,) if m <= 32 else (64,) if m <= 64 else (128, 64)
@@ -42,13 +43,17 @@ def mma_shapes(m: int, n: int, k: int) -> list[Any]:
     shapes += [MmaShape(bm=bms[0], bn=64, bkw=32, warps=4, stages=2, split_k=4 if m <= 64 else 1)]
     shapes += [MmaShape(bm=bms[0], bn=64, bkw=16, warps=4, stages=2, split_k=s, slices=True) for s in (2, 4, 8)
                if m <= 64]
+    # the loop software-pipelined (``pipe``): the words' and scales' loads in flight ahead of their decode
+    piped = [MmaShape(bm=bms[0], bn=64, bkw=16, warps=4, stages=2, split_k=s, slices=sl, pipe=3)
+             for sl in ((True, False) if m <= 16 else (False,)) for s in (1, 2, 4, 8) if m <= 64]
+    shapes = shapes[:1] + piped if pipe_only else shapes + piped
     unique = list(dict.fromkeys(s for s in shapes if s.fits(n, k)))
     tiles = {s: -(-n // s.bn) * -(-m // s.bm) * s.split_k for s in unique}
     # a grid far under the multiprocessor count cannot stream the weights; skip what cannot win
     return [s for s in unique if tiles[s] >= 66 or s == shapes[0]]
 
 
-def mma_cases(bandwidth: float, rows: tuple[int, ...] = ROWS) -> list[dict[str, Any]]:
+def mma_cases(bandwidth: float, rows: tuple[int, ...] = ROWS, pipe_only: bool = False) -> list[dict[str, Any]]:
     import bitsandbytes.functional as bnbf
     import torch
     import torch.nn.functional as F
@@ -87,7 +92,7 @@ def mma_cases(bandwidth: float, rows: tuple[int, ...] = ROWS) -> list[dict[str, 
                 "kmajor_dequant_cublas_ms": graph_ms([partial(kmajor_dequant_cublas, w) for w in layouts]),
                 "kmajor_dequant_rel_err": rel(kmajor_dequant_cublas(layouts[0]), want),
                 "configs": {}}
-            for shape in mma_shapes(m, n, k):
+            for shape in mma_shapes(m, n, k, pipe_only):
                 entry = time_config(lambda w, t=shape, x=x: nf4_mma.matmul(x, w, shape=t), layouts, want, nbytes)
                 if "ms" in entry:
                     entry["tflop_s"] = flops / entry["ms"] / 1e9

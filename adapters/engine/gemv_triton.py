@@ -62,7 +62,7 @@ if triton is not None:
                         R: tl.constexpr, SPLITS: tl.constexpr, RP: tl.constexpr, HAS_RES: tl.constexpr,
                         HAS_LORA: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr, SPLIT_K: tl.constexpr,
                         PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr,
-                        UNROLL: tl.constexpr = False):
+                        UNROLL: tl.constexpr = False, STAGES: tl.constexpr = 1):
         """One row: ``out = [res +] x W^T [+ LoRA]`` from the K-major layout (``nf4_gemv.KMajor``): ``w_ptr`` the
         codes as int32 words ``[K // 8, N]`` (the word of 8 elements of row ``n`` at ``[kw, n]``), ``s_ptr`` one
         float32 scale per 64-element block ``[K // 64, N]``, ``x_ptr`` the activations as int32 pairs ``[K // 2]``.
@@ -71,7 +71,8 @@ if triton is not None:
         the same layout (16-byte vectors of four rows, whole 128-byte lines across a warp) and each loaded
         activation pair serves every row a thread holds. Each program owns ``BN`` rows and one of ``SPLIT_K``
         slices of K, ``BKW`` words of K per loop step; ``PREFETCH`` issues the next step's loads before this
-        step's arithmetic."""
+        step's arithmetic; ``STAGES > 1`` has the compiler's software pipeliner keep that many steps' loads in flight
+        (asynchronous copies into shared memory; a plain loop's loads are pipelined only where they feed a ``dot``)."""
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -90,6 +91,10 @@ if triton is not None:
                 nxt = _step(x_ptr, w_ptr, s_ptr, rn, base + (i + BKW) % PER_SPLIT + tl.arange(0, BKW), N, EVEN_N)
                 acc += _word_dot(words, x0, x1, x2, x3, code_ptr, tab, ASM, F16) * scale
                 words, scale, x0, x1, x2, x3 = nxt
+        elif STAGES > 1:
+            for i in tl.range(0, PER_SPLIT, BKW, num_stages=STAGES):
+                words, scale, x0, x1, x2, x3 = _step(x_ptr, w_ptr, s_ptr, rn, base + i + tl.arange(0, BKW), N, EVEN_N)
+                acc += _word_dot(words, x0, x1, x2, x3, code_ptr, tab, ASM, F16) * scale
         elif UNROLL:  # every step's loads in one basic block: the compiler may issue them all before any arithmetic
             for i in tl.static_range(0, PER_SPLIT, BKW):
                 words, scale, x0, x1, x2, x3 = _step(x_ptr, w_ptr, s_ptr, rn, base + i + tl.arange(0, BKW), N, EVEN_N)

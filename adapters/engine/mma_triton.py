@@ -71,18 +71,49 @@ if triton is not None:
         return tl.reshape(tl.permute(full, (0, 4, 3, 2, 1)), (words.shape[0] * 8, words.shape[1]))
 
     @triton.jit
+    def _mma_step(acc, start, w_ptr, s_ptr, code_ptr, tab, xrow, rk, rn, rn_safe, mask_m, N, BKW: tl.constexpr,
+                  EVEN_N: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr, SLICES: tl.constexpr):
+        """One loop step of ``nf4_mma_kmajor``: words ``start .. start + BKW`` of the program's rows, decoded and
+        multiplied into ``acc``."""
+        kw = start + tl.arange(0, BKW)
+        if EVEN_N:
+            words = tl.load(w_ptr + kw[:, None] * N + rn[None, :])
+            scale = tl.load(s_ptr + (kw // 8)[:, None] * N + rn[None, :])
+        else:
+            words = tl.load(w_ptr + kw[:, None] * N + rn_safe[None, :])
+            scale = tl.load(s_ptr + (kw // 8)[:, None] * N + rn_safe[None, :])
+        if SLICES:
+            e0, e1, e2, e3, e4, e5, e6, e7 = _elements(words, code_ptr, tab, ASM, F16)
+            acc = _slice_dot(acc, xrow, kw, 0, e0, scale, mask_m, ASM)
+            acc = _slice_dot(acc, xrow, kw, 1, e1, scale, mask_m, ASM)
+            acc = _slice_dot(acc, xrow, kw, 2, e2, scale, mask_m, ASM)
+            acc = _slice_dot(acc, xrow, kw, 3, e3, scale, mask_m, ASM)
+            acc = _slice_dot(acc, xrow, kw, 4, e4, scale, mask_m, ASM)
+            acc = _slice_dot(acc, xrow, kw, 5, e5, scale, mask_m, ASM)
+            acc = _slice_dot(acc, xrow, kw, 6, e6, scale, mask_m, ASM)
+            acc = _slice_dot(acc, xrow, kw, 7, e7, scale, mask_m, ASM)
+            return acc
+        w = weight_tile(words, scale, code_ptr, tab, ASM, F16)
+        x = tl.load(xrow + (start * 8 + rk)[None, :], mask=mask_m[:, None], other=0.0)
+        if ASM == "":  # Triton 3.6's interpreter multiplies 16-bit dot operands as raw bits: fp32 instead
+            return tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(x, w, acc)
+
+    @triton.jit
     def nf4_mma_kmajor(x_ptr, w_ptr, s_ptr, code_ptr, tab_ptr, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, ws_ptr,
                        cnt_ptr, M, N, K: tl.constexpr, stride_xm, stride_om, stride_rm, stride_ts, stride_tm,
                        stride_bs, stride_br, R: tl.constexpr, SPLITS: tl.constexpr, RP: tl.constexpr,
                        HAS_RES: tl.constexpr, HAS_LORA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        BKW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr, F16: tl.constexpr,
-                       ASM: tl.constexpr, SLICES: tl.constexpr = False):
+                       ASM: tl.constexpr, SLICES: tl.constexpr = False, PIPE: tl.constexpr = 1):
         """Many rows: ``out = [res +] x W^T [+ LoRA]`` from the K-major layout (``nf4_gemv.KMajor``: codes as int32
         words ``[K // 8, N]``, one float32 scale per 64-element block ``[K // 64, N]``). Each loop step loads
         ``BKW`` words of ``BN`` weight rows (whole 128-byte lines: the rows run along the fast axis), decodes
         them in registers into one ``[8 BKW, BN]`` tile (``weight_tile``) and multiplies it by the rows' activations on
         the tensor cores; with ``SLICES``, eight ``[BM, BKW] x [BKW, BN]`` products instead, one per element
-        position of the words, against strided activation columns (no tile re-ordering: faster for few rows)."""
+        position of the words, against strided activation columns (no tile re-ordering: faster for few rows).
+        ``PIPE > 1``: the compiler's software pipeliner keeps that many steps' word and scale loads in flight (the
+        kernel's ``num_stages`` pipelines only loads that feed a ``dot`` directly)."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         split = tl.program_id(2)
@@ -98,31 +129,14 @@ if triton is not None:
         tab = (tl.load(tab_ptr), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2), tl.load(tab_ptr + 3))
         xrow = x_ptr + rm_safe[:, None] * stride_xm
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for i in range(0, PER_SPLIT, BKW):
-            kw = base + i + tl.arange(0, BKW)
-            if EVEN_N:
-                words = tl.load(w_ptr + kw[:, None] * N + rn[None, :])
-                scale = tl.load(s_ptr + (kw // 8)[:, None] * N + rn[None, :])
-            else:
-                words = tl.load(w_ptr + kw[:, None] * N + rn_safe[None, :])
-                scale = tl.load(s_ptr + (kw // 8)[:, None] * N + rn_safe[None, :])
-            if SLICES:
-                e0, e1, e2, e3, e4, e5, e6, e7 = _elements(words, code_ptr, tab, ASM, F16)
-                acc = _slice_dot(acc, xrow, kw, 0, e0, scale, mask_m, ASM)
-                acc = _slice_dot(acc, xrow, kw, 1, e1, scale, mask_m, ASM)
-                acc = _slice_dot(acc, xrow, kw, 2, e2, scale, mask_m, ASM)
-                acc = _slice_dot(acc, xrow, kw, 3, e3, scale, mask_m, ASM)
-                acc = _slice_dot(acc, xrow, kw, 4, e4, scale, mask_m, ASM)
-                acc = _slice_dot(acc, xrow, kw, 5, e5, scale, mask_m, ASM)
-                acc = _slice_dot(acc, xrow, kw, 6, e6, scale, mask_m, ASM)
-                acc = _slice_dot(acc, xrow, kw, 7, e7, scale, mask_m, ASM)
-            else:
-                w = weight_tile(words, scale, code_ptr, tab, ASM, F16)
-                x = tl.load(xrow + ((base + i) * 8 + rk)[None, :], mask=mask_m[:, None], other=0.0)
-                if ASM == "":  # Triton 3.6's interpreter multiplies 16-bit dot operands as raw bits: fp32 instead
-                    acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(x, w, acc)
+        if PIPE > 1:
+            for i in tl.range(0, PER_SPLIT, BKW, num_stages=PIPE):
+                acc = _mma_step(acc, base + i, w_ptr, s_ptr, code_ptr, tab, xrow, rk, rn, rn_safe, mask_m, N, BKW,
+                                EVEN_N, F16, ASM, SLICES)
+        else:
+            for i in range(0, PER_SPLIT, BKW):
+                acc = _mma_step(acc, base + i, w_ptr, s_ptr, code_ptr, tab, xrow, rk, rn, rn_safe, mask_m, N, BKW,
+                                EVEN_N, F16, ASM, SLICES)
         tile = pid_m * tl.num_programs(0) + pid_n
         finish_tile(acc, rm_safe, mask_m, rn_safe, mask_n, tile, split, M, N, out_ptr, res_ptr, t_ptr, bt_ptr,
                     slot_ptr, ws_ptr, cnt_ptr, stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R,

@@ -115,7 +115,9 @@ class Shape:
     row block (the last one to finish adds the partial sums), ``prefetch`` the next step's loads before this
     step's arithmetic, ``maxnreg`` the register cap given to the compiler (without one it spends registers
     sparingly and re-makes the table constants for every word), ``unroll`` the steps unrolled (the compiler
-    then issues several steps' loads before the first step's arithmetic)."""
+    then issues several steps' loads before the first step's arithmetic), ``stages`` above 1 the software
+    pipeline's depth (that many steps' loads in flight, through shared memory; instead of ``prefetch`` and
+    ``unroll``)."""
 
     bn: int = 64
     bkw: int = 16
@@ -124,11 +126,14 @@ class Shape:
     prefetch: bool = False
     maxnreg: int | None = 80
     unroll: bool = False
+    stages: int = 1
 
     def fits(self, n: int, k: int) -> bool:
         words = k // 8
-        return (k % QBLOCK == 0 and words % self.split_k == 0 and (words // self.split_k) % self.bkw == 0
-                and self.bkw % 8 == 0 and self.split_k <= MAX_SPLIT and self.bn % 4 == 0 and n >= 1)
+        pipelined_alone = self.stages == 1 or not (self.prefetch or self.unroll)
+        return (k % QBLOCK == 0 and 1 <= self.stages <= 8 and pipelined_alone and words % self.split_k == 0
+                and (words // self.split_k) % self.bkw == 0 and self.bkw % 8 == 0 and self.split_k <= MAX_SPLIT
+                and self.bn % 4 == 0 and n >= 1)
 
 
 MAX_SPLIT = 32
@@ -208,5 +213,5 @@ def gemv(x: Any, w: KMajor, *, residual: Any = None, lora: Any = None, shape: Sh
         R=lora.rank if has_lora else 0, SPLITS=lora.splits if has_lora else 1,
         RP=lora.rank_pow2 if has_lora else 1, HAS_RES=residual is not None, HAS_LORA=has_lora, BN=t.bn,
         BKW=t.bkw, SPLIT_K=t.split_k, PREFETCH=t.prefetch, EVEN_N=w.n % t.bn == 0, F16=w.f16, ASM=w.asm,
-        UNROLL=t.unroll and not t.prefetch, num_warps=t.warps, **options)
+        UNROLL=t.unroll and not t.prefetch, STAGES=t.stages, num_warps=t.warps, **options)
     return out

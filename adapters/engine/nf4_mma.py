@@ -50,8 +50,10 @@ DEQUANTIZE_ROWS = 9
 @dataclass(frozen=True)
 class MmaShape:
     """A launch shape: ``bm x bn`` output tiles, ``bkw`` words of K (8 elements each) per loop step, ``split_k``
-    programs per tile (the last one to finish adds the partial sums), ``stages`` software-pipeline depth,
-    ``slices`` eight K-slice products per step instead of one joined tile (see the module docstring)."""
+    programs per tile (the last one to finish adds the partial sums), ``stages`` software-pipeline depth of the
+    loads that feed a product directly (the activations), ``slices`` eight K-slice products per step instead of one
+    joined tile (see the module docstring), ``pipe`` above 1 the pipeline depth of the loop itself (the words and
+    scales too, which reach the product only through the decode)."""
 
     bm: int = 64
     bn: int = 64
@@ -60,12 +62,13 @@ class MmaShape:
     stages: int = 2
     split_k: int = 1
     slices: bool = False
+    pipe: int = 1
 
     def fits(self, n: int, k: int) -> bool:
         words = k // 8
         tiles_ok = all(size >= 16 and size & (size - 1) == 0 for size in (self.bm, self.bn, self.bkw))
-        return (tiles_ok and k % 128 == 0 and 1 <= self.split_k <= MAX_SPLIT and words % self.split_k == 0
-                and (words // self.split_k) % self.bkw == 0 and n >= 1)
+        return (tiles_ok and k % 128 == 0 and 1 <= self.pipe <= 8 and 1 <= self.split_k <= MAX_SPLIT
+                and words % self.split_k == 0 and (words // self.split_k) % self.bkw == 0 and n >= 1)
 
 
 def default_shape(m: int, n: int, k: int) -> MmaShape:
@@ -125,7 +128,7 @@ def matmul(x: Any, w: Any, *, residual: Any = None, lora: Any = None, shape: Mma
         R=lora.rank if has_lora else 0, SPLITS=lora.splits if has_lora else 1,
         RP=lora.rank_pow2 if has_lora else 1, HAS_RES=residual is not None, HAS_LORA=has_lora, BM=t.bm, BN=t.bn,
         BKW=t.bkw, SPLIT_K=t.split_k, EVEN_N=w.n % t.bn == 0, F16=w.f16, ASM=w.unpack_asm, SLICES=t.slices,
-        num_warps=t.warps, num_stages=t.stages)
+        PIPE=t.pipe, num_warps=t.warps, num_stages=t.stages)
     return out
 
 

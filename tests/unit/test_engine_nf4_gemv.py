@@ -149,7 +149,7 @@ def test_kmajor_refuses_what_it_cannot_read() -> None:
 
 
 SHAPES = [(200, 320, None), (200, 320, "s1"), (130, 512, "s2"), (96, 256, "s4"), (64, 1024, "s8"),
-          (130, 1024, "s16u"), (200, 512, "s2u")]
+          (130, 1024, "s16u"), (200, 512, "s2u"), (200, 1024, "p3"), (130, 512, "p4s2")]
 
 
 def _shape(name: str | None) -> Any:
@@ -158,7 +158,8 @@ def _shape(name: str | None) -> Any:
     return {None: None, "s1": Shape(bn=64, bkw=8), "s2": Shape(bn=32, bkw=16, split_k=2, prefetch=True),
             "s4": Shape(bn=128, bkw=8, split_k=4, prefetch=True), "s8": Shape(bn=64, bkw=16, split_k=8),
             "s16u": Shape(bn=32, bkw=8, split_k=16, unroll=True),
-            "s2u": Shape(bn=64, bkw=16, split_k=2, maxnreg=128, unroll=True)}[name]
+            "s2u": Shape(bn=64, bkw=16, split_k=2, maxnreg=128, unroll=True),
+            "p3": Shape(bn=64, bkw=16, stages=3), "p4s2": Shape(bn=128, bkw=8, split_k=2, maxnreg=128, stages=4)}[name]
 
 
 @pytest.mark.parametrize(("n", "k", "shape"), SHAPES)
@@ -227,6 +228,11 @@ def test_measured_shapes_are_looked_up_by_gpu_and_weight_shape(tmp_path: Any, mo
         assert nf4_gemv.measured_shape("GPU A", 96, 256) is None  # split 3 does not divide K's words
         assert nf4_gemv.measured_shape("GPU B", 128, 512) is None
         assert nf4_gemv.default_shape(9216, 3072).fits(9216, 3072)
+        # the pipelined loop replaces the hand-made prefetch and unrolled loops: not combined with either
+        assert nf4_gemv.Shape(stages=3).fits(9216, 3072)
+        assert not nf4_gemv.Shape(stages=3, unroll=True).fits(9216, 3072)
+        assert not nf4_gemv.Shape(stages=3, prefetch=True).fits(9216, 3072)
+        assert not nf4_gemv.Shape(stages=0).fits(9216, 3072)
     finally:
         nf4_gemv._measured.cache_clear()
 

@@ -39,7 +39,7 @@ def test_unpack_ptx_names_four_outputs_and_its_inputs() -> None:
 
 @pytest.mark.parametrize(("m", "n", "k", "shape"), [
     (2, 200, 256, None), (5, 96, 384, "split3"), (7, 130, 384, "slices3"), (17, 130, 512, "split2"),
-    (40, 64, 1024, None),
+    (40, 64, 1024, None), (6, 130, 1024, "pipe_slices"), (40, 96, 1024, "pipe"),
     (130, 200, 256, "wide"), (140, 96, 384, None),
 ])
 def test_mma_matches_reference(m: int, n: int, k: int, shape: str | None) -> None:
@@ -52,7 +52,9 @@ def test_mma_matches_reference(m: int, n: int, k: int, shape: str | None) -> Non
     t = {None: None, "split3": nf4_mma.MmaShape(bm=16, bn=32, split_k=3),
          "slices3": nf4_mma.MmaShape(bm=16, bn=64, split_k=3, slices=True),
          "split2": nf4_mma.MmaShape(bm=16, bn=64, bkw=32, split_k=2),
-         "wide": nf4_mma.MmaShape(bm=64, bn=64, split_k=1)}[shape]
+         "wide": nf4_mma.MmaShape(bm=64, bn=64, split_k=1),
+         "pipe_slices": nf4_mma.MmaShape(bm=16, bn=64, split_k=2, slices=True, pipe=3),
+         "pipe": nf4_mma.MmaShape(bm=64, bn=32, split_k=1, pipe=4)}[shape]
     capacity, rank = 4, 5
     a = torch.randn(capacity, rank, k, device=_device()).to(torch.bfloat16) / k ** 0.5
     bt = (torch.randn(capacity, rank, n, device=_device()) * 0.05).to(torch.bfloat16)
@@ -117,6 +119,8 @@ def test_mma_takes_float16_and_refuses_what_it_cannot_run() -> None:
         nf4_mma.matmul(x, layout, residual=torch.zeros(3, 71, dtype=torch.float16, device=_device()))
     with pytest.raises(ValueError, match="does not fit"):  # tiles must be powers of two (Triton's aranges)
         nf4_mma.matmul(x, layout, shape=nf4_mma.MmaShape(bm=24))
+    with pytest.raises(ValueError, match="does not fit"):
+        nf4_mma.matmul(x, layout, shape=nf4_mma.MmaShape(bm=16, pipe=0))
     with pytest.raises(ValueError, match=r"out must be a contiguous \[256, 72\]"):
         nf4_mma.dequantize_t(layout, torch.empty(72, 256, dtype=torch.float16, device=_device()))
     with pytest.raises(ValueError, match="out must be"):
