@@ -30,18 +30,19 @@ class Launch:
     split: bool = False
 
 
-SPLIT_ROWS = 4  # up to this many rows the positions are split over programs (rows x heads alone leave SMs idle)
+SPLIT_ROWS = 4  # up to this many rows the split form runs 4 warps per program; more rows, 1 warp (see launch_for)
 
 
 def launch_for(rows: int) -> Launch:
-    """The launch shape for a step of ``rows`` rows. One program per (row, head) looping over blocks: on an H200
-    (``benchmarks/results/kernels_gpu_round3_h200.json``, 160 live positions) no other shape of that kernel was
-    faster by more than 8% (1 row: 8.5 us for 8 warps against 9.2; 64 rows: 65 us branch-free with 2 warps
-    against 69). For few rows the 32 programs of one row run one block after another, each a full memory
-    latency: the positions are split over programs instead, 32 per program (``kernels_gpu_round4b_h200.json``:
-    5.8 against 9.2 us at one row; at 64 rows 32 positions with 1 warp took 54 against 69 us, not used there
-    until a serving run measures it)."""
-    return Launch(block=32, split=True) if rows <= SPLIT_ROWS else Launch()
+    """The launch shape for a step of ``rows`` rows: the cache positions split over programs, 32 per program,
+    merged by the last to finish (flash-decoding). On an H200 at 160 live positions of a 256-position cache
+    (``benchmarks/results/kernels_gpu_session7_h200.json``, graph-timed, 36 launch shapes per row count): 1 row
+    5.8 us with 4 warps (the one-program-per-(row, head) loop took 9.2 in round 4); 8 rows 7.5 us with 1 warp
+    against 11.5 for that loop; 32 rows 29.6 against 37.0; 64 rows 53.6 against 68.6 (2.4 TB/s of live keys and
+    values; SDPA over the masked cache took 65.5). With one program per (row, head) and few rows, the programs run
+    their blocks one after another, each a full memory latency; splitting gives every block its own program,
+    and from 8 rows on a warp per 32-position block keeps more programs resident."""
+    return Launch(block=32, split=True) if rows <= SPLIT_ROWS else Launch(block=32, warps=1, split=True)
 
 
 def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, positions: Any, kv_len: int,

@@ -281,7 +281,8 @@ def test_nf4_matmul_with_lora_and_residual(m: int, split: int) -> None:
                          [(4, 4, 96, None, 96, None), (6, 2, 40, None, 0, None), (4, 2, 32, 5, 16, None),
                           (4, 4, 96, None, 96, (32, 2, False)), (4, 2, 32, 5, 16, (16, 1, False)),
                           (6, 2, 40, None, 0, (32, 4, True)), (4, 4, 96, None, 96, (64, 4, True, False)),
-                          (4, 2, 32, 5, 16, (16, 1, True, True)), (6, 2, 40, None, 0, (64, 2, True, True))])
+                          (4, 2, 32, 5, 16, (16, 1, True, True)), (6, 2, 40, None, 0, (64, 2, True, True)),
+                          (4, 4, 96, None, 96, (32, 1, True, True))])
 def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int, window: int | None,
                                             rot: int, launch: tuple[Any, ...] | None) -> None:
     """Live-length decode attention; ``rot > 0``: the kernel also applies the rotary embedding (full or partial)
@@ -323,6 +324,15 @@ def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int,
     assert torch.equal(v_cache[written], v_want[written])
     k_cache[written] = before[written]
     assert torch.equal(k_cache.nan_to_num(), before.nan_to_num())  # nothing else written
+
+
+def test_decode_attention_splits_positions_at_every_row_count() -> None:
+    """The measured launch choice (``launch_for``): split over 32-position programs at every row count, 4 warps
+    up to ``SPLIT_ROWS`` rows and 1 beyond (the 1-warp split form is one of the launches tested above)."""
+    from persona_router.adapters.engine.attention_kernels import SPLIT_ROWS, Launch, launch_for
+
+    assert launch_for(1) == launch_for(SPLIT_ROWS) == Launch(block=32, warps=4, split=True)
+    assert launch_for(SPLIT_ROWS + 1) == launch_for(64) == Launch(block=32, warps=1, split=True)
 
 
 @pytest.mark.slow  # about a minute of CPU: Triton's interpreter runs every kernel program in Python
