@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from persona_router.adapters.engine.lora_kernels import GATHER_ROWS
 from persona_router.core.errors import ConfigError, choices
 
 NF4_MODES: tuple[str, ...] = ("auto", "fused", "dequantize", "kernel")
@@ -51,6 +52,12 @@ class EngineConfig:
     1.5-1.9x faster per projection than bitsandbytes' GEMV, see the README's GPU serving section). The engine's
     GEMVs add the residual and the LoRA update in their epilogue, so the expand is no separate kernel.
 
+    ``lora_kernel_rows``: with ``kernels``, steps of up to this many rows run the LoRA update as Triton kernels
+    (the default, ``lora_kernels.GATHER_ROWS``: each row gathers its own adapter); wider steps use the bank's
+    two products over the resident slots (one-hot masks). Above ``GATHER_ROWS`` the kernels are the
+    tensor-core shrink over the step's slots and the expand by slot (``lora_kernels.shrink``, ``expand_``);
+    0 keeps every step on the bank's products.
+
     ``kv_block`` rounds the attended cache length up (fewer graph shapes; at most that many masked positions).
     ``stop_token_ids`` end every request in addition to its own; ``None`` takes the tokenizer's and the
     generation config's end-of-sequence ids (what ``generate`` stops on).
@@ -68,6 +75,7 @@ class EngineConfig:
     compile: str = "auto"
     kernels: str = "auto"
     gemv: str = "kmajor"
+    lora_kernel_rows: int = GATHER_ROWS
     kv_block: int = 256
     stop_token_ids: tuple[int, ...] | None = None
 
@@ -78,6 +86,9 @@ class EngineConfig:
         _positive(self.max_adapters, "max_adapters", upper=1024)
         _positive(self.max_rank, "max_rank", upper=1024)
         _positive(self.kv_block, "kv_block", upper=1 << 20)
+        if not 0 <= self.lora_kernel_rows <= self.max_batch * self.max_len:
+            raise ConfigError(f"{self.lora_kernel_rows} must be between 0 and max_batch x max_len "
+                              f"({self.max_batch * self.max_len})", field="lora_kernel_rows")
         if self.max_prefill_tokens < 1:
             raise ConfigError(f"{self.max_prefill_tokens} must be at least 1", field="max_prefill_tokens")
         if self.nf4_mode not in NF4_MODES:

@@ -23,7 +23,7 @@ from typing import Any
 from persona_router.adapters.engine.config import EngineConfig
 from persona_router.adapters.engine.kernels import Shapes, pointwise
 from persona_router.adapters.engine.lora_bank import LoraBank
-from persona_router.adapters.engine.lora_kernels import GATHER_ROWS, Prologue
+from persona_router.adapters.engine.lora_kernels import Prologue
 from persona_router.adapters.engine.weights import ModelWeights
 from persona_router.core.errors import ConfigError
 
@@ -222,9 +222,9 @@ class ModelRunner:
         return self._linear(index, "down", self.pw.act_mul(gate_up), lora, residual=x)
 
     def _triton_lora(self, lora: Any, rows: int) -> bool:
-        """Whether this step's LoRA runs as Triton kernels (few rows gather their adapter by slot); many rows
-        use the bank's two products over the resident slots, which measured faster there."""
-        return self.kernels and lora.m > 0 and rows <= GATHER_ROWS
+        """Whether this step's LoRA runs as Triton kernels (up to ``config.lora_kernel_rows`` rows; few rows
+        gather their adapter by slot); wider steps use the bank's two products over the resident slots."""
+        return self.kernels and lora.m > 0 and rows <= self.config.lora_kernel_rows
 
     def _norm_linear(self, index: int, group: str, x: Any, weight: Any, lora: Any) -> Any:
         """``RMSNorm(x)`` then its projection; when the LoRA shrink is a Triton kernel it computes the norm too."""
@@ -236,7 +236,7 @@ class ModelRunner:
         from persona_router.adapters.engine.lora_bank import LoraBatch
 
         # Triton kernels gather each row's adapter by slot id: the bank's one-hot masks are not needed.
-        if self.kernels and slot_ids.shape[0] <= GATHER_ROWS:
+        if self.kernels and slot_ids.shape[0] <= self.config.lora_kernel_rows:
             return LoraBatch(slot_ids=slot_ids, m=m, fused=True)
         return self.bank.batch(slot_ids, m, fused=self.fused)
 

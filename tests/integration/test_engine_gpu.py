@@ -169,22 +169,25 @@ def test_fp32_adapter_swap_during_graph_replay(cuda_required: None, tiny_model_d
     assert new_tokens == expected_new
 
 
-@pytest.mark.parametrize(("precision", "nf4_mode", "kernels", "gemv"), [
-    ("bf16", "auto", "on", "bitsandbytes"), ("bf16", "auto", "off", "bitsandbytes"),
-    ("nf4", "fused", "on", "bitsandbytes"), ("nf4", "fused", "off", "bitsandbytes"),
-    ("nf4", "dequantize", "on", "bitsandbytes"),
-    ("nf4", "dequantize", "on", "triton"), ("nf4", "dequantize", "on", "kmajor"),
-    ("nf4", "dequantize", "off", "bitsandbytes"),
-    ("nf4", "kernel", "off", "bitsandbytes")])
+@pytest.mark.parametrize(("precision", "nf4_mode", "kernels", "gemv", "lora_rows"), [
+    ("bf16", "auto", "on", "bitsandbytes", 8), ("bf16", "auto", "off", "bitsandbytes", 8),
+    ("nf4", "fused", "on", "bitsandbytes", 8), ("nf4", "fused", "off", "bitsandbytes", 8),
+    ("nf4", "dequantize", "on", "bitsandbytes", 8),
+    ("nf4", "dequantize", "on", "triton", 8), ("nf4", "dequantize", "on", "kmajor", 8),
+    ("nf4", "dequantize", "off", "bitsandbytes", 8),
+    ("nf4", "kernel", "off", "bitsandbytes", 8),
+    # every step's LoRA on the Triton kernels, the prefills' many rows too (the tensor-core shrink)
+    ("nf4", "dequantize", "on", "kmajor", 4096), ("bf16", "auto", "on", "bitsandbytes", 4096)])
 def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_dir: Path,
                                                engine_adapters: dict[str, Path], precision: str,
-                                               nf4_mode: str, kernels: str, gemv: str) -> None:
+                                               nf4_mode: str, kernels: str, gemv: str, lora_rows: int) -> None:
     import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     peft_model = _peft(tiny_model_dir, engine_adapters, precision)
-    engine = _engine(tiny_model_dir, engine_adapters, precision, nf4_mode=nf4_mode, kernels=kernels, gemv=gemv)
+    engine = _engine(tiny_model_dir, engine_adapters, precision, nf4_mode=nf4_mode, kernels=kernels, gemv=gemv,
+                     lora_kernel_rows=lora_rows)
     assert engine.runner.kernels == (kernels == "on")
     if gemv == "triton":  # every 4-bit group of the tiny model has a register-lookup view
         assert all(group.gemv is not None and group.gemv.lut is not None

@@ -326,6 +326,18 @@ def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int,
     assert torch.equal(k_cache.nan_to_num(), before.nan_to_num())  # nothing else written
 
 
+def test_engine_config_bounds_lora_kernel_rows() -> None:
+    from persona_router.adapters.engine.config import EngineConfig
+    from persona_router.adapters.engine.lora_kernels import GATHER_ROWS
+    from persona_router.core.errors import ConfigError
+
+    assert EngineConfig().lora_kernel_rows == GATHER_ROWS
+    assert EngineConfig(lora_kernel_rows=0).lora_kernel_rows == 0
+    with pytest.raises(ConfigError, match="between 0 and") as info:
+        EngineConfig(lora_kernel_rows=-1)
+    assert info.value.field == "lora_kernel_rows"
+
+
 def test_decode_attention_splits_positions_at_every_row_count() -> None:
     """The measured launch choice (``launch_for``): split over 32-position programs at every row count, 4 warps
     up to ``SPLIT_ROWS`` rows and 1 beyond (the 1-warp split form is one of the launches tested above)."""
