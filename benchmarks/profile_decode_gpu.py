@@ -111,7 +111,7 @@ def breakdown(fn: Callable[[], Any]) -> dict[str, Any]:
 
 # Kernel families by name: what the profiler's ranges miss (Triton kernels launched outside PyTorch's operator
 # dispatch are not attributed to the range that launched them). First match wins.
-FAMILIES = (("lora_triton", ("lora_shrink", "lora_expand")), ("nf4_triton", ("nf4_gemv", "nf4_dot")),
+FAMILIES = (("lora_triton", ("lora_shrink", "lora_expand", "lora_dense")), ("nf4_triton", ("nf4_gemv", "nf4_dot")),
             ("attention_triton", ("decode_attention",)), ("bnb_gemv", ("kgemm_4bit", "gemv_4bit")),
             ("attention_sdpa", ("fmha", "flash", "attention", "softmax")),
             ("gemm_cublas", ("nvjet", "gemm", "gemv", "cutlass", "sm90")),

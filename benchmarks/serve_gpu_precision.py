@@ -20,12 +20,23 @@ from benchmarks.serve_gpu_setup import free_memory, gpu_memory, load_model, make
 log = logging.getLogger("serve_gpu")  # one logger name for the whole benchmark's output
 
 
-def engine_overrides(text: str) -> dict[str, str]:
-    """``key=value,key=value`` as EngineConfig keyword arguments (string fields only)."""
+def engine_overrides(text: str) -> dict[str, Any]:
+    """``key=value,key=value`` as EngineConfig keyword arguments, each value converted to its field's type
+    (``int`` fields such as ``lora_kernel_rows``; the rest stay strings); an unknown key stops the run."""
+    from dataclasses import fields
+
+    from persona_router.adapters.engine import EngineConfig
+
     pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
     if any(len(pair) != 2 for pair in pairs):
         raise SystemExit(f"--engine-config wants key=value pairs, got {text!r}")
-    return {key.strip(): value.strip() for key, value in pairs}
+    types = {f.name: f.type for f in fields(EngineConfig)}
+    out: dict[str, Any] = {}
+    for key, value in ((k.strip(), v.strip()) for k, v in pairs):
+        if key not in types:
+            raise SystemExit(f"{key!r} is no EngineConfig field; choose from {', '.join(sorted(types))}")
+        out[key] = int(value) if types[key] in ("int", int) else value
+    return out
 
 
 @dataclass

@@ -27,6 +27,7 @@ class LoraShrunk:
     rank_pow2: int
     splits: int
     h: Any = None  # the product's input: ``x``, or what the shrink's prologue computed from it
+    slots: int = 0  # the highest slot id the step may hold (the shrink's ``m``): the many-row expand's width
 
 
 def _pow2(n: int) -> int:
@@ -101,12 +102,13 @@ def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any, m: int | None =
             x, a, slot_ids, scaling, t, h, norm_weight, eps, k, x.stride(0), h.stride(0), a.stride(0), a.stride(1),
             t.stride(0), t.stride(1), rank, CHUNK=chunk, RP=rank_pow2, BK=block_k, PRO=pro,
             RB=norm_block or _pow2(k), num_warps=4)
-        return LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits, h=h)
+        return LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits, h=h,
+                          slots=_present(m, a))
     splits = splits_for(rows)
     block_k = 64
     per_split = -(-k // splits)
     chunk = -(-per_split // block_k) * block_k
-    present = max(1, min(m if m is not None else a.shape[0], a.shape[0]))  # slots 1..present exist in ``a``
+    present = _present(m, a)
     slots = _pow2(present)
     rank_pow2 = max(16, _pow2(rank))  # a tensor-core tile is at least 16 wide
     t = torch.empty(splits, rows, rank_pow2, dtype=torch.float32, device=x.device)
@@ -115,7 +117,13 @@ def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any, m: int | None =
         x, a, slot_ids, scaling, t, h, norm_weight, eps, rows, k, present, x.stride(0), h.stride(0), a.stride(0),
         a.stride(1), t.stride(0), t.stride(1), R=rank, RP=rank_pow2, S=slots, CHUNK=chunk, BM=block_m, BK=block_k,
         PRECISION=precision(x.dtype), PRO=pro, RB=norm_block or max(64, 8192 // block_m), num_warps=4)
-    return LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits, h=h)
+    return LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits, h=h,
+                      slots=present)
+
+
+def _present(m: int | None, a: Any) -> int:
+    """Slots ``1..present`` exist in ``a``: the step's slot bucket ``m``, at most the bank's capacity."""
+    return max(1, min(m if m is not None else a.shape[0], a.shape[0]))
 
 
 def expand_(out: Any, lora: LoraShrunk, residual: Any = None, block_n: int | None = None) -> Any:
@@ -123,6 +131,7 @@ def expand_(out: Any, lora: LoraShrunk, residual: Any = None, block_n: int | Non
     ``block_n``: output columns per program for few rows (default by size)."""
     from persona_router.adapters.engine.triton_ops import require_triton
 
+    ops = require_triton()
     m, n = out.shape
     if out.stride(1) != 1:
         raise ValueError("out must be row-major")
@@ -131,19 +140,33 @@ def expand_(out: Any, lora: LoraShrunk, residual: Any = None, block_n: int | Non
     res = residual if residual is not None else out
     if m <= GATHER_ROWS:  # one program per (row, column block), the whole rank in one load
         bn = block_n or (64 if m * n <= 16384 else 128)
-        require_triton().lora_expand_rows[(m, -(-n // bn))](
+        ops.lora_expand_rows[(m, -(-n // bn))](
             out, res, lora.t, lora.bt, lora.slot_ids, n, out.stride(0), res.stride(0), lora.t.stride(0),
             lora.t.stride(1), lora.bt.stride(0), lora.bt.stride(1), lora.rank, SPLITS=lora.splits,
             SP=_pow2(lora.splits), RP=lora.rank_pow2, BN=bn, HAS_RES=residual is not None, num_warps=4)
         return out
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    bn = 64 if m <= 64 else 128
-    grid = ((n + bn - 1) // bn, (m + bm - 1) // bm)
-    require_triton().lora_expand[grid](
-        out, res, lora.t, lora.bt, lora.slot_ids, m, n, out.stride(0), res.stride(0), lora.t.stride(0),
-        lora.t.stride(1), lora.bt.stride(0), lora.bt.stride(1), lora.rank, SPLITS=lora.splits, RP=lora.rank_pow2,
-        BM=bm, BN=bn, HAS_RES=residual is not None, num_warps=4)
-    return out
+    return _expand_dense(out, lora, residual)
+
+
+def _expand_dense(out: Any, lora: LoraShrunk, residual: Any) -> Any:
+    """Many rows: each row's rank-sized sums laid into its own slot's columns of a ``[M, slots x R]`` matrix
+    (zeros elsewhere, one small kernel), then one cuBLAS product with the bank's stacked ``Bt`` added in place.
+    A Triton expand that gathers each row's ``Bt`` took 27.5 us at 64 rows for N = 9216 on an H200 (shrink and
+    expand 30.9 against the shrink's 3.4, ``benchmarks/results/kernels_gpu_lora_session7_h200.json``): every row
+    re-read its adapter's ``[R, N]`` slice, where one product reads each resident slot's once."""
+    import persona_router.adapters.engine.lora_dense_triton as lora_dense_triton
+    import torch
+
+    m = out.shape[0]
+    width = lora.slots * lora.rank
+    dense = torch.empty(m, width, dtype=out.dtype, device=out.device)
+    lora_dense_triton.lora_dense_t[(m,)](
+        lora.t, lora.slot_ids, dense, lora.t.stride(0), lora.t.stride(1), dense.stride(0), R=lora.rank,
+        SPLITS=lora.splits, WIDTH=width, WP=_pow2(width), num_warps=1)
+    stacked = lora.bt[:lora.slots].reshape(width, -1)
+    if residual is not None:
+        out.add_(residual)
+    return out.addmm_(dense, stacked.to(out.dtype))
 
 
 def reference(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any) -> Any:

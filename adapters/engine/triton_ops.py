@@ -153,27 +153,6 @@ if triton is not None:
                  mask=mask_m[:, None])
 
     @triton.jit
-    def lora_expand(out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, M, N, stride_om, stride_rm, stride_ts, stride_tm,
-                    stride_bs, stride_br, R: tl.constexpr, SPLITS: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, HAS_RES: tl.constexpr):
-        """``out += LoRA [+ residual]`` in place, after a base product computed by a library kernel."""
-        rm = tl.program_id(1) * BM + tl.arange(0, BM)
-        rn = tl.program_id(0) * BN + tl.arange(0, BN)
-        mask_m = rm < M
-        mask_n = rn < N
-        rm_safe = tl.where(mask_m, rm, 0)
-        rn_safe = tl.where(mask_n, rn, 0)
-        mask = mask_m[:, None] & mask_n[None, :]
-        ptrs = out_ptr + rm_safe[:, None] * stride_om + rn_safe[None, :]
-        acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        acc = lora_epilogue(acc, rm_safe, mask_m, rn_safe, mask_n, t_ptr, bt_ptr, slot_ptr, stride_ts, stride_tm,
-                            stride_bs, stride_br, R, SPLITS, RP)
-        if HAS_RES:
-            acc += tl.load(res_ptr + rm_safe[:, None] * stride_rm + rn_safe[None, :], mask=mask,
-                           other=0.0).to(tl.float32)
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
     def lora_expand_rows(out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, N, stride_om, stride_rm, stride_ts, stride_tm,
                          stride_bs, stride_br, R: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
                          RP: tl.constexpr, BN: tl.constexpr, HAS_RES: tl.constexpr):

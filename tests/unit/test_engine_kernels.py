@@ -326,6 +326,34 @@ def test_decode_attention_matches_reference(heads: int, kv_heads: int, dim: int,
     assert torch.equal(k_cache.nan_to_num(), before.nan_to_num())  # nothing else written
 
 
+@pytest.mark.parametrize(("m", "rank", "splits", "slots"), [(20, 16, 3, 4), (70, 5, 1, 2)])
+def test_many_row_expand_adds_each_rows_own_adapter(m: int, rank: int, splits: int, slots: int) -> None:
+    """Past ``GATHER_ROWS`` rows the expand lays each row's summed partials into its own slot's columns and
+    runs one product with the stacked ``Bt``: against a plain-torch per-row product, with and without the
+    residual; rows of slot 0 get the base alone, and a NaN in a slot no row of the step holds reaches no row."""
+    from persona_router.adapters.engine import lora_kernels
+
+    n, capacity = 96, 4
+    gen = torch.Generator().manual_seed(m)
+    bt = (torch.randn(capacity, rank, n, generator=gen) * 0.1).to(_device()).to(_dtype())
+    bt[slots:] = float("nan")  # beyond the step's slot bucket: never multiplied
+    slot_ids = torch.tensor([i % (slots + 1) for i in range(m)], device=_device())
+    rank_pow2 = 1 << (rank - 1).bit_length()
+    t = torch.randn(splits, m, rank_pow2, generator=gen).to(_device())
+    shrunk = lora_kernels.LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits,
+                                     slots=slots)
+    sums = t[:, :, :rank].sum(0)
+    index = (slot_ids - 1).clamp(min=0)
+    lora = torch.einsum("mr,mrn->mn", sums, bt[index].float()) * (slot_ids > 0).unsqueeze(-1)
+    base = torch.randn(m, n, generator=gen).to(_device()).to(_dtype())
+    residual = torch.randn(m, n, generator=gen).to(_device()).to(_dtype())
+    got = lora_kernels.expand_(base.clone(), shrunk)
+    assert _rel(got, base.float() + lora) < TOL
+    got = lora_kernels.expand_(base.clone(), shrunk, residual)
+    assert _rel(got, base.float() + residual.float() + lora) < TOL
+    assert torch.equal(got[slot_ids == 0], (base + residual)[slot_ids == 0])
+
+
 def test_engine_config_bounds_lora_kernel_rows() -> None:
     from persona_router.adapters.engine.config import EngineConfig
     from persona_router.adapters.engine.lora_kernels import GATHER_ROWS
