@@ -151,9 +151,10 @@ def expand_(out: Any, lora: LoraShrunk, residual: Any = None, block_n: int | Non
 def _expand_dense(out: Any, lora: LoraShrunk, residual: Any) -> Any:
     """Many rows: each row's rank-sized sums laid into its own slot's columns of a ``[M, slots x R]`` matrix
     (zeros elsewhere, one small kernel), then one cuBLAS product with the bank's stacked ``Bt`` added in place.
-    A Triton expand that gathers each row's ``Bt`` took 27.5 us at 64 rows for N = 9216 on an H200 (shrink and
-    expand 30.9 against the shrink's 3.4, ``benchmarks/results/kernels_gpu_lora_session7_h200.json``): every row
-    re-read its adapter's ``[R, N]`` slice, where one product reads each resident slot's once."""
+    On an H200 (K = 3072, N = 9216, rank 16, graph-timed) shrink and expand take 7.6 us at 64 rows and 8.2 at 128
+    (``benchmarks/results/kernels_gpu_lora_dense_h200.json``) against 30.9 for the shrink and a Triton expand that
+    gathered each row's ``Bt`` (``kernels_gpu_lora_session7_h200.json``; the shrink alone 3.4): every row re-read
+    its adapter's ``[R, N]`` slice, where one product reads each resident slot's once."""
     import persona_router.adapters.engine.lora_dense_triton as lora_dense_triton
     import torch
 

@@ -22,6 +22,15 @@ Split K keeps every multiprocessor busy when ``N / BN`` tiles are few; the resid
 does the LoRA update of each row's own adapter where the runner's Triton shrink ran (up to
 ``lora_kernels.GATHER_ROWS`` rows), as in the GEMV.
 
+The loop software-pipelined (``MmaShape.pipe``, the words' and scales' loads in flight ahead of their decode;
+``benchmarks/results/kernels_gpu_session7_h200.json``) took 9-33% off the joined tile at 64 rows (qkv 53.4
+against 59.1 us, o 36.5 against 54.1) and up to 10% off the K-slice products at 8 rows for gate_up and down
+(39.0 against 43.2, 24.0 against 26.8; qkv and o unchanged): still 1.8-4.3x cuBLAS on a dense bf16 weight at 64
+rows, so the defaults stay. Nsight Compute (``ncu_kernels_h200_session7.csv``) puts the K-slice kernel at 8 rows
+at 11% of DRAM bandwidth while its busiest memory unit is 67% busy ("Mem Busy"; consistent with the decoded tile's
+trip through shared memory into the tensor cores' operand layout, not proven), and the joined tile at 64 rows at
+0.36 waves of programs (144 for qkv, 7% achieved occupancy).
+
 Where it stands: at 64 rows the joined tile takes 60 us for qkv (0.26 TB/s of its 4-bit bytes; o 0.13, gate_up
 0.45, down 0.25) against 17.9 us for cuBLAS on a dense bf16 weight. Not profiled yet; a likely cause is that
 the decoded tile goes through registers, so the words' loads are not pipelined ahead as a plain operand's would
