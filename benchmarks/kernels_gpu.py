@@ -312,9 +312,10 @@ def main() -> int:
             log.exception("%s failed", key)
             report[key] = {"error": f"{type(exc).__name__}: {exc}"}
         args.out.write_text(json.dumps(report, indent=1))
-    for key in ("kmajor", "kmajor_wide", "kmajor_staged"):
-        if args.write_shapes and isinstance(report.get(key), list):
-            write_shapes(args.write_shapes, report["device"], report[key])
+    gemv_sweeps = [row for key in ("kmajor", "kmajor_wide", "kmajor_staged") if isinstance(report.get(key), list)
+                   for row in report[key]]
+    if args.write_shapes and gemv_sweeps:
+        write_shapes(args.write_shapes, report["device"], gemv_sweeps)
     print(f"{report['device']}: copy {report['bandwidth']['tb_s']:.2f} TB/s")
     for key in ("mma", "mma_pipe"):
         for line in mma_summary(report[key]) if isinstance(report.get(key), list) else []:
@@ -334,9 +335,7 @@ def main() -> int:
         print(f"lut {row['shape']:8s} floor {row['floor_ms'] * 1e3:.1f} us | cublas-bf16 "
               f"{row['cublas_bf16_ms'] * 1e3:.1f} bnb {row['bnb_gemv_ms'] * 1e3:.1f} | default "
               f"{row['configs'].get('default')} | best {row.get('best')}")
-    gemv_rows = [r for key in ("kmajor", "kmajor_wide", "kmajor_staged") if isinstance(report.get(key), list)
-                 for r in report[key]]
-    for row in gemv_rows:
+    for row in gemv_sweeps:
         best = row.get("best", {})
         print(f"kmajor {row['shape']:8s} floor {row['floor_ms'] * 1e3:.1f} us | cublas-bf16 "
               f"{row['cublas_bf16_ms'] * 1e3:.1f} bnb {row['bnb_gemv_ms'] * 1e3:.1f} "

@@ -125,12 +125,17 @@ def _epilogue_case(x: Any, n: int, k: int, layouts: list[Any], gemvs: list[Any],
 
 
 def write_shapes(path: Path, device: str, rows: list[dict[str, Any]]) -> None:
-    """Merge each row's fastest shape (a ``Shape``'s fields in order) under ``device`` into ``path``."""
+    """Merge the fastest shape of each weight shape among ``rows`` (a ``Shape``'s fields in order; rows of
+    several sweeps may name one weight shape) under ``device`` into ``path``."""
     table = json.loads(path.read_text()) if path.exists() else {}
     entries = table.setdefault(device, {})
+    fastest: dict[str, dict[str, Any]] = {}
     for row in rows:
-        if "best" in row:
-            entries[f"{row['n']}x{row['k']}"] = list(ast.literal_eval(row["best"]["config"]))
+        key = f"{row['n']}x{row['k']}"
+        if "best" in row and (key not in fastest or row["best"]["ms"] < fastest[key]["ms"]):
+            fastest[key] = row["best"]
+    for key, best in fastest.items():
+        entries[key] = list(ast.literal_eval(best["config"]))
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)

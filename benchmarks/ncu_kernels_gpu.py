@@ -1,8 +1,9 @@
 """One launch of each 4-bit product kernel, for Nsight Compute's hardware counters.
 
 Run under ``ncu --profile-from-start off``: every case is launched once to compile and warm up, then once more
-between ``cudaProfilerStart`` and ``cudaProfilerStop``, so the report holds exactly one launch per case (ncu
-flushes the caches before each, so the weights come from memory as in a decode step). Cases: the K-major GEMV
+between ``cudaProfilerStart`` and ``cudaProfilerStop``, so the report holds one launch of each case's kernels
+(cuBLAS may add a split-K reduction kernel after its product; ncu flushes the caches before each, so the
+weights come from memory as in a decode step). Cases: the K-major GEMV
 (one row) at each Phi-3-mini projection's engine launch shape, the many-row kernel (``nf4_mma``) at its default
 shapes for 8, 16 and 64 rows, the decode into a dense scratch (``dequantize_t``), and cuBLAS on a dense bf16
 weight at 1 and 64 rows for comparison. The case names go to stderr in launch order.
@@ -19,7 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # after the installed package: the repo root holds a bare persona_router folder
 
 log = logging.getLogger("ncu_kernels_gpu")
 

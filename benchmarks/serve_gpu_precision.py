@@ -30,12 +30,16 @@ def engine_overrides(text: str) -> dict[str, Any]:
     pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
     if any(len(pair) != 2 for pair in pairs):
         raise SystemExit(f"--engine-config wants key=value pairs, got {text!r}")
-    types = {f.name: f.type for f in fields(EngineConfig)}
+    types = {f.name: str(f.type) for f in fields(EngineConfig)}  # annotations are strings here ("int", "str")
+    settable = sorted(name for name, kind in types.items() if kind in ("int", "str"))
     out: dict[str, Any] = {}
     for key, value in ((k.strip(), v.strip()) for k, v in pairs):
-        if key not in types:
-            raise SystemExit(f"{key!r} is no EngineConfig field; choose from {', '.join(sorted(types))}")
-        out[key] = int(value) if types[key] in ("int", int) else value
+        if key not in settable:
+            raise SystemExit(f"{key!r} is no EngineConfig field settable here; choose from {', '.join(settable)}")
+        try:
+            out[key] = int(value) if types[key] == "int" else value
+        except ValueError:
+            raise SystemExit(f"{key} wants a whole number, got {value!r}") from None
     return out
 
 

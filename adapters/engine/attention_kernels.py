@@ -31,9 +31,10 @@ class Launch:
 
 
 SPLIT_ROWS = 4  # up to this many rows the split form runs 4 warps per program; more rows, 1 warp (see launch_for)
+ONE_WARP_BLOCKS = 8  # the most 32-position blocks the 1-warp form was measured at (and whose merge fits a warp)
 
 
-def launch_for(rows: int) -> Launch:
+def launch_for(rows: int, blocks: int = ONE_WARP_BLOCKS) -> Launch:
     """The launch shape for a step of ``rows`` rows: the cache positions split over programs, 32 per program,
     merged by the last to finish (flash-decoding). On an H200 at 160 live positions of a 256-position cache
     (``benchmarks/results/kernels_gpu_session7_h200.json``, graph-timed, 36 launch shapes per row count): 1 row
@@ -41,8 +42,11 @@ def launch_for(rows: int) -> Launch:
     against 11.5 for that loop; 32 rows 29.6 against 37.0; 64 rows 53.6 against 68.6 (2.4 TB/s of live keys and
     values; SDPA over the masked cache took 65.5). With one program per (row, head) and few rows, the programs run
     their blocks one after another, each a full memory latency; splitting gives every block its own program,
-    and from 8 rows on a warp per 32-position block keeps more programs resident."""
-    return Launch(block=32, split=True) if rows <= SPLIT_ROWS else Launch(block=32, warps=1, split=True)
+    and from 8 rows on a warp per 32-position block keeps more programs resident. ``blocks``: the step's
+    32-position blocks; past ``ONE_WARP_BLOCKS`` (a cache over 256 positions, not measured) 4 warps, since the
+    last program merges one partial state per block and a single warp would hold them all in registers."""
+    one_warp = rows > SPLIT_ROWS and blocks <= ONE_WARP_BLOCKS
+    return Launch(block=32, warps=1 if one_warp else 4, split=True)
 
 
 def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, positions: Any, kv_len: int,
@@ -64,7 +68,7 @@ def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any,
     if heads % kv_heads or k_cache.stride(3) != 1 or q.stride(2) != 1 or k_new.stride(2) != 1 or v_new.stride(2) != 1:
         raise ValueError("decode_attention wants whole query groups per KV head and a contiguous head dim")
     out = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
-    shape = launch or launch_for(n)
+    shape = launch or launch_for(n, -(-kv_len // 32))
     nblk = -(-kv_len // shape.block)
     cos, sin = rotary if rotary is not None else (out, out)
     if rotary is not None and (cos.stride(1) != 1 or cos.stride(0) != cos.shape[1] or sin.stride() != cos.stride()):
@@ -76,10 +80,10 @@ def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any,
     if shape.split:
         from persona_router.adapters.engine.nf4_kernels import _SHARED
 
-        # One buffer for every step of a cache: sized for the whole cache and at least SPLIT_ROWS rows, so steps of
-        # other lengths or row counts use a prefix of it (the kernel lays states out by its own rows and splits)
-        # instead of each adding a buffer of their own for the life of the process.
-        rows_cap = max(n, SPLIT_ROWS)
+        # One buffer for every step of a cache: sized for all its rows and positions, so steps of other lengths or
+        # row counts use a prefix of it (the kernel lays states out by its own rows and splits) instead of each
+        # adding a buffer of their own for the life of the process.
+        rows_cap = max(n, int(k_cache.shape[0]))
         most_blocks = -(-int(k_cache.shape[2]) // shape.block)
         ws, counters = (workspace or _SHARED).get(q.device, heads * (dp + 2), rows_cap, most_blocks, rows_cap * heads,
                                                   tag="attention")

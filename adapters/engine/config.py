@@ -55,7 +55,7 @@ class EngineConfig:
     ``lora_kernel_rows``: with ``kernels``, steps of up to this many rows run the LoRA update as Triton kernels
     (the default, ``lora_kernels.GATHER_ROWS``: each row gathers its own adapter); wider steps use the bank's
     two products over the resident slots (one-hot masks). Above ``GATHER_ROWS`` the kernels are the
-    tensor-core shrink over the step's slots and the expand by slot (``lora_kernels.shrink``, ``expand_``);
+    tensor-core shrink over the step's slots and one cuBLAS product over their stacked ``Bt`` (``lora_kernels``);
     0 keeps every step on the bank's products. On an H200 (Phi-3-mini's shape, one serving run) 64 served fewer
     tokens/s than the default at 32 and 64 streams (64x4: 5,312 against 5,755 NF4, 5,340 against 6,041 bf16)
     although the shrink and expand alone beat the bank's products; the shrink's norm prologue, which those

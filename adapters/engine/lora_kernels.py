@@ -1,10 +1,12 @@
 """Batched multi-adapter LoRA in the style of Punica's BGMV: each row gathers its own adapter by slot.
 
-``shrink`` computes ``t[m] = scaling[slot_m] * x[m] @ A[slot_m]^T`` (rank-sized, float32) with one program
-per (row, K chunk); the expand ``y[m] += t[m] @ Bt[slot_m]`` runs in the epilogue of the base product
-(``nf4_kernels``) or, after a cuBLAS product, as ``expand_`` in place. Rows with slot 0 (no adapter) read
-no adapter weights and add exact zeros. Unlike a one-hot mask over all resident slots, the work per row is
-one adapter's, whatever the number of adapters in the batch.
+``shrink`` computes ``t[m] = scaling[slot_m] * x[m] @ A[slot_m]^T`` (rank-sized, float32); the expand
+``y[m] += t[m] @ Bt[slot_m]`` runs in the epilogue of the base product (``nf4_kernels``, ``nf4_gemv``,
+``nf4_mma``) or, after a cuBLAS product, as ``expand_`` in place. Up to ``GATHER_ROWS`` rows each program
+serves one row (and one K chunk), so the work per row is one adapter's whatever the number of adapters in the
+batch, and rows with slot 0 read no adapter weights. Past that, both halves work over the step's slots
+``1..m``: the shrink as one tensor-core product keeping each row's own columns, the expand as one cuBLAS
+product over the stacked ``Bt`` (``_expand_dense``); rows with slot 0 still add exact zeros.
 
 Storage is the ``LoraBank``'s: ``A`` is ``[capacity, R, in]``, ``Bt`` is ``[capacity, R, out]`` with slot
 ``s`` at index ``s - 1``, ``scaling`` is indexed by slot id (slot 0 scales by zero).
@@ -27,7 +29,7 @@ class LoraShrunk:
     rank_pow2: int
     splits: int
     h: Any = None  # the product's input: ``x``, or what the shrink's prologue computed from it
-    slots: int = 0  # the highest slot id the step may hold (the shrink's ``m``): the many-row expand's width
+    slots: int | None = None  # the highest slot id the step may hold (the shrink's ``m``; None: the bank's capacity)
 
 
 def _pow2(n: int) -> int:
@@ -150,7 +152,8 @@ def expand_(out: Any, lora: LoraShrunk, residual: Any = None, block_n: int | Non
 
 def _expand_dense(out: Any, lora: LoraShrunk, residual: Any) -> Any:
     """Many rows: each row's rank-sized sums laid into its own slot's columns of a ``[M, slots x R]`` matrix
-    (zeros elsewhere, one small kernel), then one cuBLAS product with the bank's stacked ``Bt`` added in place.
+    (zeros elsewhere, one small kernel; the sums rounded to ``out``'s dtype, as the bank's products round theirs),
+    then the residual and one cuBLAS product with the bank's stacked ``Bt`` added in place.
     On an H200 (K = 3072, N = 9216, rank 16, graph-timed) shrink and expand take 7.6 us at 64 rows and 8.2 at 128
     (``benchmarks/results/kernels_gpu_lora_dense_h200.json``) against 30.9 for the shrink and a Triton expand that
     gathered each row's ``Bt`` (``kernels_gpu_lora_session7_h200.json``; the shrink alone 3.4): every row re-read
@@ -159,12 +162,14 @@ def _expand_dense(out: Any, lora: LoraShrunk, residual: Any) -> Any:
     import torch
 
     m = out.shape[0]
-    width = lora.slots * lora.rank
+    slots = lora.slots or lora.bt.shape[0]
+    width = slots * lora.rank
     dense = torch.empty(m, width, dtype=out.dtype, device=out.device)
-    lora_dense_triton.lora_dense_t[(m,)](
-        lora.t, lora.slot_ids, dense, lora.t.stride(0), lora.t.stride(1), dense.stride(0), R=lora.rank,
-        SPLITS=lora.splits, WIDTH=width, WP=_pow2(width), num_warps=1)
-    stacked = lora.bt[:lora.slots].reshape(width, -1)
+    block = min(_pow2(width), 256)
+    lora_dense_triton.lora_dense_t[(m, -(-width // block))](
+        lora.t, lora.slot_ids, dense, width, lora.t.stride(0), lora.t.stride(1), dense.stride(0), R=lora.rank,
+        SPLITS=lora.splits, BW=block, num_warps=1)
+    stacked = lora.bt[:slots].reshape(width, -1)
     if residual is not None:
         out.add_(residual)
     return out.addmm_(dense, stacked.to(out.dtype))

@@ -254,12 +254,13 @@ class ModelRunner:
 
     def _linear_kernels(self, index: int, group: str, x: Any, lora: Any, residual: Any,
                         prologue: Prologue | None = None) -> Any:
-        """The kernel path. LoRA: for few rows a Triton shrink by slot (computing the product's input from ``x``
-        first when given a ``prologue``, which needs ``_triton_lora``) and an expand that also adds the
-        residual; for many rows the bank's products. Base: the fused 4-bit kernel (``nf4_mode="fused"``, LoRA
-        and residual in its epilogue; one K-major copy for every row count where it runs: ``nf4_gemv`` for one row,
-        ``nf4_mma`` for more), for one row a 4-bit GEMV (``gemv="kmajor"`` or ``"triton"``: the engine's
-        own, LoRA and residual in its epilogue; else bitsandbytes'), else cuBLAS on the dense weight."""
+        """The kernel path. LoRA: up to ``config.lora_kernel_rows`` rows a Triton shrink by slot (computing the
+        product's input from ``x`` first when given a ``prologue``, which needs ``_triton_lora``) and an expand
+        that also adds the residual; wider steps the bank's products. Base: the fused 4-bit kernel
+        (``nf4_mode="fused"``, LoRA and residual in its epilogue; one K-major copy for every row count where it
+        runs: ``nf4_gemv`` for one row, ``nf4_mma`` for more), for one row a 4-bit GEMV (``gemv="kmajor"`` or
+        ``"triton"``: the engine's own, LoRA and residual in its epilogue; else bitsandbytes'), else cuBLAS on
+        the dense weight."""
         import torch
         from persona_router.adapters.engine.lora_kernels import expand_, shrink
 

@@ -373,6 +373,29 @@ def test_decode_attention_splits_positions_at_every_row_count() -> None:
 
     assert launch_for(1) == launch_for(SPLIT_ROWS) == Launch(block=32, warps=4, split=True)
     assert launch_for(SPLIT_ROWS + 1) == launch_for(64) == Launch(block=32, warps=1, split=True)
+    assert launch_for(64, blocks=64) == Launch(block=32, warps=4, split=True)  # a long cache: 4 warps merge
+
+
+def test_decode_attention_steps_of_any_row_count_share_one_workspace() -> None:
+    """Steps of 6, 3 and 5 rows of one cache (the default launches: 1 and 4 warps) against the reference, each
+    twice; the split form's partial states all live in one buffer sized for the cache's rows."""
+    from persona_router.adapters.engine import attention_kernels
+    from persona_router.adapters.engine.nf4_kernels import Workspace
+
+    rows, heads, dim, cache_len = 6, 4, 32, 96
+    gen = torch.Generator().manual_seed(7)
+    k_cache = torch.randn(rows, heads, cache_len, dim, generator=gen).to(_device()).to(_dtype())
+    v_cache = torch.randn(rows, heads, cache_len, dim, generator=gen).to(_device()).to(_dtype())
+    workspace = Workspace()
+    for n in (6, 3, 5):
+        q, k_new, v_new = (torch.randn(n, heads, dim, generator=gen).to(_device()).to(_dtype()) for _ in range(3))
+        positions = torch.tensor([(17 * i + 5) % 90 for i in range(n)], device=_device())
+        want = attention_kernels.reference(q, k_new, v_new, k_cache.clone(), v_cache.clone(), positions)[0]
+        for _ in range(2):
+            got = attention_kernels.decode_attention(q, k_new, v_new, k_cache, v_cache, positions, kv_len=96,
+                                                     workspace=workspace)
+            assert _rel(got, want) < TOL
+    assert len([key for key in workspace._buffers if key[0] == "attention"]) == 1
 
 
 @pytest.mark.slow  # about a minute of CPU: Triton's interpreter runs every kernel program in Python
