@@ -61,6 +61,13 @@ class EngineConfig:
     although the shrink and expand alone beat the bank's products; the shrink's norm prologue, which those
     timings leave out, is the suspect (not measured).
 
+    ``prefill_graph_tokens``: with ``cuda_graphs``, prefills of at most this many tokens (prompts times their
+    padded length) replay a CUDA graph; longer ones run eagerly. On an H200 an eager prefill's launches took
+    about 76 ms of host time for 5.8 ms of kernels (one 128-token prompt, Phi-3-mini's shape), and at the
+    default a batch of 8 or 32 such prompts (1,024 or 4,096 tokens) reached its first token in about 80 ms
+    either way (``benchmarks/results/serve_gpu_split_attention_h200.json``), so a larger bound should pay; not
+    measured yet, hence the earlier default.
+
     ``kv_block`` rounds the attended cache length up (fewer graph shapes; at most that many masked positions).
     ``stop_token_ids`` end every request in addition to its own; ``None`` takes the tokenizer's and the
     generation config's end-of-sequence ids (what ``generate`` stops on).
@@ -79,6 +86,7 @@ class EngineConfig:
     kernels: str = "auto"
     gemv: str = "kmajor"
     lora_kernel_rows: int = GATHER_ROWS
+    prefill_graph_tokens: int = 512
     kv_block: int = 256
     stop_token_ids: tuple[int, ...] | None = None
 
@@ -92,6 +100,9 @@ class EngineConfig:
         if not 0 <= self.lora_kernel_rows <= self.max_batch * self.max_len:
             raise ConfigError(f"{self.lora_kernel_rows} must be between 0 and max_batch x max_len "
                               f"({self.max_batch * self.max_len})", field="lora_kernel_rows")
+        if not 0 <= self.prefill_graph_tokens <= 1 << 20:
+            raise ConfigError(f"{self.prefill_graph_tokens} must be between 0 and {1 << 20}",
+                              field="prefill_graph_tokens")
         if self.max_prefill_tokens < 1:
             raise ConfigError(f"{self.max_prefill_tokens} must be at least 1", field="max_prefill_tokens")
         if self.nf4_mode not in NF4_MODES:

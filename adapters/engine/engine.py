@@ -111,7 +111,7 @@ class BatchedEngine:
             from persona_router.adapters.engine.graphs import DecodeGraphs, PrefillGraphs
 
             decoder = DecodeGraphs(self.runner)
-            prefiller = PrefillGraphs(self.runner, decoder.pool)
+            prefiller = PrefillGraphs(self.runner, decoder.pool, max_tokens=self.config.prefill_graph_tokens)
         self.graphs = decoder
         self.prefill_graphs = prefiller
         # Told (on the worker thread) when the watchdog quarantines an adapter: (name, reason). Must not block.

@@ -77,8 +77,9 @@ class PrefillGraphs:
     A 128-token prefill launches over a thousand kernels, and eagerly the host's launch work (tens of
     milliseconds) rather than the GPU sets the time to first token. Prompts are right-padded to a power of
     two (at least 16) so few shapes exist; only prefills of at most ``max_tokens`` padded tokens are
-    captured (longer ones keep the GPU busy eagerly). The inputs live in static tensors per graph, filled by
-    one copy each before the replay. A failed capture turns prefill graphs off; prefill then runs eagerly.
+    captured (``EngineConfig.prefill_graph_tokens``; longer ones run eagerly). The inputs live in static
+    tensors per graph, filled by one copy each before the replay. A failed capture turns prefill graphs off;
+    prefill then runs eagerly.
     """
 
     def __init__(self, runner: ModelRunner, pool: Any, *, max_tokens: int = 512, max_graphs: int = 32) -> None:

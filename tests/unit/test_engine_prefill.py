@@ -39,3 +39,33 @@ def test_padded_length(longest: int, length: int) -> None:
     from persona_router.adapters.engine.graphs import padded_length
 
     assert padded_length(longest) == length
+
+
+def test_prefill_graphs_run_eagerly_past_their_token_bound() -> None:
+    """``EngineConfig.prefill_graph_tokens`` bounds what ``PrefillGraphs`` captures: a prefill of more padded
+    tokens (prompts x length) goes to the runner's eager prefill, unchanged; the config refuses negative bounds."""
+    from persona_router.adapters.engine.config import EngineConfig
+    from persona_router.adapters.engine.graphs import PrefillGraphs
+    from persona_router.core.errors import ConfigError
+
+    class EagerOnly:
+        cache_len = 256
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[list[int], int]] = []
+
+        def prefill(self, rows: list[int], prompts: list[list[int]], slots: list[int], m: int) -> str:
+            self.calls.append((rows, m))
+            return "eager"
+
+        def prefill_inputs(self, *args: object) -> None:
+            raise AssertionError("a prefill past the bound must not be prepared for a graph")
+
+    runner = EagerOnly()
+    graphs = PrefillGraphs(runner, pool=None, max_tokens=EngineConfig(prefill_graph_tokens=64).prefill_graph_tokens)
+    assert graphs([0, 1, 2], [[1] * 20, [2] * 3, [3] * 5], [0, 0, 0], 0) == "eager"  # 3 prompts x 32 > 64
+    assert runner.calls == [([0, 1, 2], 0)] and graphs.captures == 0
+    assert EngineConfig().prefill_graph_tokens == 512
+    with pytest.raises(ConfigError, match="between 0 and") as info:
+        EngineConfig(prefill_graph_tokens=-1)
+    assert info.value.field == "prefill_graph_tokens"
