@@ -22,7 +22,8 @@ log = logging.getLogger("serve_gpu")  # one logger name for the whole benchmark'
 
 def engine_overrides(text: str) -> dict[str, Any]:
     """``key=value,key=value`` as EngineConfig keyword arguments, each value converted to its field's type
-    (``int`` fields such as ``lora_kernel_rows``; the rest stay strings); an unknown key stops the run."""
+    (``int`` fields such as ``lora_kernel_rows``, or ``str``); a key that names no such field, or a number that is
+    not one, stops the run."""
     from dataclasses import fields
 
     from persona_router.adapters.engine import EngineConfig

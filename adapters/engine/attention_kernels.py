@@ -31,10 +31,11 @@ class Launch:
 
 
 SPLIT_ROWS = 4  # up to this many rows the split form runs 4 warps per program; more rows, 1 warp (see launch_for)
-ONE_WARP_BLOCKS = 8  # the most 32-position blocks the 1-warp form was measured at (and whose merge fits a warp)
+SPLIT_BLOCK = 32  # cache positions per program of the split form
+ONE_WARP_POSITIONS = 256  # the longest attended length the 1-warp form was measured at
 
 
-def launch_for(rows: int, blocks: int = ONE_WARP_BLOCKS) -> Launch:
+def launch_for(rows: int, kv_len: int = ONE_WARP_POSITIONS) -> Launch:
     """The launch shape for a step of ``rows`` rows: the cache positions split over programs, 32 per program,
     merged by the last to finish (flash-decoding). On an H200 at 160 live positions of a 256-position cache
     (``benchmarks/results/kernels_gpu_session7_h200.json``, graph-timed, 36 launch shapes per row count): 1 row
@@ -42,11 +43,11 @@ def launch_for(rows: int, blocks: int = ONE_WARP_BLOCKS) -> Launch:
     against 11.5 for that loop; 32 rows 29.6 against 37.0; 64 rows 53.6 against 68.6 (2.4 TB/s of live keys and
     values; SDPA over the masked cache took 65.5). With one program per (row, head) and few rows, the programs run
     their blocks one after another, each a full memory latency; splitting gives every block its own program,
-    and from 8 rows on a warp per 32-position block keeps more programs resident. ``blocks``: the step's
-    32-position blocks; past ``ONE_WARP_BLOCKS`` (a cache over 256 positions, not measured) 4 warps, since the
-    last program merges one partial state per block and a single warp would hold them all in registers."""
-    one_warp = rows > SPLIT_ROWS and blocks <= ONE_WARP_BLOCKS
-    return Launch(block=32, warps=1 if one_warp else 4, split=True)
+    and from 8 rows on a warp per 32-position block keeps more programs resident. ``kv_len``: the step's attended
+    length; past ``ONE_WARP_POSITIONS`` (not measured) 4 warps, since the last program merges one partial state per
+    block and a single warp would hold them all in registers."""
+    one_warp = rows > SPLIT_ROWS and kv_len <= ONE_WARP_POSITIONS
+    return Launch(block=SPLIT_BLOCK, warps=1 if one_warp else 4, split=True)
 
 
 def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any, positions: Any, kv_len: int,
@@ -68,7 +69,7 @@ def decode_attention(q: Any, k_new: Any, v_new: Any, k_cache: Any, v_cache: Any,
     if heads % kv_heads or k_cache.stride(3) != 1 or q.stride(2) != 1 or k_new.stride(2) != 1 or v_new.stride(2) != 1:
         raise ValueError("decode_attention wants whole query groups per KV head and a contiguous head dim")
     out = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
-    shape = launch or launch_for(n, -(-kv_len // 32))
+    shape = launch or launch_for(n, kv_len)
     nblk = -(-kv_len // shape.block)
     cos, sin = rotary if rotary is not None else (out, out)
     if rotary is not None and (cos.stride(1) != 1 or cos.stride(0) != cos.shape[1] or sin.stride() != cos.stride()):

@@ -57,6 +57,13 @@ if triton is not None:
         return words, scale, x0, x1, x2, x3
 
     @triton.jit
+    def _step_dot(acc, x_ptr, w_ptr, s_ptr, rn, kw, N, code_ptr, tab, EVEN_N: tl.constexpr, ASM: tl.constexpr,
+                  F16: tl.constexpr):
+        """One loop step, loads and products: ``acc`` plus words ``kw`` of the rows times their activations."""
+        words, scale, x0, x1, x2, x3 = _step(x_ptr, w_ptr, s_ptr, rn, kw, N, EVEN_N)
+        return acc + _word_dot(words, x0, x1, x2, x3, code_ptr, tab, ASM, F16) * scale
+
+    @triton.jit
     def nf4_gemv_kmajor(x_ptr, w_ptr, s_ptr, code_ptr, tab_ptr, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, ws_ptr,
                         cnt_ptr, N, K: tl.constexpr, stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br,
                         R: tl.constexpr, SPLITS: tl.constexpr, RP: tl.constexpr, HAS_RES: tl.constexpr,
@@ -93,16 +100,16 @@ if triton is not None:
                 words, scale, x0, x1, x2, x3 = nxt
         elif STAGES > 1:
             for i in tl.range(0, PER_SPLIT, BKW, num_stages=STAGES):
-                words, scale, x0, x1, x2, x3 = _step(x_ptr, w_ptr, s_ptr, rn, base + i + tl.arange(0, BKW), N, EVEN_N)
-                acc += _word_dot(words, x0, x1, x2, x3, code_ptr, tab, ASM, F16) * scale
+                acc = _step_dot(acc, x_ptr, w_ptr, s_ptr, rn, base + i + tl.arange(0, BKW), N, code_ptr, tab, EVEN_N,
+                                ASM, F16)
         elif UNROLL:  # every step's loads in one basic block: the compiler may issue them all before any arithmetic
             for i in tl.static_range(0, PER_SPLIT, BKW):
-                words, scale, x0, x1, x2, x3 = _step(x_ptr, w_ptr, s_ptr, rn, base + i + tl.arange(0, BKW), N, EVEN_N)
-                acc += _word_dot(words, x0, x1, x2, x3, code_ptr, tab, ASM, F16) * scale
+                acc = _step_dot(acc, x_ptr, w_ptr, s_ptr, rn, base + i + tl.arange(0, BKW), N, code_ptr, tab, EVEN_N,
+                                ASM, F16)
         else:
             for i in range(0, PER_SPLIT, BKW):
-                words, scale, x0, x1, x2, x3 = _step(x_ptr, w_ptr, s_ptr, rn, base + i + tl.arange(0, BKW), N, EVEN_N)
-                acc += _word_dot(words, x0, x1, x2, x3, code_ptr, tab, ASM, F16) * scale
+                acc = _step_dot(acc, x_ptr, w_ptr, s_ptr, rn, base + i + tl.arange(0, BKW), N, code_ptr, tab, EVEN_N,
+                                ASM, F16)
         finish_row(acc, rn, mask_n, pid_n, split, N, out_ptr, res_ptr, t_ptr, bt_ptr, slot_ptr, ws_ptr, cnt_ptr,
                    stride_om, stride_rm, stride_ts, stride_tm, stride_bs, stride_br, R, SPLITS, RP, HAS_RES, HAS_LORA,
                    SPLIT_K)

@@ -32,11 +32,10 @@ trip through shared memory into the tensor cores' operand layout, not proven), a
 0.36 waves of programs (144 for qkv, 7% achieved occupancy).
 
 Where it stands: at 64 rows the joined tile takes 60 us for qkv (0.26 TB/s of its 4-bit bytes; o 0.13, gate_up
-0.45, down 0.25) against 17.9 us for cuBLAS on a dense bf16 weight. Not profiled yet; a likely cause is that
-the decoded tile goes through registers, so the words' loads are not pipelined ahead as a plain operand's would
-be. From ``DEQUANTIZE_ROWS`` rows the product therefore decodes the weight into a scratch buffer (one
-projection at a time, ``dequantize_t``: about 18 us for qkv by the difference of two timings, not timed alone)
-and multiplies on cuBLAS: a transient 16-bit copy of one weight, never of the model.
+0.45, down 0.25) against 17.9 us for cuBLAS on a dense bf16 weight; pipelining its loads (above) does not close
+that. From ``DEQUANTIZE_ROWS`` rows the product therefore decodes the weight into a scratch buffer (one
+projection at a time, ``dequantize_t``: 19.1 us for qkv under Nsight Compute, writing 56.6 MB) and multiplies on
+cuBLAS: a transient 16-bit copy of one weight, never of the model.
 """
 
 from __future__ import annotations

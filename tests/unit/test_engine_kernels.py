@@ -373,7 +373,8 @@ def test_decode_attention_splits_positions_at_every_row_count() -> None:
 
     assert launch_for(1) == launch_for(SPLIT_ROWS) == Launch(block=32, warps=4, split=True)
     assert launch_for(SPLIT_ROWS + 1) == launch_for(64) == Launch(block=32, warps=1, split=True)
-    assert launch_for(64, blocks=64) == Launch(block=32, warps=4, split=True)  # a long cache: 4 warps merge
+    assert launch_for(64, kv_len=256) == Launch(block=32, warps=1, split=True)
+    assert launch_for(64, kv_len=2048) == Launch(block=32, warps=4, split=True)  # a long cache: 4 warps merge
 
 
 def test_decode_attention_steps_of_any_row_count_share_one_workspace() -> None:
