@@ -203,9 +203,13 @@ def lora_cases() -> list[dict[str, Any]]:
     return rows
 
 
+TILINGS = ((64, 8), (16, 16), (16, 32), (16, 64), (32, 32), (64, 32))  # (64, 8): the first many-row rule
+
+
 def prologue_cases() -> list[dict[str, Any]]:
     """The LoRA shrink that also computes its input (RMSNorm, gated SiLU), against the plain shrink; for the
-    norm also with the sum of squares in 64-column steps (the first version's loop: one dependent load each)."""
+    norm also with the sum of squares in 64-column steps (the first version's loop: one dependent load each).
+    Past ``GATHER_ROWS`` rows also each (rows per program, K chunks) of ``TILINGS`` with the prologue."""
     import torch
     from persona_router.adapters.engine import lora_kernels
     from persona_router.adapters.engine.kernels import gated, rms_norm
@@ -217,7 +221,7 @@ def prologue_cases() -> list[dict[str, Any]]:
         bt = torch.randn(capacity, rank, 64, device="cuda", dtype=torch.bfloat16)
         scaling = torch.full((capacity + 1,), 2.0, device="cuda", dtype=torch.bfloat16)
         weight = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
-        for m in (1, 8, 64):
+        for m in (1, 8, 16, 64, 128):
             slots = (torch.arange(m, device="cuda") % 4) + 1
             x = torch.randn(m, 2 * k if kind == "silu_mul" else k, device="cuda", dtype=torch.bfloat16)
             prologue = lora_kernels.Prologue(kind, weight if kind == "norm" else None, 1e-5)
@@ -232,6 +236,11 @@ def prologue_cases() -> list[dict[str, Any]]:
             if kind == "norm":
                 row["prologue_shrink_norm_block_64_ms"] = graph_ms([partial(
                     lora_kernels.shrink, x, a, bt, slots, scaling, 4, prologue, 64)] * 20)
+            if m > lora_kernels.GATHER_ROWS:
+                row["default_tiling"] = list(lora_kernels.tiling_for(m))
+                row["prologue_shrink_ms_by_tiling"] = {
+                    f"{bm}x{splits}": graph_ms([partial(lora_kernels.shrink, x, a, bt, slots, scaling, 4, prologue,
+                                                        None, (bm, splits))] * 20) for bm, splits in TILINGS}
             rows.append(row)
     return rows
 

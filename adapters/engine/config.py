@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from persona_router.adapters.engine.lora_kernels import GATHER_ROWS
 from persona_router.core.errors import ConfigError, choices
 
 NF4_MODES: tuple[str, ...] = ("auto", "fused", "dequantize", "kernel")
@@ -52,21 +51,22 @@ class EngineConfig:
     1.5-1.9x faster per projection than bitsandbytes' GEMV, see the README's GPU serving section). The engine's
     GEMVs add the residual and the LoRA update in their epilogue, so the expand is no separate kernel.
 
-    ``lora_kernel_rows``: with ``kernels``, steps of up to this many rows run the LoRA update as Triton kernels
-    (the default, ``lora_kernels.GATHER_ROWS``: each row gathers its own adapter); wider steps use the bank's
-    two products over the resident slots (one-hot masks). Above ``GATHER_ROWS`` the kernels are the
-    tensor-core shrink over the step's slots and one cuBLAS product over their stacked ``Bt`` (``lora_kernels``);
-    0 keeps every step on the bank's products. On an H200 (Phi-3-mini's shape, one serving run) 64 served fewer
-    tokens/s than the default at 32 and 64 streams (64x4: 5,312 against 5,755 NF4, 5,340 against 6,041 bf16)
-    although the shrink and expand alone beat the bank's products; the shrink's norm prologue, which those
-    timings leave out, is the suspect (not measured).
+    ``lora_kernel_rows``: with ``kernels``, steps of up to this many rows run the LoRA update as Triton kernels;
+    wider steps use the bank's two products over the resident slots (one-hot masks); 0 keeps every step on the
+    bank's products. Up to ``lora_kernels.GATHER_ROWS`` rows each row gathers its own adapter; above, the kernels
+    are the tensor-core shrink over the step's slots (which also computes the norm or the gated activation) and
+    one cuBLAS product over their stacked ``Bt`` (``lora_kernels``). The default, 64, covers every decode step
+    up to 64 rows; prefills of more tokens keep the bank's products (not measured on the kernels). On an H200
+    (Phi-3-mini's shape, NF4, one serving run, ``benchmarks/results/serve_gpu_lora_rows_prefill_h200.json``) it
+    served 64 streams over 4 adapters at 7,028 tok/s against 6,041 with 8, once the shrink's tiles were narrowed
+    (``lora_kernels.tiling_for``); with the first tiling it had served fewer tokens/s than 8.
 
     ``prefill_graph_tokens``: with ``cuda_graphs``, prefills of at most this many tokens (prompts times their
-    padded length) replay a CUDA graph; longer ones run eagerly. On an H200 an eager prefill's launches took
-    about 76 ms of host time for 5.8 ms of kernels (one 128-token prompt, Phi-3-mini's shape), and at the
-    default a batch of 8 or 32 such prompts (1,024 or 4,096 tokens) reached its first token in about 80 ms
-    either way (``benchmarks/results/serve_gpu_split_attention_h200.json``), so a larger bound should pay; not
-    measured yet, hence the earlier default.
+    padded length) replay a CUDA graph, one capture per (prompts, padded length, slot bucket), each about three
+    eager prefills' time the first time it is seen; longer ones run eagerly. An eager prefill's launches take
+    tens of milliseconds of host time (76 ms for one 128-token prompt of Phi-3-mini's shape on an H200, for
+    5.8 ms of kernels). In the run above the default, 4096, brought 8 prompts' first token from 48-57 ms to
+    25 ms against 512; 32 prompts (4,096 tokens) took about 80 ms either way, their kernels' time.
 
     ``kv_block`` rounds the attended cache length up (fewer graph shapes; at most that many masked positions).
     ``stop_token_ids`` end every request in addition to its own; ``None`` takes the tokenizer's and the
@@ -85,8 +85,8 @@ class EngineConfig:
     compile: str = "auto"
     kernels: str = "auto"
     gemv: str = "kmajor"
-    lora_kernel_rows: int = GATHER_ROWS
-    prefill_graph_tokens: int = 512
+    lora_kernel_rows: int = 64
+    prefill_graph_tokens: int = 4096
     kv_block: int = 256
     stop_token_ids: tuple[int, ...] | None = None
 
@@ -97,9 +97,8 @@ class EngineConfig:
         _positive(self.max_adapters, "max_adapters", upper=1024)
         _positive(self.max_rank, "max_rank", upper=1024)
         _positive(self.kv_block, "kv_block", upper=1 << 20)
-        if not 0 <= self.lora_kernel_rows <= self.max_batch * self.max_len:
-            raise ConfigError(f"{self.lora_kernel_rows} must be between 0 and max_batch x max_len "
-                              f"({self.max_batch * self.max_len})", field="lora_kernel_rows")
+        if not 0 <= self.lora_kernel_rows <= 1 << 20:
+            raise ConfigError(f"{self.lora_kernel_rows} must be between 0 and {1 << 20}", field="lora_kernel_rows")
         if not 0 <= self.prefill_graph_tokens <= 1 << 20:
             raise ConfigError(f"{self.prefill_graph_tokens} must be between 0 and {1 << 20}",
                               field="prefill_graph_tokens")

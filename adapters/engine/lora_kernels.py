@@ -42,10 +42,16 @@ def _pow2(n: int) -> int:
 GATHER_ROWS = 8  # up to this many rows each row gathers its own A (BGMV); more share one tensor-core product
 
 
-def splits_for(rows: int) -> int:
-    """K chunks per row for many rows (the tensor-core shrink): fewer for long prefills."""
-    blocks = -(-rows // 64)
-    return max(1, min(8, 64 // blocks))
+def tiling_for(rows: int) -> tuple[int, int]:
+    """(rows per program, K chunks) of the many-row (tensor-core) shrink: 16-row tiles up to 128 rows, 64 beyond
+    (long prefills), and enough K chunks for about 128 programs, at most 32. Every program that computes the
+    norm prologue reads its rows in full for their sum of squares, and one that computes the gated activation
+    reads two inputs per column: many narrow programs spread that work. On an H200 at 16-64 rows (Phi-3-mini's
+    K, graph-timed, ``benchmarks/results/kernels_gpu_prologue_h200.json``) 16 x 32 ran the norm shrink in 7.0 us
+    and the gated one in 8.3, against 15.3-16.1 and 47.2-47.6 for the first rule's 64 x 8."""
+    block_m = 16 if rows <= 128 else 64
+    blocks = -(-rows // block_m)
+    return block_m, max(1, min(32, -(-128 // blocks)))
 
 
 def gather_chunk(k: int) -> int:
@@ -70,14 +76,16 @@ class Prologue:
 
 
 def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any, m: int | None = None,
-           prologue: Prologue | None = None, norm_block: int | None = None) -> LoraShrunk:
+           prologue: Prologue | None = None, norm_block: int | None = None,
+           tiling: tuple[int, int] | None = None) -> LoraShrunk:
     """Per-row down-projection ``h[m] @ A[slot_m]^T * scaling[slot_m]`` for ``x`` [M, K], where ``h`` is ``x``
     or, with a ``prologue``, its norm or gated activation (returned as ``LoraShrunk.h``).
 
     ``m`` is the highest slot id present (the step's slot bucket; default: the bank's capacity): many rows
     are multiplied by the A of slots ``1..m`` at once and keep their own slot's columns. ``norm_block``: columns
     per step of the norm's sum of squares (default: the whole row in one step for few rows; one dependent
-    load per step, so narrow steps make a long chain of memory latencies)."""
+    load per step, so narrow steps make a long chain of memory latencies). ``tiling``: (rows per program, K chunks)
+    for more than ``GATHER_ROWS`` rows (default ``tiling_for``; rows per program 16, 32 or 64)."""
     import torch
     from persona_router.adapters.engine.nf4_kernels import precision
     from persona_router.adapters.engine.triton_ops import require_triton
@@ -106,7 +114,9 @@ def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any, m: int | None =
             RB=norm_block or _pow2(k), num_warps=4)
         return LoraShrunk(t=t, bt=bt, slot_ids=slot_ids, rank=rank, rank_pow2=rank_pow2, splits=splits, h=h,
                           slots=_present(m, a))
-    splits = splits_for(rows)
+    block_m, splits = tiling or tiling_for(rows)
+    if block_m not in (16, 32, 64) or splits < 1:
+        raise ValueError(f"tiling must be (16, 32 or 64 rows, at least 1 chunk), got {tiling}")
     block_k = 64
     per_split = -(-k // splits)
     chunk = -(-per_split // block_k) * block_k
@@ -114,7 +124,6 @@ def shrink(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any, m: int | None =
     slots = _pow2(present)
     rank_pow2 = max(16, _pow2(rank))  # a tensor-core tile is at least 16 wide
     t = torch.empty(splits, rows, rank_pow2, dtype=torch.float32, device=x.device)
-    block_m = 64 if rows > 32 else 32 if rows > 16 else 16
     ops.lora_shrink_dot[(-(-rows // block_m), splits)](
         x, a, slot_ids, scaling, t, h, norm_weight, eps, rows, k, present, x.stride(0), h.stride(0), a.stride(0),
         a.stride(1), t.stride(0), t.stride(1), R=rank, RP=rank_pow2, S=slots, CHUNK=chunk, BM=block_m, BK=block_k,

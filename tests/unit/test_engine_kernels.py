@@ -259,6 +259,34 @@ def test_lora_shrink_prologue(m: int, kind: str | None, slots_present: int) -> N
     assert _rel(lora_kernels.expand_(base.clone(), shrunk), want) < TOL
 
 
+@pytest.mark.parametrize("tiling", [(16, 16), (16, 3), (32, 8), (64, 1), (64, 8)])
+@pytest.mark.parametrize("kind", ["norm", "silu_mul"])
+def test_lora_shrink_tilings_agree(tiling: tuple[int, int], kind: str) -> None:
+    """Every (rows per program, K chunks) of the many-row shrink gives the default tiling's result: rows that
+    straddle a tile, chunks that do not divide K (the last one partly or wholly past it)."""
+    k, n, capacity, rank, m = 320, 96, 4, 16, 37
+    a, bt, scaling = _bank(capacity, rank, k, n)
+    slots = torch.tensor([(i * 3) % (capacity + 1) for i in range(m)], device=_device())
+    gen = torch.Generator().manual_seed(5)
+    weight = (torch.rand(k, generator=gen) + 0.5).to(_device()).to(_dtype())
+    x = torch.randn(m, 2 * k if kind == "silu_mul" else k, generator=gen).to(_device()).to(_dtype())
+    prologue = lora_kernels.Prologue(kind, weight if kind == "norm" else None, 1e-5)
+    want = lora_kernels.shrink(x, a, bt, slots, scaling, m=capacity, prologue=prologue)
+    got = lora_kernels.shrink(x, a, bt, slots, scaling, m=capacity, prologue=prologue, tiling=tiling)
+    assert got.splits == tiling[1]
+    assert _rel(got.h, want.h) < TOL  # the norm's sum of squares may run in other steps
+    base = torch.randn(m, n, generator=gen).to(_device()).to(_dtype())
+    assert _rel(lora_kernels.expand_(base.clone(), got), lora_kernels.expand_(base.clone(), want).float()) < TOL
+
+
+def test_lora_shrink_rejects_bad_tiling() -> None:
+    a, bt, scaling = _bank(2, 16, 64, 32)
+    x = torch.randn(12, 64, device=_device()).to(_dtype())
+    slots = torch.ones(12, dtype=torch.int64, device=_device())
+    with pytest.raises(ValueError, match="tiling"):
+        lora_kernels.shrink(x, a, bt, slots, scaling, tiling=(8, 4))
+
+
 @pytest.mark.parametrize(("m", "split"), [(1, 1), (1, 2), (6, 1), (6, 2), (33, 1)])
 def test_nf4_matmul_with_lora_and_residual(m: int, split: int) -> None:
     k, n, capacity, rank = 256, 80, 3, 16
@@ -355,15 +383,29 @@ def test_many_row_expand_adds_each_rows_own_adapter(m: int, rank: int, splits: i
 
 
 def test_engine_config_bounds_lora_kernel_rows() -> None:
+    """The default covers decode steps of up to 64 rows; the bound does not depend on the cache's size (a
+    small engine keeps the default)."""
     from persona_router.adapters.engine.config import EngineConfig
-    from persona_router.adapters.engine.lora_kernels import GATHER_ROWS
     from persona_router.core.errors import ConfigError
 
-    assert EngineConfig().lora_kernel_rows == GATHER_ROWS
+    assert EngineConfig().lora_kernel_rows == 64
+    assert EngineConfig(max_batch=1, max_len=16).lora_kernel_rows == 64
     assert EngineConfig(lora_kernel_rows=0).lora_kernel_rows == 0
-    with pytest.raises(ConfigError, match="between 0 and") as info:
-        EngineConfig(lora_kernel_rows=-1)
-    assert info.value.field == "lora_kernel_rows"
+    for bad in (-1, (1 << 20) + 1):
+        with pytest.raises(ConfigError, match="between 0 and") as info:
+            EngineConfig(lora_kernel_rows=bad)
+        assert info.value.field == "lora_kernel_rows"
+
+
+def test_lora_shrink_tiling_rule() -> None:
+    """16-row tiles up to 128 rows with enough K chunks for about 128 programs (at most 32), 64-row tiles for
+    long prefills with fewer chunks."""
+    assert lora_kernels.tiling_for(9) == (16, 32)
+    assert lora_kernels.tiling_for(64) == (16, 32)
+    assert lora_kernels.tiling_for(128) == (16, 16)
+    assert lora_kernels.tiling_for(129) == (64, 32)
+    assert lora_kernels.tiling_for(4096) == (64, 2)
+    assert lora_kernels.tiling_for(1 << 16) == (64, 1)
 
 
 def test_decode_attention_splits_positions_at_every_row_count() -> None:

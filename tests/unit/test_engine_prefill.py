@@ -65,7 +65,7 @@ def test_prefill_graphs_run_eagerly_past_their_token_bound() -> None:
     graphs = PrefillGraphs(runner, pool=None, max_tokens=EngineConfig(prefill_graph_tokens=64).prefill_graph_tokens)
     assert graphs([0, 1, 2], [[1] * 20, [2] * 3, [3] * 5], [0, 0, 0], 0) == "eager"  # 3 prompts x 32 > 64
     assert runner.calls == [([0, 1, 2], 0)] and graphs.captures == 0
-    assert EngineConfig().prefill_graph_tokens == 512
+    assert EngineConfig().prefill_graph_tokens == 4096
     with pytest.raises(ConfigError, match="between 0 and") as info:
         EngineConfig(prefill_graph_tokens=-1)
     assert info.value.field == "prefill_graph_tokens"
