@@ -186,7 +186,7 @@ def lora_cases() -> list[dict[str, Any]]:
     a = torch.randn(capacity, rank, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
     bt = torch.randn(capacity, rank, n, device="cuda", dtype=torch.bfloat16) * 0.02
     scaling = torch.full((capacity + 1,), 2.0, device="cuda", dtype=torch.bfloat16)
-    for m in (1, 8, 64, 128):
+    for m in (1, 8, 16, 64, 128):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         slots = (torch.arange(m, device="cuda") % 4) + 1
         out = torch.zeros(m, n, device="cuda", dtype=torch.bfloat16)
@@ -200,6 +200,12 @@ def lora_cases() -> list[dict[str, Any]]:
             shrunk = lora_kernels.shrink(x, a, bt, slots, scaling, m=4)
             rows[-1]["expand_ms_by_block_n"] = {
                 bn: graph_ms([partial(lora_kernels.expand_, out, shrunk, None, bn)] * 20) for bn in (32, 64, 128, 256)}
+        else:  # the many-row expand alone: the Triton product against the cuBLAS form it replaced
+            shrunk = lora_kernels.shrink(x, a, bt, slots, scaling, m=4)
+            rows[-1]["library_rel_diff"] = rel(lora_kernels._expand_dense(out.clone(), shrunk, None),
+                                               lora_kernels._expand_dense(out.clone(), shrunk, None, library=True))
+            for key, library in (("expand_ms", False), ("expand_library_ms", True)):
+                rows[-1][key] = graph_ms([partial(lora_kernels._expand_dense, out, shrunk, None, library)] * 20)
     return rows
 
 
