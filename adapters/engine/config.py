@@ -55,11 +55,12 @@ class EngineConfig:
     wider steps use the bank's two products over the resident slots (one-hot masks); 0 keeps every step on the
     bank's products. Up to ``lora_kernels.GATHER_ROWS`` rows each row gathers its own adapter; above, the kernels
     are the tensor-core shrink over the step's slots (which also computes the norm or the gated activation) and
-    one cuBLAS product over their stacked ``Bt`` (``lora_kernels``). The default, 64, covers every decode step
+    one product over their stacked ``Bt`` (``lora_kernels._expand_dense``). The default, 64, covers every decode step
     up to 64 rows; prefills of more tokens keep the bank's products (not measured on the kernels). On an H200
     (Phi-3-mini's shape, NF4, one serving run, ``benchmarks/results/serve_gpu_lora_rows_prefill_h200.json``) it
     served 64 streams over 4 adapters at 7,028 tok/s against 6,041 with 8, once the shrink's tiles were narrowed
-    (``lora_kernels.tiling_for``); with the first tiling it had served fewer tokens/s than 8.
+    (16 x 16 then; ``lora_kernels.tiling_for`` now gives 16 x 32); with the first tiling it had served fewer
+    tokens/s than 8.
 
     ``prefill_graph_tokens``: with ``cuda_graphs``, prefills of at most this many tokens (prompts times their
     padded length) replay a CUDA graph, one capture per (prompts, padded length, slot bucket), each about three
@@ -97,11 +98,8 @@ class EngineConfig:
         _positive(self.max_adapters, "max_adapters", upper=1024)
         _positive(self.max_rank, "max_rank", upper=1024)
         _positive(self.kv_block, "kv_block", upper=1 << 20)
-        if not 0 <= self.lora_kernel_rows <= 1 << 20:
-            raise ConfigError(f"{self.lora_kernel_rows} must be between 0 and {1 << 20}", field="lora_kernel_rows")
-        if not 0 <= self.prefill_graph_tokens <= 1 << 20:
-            raise ConfigError(f"{self.prefill_graph_tokens} must be between 0 and {1 << 20}",
-                              field="prefill_graph_tokens")
+        _between(self.lora_kernel_rows, "lora_kernel_rows", 0, 1 << 20)
+        _between(self.prefill_graph_tokens, "prefill_graph_tokens", 0, 1 << 20)
         if self.max_prefill_tokens < 1:
             raise ConfigError(f"{self.max_prefill_tokens} must be at least 1", field="max_prefill_tokens")
         if self.nf4_mode not in NF4_MODES:
@@ -117,5 +115,9 @@ class EngineConfig:
 
 
 def _positive(value: int, name: str, *, upper: int) -> None:
-    if not 1 <= value <= upper:
-        raise ConfigError(f"{value} must be between 1 and {upper}", field=name)
+    _between(value, name, 1, upper)
+
+
+def _between(value: int, name: str, lower: int, upper: int) -> None:
+    if not lower <= value <= upper:
+        raise ConfigError(f"{value} must be between {lower} and {upper}", field=name)
