@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after the installed package: the repo root holds a bare persona_router folder
 
-from benchmarks.kernels_gpu_kmajor import kmajor_cases, write_shapes  # noqa: E402
+from benchmarks.kernels_gpu_kmajor import cuda_cases, kmajor_cases, write_shapes  # noqa: E402
 from benchmarks.kernels_gpu_mma import ROWS as MMA_ROWS  # noqa: E402
 from benchmarks.kernels_gpu_mma import mma_cases  # noqa: E402
 from benchmarks.kernels_gpu_mma import summary as mma_summary  # noqa: E402
@@ -317,7 +317,7 @@ def main() -> int:
     sections = {"attention": lambda: attention_cases(bandwidth), "lora": lora_cases, "prologue": prologue_cases,
                 "nf4": lambda: nf4_cases(bandwidth), "lut": lambda: lut_cases(bandwidth),
                 "kmajor": lambda: kmajor_cases(bandwidth), "kmajor_wide": lambda: kmajor_cases(bandwidth, "wide"),
-                "kmajor_staged": lambda: kmajor_cases(bandwidth, "staged"),
+                "kmajor_staged": lambda: kmajor_cases(bandwidth, "staged"), "cuda": lambda: cuda_cases(bandwidth),
                 "mma": lambda: mma_cases(bandwidth, mma_rows),
                 "mma_pipe": lambda: mma_cases(bandwidth, mma_rows, pipe_only=True)}
     for key in args.only.split(","):
@@ -361,6 +361,13 @@ def main() -> int:
         print("kmajor", report["kmajor"])
     if isinstance(report.get("lut"), dict):
         print("lut", report["lut"])
+    for row in report.get("cuda", []) if isinstance(report.get("cuda"), list) else []:
+        best = row.get("best") or {}
+        print(f"cuda {row['shape']:8s} floor {row['floor_ms'] * 1e3:.1f} us | triton {row['triton_shape']} "
+              f"{row['triton'].get('ms', float('nan')) * 1e3:.1f} us | cuda best {best.get('config')} "
+              f"{best.get('ms', float('nan')) * 1e3:.1f} us {best.get('tb_s', 0):.2f} TB/s | epilogue cuda "
+              f"{row['cuda_epilogue'].get('ms', float('nan')) * 1e3:.1f} triton "
+              f"{row['triton_epilogue'].get('ms', float('nan')) * 1e3:.1f} us")
     for section in ("lora", "prologue", "attention"):
         print(section, json.dumps(report.get(section)))
     return 0

@@ -8,7 +8,7 @@ from persona_router.core.errors import ConfigError, choices
 
 NF4_MODES: tuple[str, ...] = ("auto", "fused", "dequantize", "kernel")
 SWITCHES: tuple[str, ...] = ("auto", "on", "off")
-GEMVS: tuple[str, ...] = ("bitsandbytes", "triton", "kmajor")
+GEMVS: tuple[str, ...] = ("bitsandbytes", "triton", "kmajor", "cuda")
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,10 @@ class EngineConfig:
     GEMV), ``triton`` (the engine's row-major ``nf4_kernels.nf4_gemv`` with the code table in registers,
     ``nf4_lut``) or ``kmajor`` (the default; ``nf4_gemv``: a K-major copy of each 4-bit weight, made at load,
     read by the engine's own GEMV; half a byte per weight more memory, 1.8 GB for Phi-3-mini; on an H200
-    1.5-1.9x faster per projection than bitsandbytes' GEMV, see the README's GPU serving section). The engine's
-    GEMVs add the residual and the LoRA update in their epilogue, so the expand is no separate kernel.
+    1.5-1.9x faster per projection than bitsandbytes' GEMV, see the README's GPU serving section) or ``cuda``
+    (the same copy read by a CUDA C++ kernel compiled at start with NVRTC, ``nf4_gemv_cuda``; also the one-row
+    kernel of ``nf4_mode="fused"``). The engine's GEMVs add the residual and the LoRA update in their epilogue,
+    so the expand is no separate kernel.
 
     ``lora_kernel_rows``: with ``kernels``, steps of up to this many rows run the LoRA update as Triton kernels;
     wider steps use the bank's two products over the resident slots (one-hot masks); 0 keeps every step on the

@@ -59,20 +59,25 @@ class KMajor:
     f16: bool  # float16 activations (else bfloat16)
     shape: Shape | None = None  # the launch shape, chosen at load for this GPU (None: default_shape's)
     unpack_asm: str = ""  # the lookup alone (nf4_dot_asm.unpack_ptx), for the many-row product (nf4_mma)
+    kernel: str = "triton"  # the one-row kernel: "triton" (gemv_triton) or "cuda" (nf4_gemv_cuda, gemv="cuda")
 
     @property
     def nbytes(self) -> int:
         return self.words.numel() * 4 + self.scales.numel() * 4
 
 
-def kmajor(packed: Any, absmax: Any, code: Any, n: int, k: int, dtype: Any) -> KMajor | None:
+def kmajor(packed: Any, absmax: Any, code: Any, n: int, k: int, dtype: Any, kernel: str = "triton"
+           ) -> KMajor | None:
     """The K-major copy of a bitsandbytes 4-bit weight (``packed``: ``N * K / 2`` bytes in its order, ``absmax``:
     one float32 scale per 64 elements, already decoded from double quantisation), for activations of ``dtype``
-    (bfloat16 or float16); None when K is not a multiple of 64."""
+    (bfloat16 or float16), read at one row by ``kernel`` ("triton" or "cuda"); None when K is not a multiple
+    of 64 (or, for "cuda", N not a multiple of 4)."""
     import persona_router.adapters.engine.nf4_dot_asm as nf4_dot_asm
     import torch
 
-    if k % QBLOCK or packed.numel() * 2 != n * k or absmax.numel() * QBLOCK != n * k:
+    if kernel not in ("triton", "cuda"):
+        raise ValueError(f"kernel must be 'triton' or 'cuda', got {kernel!r}")
+    if k % QBLOCK or packed.numel() * 2 != n * k or absmax.numel() * QBLOCK != n * k or (kernel == "cuda" and n % 4):
         return None
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the 4-bit GEMV takes bfloat16 or float16 activations, not {dtype}")
@@ -86,7 +91,8 @@ def kmajor(packed: Any, absmax: Any, code: Any, n: int, k: int, dtype: Any) -> K
     device = words.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return KMajor(words=words, scales=scales, code=code.float().to(device).contiguous(), table=table, n=n,
-                  k=k, asm=asm, f16=kind == "f16", shape=measured_shape(name, n, k), unpack_asm=unpack_asm)
+                  k=k, asm=asm, f16=kind == "f16", shape=measured_shape(name, n, k), unpack_asm=unpack_asm,
+                  kernel=kernel)
 
 
 def _interpreting() -> bool:
@@ -179,8 +185,14 @@ def default_shape(n: int, k: int) -> Shape:
 def gemv(x: Any, w: KMajor, *, residual: Any = None, lora: Any = None, shape: Shape | None = None,
          workspace: Any = None) -> Any:
     """``[residual +] x W^T [+ LoRA(x)]`` for one row ``x`` ([1, K]); ``lora`` is a ``LoraShrunk``
-    (``lora_kernels``), added with ``residual`` in the kernel's epilogue."""
+    (``lora_kernels``), added with ``residual`` in the kernel's epilogue. A copy made for the CUDA kernel runs
+    it (``nf4_gemv_cuda``; ``shape`` then is its ``CudaShape`` or None)."""
     import torch
+
+    if w.kernel == "cuda":
+        from persona_router.adapters.engine.nf4_gemv_cuda import gemv_cuda
+
+        return gemv_cuda(x, w, residual=residual, lora=lora, shape=shape, workspace=workspace)  # type: ignore[arg-type]
     from persona_router.adapters.engine.nf4_kernels import _SHARED
     from persona_router.adapters.engine.triton_ops import require_triton
 

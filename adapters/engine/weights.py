@@ -179,7 +179,7 @@ def _group(layer: Any, paths: tuple[str, ...], *, nf4_mode: str, dtype: Any, gem
     if all(quantized) and nf4_mode == "fused":
         from persona_router.adapters.engine.nf4_kernels import nf4_weight
 
-        group.kmajor = _kmajor_group(modules, dtype)
+        group.kmajor = _kmajor_group(modules, dtype, kernel=_one_row_kernel(gemv))
         group.nf4 = None if group.kmajor is not None else nf4_weight(modules)
         if group.kmajor is not None or group.nf4 is not None:
             biases = [module.bias for module in modules]
@@ -224,12 +224,12 @@ class Gemv4bit:
         state = module.weight.quant_state
         gemv = cls(packed=module.weight.data, shape=(int(state.shape[0]), int(state.shape[1])),
                    absmax=_decoded_absmax(state), code=state.code, blocksize=int(state.blocksize))
-        if kernel == "kmajor":
+        if kernel in ("kmajor", "cuda"):
             from persona_router.adapters.engine.nf4_gemv import kmajor
 
             n, k = gemv.shape
             if gemv.blocksize == 64 and _kmajor_runs(dtype, gemv.packed.device):
-                gemv.kmajor = kmajor(gemv.packed, gemv.absmax, gemv.code, n, k, dtype)
+                gemv.kmajor = kmajor(gemv.packed, gemv.absmax, gemv.code, n, k, dtype, kernel=_one_row_kernel(kernel))
             if gemv.kmajor is None:
                 log.warning("4-bit weight %s x %s (block %d, %s): no K-major GEMV for it; using bitsandbytes' GEMV",
                             n, k, gemv.blocksize, dtype)
@@ -294,10 +294,21 @@ def _dense_weight(module: Any, dtype: Any) -> Any:
     return bnbf.dequantize_4bit(module.weight.data, state).to(dtype)
 
 
-def _kmajor_group(modules: list[Any], dtype: Any) -> Any:
+def _one_row_kernel(gemv: str | None) -> str:
+    """Which kernel reads a K-major copy at one row: the CUDA C++ one for ``gemv="cuda"`` (ConfigError, naming
+    what to install, where NVRTC is missing), else the Triton one."""
+    if gemv != "cuda":
+        return "triton"
+    from persona_router.adapters.engine.cuda_rtc import nvrtc
+
+    nvrtc()
+    return "cuda"
+
+
+def _kmajor_group(modules: list[Any], dtype: Any, kernel: str = "triton") -> Any:
     """One K-major copy of the modules' 4-bit weights stacked along N (``nf4_gemv.KMajor``), read by the one-row
-    GEMV and the many-row product alike; None where they cannot read it (block size, K, dtype, GPU), and the
-    fused mode then keeps the row-major kernels (``nf4_kernels``)."""
+    GEMV (``kernel``) and the many-row product alike; None where they cannot read it (block size, K, dtype, GPU),
+    and the fused mode then keeps the row-major kernels (``nf4_kernels``)."""
     import torch
     from persona_router.adapters.engine.nf4_gemv import kmajor
 
@@ -312,7 +323,7 @@ def _kmajor_group(modules: list[Any], dtype: Any) -> Any:
     n = sum(int(s.shape[0]) for s in states)
     absmax = torch.cat([_decoded_absmax(s) for s in states])
     packed = torch.cat([module.weight.data.reshape(-1) for module in modules])
-    return kmajor(packed, absmax, states[0].code, n, k, dtype)
+    return kmajor(packed, absmax, states[0].code, n, k, dtype, kernel=kernel)
 
 
 def _decoded_absmax(state: Any) -> Any:

@@ -174,6 +174,7 @@ def test_fp32_adapter_swap_during_graph_replay(cuda_required: None, tiny_model_d
     ("nf4", "fused", "on", "bitsandbytes", 8), ("nf4", "fused", "off", "bitsandbytes", 8),
     ("nf4", "dequantize", "on", "bitsandbytes", 8),
     ("nf4", "dequantize", "on", "triton", 8), ("nf4", "dequantize", "on", "kmajor", 8),
+    ("nf4", "dequantize", "on", "cuda", 8), ("nf4", "fused", "on", "cuda", 8),
     ("nf4", "dequantize", "off", "bitsandbytes", 8),
     ("nf4", "kernel", "off", "bitsandbytes", 8),
     # every step's LoRA on the Triton kernels, the prefills' many rows too (the tensor-core shrink)
@@ -197,9 +198,13 @@ def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_d
         groups = [group for layer in engine.runner.w.layers for group in layer.groups.values()]
         assert all((group.kmajor is not None) == (group.in_features % 128 == 0) for group in groups)
         assert any(group.kmajor is not None for group in groups)
-    if gemv == "kmajor":  # every 4-bit group of the tiny model has a K-major copy
+    if gemv in ("kmajor", "cuda") and nf4_mode == "dequantize":  # every 4-bit group has a K-major copy
         assert all(group.gemv is not None and group.gemv.kmajor is not None
+                   and group.gemv.kmajor.kernel == ("cuda" if gemv == "cuda" else "triton")
                    for layer in engine.runner.w.layers for group in layer.groups.values())
+    if gemv == "cuda" and nf4_mode == "fused":  # the one-row kernel of the shared K-major copies
+        assert all(group.kmajor.kernel == "cuda" for layer in engine.runner.w.layers
+                   for group in layer.groups.values() if group.kmajor is not None)
     for prompt in prompts(tokenizer)[:2]:
         for adapter in (None, *ADAPTER_SPECS):
             continuation = _greedy(peft_model, prompt, adapter, NEW_TOKENS)

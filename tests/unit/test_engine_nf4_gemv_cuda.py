@@ -1,0 +1,186 @@
+"""The CUDA C++ one-row NF4 product (``nf4_gemv_cuda``, ``gemv="cuda"``) and its run-time compiler (``cuda_rtc``).
+
+On CPU: the kernel's source, for every epilogue and both 16-bit types, compiles with NVRTC for Hopper (the
+``nvidia-cuda-nvrtc`` wheel of the dev extra; no GPU needed) and carries the decode PTX that
+``test_engine_nf4_gemv.py`` executes in Python; launch-shape rules and refusals. On CUDA (``gpu``): the kernel
+against the plain-PyTorch float32 reference at odd shapes (N not a multiple of 128, K a multiple of 64 but not
+of 512, uneven split-K slices, warps with nothing to do), with the residual and LoRA in its epilogue, in float16,
+and replayed from a CUDA graph (split-K counters back at zero after every launch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from persona_router.adapters.engine import cuda_rtc, nf4_dot_asm
+from persona_router.adapters.engine.nf4_gemv_cuda import KERNEL, CudaShape, default_shape, dot_asm, source
+from persona_router.core.errors import ConfigError
+
+from tests.unit.test_engine_nf4_gemv import NF4
+
+needs_nvrtc = pytest.mark.skipif(not cuda_rtc.available(),
+                                 reason=f"no NVRTC library to compile with: {cuda_rtc.INSTALL_HINT}")
+
+
+def test_dot_asm_takes_cuda_operands() -> None:
+    text = dot_asm(nf4_dot_asm.ptx(NF4, "bf16", "bnb"))
+    for operand in range(10):
+        assert f"%{operand}," in text or f"%{operand};" in text or f"%{operand}\\n" in text
+    assert "$" not in text and "%%q_" in text and "%q_" not in text.replace("%%q_", "")
+    assert text.count("fma.rn.bf16x2") == 4
+
+
+def test_shape_rules() -> None:
+    assert default_shape(9216, 3072) == CudaShape(warps=8, split_k=6)
+    assert default_shape(3072, 8192) == CudaShape(warps=8, split_k=16)
+    assert default_shape(148, 320) == CudaShape(warps=8, split_k=1)  # 5 blocks of 64: warps 5-7 have none
+    assert CudaShape(8, 6).blocks_per_warp(3072) == 1
+    assert CudaShape(4, 3).blocks_per_warp(3072) == 4
+    assert not CudaShape(4, 1).fits(9216, 3072)  # 12 blocks per warp: more registers than it may hold
+    assert not CudaShape(8, 6).fits(9218, 3072)  # rows load four at a time
+    assert not CudaShape(8, 6).fits(9216, 3000)
+    assert not CudaShape(6, 6).fits(9216, 3072)
+    assert not CudaShape(8, 49).fits(9216, 3072)  # more slices than 64-element blocks
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("dtype", nf4_dot_asm.DTYPES)
+@pytest.mark.parametrize(("k", "shape", "rank", "res"), [(3072, CudaShape(8, 6), 16, True),
+                                                          (8192, CudaShape(8, 16), 0, True),
+                                                          (3072, CudaShape(4, 3), 5, False),
+                                                          (320, CudaShape(16, 1), 0, False)])
+def test_source_compiles_for_hopper(dtype: str, k: int, shape: CudaShape, rank: int, res: bool) -> None:
+    code = source(dot_asm(nf4_dot_asm.ptx(NF4, dtype, "bnb")), dtype == "f16", k, shape, rank, 2, res, rank > 0)
+    ptx = cuda_rtc.compile_ptx(code, KERNEL, "90")
+    assert f".entry {KERNEL}(" in ptx
+    assert ptx.count(f"fma.rn.{dtype}x2") == 4 * 8 * 4 * shape.blocks_per_warp(k)  # every word of every block
+    assert ptx.count("ld.global.nc.v4.u32") >= 8 * shape.blocks_per_warp(k)
+    assert ("atom.global.add" in ptx) == (shape.split_k > 1)
+    assert len(cuda_rtc.compile_cubin(code, KERNEL, "90")) > 0
+
+
+@needs_nvrtc
+def test_compile_errors_carry_nvrtc_log() -> None:
+    with pytest.raises(RuntimeError, match="could not compile broken"):
+        cuda_rtc.compile_ptx('extern "C" __global__ void broken() { undeclared = 1; }', "broken", "90")
+
+
+def test_missing_nvrtc_is_a_config_error(monkeypatch: Any) -> None:
+    import ctypes
+
+    def refuse(name: str, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(name)
+
+    cuda_rtc.nvrtc.cache_clear()
+    monkeypatch.setattr(ctypes, "CDLL", refuse)
+    try:
+        with pytest.raises(ConfigError, match="nvidia-cuda-nvrtc"):
+            cuda_rtc.nvrtc()
+        assert not cuda_rtc.available()
+    finally:
+        monkeypatch.undo()
+        cuda_rtc.nvrtc.cache_clear()
+
+
+def test_engine_config_takes_the_cuda_gemv() -> None:
+    from persona_router.adapters.engine.config import EngineConfig
+
+    assert EngineConfig(gemv="cuda").gemv == "cuda"
+    with pytest.raises(ConfigError, match="gemv"):
+        EngineConfig(gemv="cutlass")
+
+
+# -- on the GPU -----------------------------------------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+
+def _layout(n: int, k: int, seed: int, dtype: Any = None) -> Any:
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from persona_router.adapters.engine import nf4_gemv
+
+    gen = torch.Generator().manual_seed(seed)
+    dense = (torch.randn(n, k, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    packed, state = bnbf.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                       quant_storage=torch.uint8)
+    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    layout = nf4_gemv.kmajor(packed, absmax, state.code, n, k, dtype or torch.bfloat16, kernel="cuda")
+    assert layout is not None and layout.kernel == "cuda"
+    return layout
+
+
+def _rel(got: Any, want: Any) -> float:
+    assert not torch.isnan(got).any()
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def test_cpu_tensors_are_refused() -> None:
+    from persona_router.adapters.engine import nf4_gemv
+    from persona_router.adapters.engine.nf4_gemv_cuda import gemv_cuda
+
+    w = nf4_gemv.KMajor(words=None, scales=None, code=None, table=None, n=8, k=64, asm="", f16=False,
+                        kernel="cuda")
+    with pytest.raises(ValueError, match="CUDA device"):
+        gemv_cuda(torch.zeros(1, 64, dtype=torch.bfloat16), w)
+
+
+GPU_SHAPES = [(148, 320, None), (148, 320, CudaShape(4, 2)), (260, 1024, CudaShape(8, 3)),
+              (1024, 3072, None), (1024, 3072, CudaShape(4, 3)), (512, 8192, None), (384, 8192, CudaShape(16, 4))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "k", "shape"), GPU_SHAPES)
+def test_cuda_gemv_matches_reference(n: int, k: int, shape: CudaShape | None) -> None:
+    """Alone, with the residual, with residual and LoRA; twice each (split-K counters back at zero)."""
+    from persona_router.adapters.engine import lora_kernels, nf4_gemv
+
+    layout = _layout(n, k, seed=n + k)
+    capacity, rank = 4, 5
+    a = torch.randn(capacity, rank, k, device="cuda").to(torch.bfloat16) / k ** 0.5
+    bt = (torch.randn(capacity, rank, n, device="cuda") * 0.05).to(torch.bfloat16)
+    scaling = torch.full((capacity + 1,), 2.0, device="cuda", dtype=torch.bfloat16)
+    for slot in (3, 0):  # an adapter, then no adapter (slot 0: the epilogue adds nothing)
+        x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+        residual = torch.randn(1, n, device="cuda").to(torch.bfloat16)
+        slots = torch.tensor([slot], device="cuda")
+        assert _rel(nf4_gemv.gemv(x, layout, shape=shape), nf4_gemv.reference(x, layout)) < 1e-2
+        want = nf4_gemv.reference(x, layout, residual=residual)
+        assert _rel(nf4_gemv.gemv(x, layout, residual=residual, shape=shape), want) < 1e-2
+        shrunk = lora_kernels.shrink(x, a, bt, slots, scaling, m=capacity)
+        want = want.float() + lora_kernels.reference(x, a, bt, slots, scaling)
+        assert _rel(nf4_gemv.gemv(x, layout, residual=residual, lora=shrunk, shape=shape), want) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_gemv_float16_and_agrees_with_triton_gemv() -> None:
+    from persona_router.adapters.engine import nf4_gemv
+
+    layout = _layout(1024, 3072, seed=5, dtype=torch.float16)
+    x = torch.randn(1, 3072, device="cuda").to(torch.float16)
+    assert _rel(nf4_gemv.gemv(x, layout), nf4_gemv.reference(x, layout)) < 1e-2
+    with pytest.raises(ValueError, match="laid out for"):
+        nf4_gemv.gemv(x.to(torch.bfloat16), layout)
+    triton = nf4_gemv.KMajor(**{**vars(layout), "kernel": "triton", "shape": None})
+    assert _rel(nf4_gemv.gemv(x, layout), nf4_gemv.gemv(x, triton)) < 2e-3  # same decode, other sum order
+
+
+@pytest.mark.gpu
+def test_cuda_gemv_replays_from_a_graph() -> None:
+    """Captured with split K and the epilogue, replayed on new inputs three times: each replay equals an eager
+    launch on the same inputs (the counters are reset by the launch itself, not by the host)."""
+    from persona_router.adapters.engine import nf4_gemv
+
+    layout = _layout(3072, 8192, seed=9)
+    x = torch.randn(1, 8192, device="cuda").to(torch.bfloat16)
+    residual = torch.randn(1, 3072, device="cuda").to(torch.bfloat16)
+    nf4_gemv.gemv(x, layout, residual=residual)  # compile and allocate outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = nf4_gemv.gemv(x, layout, residual=residual)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, nf4_gemv.gemv(x, layout, residual=residual))
+        assert _rel(out, nf4_gemv.reference(x, layout, residual=residual)) < 1e-2
