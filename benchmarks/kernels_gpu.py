@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after the installed package: the repo root holds a bare persona_router folder
 
-from benchmarks.kernels_gpu_kmajor import cuda_cases, kmajor_cases, write_shapes  # noqa: E402
+from benchmarks.kernels_gpu_cuda import cuda_cases, dense_cases  # noqa: E402
+from benchmarks.kernels_gpu_kmajor import kmajor_cases, write_shapes  # noqa: E402
 from benchmarks.kernels_gpu_mma import ROWS as MMA_ROWS  # noqa: E402
 from benchmarks.kernels_gpu_mma import mma_cases  # noqa: E402
 from benchmarks.kernels_gpu_mma import summary as mma_summary  # noqa: E402
@@ -318,6 +319,7 @@ def main() -> int:
                 "nf4": lambda: nf4_cases(bandwidth), "lut": lambda: lut_cases(bandwidth),
                 "kmajor": lambda: kmajor_cases(bandwidth), "kmajor_wide": lambda: kmajor_cases(bandwidth, "wide"),
                 "kmajor_staged": lambda: kmajor_cases(bandwidth, "staged"), "cuda": lambda: cuda_cases(bandwidth),
+                "dense": lambda: dense_cases(bandwidth),
                 "mma": lambda: mma_cases(bandwidth, mma_rows),
                 "mma_pipe": lambda: mma_cases(bandwidth, mma_rows, pipe_only=True)}
     for key in args.only.split(","):
@@ -368,6 +370,13 @@ def main() -> int:
               f"{best.get('ms', float('nan')) * 1e3:.1f} us {best.get('tb_s', 0):.2f} TB/s | epilogue cuda "
               f"{row['cuda_epilogue'].get('ms', float('nan')) * 1e3:.1f} triton "
               f"{row['triton_epilogue'].get('ms', float('nan')) * 1e3:.1f} us")
+    for row in report.get("dense", []) if isinstance(report.get("dense"), list) else []:
+        best = row.get("best") or {}
+        print(f"dense {row['shape']:8s} floor {row['floor_ms'] * 1e3:.1f} us | cublas "
+              f"{row['cublas'].get('ms', float('nan')) * 1e3:.1f} us | cuda best {best.get('config')} "
+              f"{best.get('ms', float('nan')) * 1e3:.1f} us {best.get('tb_s', 0):.2f} TB/s | with LoRA + residual: "
+              f"cuda {row['cuda_epilogue'].get('ms', float('nan')) * 1e3:.1f} cublas addmm + expand "
+              f"{row['cublas_addmm_then_expand'].get('ms', float('nan')) * 1e3:.1f} us")
     for section in ("lora", "prologue", "attention"):
         print(section, json.dumps(report.get(section)))
     return 0

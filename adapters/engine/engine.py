@@ -91,6 +91,10 @@ class BatchedEngine:
         kernels = _switch(self.config.kernels, model_on_cuda and triton_available() and half)
         if kernels:
             require_triton()
+        if kernels and model_on_cuda and self.config.gemv == "cuda":
+            from persona_router.adapters.engine.cuda_rtc import nvrtc
+
+            nvrtc()  # ConfigError naming what to install, before any weight is copied
         weights = extract_weights(model, nf4_mode=nf4_mode, gemv=kernels and model_on_cuda,
                                   gemv_kernel=self.config.gemv)
         self.nf4_mode = nf4_mode  # as resolved (applies only to a 4-bit base)

@@ -286,6 +286,11 @@ class ModelRunner:
             weight, asm = (lut[0], lut[1]) if lut is not None else (linear.nf4, "")
             out = nf4_matmul(x, weight, residual=residual, lora=shrunk, workspace=self.workspace, lut=asm)
             return out if shrunk is not None else self.bank.apply(index, group, x, out, lora)
+        if self._dense_gemv(linear, rows):
+            from persona_router.adapters.engine.dense_gemv_cuda import dense_gemv
+
+            out = dense_gemv(x, linear.weight, residual=residual, lora=shrunk)
+            return out if shrunk is not None else self.bank.apply(index, group, x, out, lora)
         if linear.gemv is not None and rows == 1 and linear.bias is None:
             out = linear.gemv(x.contiguous())
         elif residual is not None and linear.weight is not None and linear.bias is None:
@@ -296,6 +301,15 @@ class ModelRunner:
             return expand_(out, shrunk, residual)
         out = out if residual is None else out + residual
         return self.bank.apply(index, group, x, out, lora)
+
+    def _dense_gemv(self, linear: Any, rows: int) -> bool:
+        """One row on a dense 16-bit weight with ``gemv="cuda"``: the CUDA C++ GEMV (``dense_gemv_cuda``), LoRA
+        and residual in its epilogue, instead of cuBLAS and the expand kernel."""
+        if rows != 1 or self.config.gemv != "cuda" or linear.weight is None or linear.bias is not None:
+            return False
+        from persona_router.adapters.engine.dense_gemv_cuda import runs
+
+        return bool(runs(linear.weight))
 
     def _decode_attention_kernel(self, index: int, q: Any, k: Any, v: Any, positions: Any, kv_len: int) -> Any:
         from persona_router.adapters.engine.attention_kernels import decode_attention

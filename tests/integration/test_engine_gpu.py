@@ -174,7 +174,7 @@ def test_fp32_adapter_swap_during_graph_replay(cuda_required: None, tiny_model_d
     ("nf4", "fused", "on", "bitsandbytes", 8), ("nf4", "fused", "off", "bitsandbytes", 8),
     ("nf4", "dequantize", "on", "bitsandbytes", 8),
     ("nf4", "dequantize", "on", "triton", 8), ("nf4", "dequantize", "on", "kmajor", 8),
-    ("nf4", "dequantize", "on", "cuda", 8), ("nf4", "fused", "on", "cuda", 8),
+    ("nf4", "dequantize", "on", "cuda", 8), ("nf4", "fused", "on", "cuda", 8), ("bf16", "auto", "on", "cuda", 8),
     ("nf4", "dequantize", "off", "bitsandbytes", 8),
     ("nf4", "kernel", "off", "bitsandbytes", 8),
     # every step's LoRA on the Triton kernels, the prefills' many rows too (the tensor-core shrink)
@@ -202,6 +202,9 @@ def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_d
         assert all(group.gemv is not None and group.gemv.kmajor is not None
                    and group.gemv.kmajor.kernel == ("cuda" if gemv == "cuda" else "triton")
                    for layer in engine.runner.w.layers for group in layer.groups.values())
+    if gemv == "cuda" and precision == "bf16":  # every dense group's one-row product is the CUDA GEMV
+        assert all(engine.runner._dense_gemv(group, 1) for layer in engine.runner.w.layers
+                   for group in layer.groups.values())
     if gemv == "cuda" and nf4_mode == "fused":  # the one-row kernel of the shared K-major copies
         assert all(group.kmajor.kernel == "cuda" for layer in engine.runner.w.layers
                    for group in layer.groups.values() if group.kmajor is not None)

@@ -1,11 +1,13 @@
-"""The CUDA C++ one-row NF4 product (``nf4_gemv_cuda``, ``gemv="cuda"``) and its run-time compiler (``cuda_rtc``).
+"""The CUDA C++ one-row products of ``gemv="cuda"`` (``nf4_gemv_cuda`` on the K-major 4-bit copy,
+``dense_gemv_cuda`` on a dense 16-bit weight) and their run-time compiler (``cuda_rtc``).
 
 On CPU: the kernel's source, for every epilogue and both 16-bit types, compiles with NVRTC for Hopper (the
 ``nvidia-cuda-nvrtc`` wheel of the dev extra; no GPU needed) and carries the decode PTX that
 ``test_engine_nf4_gemv.py`` executes in Python; launch-shape rules and refusals. On CUDA (``gpu``): the kernel
 against the plain-PyTorch float32 reference at odd shapes (N not a multiple of 128, K a multiple of 64 but not
 of 512, uneven split-K slices, warps with nothing to do), with the residual and LoRA in its epilogue, in float16,
-and replayed from a CUDA graph (split-K counters back at zero after every launch).
+and replayed from a CUDA graph (split-K counters back at zero after every launch); the dense kernel likewise
+against ``x @ W^T`` in float32.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from persona_router.adapters.engine import cuda_rtc, nf4_dot_asm
+from persona_router.adapters.engine import cuda_rtc, dense_gemv_cuda, nf4_dot_asm
 from persona_router.adapters.engine.nf4_gemv_cuda import KERNEL, CudaShape, default_shape, dot_asm, source
 from persona_router.core.errors import ConfigError
 
@@ -58,6 +60,28 @@ def test_source_compiles_for_hopper(dtype: str, k: int, shape: CudaShape, rank: 
     assert ptx.count("ld.global.nc.v4.u32") >= 8 * shape.blocks_per_warp(k)
     assert ("atom.global.add" in ptx) == (shape.split_k > 1)
     assert len(cuda_rtc.compile_cubin(code, KERNEL, "90")) > 0
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("f16", [False, True])
+@pytest.mark.parametrize(("k", "shape", "rank"), [(3072, dense_gemv_cuda.DenseShape(8, 2), 16),
+                                                  (8192, dense_gemv_cuda.DenseShape(4, 1), 0),
+                                                  (256, dense_gemv_cuda.DenseShape(2, 4), 3),
+                                                  (328, dense_gemv_cuda.DenseShape(8, 2), 3)])
+def test_dense_source_compiles_for_hopper(f16: bool, k: int, shape: Any, rank: int) -> None:
+    code = dense_gemv_cuda.source(f16, k, shape, rank, 2, True, rank > 0)
+    ptx = cuda_rtc.compile_ptx(code, dense_gemv_cuda.KERNEL, "90")
+    assert f".entry {dense_gemv_cuda.KERNEL}(" in ptx
+    # every 16-byte load of every row the warp owns: K / 256 per lane and row
+    assert ptx.count("ld.global.cs.v4.u32") == shape.rows_per_warp * -(-k // 256)
+    assert ptx.count("fma.rn.f32") >= shape.rows_per_warp * k // 32
+
+
+def test_dense_shape_rules() -> None:
+    shape = dense_gemv_cuda.DenseShape
+    assert shape().fits(9216, 3072) and shape(4, 1).fits(3, 8192)
+    assert not shape().fits(9216, 3004)  # 16-byte loads of eight elements
+    assert not shape(3, 2).fits(9216, 3072) and not shape(8, 3).fits(9216, 3072)
 
 
 @needs_nvrtc
@@ -184,3 +208,47 @@ def test_cuda_gemv_replays_from_a_graph() -> None:
         torch.cuda.synchronize()
         assert torch.equal(out, nf4_gemv.gemv(x, layout, residual=residual))
         assert _rel(out, nf4_gemv.reference(x, layout, residual=residual)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "k", "shape"), [(131, 256, None), (9, 768, dense_gemv_cuda.DenseShape(2, 4)),
+                                               (70, 328, None), (64, 64, dense_gemv_cuda.DenseShape(16, 1)),
+                                               (1000, 3072, dense_gemv_cuda.DenseShape(4, 1)),
+                                               (300, 8192, None)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dense_gemv_matches_reference(n: int, k: int, shape: Any, dtype: str) -> None:
+    """N not a multiple of the rows per block, warps past the last row, K not a multiple of 256 (lanes past
+    K in the last step); alone, with the residual, with residual
+    and LoRA (slot 3, then no adapter), against float32 products rounded once."""
+    from persona_router.adapters.engine import lora_kernels
+    from persona_router.adapters.engine.dense_gemv_cuda import dense_gemv
+
+    dt = getattr(torch, dtype)
+    weight = (torch.randn(n, k, device="cuda") * 0.05).to(dt)
+    capacity, rank = 4, 5
+    a = torch.randn(capacity, rank, k, device="cuda").to(dt) / k ** 0.5
+    bt = (torch.randn(capacity, rank, n, device="cuda") * 0.05).to(dt)
+    scaling = torch.full((capacity + 1,), 2.0, device="cuda", dtype=dt)
+    for slot in (3, 0):
+        x = torch.randn(1, k, device="cuda").to(dt)
+        residual = torch.randn(1, n, device="cuda").to(dt)
+        base = x.float() @ weight.float().T
+        assert _rel(dense_gemv(x, weight, shape=shape), base) < 5e-3
+        assert _rel(dense_gemv(x, weight, residual=residual, shape=shape), base + residual.float()) < 5e-3
+        shrunk = lora_kernels.shrink(x, a, bt, torch.tensor([slot], device="cuda"), scaling, m=capacity)
+        want = base + residual.float() + lora_kernels.reference(x, a, bt, torch.tensor([slot], device="cuda"),
+                                                                scaling).float()
+        assert _rel(dense_gemv(x, weight, residual=residual, lora=shrunk, shape=shape), want) < 5e-3
+
+
+@pytest.mark.gpu
+def test_dense_gemv_refuses_what_it_cannot_read() -> None:
+    from persona_router.adapters.engine.dense_gemv_cuda import dense_gemv, runs
+
+    weight = torch.randn(64, 512, device="cuda").to(torch.bfloat16)
+    assert runs(weight) and not runs(weight.float()) and not runs(weight[:, :300].contiguous()) and not runs(weight.t())
+    with pytest.raises(ValueError, match="x must be"):
+        dense_gemv(torch.zeros(2, 512, device="cuda", dtype=torch.bfloat16), weight)
+    with pytest.raises(ValueError, match="residual"):
+        dense_gemv(torch.zeros(1, 512, device="cuda", dtype=torch.bfloat16), weight,
+                   residual=torch.zeros(1, 63, device="cuda", dtype=torch.bfloat16))
