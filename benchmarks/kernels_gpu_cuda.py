@@ -18,13 +18,13 @@ log = logging.getLogger("kernels_gpu")
 
 def cuda_shapes(n: int, k: int) -> list[Any]:
     """The CUDA GEMV's launch shapes tried: 4, 8 or 16 warps, each taking 1, 2 or 4 of a slice's 64-element
-    blocks (the slice count follows)."""
+    blocks with every load first, or 4 or 8 with loads two blocks ahead (the slice count follows)."""
     from persona_router.adapters.engine.nf4_gemv_cuda import CudaShape
 
     shapes = []
     for warps in (4, 8, 16):
-        for per_warp in (1, 2, 4):
-            shape = CudaShape(warps=warps, split_k=max(1, -(-(k // 64) // (warps * per_warp))))
+        for per_warp, depth in ((1, 0), (2, 0), (4, 0), (4, 2), (8, 2)):
+            shape = CudaShape(warps=warps, split_k=max(1, -(-(k // 64) // (warps * per_warp))), depth=depth)
             if shape.fits(n, k) and shape not in shapes:
                 shapes.append(shape)
     return shapes

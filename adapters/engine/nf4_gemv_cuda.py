@@ -27,18 +27,23 @@ KERNEL = "nf4_gemv_cuda"
 
 @dataclass(frozen=True)
 class CudaShape:
-    """``warps`` per block (each takes whole 64-element blocks of K), ``split_k`` blocks per 128 output rows."""
+    """``warps`` per block (each takes whole 64-element blocks of K), ``split_k`` blocks per 128 output rows,
+    ``depth`` how far the loads run ahead (a ring of that many blocks' words in registers)."""
 
     warps: int = 8
     split_k: int = 1
+    depth: int = 0  # quantisation blocks whose loads run ahead of the arithmetic; 0: all of a warp's at once
 
     def blocks_per_warp(self, k: int) -> int:
         per_split = -(-(k // QBLOCK) // self.split_k)
         return -(-per_split // self.warps)
 
+    def depth_for(self, k: int) -> int:
+        return min(self.depth or self.blocks_per_warp(k), self.blocks_per_warp(k))
+
     def fits(self, n: int, k: int) -> bool:
         return (self.warps in WARPS and k % QBLOCK == 0 and 1 <= self.split_k <= k // QBLOCK and n % 4 == 0
-                and n >= 4 and self.blocks_per_warp(k) <= 4)
+                and n >= 4 and 0 <= self.depth <= 4 and self.depth_for(k) <= 4 and self.blocks_per_warp(k) <= 16)
 
 
 def default_shape(n: int, k: int) -> CudaShape:
@@ -71,7 +76,8 @@ def source(asm: str, f16: bool, k: int, shape: CudaShape, rank: int, lora_splits
     kb = k // QBLOCK
     per_split = -(-kb // shape.split_k)
     consts = {"WARPS": shape.warps, "SPLIT": shape.split_k, "KB": kb, "PER_SPLIT": per_split,
-              "BPW": shape.blocks_per_warp(k), "RANK": rank, "LSPLITS": lora_splits, "HAS_RES": int(has_res),
+              "BPW": shape.blocks_per_warp(k), "DEPTH": shape.depth_for(k), "RANK": rank, "LSPLITS": lora_splits,
+              "HAS_RES": int(has_res),
               "HAS_LORA": int(has_lora), "F16": int(f16)}
     defines = "\n".join(f"#define {name} {value}" for name, value in consts.items())
     return _TEMPLATE.replace("/*DEFINES*/", defines).replace("/*DOT_ASM*/", asm)
@@ -131,31 +137,34 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_gemv_cuda(
   const int q = live ? quad : 0;
   const unsigned t0 = __ldg(table), t1 = __ldg(table + 1), t2 = __ldg(table + 2), t3 = __ldg(table + 3);
 
-  // Every load first: BPW blocks x 8 words and their scales, all independent.
+  // Loads run DEPTH quantisation blocks ahead of the arithmetic (DEPTH = BPW: every load first).
   uint4 wv[BPW][8];
   float4 sv[BPW];
-#pragma unroll
-  for (int i = 0; i < BPW; ++i) {
-    const int kb = blockIdx.y * PER_SPLIT + warp + i * WARPS;
-    const int kbs = block_ok(live, warp, i) ? kb : 0;
+  float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
+  auto load = [&](int i) {
+    const int kbs = block_ok(live, warp, i) ? blockIdx.y * PER_SPLIT + warp + i * WARPS : 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) wv[i][j] = __ldg(words + (size_t)(kbs * 8 + j) * n4 + q);
     sv[i] = __ldg(scales + (size_t)kbs * n4 + q);
-  }
-  float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
+  };
+  auto dot = [&](int i) {
+    if (!block_ok(live, warp, i)) return;
+    const int kb = blockIdx.y * PER_SPLIT + warp + i * WARPS;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint4 xv = __ldg(x + kb * 8 + j);
+      acc0 = fmaf(word_dot(wv[i][j].x, xv, t0, t1, t2, t3), sv[i].x, acc0);
+      acc1 = fmaf(word_dot(wv[i][j].y, xv, t0, t1, t2, t3), sv[i].y, acc1);
+      acc2 = fmaf(word_dot(wv[i][j].z, xv, t0, t1, t2, t3), sv[i].z, acc2);
+      acc3 = fmaf(word_dot(wv[i][j].w, xv, t0, t1, t2, t3), sv[i].w, acc3);
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < DEPTH; ++i) load(i);
 #pragma unroll
   for (int i = 0; i < BPW; ++i) {
-    if (block_ok(live, warp, i)) {
-      const int kb = blockIdx.y * PER_SPLIT + warp + i * WARPS;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const uint4 xv = __ldg(x + kb * 8 + j);
-        acc0 = fmaf(word_dot(wv[i][j].x, xv, t0, t1, t2, t3), sv[i].x, acc0);
-        acc1 = fmaf(word_dot(wv[i][j].y, xv, t0, t1, t2, t3), sv[i].y, acc1);
-        acc2 = fmaf(word_dot(wv[i][j].z, xv, t0, t1, t2, t3), sv[i].z, acc2);
-        acc3 = fmaf(word_dot(wv[i][j].w, xv, t0, t1, t2, t3), sv[i].w, acc3);
-      }
-    }
+    if (i + DEPTH < BPW) load(i + DEPTH);
+    dot(i);
   }
   *reinterpret_cast<float4*>(&partial[warp][lane * 4]) = make_float4(acc0, acc1, acc2, acc3);
   __syncthreads();

@@ -39,7 +39,9 @@ def test_shape_rules() -> None:
     assert default_shape(148, 320) == CudaShape(warps=8, split_k=1)  # 5 blocks of 64: warps 5-7 have none
     assert CudaShape(8, 6).blocks_per_warp(3072) == 1
     assert CudaShape(4, 3).blocks_per_warp(3072) == 4
-    assert not CudaShape(4, 1).fits(9216, 3072)  # 12 blocks per warp: more registers than it may hold
+    assert not CudaShape(4, 1).fits(9216, 3072)  # 12 blocks per warp, all loaded at once: too many registers
+    assert CudaShape(4, 1, depth=2).fits(9216, 3072) and not CudaShape(4, 1, depth=5).fits(9216, 3072)
+    assert not CudaShape(1 * 4, 1, depth=2).fits(9216, 8192)  # 32 blocks per warp
     assert not CudaShape(8, 6).fits(9218, 3072)  # rows load four at a time
     assert not CudaShape(8, 6).fits(9216, 3000)
     assert not CudaShape(6, 6).fits(9216, 3072)
