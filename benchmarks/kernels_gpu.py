@@ -201,12 +201,9 @@ def lora_cases() -> list[dict[str, Any]]:
             shrunk = lora_kernels.shrink(x, a, bt, slots, scaling, m=4)
             rows[-1]["expand_ms_by_block_n"] = {
                 bn: graph_ms([partial(lora_kernels.expand_, out, shrunk, None, bn)] * 20) for bn in (32, 64, 128, 256)}
-        else:  # the many-row expand alone: the Triton product against the cuBLAS form it replaced
+        else:  # the many-row expand alone (the dense slot columns and cuBLAS's addmm_)
             shrunk = lora_kernels.shrink(x, a, bt, slots, scaling, m=4)
-            rows[-1]["library_rel_diff"] = rel(lora_kernels._expand_dense(out.clone(), shrunk, None),
-                                               lora_kernels._expand_dense(out.clone(), shrunk, None, library=True))
-            for key, library in (("expand_ms", False), ("expand_library_ms", True)):
-                rows[-1][key] = graph_ms([partial(lora_kernels._expand_dense, out, shrunk, None, library)] * 20)
+            rows[-1]["expand_ms"] = graph_ms([partial(lora_kernels._expand_dense, out, shrunk, None)] * 20)
     return rows
 
 

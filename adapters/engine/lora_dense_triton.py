@@ -30,29 +30,3 @@ if triton is not None:
         for s in tl.static_range(SPLITS):
             acc += tl.load(t_ptr + s * stride_ts + m * stride_tm + cols % R, mask=own, other=0.0)
         tl.store(dense_ptr + m * stride_dm + cols, acc.to(dense_ptr.dtype.element_ty), mask=cols < width)
-
-    @triton.jit
-    def lora_expand_dot(out_ptr, res_ptr, dense_ptr, b_ptr, M, N, W: tl.constexpr, stride_om, stride_rm, stride_dm,
-                        stride_bw, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, HAS_RES: tl.constexpr,
-                        PRECISION: tl.constexpr):
-        """``out[tile] += dense[rows] @ b[:, cols] (+ residual)`` with one rounding, for a thin inner dimension ``W``
-        (the resident slots' ranks): one program per ``BM x BN`` tile of ``out``, the product on the tensor cores,
-        ``out`` read and written once (cuBLAS's in-place ``addmm_`` for this shape took about 5 us a launch)."""
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        mask_m = rm < M
-        mask_n = rn < N
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for w0 in range(0, W, BW):
-            rw = w0 + tl.arange(0, BW)
-            d = tl.load(dense_ptr + rm[:, None] * stride_dm + rw[None, :], mask=mask_m[:, None] & (rw < W)[None, :],
-                        other=0.0)
-            b = tl.load(b_ptr + rw[:, None] * stride_bw + rn[None, :], mask=(rw < W)[:, None] & mask_n[None, :],
-                        other=0.0).to(d.dtype)
-            acc = tl.dot(d, b, acc, input_precision=PRECISION)
-        mask = mask_m[:, None] & mask_n[None, :]
-        ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-        out = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            out += tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, (out + acc).to(out_ptr.dtype.element_ty), mask=mask)

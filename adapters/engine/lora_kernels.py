@@ -159,22 +159,21 @@ def expand_(out: Any, lora: LoraShrunk, residual: Any = None, block_n: int | Non
     return _expand_dense(out, lora, residual)
 
 
-def _expand_dense(out: Any, lora: LoraShrunk, residual: Any, library: bool = False) -> Any:
+def _expand_dense(out: Any, lora: LoraShrunk, residual: Any) -> Any:
     """Many rows: each row's rank-sized sums laid into its own slot's columns of a ``[M, slots x R]`` matrix
     (zeros elsewhere, one small kernel; the sums rounded to ``out``'s dtype, as the bank's products round theirs),
-    then ``out += dense @ stacked Bt (+ residual)`` over the bank's stacked ``Bt`` in one Triton product
-    (``lora_expand_dot``), or with ``library`` cuBLAS's in-place ``addmm_`` after adding the residual (the first
-    form).
-    On an H200 (K = 3072, N = 9216, rank 16, graph-timed) shrink and the cuBLAS form took 7.6 us at 64 rows and 8.2 at
+    then the residual added and cuBLAS's in-place ``addmm_`` with the bank's stacked ``Bt``.
+    On an H200 (K = 3072, N = 9216, rank 16, graph-timed) shrink and expand took 7.6 us at 64 rows and 8.2 at
     128 (``benchmarks/results/kernels_gpu_lora_dense_h200.json``) against 30.9 for the shrink and a Triton expand that
     gathered each row's ``Bt`` (``kernels_gpu_lora_session7_h200.json``; the shrink alone 3.4): every row re-read
-    its adapter's ``[R, N]`` slice, where one product reads each resident slot's once. In a 64-row decode step the
-    128 ``addmm_`` launches took 0.69 ms (5.4 us each, ``serve_gpu_profile_session8_h200.json``)."""
+    its adapter's ``[R, N]`` slice, where one product reads each resident slot's once. A Triton product in place of
+    ``addmm_`` (residual included, one rounding) was 4.4 against 4.6 us alone at 64 rows, but the 64-row decode step
+    replayed in 6.31 against 6.20 ms (``serve_gpu_profile_triton_expand_h200.md``): a wash, so the library product
+    stays."""
     import persona_router.adapters.engine.lora_dense_triton as lora_dense_triton
     import torch
-    from persona_router.adapters.engine.nf4_kernels import precision
 
-    m, n = out.shape
+    m = out.shape[0]
     slots = lora.slots or lora.bt.shape[0]
     width = slots * lora.rank
     dense = torch.empty(m, width, dtype=out.dtype, device=out.device)
@@ -182,19 +181,9 @@ def _expand_dense(out: Any, lora: LoraShrunk, residual: Any, library: bool = Fal
     lora_dense_triton.lora_dense_t[(m, -(-width // block))](
         lora.t, lora.slot_ids, dense, width, lora.t.stride(0), lora.t.stride(1), dense.stride(0), R=lora.rank,
         SPLITS=lora.splits, BW=block, num_warps=1)
-    stacked = lora.bt[:slots].reshape(width, -1)
-    if library:
-        if residual is not None:
-            out.add_(residual)
-        return out.addmm_(dense, stacked.to(out.dtype))
-    block_m = min(64, max(16, _pow2(m)))
-    block_n = 64
-    res = residual if residual is not None else out
-    lora_dense_triton.lora_expand_dot[(-(-m // block_m), -(-n // block_n))](
-        out, res, dense, stacked, m, n, width, out.stride(0), res.stride(0), dense.stride(0), stacked.stride(0),
-        BM=block_m, BN=block_n, BW=min(64, max(16, _pow2(width))), HAS_RES=residual is not None,
-        PRECISION=precision(out.dtype), num_warps=4)
-    return out
+    if residual is not None:
+        out.add_(residual)
+    return out.addmm_(dense, lora.bt[:slots].reshape(width, -1).to(out.dtype))
 
 
 def reference(x: Any, a: Any, bt: Any, slot_ids: Any, scaling: Any) -> Any:

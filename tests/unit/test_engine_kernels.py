@@ -281,11 +281,11 @@ def test_lora_shrink_tilings_agree(tiling: tuple[int, int], kind: str) -> None:
 
 @pytest.mark.parametrize(("m", "capacity", "rank", "residual"), [(9, 4, 16, True), (37, 4, 16, False),
                                                                (70, 6, 12, True), (20, 9, 16, False)])
-def test_lora_dense_expand_matches_library_form(m: int, capacity: int, rank: int, residual: bool) -> None:
-    """The many-row expand's Triton product (``out += dense @ stacked Bt``, residual included, one rounding) agrees
-    with the cuBLAS form it replaced and with the float32 reference, for row counts off the tile size, a rank that
-    is not a power of two and more slots than one 64-column step holds (9 x 16 = 144); rows of slot 0 get exactly
-    their base (plus residual)."""
+def test_lora_dense_expand_matches_reference(m: int, capacity: int, rank: int, residual: bool) -> None:
+    """The many-row expand (each row's sums in its own slot's columns, one product with the stacked ``Bt``,
+    residual included) against the float32 reference, for row counts off the tile size, a rank that is not a power
+    of two and more slots than one 64-column step holds (9 x 16 = 144); rows of slot 0 get exactly their base (plus
+    residual)."""
     k, n = 256, 200
     a, bt, scaling = _bank(capacity, rank, k, n)
     slots = torch.tensor([(i * 5) % (capacity + 1) for i in range(m)], device=_device())
@@ -295,9 +295,7 @@ def test_lora_dense_expand_matches_library_form(m: int, capacity: int, rank: int
     res = torch.randn(m, n, generator=gen).to(_device()).to(_dtype()) if residual else None
     shrunk = lora_kernels.shrink(x, a, bt, slots, scaling)
     got = lora_kernels.expand_(base.clone(), shrunk, res)
-    library = lora_kernels._expand_dense(base.clone(), shrunk, res, library=True)
     plain = base.float() + (res.float() if res is not None else 0.0)
-    assert _rel(got, library) < TOL
     assert _rel(got, plain + lora_kernels.reference(x, a, bt, slots, scaling)) < TOL
     idle = slots == 0
     assert torch.equal(got[idle], plain[idle].to(base.dtype))
