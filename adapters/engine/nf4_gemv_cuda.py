@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from persona_router.adapters.engine.nf4_gemv import QBLOCK, KMajor
-
+QBLOCK = 64  # nf4_gemv.QBLOCK (not imported: nf4_gemv dispatches here, so the import would be a cycle)
 ROWS_PER_BLOCK = 128  # 32 lanes x 4 rows (one int4 of words)
 WARPS = (4, 8, 16)
 KERNEL = "nf4_gemv_cuda"
@@ -216,9 +215,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_gemv_cuda(
 """
 
 
-def gemv_cuda(x: Any, w: KMajor, *, residual: Any = None, lora: Any = None, shape: CudaShape | None = None,
+def gemv_cuda(x: Any, w: Any, *, residual: Any = None, lora: Any = None, shape: CudaShape | None = None,
               workspace: Any = None) -> Any:
-    """``[residual +] x W^T [+ LoRA(x)]`` for one row ``x`` ([1, K]) on a CUDA GPU; ``lora`` is a ``LoraShrunk``
+    """``[residual +] x W^T [+ LoRA(x)]`` for one row ``x`` ([1, K]) on a CUDA GPU and a K-major copy ``w``
+    (``nf4_gemv.KMajor``); ``lora`` is a ``LoraShrunk``
     (``lora_kernels``) whose expand runs in the epilogue, as in ``nf4_gemv.gemv``."""
     import torch
     from persona_router.adapters.engine.nf4_kernels import _SHARED
