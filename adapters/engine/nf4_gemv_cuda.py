@@ -218,8 +218,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_gemv_cuda(
 def gemv_cuda(x: Any, w: Any, *, residual: Any = None, lora: Any = None, shape: CudaShape | None = None,
               workspace: Any = None) -> Any:
     """``[residual +] x W^T [+ LoRA(x)]`` for one row ``x`` ([1, K]) on a CUDA GPU and a K-major copy ``w``
-    (``nf4_gemv.KMajor``); ``lora`` is a ``LoraShrunk``
-    (``lora_kernels``) whose expand runs in the epilogue, as in ``nf4_gemv.gemv``."""
+    (``nf4_gemv.KMajor``); ``lora`` is a ``LoraShrunk`` (``lora_kernels``) whose expand runs in the epilogue, as
+    in ``nf4_gemv.gemv``."""
     import torch
     from persona_router.adapters.engine.nf4_kernels import _SHARED
 
