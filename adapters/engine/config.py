@@ -53,6 +53,10 @@ class EngineConfig:
     kernel of ``nf4_mode="fused"``). The engine's GEMVs add the residual and the LoRA update in their epilogue,
     so the expand is no separate kernel.
 
+    ``dense_gemv``: with ``kernels``, one-row products on a dense 16-bit weight (a bf16 or fp16 base, groups
+    without a 4-bit copy) run the CUDA C++ GEMV ``dense_gemv_cuda`` (compiled at start with NVRTC; LoRA and
+    residual in its epilogue) instead of cuBLAS and the expand kernel. ``auto`` is on where NVRTC is found.
+
     ``lora_kernel_rows``: with ``kernels``, steps of up to this many rows run the LoRA update as Triton kernels;
     wider steps use the bank's two products over the resident slots (one-hot masks); 0 keeps every step on the
     bank's products. Up to ``lora_kernels.GATHER_ROWS`` rows each row gathers its own adapter; above, the kernels
@@ -88,6 +92,7 @@ class EngineConfig:
     compile: str = "auto"
     kernels: str = "auto"
     gemv: str = "kmajor"
+    dense_gemv: str = "off"
     lora_kernel_rows: int = 64
     prefill_graph_tokens: int = 4096
     kv_block: int = 256
@@ -108,7 +113,7 @@ class EngineConfig:
             raise ConfigError(f"{self.nf4_mode!r} is not one of {choices(NF4_MODES)}", field="nf4_mode")
         if self.gemv not in GEMVS:
             raise ConfigError(f"{self.gemv!r} is not one of {choices(GEMVS)}", field="gemv")
-        for name in ("cuda_graphs", "fuse", "compile", "kernels"):
+        for name in ("cuda_graphs", "fuse", "compile", "kernels", "dense_gemv"):
             value = getattr(self, name)
             if value not in SWITCHES:
                 raise ConfigError(f"{value!r} is not one of {choices(SWITCHES)}", field=name)

@@ -91,9 +91,11 @@ class BatchedEngine:
         kernels = _switch(self.config.kernels, model_on_cuda and triton_available() and half)
         if kernels:
             require_triton()
-        if kernels and model_on_cuda and self.config.gemv == "cuda":
-            from persona_router.adapters.engine.cuda_rtc import nvrtc
+        from persona_router.adapters.engine.cuda_rtc import available as nvrtc_available
+        from persona_router.adapters.engine.cuda_rtc import nvrtc
 
+        dense_gemv = kernels and _switch(self.config.dense_gemv, model_on_cuda and half and nvrtc_available())
+        if (kernels and model_on_cuda and self.config.gemv == "cuda") or dense_gemv:
             nvrtc()  # ConfigError naming what to install, before any weight is copied
         weights = extract_weights(model, nf4_mode=nf4_mode, gemv=kernels and model_on_cuda,
                                   gemv_kernel=self.config.gemv)
@@ -109,7 +111,8 @@ class BatchedEngine:
                                        for name in ("cuda_graphs", "fuse", "compile"))
         if use_graphs and not on_cuda:
             raise ConfigError("CUDA graphs need a CUDA device", field="cuda_graphs")
-        self.runner = ModelRunner(weights, self.bank, self.config, fused=fused, compiled=compiled, kernels=kernels)
+        self.runner = ModelRunner(weights, self.bank, self.config, fused=fused, compiled=compiled, kernels=kernels,
+                                  dense_gemv=dense_gemv)
         decoder = prefiller = None
         if use_graphs:
             from persona_router.adapters.engine.graphs import DecodeGraphs, PrefillGraphs

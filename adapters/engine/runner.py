@@ -43,7 +43,7 @@ class ModelRunner:
     """Owns the KV cache and the step inputs; ``prefill`` and ``decode`` return float32 logits."""
 
     def __init__(self, weights: ModelWeights, bank: LoraBank, config: EngineConfig, *, fused: bool = False,
-                 compiled: bool = False, kernels: bool = False) -> None:
+                 compiled: bool = False, kernels: bool = False, dense_gemv: bool = False) -> None:
         import torch
 
         self.w = weights
@@ -51,6 +51,7 @@ class ModelRunner:
         self.config = config
         self.fused = fused
         self.kernels = kernels  # Triton LoRA (gather by slot) and decode attention (live lengths); see config
+        self.dense_gemv = dense_gemv  # one-row dense products on the CUDA C++ GEMV (config.dense_gemv, resolved)
         from persona_router.adapters.engine.nf4_kernels import Workspace
 
         self.workspace = Workspace()  # split-K scratch of the fused 4-bit kernels, this runner's own
@@ -303,9 +304,9 @@ class ModelRunner:
         return self.bank.apply(index, group, x, out, lora)
 
     def _dense_gemv(self, linear: Any, rows: int) -> bool:
-        """One row on a dense 16-bit weight with ``gemv="cuda"``: the CUDA C++ GEMV (``dense_gemv_cuda``), LoRA
+        """One row on a dense 16-bit weight with ``dense_gemv``: the CUDA C++ GEMV (``dense_gemv_cuda``), LoRA
         and residual in its epilogue, instead of cuBLAS and the expand kernel."""
-        if rows != 1 or self.config.gemv != "cuda" or linear.weight is None or linear.bias is not None:
+        if rows != 1 or not self.dense_gemv or linear.weight is None or linear.bias is not None:
             return False
         from persona_router.adapters.engine.dense_gemv_cuda import runs
 

@@ -174,7 +174,7 @@ def test_fp32_adapter_swap_during_graph_replay(cuda_required: None, tiny_model_d
     ("nf4", "fused", "on", "bitsandbytes", 8), ("nf4", "fused", "off", "bitsandbytes", 8),
     ("nf4", "dequantize", "on", "bitsandbytes", 8),
     ("nf4", "dequantize", "on", "triton", 8), ("nf4", "dequantize", "on", "kmajor", 8),
-    ("nf4", "dequantize", "on", "cuda", 8), ("nf4", "fused", "on", "cuda", 8), ("bf16", "auto", "on", "cuda", 8),
+    ("nf4", "dequantize", "on", "cuda", 8), ("nf4", "fused", "on", "cuda", 8), ("bf16", "auto", "on", "dense", 8),
     ("nf4", "dequantize", "off", "bitsandbytes", 8),
     ("nf4", "kernel", "off", "bitsandbytes", 8),
     # every step's LoRA on the Triton kernels, the prefills' many rows too (the tensor-core shrink)
@@ -187,7 +187,9 @@ def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_d
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     peft_model = _peft(tiny_model_dir, engine_adapters, precision)
-    engine = _engine(tiny_model_dir, engine_adapters, precision, nf4_mode=nf4_mode, kernels=kernels, gemv=gemv,
+    # "dense": the CUDA C++ GEMV for the one-row products on dense weights (``dense_gemv``)
+    engine = _engine(tiny_model_dir, engine_adapters, precision, nf4_mode=nf4_mode, kernels=kernels,
+                     gemv="kmajor" if gemv == "dense" else gemv, dense_gemv="on" if gemv == "dense" else "off",
                      lora_kernel_rows=lora_rows)
     assert engine.runner.kernels == (kernels == "on")
     if gemv == "triton":  # every 4-bit group of the tiny model has a register-lookup view
@@ -202,7 +204,7 @@ def test_low_precision_logits_within_tolerance(cuda_required: None, tiny_model_d
         assert all(group.gemv is not None and group.gemv.kmajor is not None
                    and group.gemv.kmajor.kernel == ("cuda" if gemv == "cuda" else "triton")
                    for layer in engine.runner.w.layers for group in layer.groups.values())
-    if gemv == "cuda" and precision == "bf16":  # every dense group's one-row product is the CUDA GEMV
+    if gemv == "dense":  # every dense group's one-row product is the CUDA GEMV
         assert all(engine.runner._dense_gemv(group, 1) for layer in engine.runner.w.layers
                    for group in layer.groups.values())
     if gemv == "cuda" and nf4_mode == "fused":  # the one-row kernel of the shared K-major copies

@@ -113,8 +113,11 @@ def test_engine_config_takes_the_cuda_gemv() -> None:
     from persona_router.adapters.engine.config import EngineConfig
 
     assert EngineConfig(gemv="cuda").gemv == "cuda"
+    assert EngineConfig(dense_gemv="auto").dense_gemv == "auto"
     with pytest.raises(ConfigError, match="gemv"):
         EngineConfig(gemv="cutlass")
+    with pytest.raises(ConfigError, match="dense_gemv"):
+        EngineConfig(dense_gemv="yes")
 
 
 # -- on the GPU -----------------------------------------------------------------------------------------------
