@@ -14,17 +14,24 @@ from typing import Any
 from benchmarks.kernels_gpu_timing import ROTATE_BYTES, SHAPES, best_config, quantized_copies, time_config
 
 log = logging.getLogger("kernels_gpu")
+SMS = 132  # an H200's multiprocessors
 
 
 def cuda_shapes(n: int, k: int) -> list[Any]:
     """The CUDA GEMV's launch shapes tried: 4, 8 or 16 warps, each taking 1, 2 or 4 of a slice's 64-element
-    blocks with every load first, or 4 or 8 with loads two blocks ahead (the slice count follows)."""
+    blocks with every load first, or 4 or 8 with loads two blocks ahead (the slice count follows); and slice
+    counts that make whole waves of blocks over an H200's SMs."""
     from persona_router.adapters.engine.nf4_gemv_cuda import CudaShape
 
     shapes = []
     for warps in (4, 8, 16):
         for per_warp, depth in ((1, 0), (2, 0), (4, 0), (4, 2), (8, 2)):
             shape = CudaShape(warps=warps, split_k=max(1, -(-(k // 64) // (warps * per_warp))), depth=depth)
+            if shape.fits(n, k) and shape not in shapes:
+                shapes.append(shape)
+        for per_sm in (2, 4, 6, 8) if warps < 16 else ():  # whole waves: splits that give about per_sm blocks on each of 132 SMs
+            split = max(1, round(per_sm * SMS / -(-n // 128)))
+            shape = CudaShape(warps=warps, split_k=split)
             if shape.fits(n, k) and shape not in shapes:
                 shapes.append(shape)
     return shapes
