@@ -29,7 +29,8 @@ def cuda_shapes(n: int, k: int) -> list[Any]:
             shape = CudaShape(warps=warps, split_k=max(1, -(-(k // 64) // (warps * per_warp))), depth=depth)
             if shape.fits(n, k) and shape not in shapes:
                 shapes.append(shape)
-        for per_sm in (2, 4, 6, 8) if warps < 16 else ():  # whole waves: splits that give about per_sm blocks on each of 132 SMs
+        # whole waves: splits that give about per_sm blocks on each of 132 SMs
+        for per_sm in (2, 4, 6, 8) if warps < 16 else ():
             split = max(1, round(per_sm * SMS / -(-n // 128)))
             shape = CudaShape(warps=warps, split_k=split)
             if shape.fits(n, k) and shape not in shapes:
