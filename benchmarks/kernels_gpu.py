@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # after the installed package: the repo root holds a bare persona_router folder
 
-from benchmarks.kernels_gpu_cuda import cuda_cases, dense_cases  # noqa: E402
+from benchmarks.kernels_gpu_cuda import cuda_cases, cuda_summary, dense_cases  # noqa: E402
 from benchmarks.kernels_gpu_kmajor import kmajor_cases, write_shapes  # noqa: E402
 from benchmarks.kernels_gpu_mma import ROWS as MMA_ROWS  # noqa: E402
 from benchmarks.kernels_gpu_mma import mma_cases  # noqa: E402
@@ -360,20 +360,8 @@ def main() -> int:
         print("kmajor", report["kmajor"])
     if isinstance(report.get("lut"), dict):
         print("lut", report["lut"])
-    for row in report.get("cuda", []) if isinstance(report.get("cuda"), list) else []:
-        best = row.get("best") or {}
-        print(f"cuda {row['shape']:8s} floor {row['floor_ms'] * 1e3:.1f} us | triton {row['triton_shape']} "
-              f"{row['triton'].get('ms', float('nan')) * 1e3:.1f} us | cuda best {best.get('config')} "
-              f"{best.get('ms', float('nan')) * 1e3:.1f} us {best.get('tb_s', 0):.2f} TB/s | epilogue cuda "
-              f"{row['cuda_epilogue'].get('ms', float('nan')) * 1e3:.1f} triton "
-              f"{row['triton_epilogue'].get('ms', float('nan')) * 1e3:.1f} us")
-    for row in report.get("dense", []) if isinstance(report.get("dense"), list) else []:
-        best = row.get("best") or {}
-        print(f"dense {row['shape']:8s} floor {row['floor_ms'] * 1e3:.1f} us | cublas "
-              f"{row['cublas'].get('ms', float('nan')) * 1e3:.1f} us | cuda best {best.get('config')} "
-              f"{best.get('ms', float('nan')) * 1e3:.1f} us {best.get('tb_s', 0):.2f} TB/s | with LoRA + residual: "
-              f"cuda {row['cuda_epilogue'].get('ms', float('nan')) * 1e3:.1f} cublas addmm + expand "
-              f"{row['cublas_addmm_then_expand'].get('ms', float('nan')) * 1e3:.1f} us")
+    for line in cuda_summary(report):
+        print(line)
     for section in ("lora", "prologue", "attention"):
         print(section, json.dumps(report.get(section)))
     return 0

@@ -138,3 +138,25 @@ def dense_cases(bandwidth: float) -> list[dict[str, Any]]:
         del weights
         torch.cuda.empty_cache()
     return rows
+
+
+def _us(entry: dict[str, Any] | None) -> str:
+    return f"{(entry or {}).get('ms', float('nan')) * 1e3:.1f}"
+
+
+def cuda_summary(report: dict[str, Any]) -> list[str]:
+    """One line per projection of the ``cuda`` and ``dense`` sections (what ``kernels_gpu.py`` prints last)."""
+    lines = []
+    for key in ("cuda", "dense"):
+        for row in report.get(key) if isinstance(report.get(key), list) else []:
+            best = row.get("best") or {}
+            head = f"{key} {row['shape']:8s} floor {row['floor_ms'] * 1e3:.1f} us | "
+            found = f"cuda best {best.get('config')} {_us(best)} us {best.get('tb_s', 0):.2f} TB/s"
+            if key == "cuda":
+                lines.append(f"{head}triton {row['triton_shape']} {_us(row['triton'])} us | {found} | epilogue cuda "
+                             f"{_us(row['cuda_epilogue'])} triton {_us(row['triton_epilogue'])} us")
+            else:
+                lines.append(f"{head}cublas {_us(row['cublas'])} us | {found} | with LoRA + residual: cuda "
+                             f"{_us(row['cuda_epilogue'])} cublas addmm + expand "
+                             f"{_us(row['cublas_addmm_then_expand'])} us")
+    return lines
