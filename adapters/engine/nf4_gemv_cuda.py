@@ -3,12 +3,17 @@
 Same layout, same decode (the ``nf4_dot_asm`` PTX: byte permutes into 16-bit pairs, packed FMAs) and same
 epilogue (LoRA expand, residual, one rounding) as the Triton GEMV, with the loop structure written out. A block
 owns 128 output rows (32 lanes x one 16-byte vector of four rows) and one slice of K; each warp of the block
-takes whole 64-element quantisation blocks of that slice. A thread first issues every load it will make
-(``BPW`` quantisation blocks x eight 16-byte words, plus their scales), then decodes: with ``BPW`` = 1 that is
-nine independent 16-byte loads in flight per thread before any arithmetic, where the Triton kernel's loop waits
-a full memory latency per step. The warps' partial sums meet in shared memory in a fixed order; split K ends
-as in the Triton kernels (each block writes its partial row, the last to arrive adds them in order and resets
-its counter), so results are deterministic and graph replays find the counters at zero.
+takes whole 64-element quantisation blocks of that slice. A thread's loads run ``CudaShape.depth`` blocks ahead of
+its decoding (by default all of them: with one block per warp, nine independent 16-byte loads in flight per thread
+before any arithmetic, where the Triton kernel's loop waits a memory latency per step). The warps' partial sums
+meet in shared memory in a fixed order; split K ends as in the Triton kernels (each block writes its partial row,
+the last to arrive adds them in order and resets its counter), so results are deterministic and graph replays
+find the counters at zero.
+
+Measured on an H200 (``benchmarks/results/kernels_gpu_cuda_gemv_h200.json``): no faster than the Triton GEMV
+(qkv 11.6 against 10.9 us, 1.3-1.7 TB/s), so it is opt-in. A projection's weight is about one wave of blocks that
+all load, then all decode (about 30 instructions per eight weights), so the two phases add up; the README's eighth
+H200 round has the numbers.
 """
 
 from __future__ import annotations
