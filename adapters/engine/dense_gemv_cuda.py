@@ -1,9 +1,10 @@
-"""The one-row product on a dense 16-bit weight as a CUDA C++ kernel (``gemv="cuda"`` on a bf16/fp16 base).
+"""The one-row product on a dense 16-bit weight as a CUDA C++ kernel (``EngineConfig.dense_gemv``).
 
 At one row cuBLAS reads a Phi-3-mini projection's bf16 weight at 1.8-3.7 TB/s of the H200's 4.2, and the LoRA
-expand and the residual are one more kernel after it. Here each warp owns
-``rows_per_warp`` output rows; every lane issues all its 16-byte loads of a chunk of those rows (up to
-``CHUNK`` per row) before any arithmetic, multiplies in float32 (the bf16 halves widened by a shift or a mask,
+expand and the residual are one more kernel after it. Here each warp owns ``rows_per_warp`` output rows; the
+source issues a lane's 16-byte loads of a chunk of those rows (up to ``CHUNK`` per row) before any arithmetic
+(ptxas then interleaves them with the FMAs at about 36 registers a thread: the loads in flight come from the
+many resident warps), multiplies in float32 (the bf16 halves widened by a shift or a mask,
 as cuBLAS accumulates in float32), and the warp's sum, the LoRA expand (lanes ``r < rank`` each take one rank,
 summed by the same shuffle tree) and the residual meet in one rounding. No split K, so no workspace: results
 are deterministic and a CUDA graph replays it as is.
