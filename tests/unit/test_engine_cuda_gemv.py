@@ -1,5 +1,5 @@
-"""The CUDA C++ one-row products of ``gemv="cuda"`` (``nf4_gemv_cuda`` on the K-major 4-bit copy,
-``dense_gemv_cuda`` on a dense 16-bit weight) and their run-time compiler (``cuda_rtc``).
+"""The CUDA C++ one-row products (``nf4_gemv_cuda`` on the K-major 4-bit copy, ``gemv="cuda"``;
+``dense_gemv_cuda`` on a dense 16-bit weight, ``dense_gemv``) and their run-time compiler (``cuda_rtc``).
 
 On CPU: the kernel's source, for every epilogue and both 16-bit types, compiles with NVRTC for Hopper (the
 ``nvidia-cuda-nvrtc`` wheel of the dev extra; no GPU needed) and carries the decode PTX that
