@@ -8,7 +8,7 @@ step and the GPU machine has no ``nvcc``; NVRTC ships as a wheel beside every CU
 ``nvidia-cuda-nvrtc`` on its own, which is what lets the CPU tests compile the sources too).
 
 ``compile_cubin`` needs only the NVRTC library, no GPU (the tests compile every source for ``sm_90`` on CPU);
-``load`` hands the binary to PyTorch's module loader, whose launches go to the current stream (so they are
+``kernel`` hands the binary to PyTorch's module loader, whose launches go to the current stream (so they are
 captured by CUDA graphs like any other kernel).
 """
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from persona_router.adapters.engine.cuda_epilogue import HALF_CONVERSIONS
+
 KERNEL = "dense_gemv_cuda"
 CHUNK = 16  # 16-byte loads per row in flight per lane before the arithmetic that consumes them
 
@@ -57,7 +59,7 @@ def source(f16: bool, k: int, shape: DenseShape, rank: int, lora_splits: int, ha
     consts = {"WARPS": shape.warps, "RPW": shape.rows_per_warp, "K8": k // 8, "CHUNK": CHUNK, "RANK": rank,
               "LSPLITS": lora_splits, "HAS_RES": int(has_res), "HAS_LORA": int(has_lora), "F16": int(f16)}
     defines = "\n".join(f"#define {name} {value}" for name, value in consts.items())
-    return _TEMPLATE.replace("/*DEFINES*/", defines)
+    return _TEMPLATE.replace("/*DEFINES*/", defines).replace("/*HALF*/", HALF_CONVERSIONS)
 
 
 _TEMPLATE = r"""
@@ -65,6 +67,7 @@ _TEMPLATE = r"""
 #define STEPS ((K8 + 31) / 32)
 // Lane steps past K: only where K is not a multiple of 256 (a compile-time false for Phi-3-mini's shapes).
 #define STEP_OK(s) ((s) < STEPS && (K8 % 32 == 0 || (s) * 32 + lane < K8))
+/*HALF*/
 
 __device__ __forceinline__ float lo16(unsigned v) {
 #if F16
@@ -84,16 +87,6 @@ __device__ __forceinline__ float hi16(unsigned v) {
 #else
   return __uint_as_float(v & 0xffff0000u);
 #endif
-}
-
-__device__ __forceinline__ unsigned short from_f32(float f) {
-  unsigned short h;
-#if F16
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-  return h;
 }
 
 __device__ __forceinline__ float dot8(uint4 w, uint4 x, float acc) {
@@ -151,14 +144,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) dense_gemv_cuda(
       if (lane < RANK && row < n) {
         float tr = 0.f;
         for (int s = 0; s < LSPLITS; ++s) tr += t[s * t_stride + lane];
-        part = tr * lo16(bt[(size_t)(slot - 1) * bt_slot_stride + (size_t)lane * bt_rank_stride + row]);
+        part = tr * to_f32(bt[(size_t)(slot - 1) * bt_slot_stride + (size_t)lane * bt_rank_stride + row]);
       }
       total += warp_sum(part);
     }
 #endif
     if (lane == 0 && row < n) {
 #if HAS_RES
-      total += lo16(res[row]);
+      total += to_f32(res[row]);
 #endif
       out[row] = from_f32(total);
     }
@@ -171,6 +164,7 @@ def dense_gemv(x: Any, weight: Any, *, residual: Any = None, lora: Any = None, s
                ) -> Any:
     """``[residual +] x W^T [+ LoRA(x)]`` for one row ``x`` ([1, K]) and a dense ``weight`` ([N, K], ``runs``);
     ``lora`` is a ``LoraShrunk`` (``lora_kernels``) whose expand runs in the epilogue."""
+    import persona_router.adapters.engine.cuda_epilogue as cuda_epilogue
     import torch
 
     if not runs(weight):
@@ -182,25 +176,17 @@ def dense_gemv(x: Any, weight: Any, *, residual: Any = None, lora: Any = None, s
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous().clone()
-    if residual is not None and (residual.dtype != weight.dtype or residual.stride(1) != 1
-                                 or tuple(residual.shape) != (1, n)):
-        raise ValueError(f"residual must be a row-major [1, {n}] {weight.dtype} tensor")
-    if lora is not None and (lora.bt.dtype != weight.dtype or lora.bt.stride(2) != 1
-                             or lora.slot_ids.dtype != torch.int64 or lora.t.stride(2) != 1):
-        raise ValueError(f"the LoRA epilogue reads {weight.dtype} Bt and int64 slot ids, rows contiguous")
+    cuda_epilogue.check(n, weight.dtype, residual, lora)
     t = shape or default_shape(n, k)
     if not t.fits(n, k):
         raise ValueError(f"launch shape {t} does not fit N={n}, K={k}")
     out = torch.empty(1, n, dtype=weight.dtype, device=weight.device)
-    launch = _launcher(weight.dtype == torch.float16, k, t, lora.rank if lora is not None else 0,
-                       lora.splits if lora is not None else 1, residual is not None, lora is not None,
-                       weight.device.index if weight.device.index is not None else torch.cuda.current_device())
+    launch = _launcher(weight.dtype == torch.float16, k, t, *cuda_epilogue.variant(residual, lora),
+                       cuda_epilogue.device_index(weight.device))
+    pointers, strides = cuda_epilogue.operands(out, residual, lora)
     rows_per_block = t.warps * t.rows_per_warp
     launch(grid=(-(-n // rows_per_block), 1, 1), block=(32 * t.warps, 1, 1),
-           args=[weight, x, out, residual if residual is not None else out, lora.t if lora is not None else out,
-                 lora.bt if lora is not None else out, lora.slot_ids if lora is not None else out, n,
-                 lora.t.stride(0) if lora is not None else 0, lora.bt.stride(0) if lora is not None else 0,
-                 lora.bt.stride(1) if lora is not None else 0])
+           args=[weight, x, out, *pointers, n, *strides])
     return out
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from persona_router.adapters.engine.cuda_epilogue import HALF_CONVERSIONS
+
 QBLOCK = 64  # nf4_gemv.QBLOCK (not imported: nf4_gemv dispatches here, so the import would be a cycle)
 ROWS_PER_BLOCK = 128  # 32 lanes x 4 rows (one int4 of words)
 WARPS = (4, 8, 16)
@@ -84,7 +86,8 @@ def source(asm: str, f16: bool, k: int, shape: CudaShape, rank: int, lora_splits
               "HAS_RES": int(has_res),
               "HAS_LORA": int(has_lora), "F16": int(f16)}
     defines = "\n".join(f"#define {name} {value}" for name, value in consts.items())
-    return _TEMPLATE.replace("/*DEFINES*/", defines).replace("/*DOT_ASM*/", asm)
+    return (_TEMPLATE.replace("/*DEFINES*/", defines).replace("/*DOT_ASM*/", asm)
+            .replace("/*HALF*/", HALF_CONVERSIONS))
 
 
 _TEMPLATE = r"""
@@ -99,26 +102,7 @@ __device__ __forceinline__ float word_dot(unsigned w, uint4 x, unsigned t0, unsi
   return __uint_as_float(r);
 }
 
-__device__ __forceinline__ float to_f32(unsigned short h) {
-#if F16
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-#else
-  return __uint_as_float(((unsigned)h) << 16);
-#endif
-}
-
-__device__ __forceinline__ unsigned short from_f32(float f) {
-  unsigned short h;
-#if F16
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-  return h;
-}
-
+/*HALF*/
 // Quantisation block i of this warp exists: inside this split's slice and inside K.
 __device__ __forceinline__ bool block_ok(bool live, int warp, int i) {
   const int local = warp + i * WARPS;
@@ -225,6 +209,7 @@ def gemv_cuda(x: Any, w: Any, *, residual: Any = None, lora: Any = None, shape: 
     """``[residual +] x W^T [+ LoRA(x)]`` for one row ``x`` ([1, K]) on a CUDA GPU and a K-major copy ``w``
     (``nf4_gemv.KMajor``); ``lora`` is a ``LoraShrunk`` (``lora_kernels``) whose expand runs in the epilogue, as
     in ``nf4_gemv.gemv``."""
+    import persona_router.adapters.engine.cuda_epilogue as cuda_epilogue
     import torch
     from persona_router.adapters.engine.nf4_kernels import _SHARED
 
@@ -237,26 +222,17 @@ def gemv_cuda(x: Any, w: Any, *, residual: Any = None, lora: Any = None, shape: 
         raise ValueError(f"x is {x.dtype}; this weight was laid out for {dtype}")
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous().clone()
-    if residual is not None and (residual.dtype != dtype or residual.stride(1) != 1
-                                 or tuple(residual.shape) != (1, w.n)):
-        raise ValueError(f"residual must be a row-major [1, {w.n}] {dtype} tensor")
+    cuda_epilogue.check(w.n, dtype, residual, lora)
     t = shape or default_shape(w.n, w.k)
     if not t.fits(w.n, w.k):
         raise ValueError(f"launch shape {t} does not fit N={w.n}, K={w.k}")
-    if lora is not None and (lora.bt.dtype != dtype or lora.bt.stride(2) != 1 or lora.slot_ids.dtype != torch.int64
-                             or lora.t.stride(2) != 1):
-        raise ValueError(f"the LoRA epilogue reads {dtype} Bt and int64 slot ids, rows contiguous")
     out = torch.empty(1, w.n, dtype=dtype, device=x.device)
     grid_n = -(-w.n // ROWS_PER_BLOCK)
     ws, counters = ((workspace or _SHARED).get(x.device, w.n, 1, t.split_k, grid_n, tag="cuda") if t.split_k > 1
                     else (out, out))
-    launch = _launcher(w.asm, w.f16, w.k, t, lora.rank if lora is not None else 0,
-                       lora.splits if lora is not None else 1, residual is not None, lora is not None,
-                       x.device.index if x.device.index is not None else torch.cuda.current_device())
+    launch = _launcher(w.asm, w.f16, w.k, t, *cuda_epilogue.variant(residual, lora),
+                       cuda_epilogue.device_index(x.device))
+    pointers, strides = cuda_epilogue.operands(out, residual, lora)
     launch(grid=(grid_n, t.split_k, 1), block=(32 * t.warps, 1, 1),
-           args=[w.words, w.scales, x, w.table, out, residual if residual is not None else out,
-                 lora.t if lora is not None else out, lora.bt if lora is not None else out,
-                 lora.slot_ids if lora is not None else out, ws, counters, w.n,
-                 lora.t.stride(0) if lora is not None else 0, lora.bt.stride(0) if lora is not None else 0,
-                 lora.bt.stride(1) if lora is not None else 0])
+           args=[w.words, w.scales, x, w.table, out, *pointers, ws, counters, w.n, *strides])
     return out

@@ -257,3 +257,26 @@ def test_dense_gemv_refuses_what_it_cannot_read() -> None:
     with pytest.raises(ValueError, match="residual"):
         dense_gemv(torch.zeros(1, 512, device="cuda", dtype=torch.bfloat16), weight,
                    residual=torch.zeros(1, 63, device="cuda", dtype=torch.bfloat16))
+
+
+def test_epilogue_operands_and_refusals() -> None:
+    """The two kernels' shared epilogue: absent operands are stood in for by ``out``; a residual or LoRA
+    operand the kernels cannot read is refused before any launch (CPU tensors suffice)."""
+    from types import SimpleNamespace
+
+    from persona_router.adapters.engine import cuda_epilogue
+
+    out, res = torch.zeros(1, 8, dtype=torch.bfloat16), torch.zeros(1, 8, dtype=torch.bfloat16)
+    lora = SimpleNamespace(t=torch.zeros(2, 1, 16), bt=torch.zeros(3, 16, 8, dtype=torch.bfloat16),
+                           slot_ids=torch.ones(1, dtype=torch.int64), rank=16, splits=2)
+    pointers, strides = cuda_epilogue.operands(out, None, None)
+    assert all(p is out for p in pointers) and strides == [0, 0, 0]
+    pointers, strides = cuda_epilogue.operands(out, res, lora)
+    assert pointers == [res, lora.t, lora.bt, lora.slot_ids] and strides == [16, 128, 8]
+    assert cuda_epilogue.variant(res, lora) == (16, 2, True, True)
+    assert cuda_epilogue.variant(None, None) == (0, 1, False, False)
+    cuda_epilogue.check(8, torch.bfloat16, res, lora)
+    with pytest.raises(ValueError, match="residual must be a row-major"):
+        cuda_epilogue.check(8, torch.bfloat16, torch.zeros(1, 7, dtype=torch.bfloat16), None)
+    with pytest.raises(ValueError, match="LoRA epilogue"):
+        cuda_epilogue.check(8, torch.bfloat16, None, SimpleNamespace(**{**vars(lora), "slot_ids": torch.ones(1)}))
