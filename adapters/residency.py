@@ -195,6 +195,9 @@ class AdapterResidency(ResidencyFolder):
     async def reload(self) -> dict[str, Any]:
         """Re-read the registry, load every persona's live version, retire what is gone or disabled."""
         async with self._lock:
+            # Stamp before scanning: a publish landing mid-scan then changes the stamp and the watcher
+            # reloads again, where a stamp taken after the scan would hide it for good.
+            self._folder_stamp = await asyncio.to_thread(self.folder_stamp)
             scanned = await asyncio.to_thread(self._scan)
             for persona, (versions, latest, disabled, error) in scanned.items():
                 self._versions[persona] = versions
@@ -205,7 +208,6 @@ class AdapterResidency(ResidencyFolder):
                     self._persona_errors.pop(persona, None)
                 else:
                     self._persona_errors[persona] = error  # keep serving what it served
-            self._folder_stamp = await asyncio.to_thread(self.folder_stamp)
             for persona in self.personas:
                 await self._load_live(persona)
             await self._retire()

@@ -208,7 +208,12 @@ def test_an_adapter_published_while_running_becomes_servable(gateway: RunningSer
             personas = client.get("/v1/personas").json()["personas"]
             return any(p["name"] == "educator" and p["live_version"] == version for p in personas)
 
-        wait_until(live, timeout_s=60)
+        try:
+            wait_until(live, timeout_s=60)
+        except TimeoutError as exc:
+            educator = [p for p in client.get("/v1/personas").json()["personas"] if p["name"] == "educator"]
+            logs = "\n".join(u.tail() for u in upstreams)
+            raise AssertionError(f"educator@{version} never became live: {educator}\n{logs}") from exc
         got = _answer(client, "educator", "How do I explain photosynthesis to a ten-year-old?")
         assert got["adapter"] == {"persona": "educator", "version": version} and got["finish_reason"] in ("stop",
                                                                                                          "length")

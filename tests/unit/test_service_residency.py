@@ -181,3 +181,37 @@ def test_folder_stamp_changes_when_a_version_is_published(registry: AdapterRegis
     empty = residency.folder_stamp()
     publish(registry, "educator")
     assert residency.folder_stamp() != empty
+
+
+def test_a_publish_landing_during_a_reload_is_picked_up_by_the_watcher(registry: AdapterRegistry) -> None:
+    """Fault injection: the version and its LATEST pointer appear after the reload scanned the folder but
+    before it finished. The watcher must still notice (the stamp is taken before the scan, not after)."""
+    from persona_router.adapters.residency_types import engine_name
+
+    residency, engine = make(registry)
+    real_scan = residency._scan
+    landed: list[int] = []
+
+    def scan_then_publish() -> dict[str, tuple[list[int], int | None, set[int], str | None]]:
+        found = real_scan()
+        if not landed:
+            landed.append(publish(registry, "educator"))
+        return found
+
+    residency._scan = scan_then_publish  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await residency.reload()
+        assert residency.live("educator") is None  # that reload scanned before the publish
+        watcher = asyncio.create_task(residency.watch(0.01))
+        try:
+            for _ in range(300):
+                if residency.live("educator") == landed[0]:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            watcher.cancel()
+        assert residency.live("educator") == landed[0]
+        assert engine_name("educator", landed[0]) in engine.adapter_names()
+
+    asyncio.run(scenario())
