@@ -100,6 +100,8 @@ class CatalogBuilder:
         return tuple(parts)
 
     def build(self, generation: int = 1) -> Catalog:
+        # The pack file is stamped before it is read, so an edit landing during the build shows as a change.
+        pack_stamp = _file_stamp(resolve_pack_path(self.pack_ref))
         pack = load_pack(self.pack_ref)
         if self.router_mode == "fallback":
             decide = fallback_decider(pack)
@@ -114,8 +116,9 @@ class CatalogBuilder:
             router = ensure_router(pack, encoder=self._encoder)
             router.decide("warm up the encoder")  # the first encode pays one-off costs
             decide, info = router.decide, {"mode": "fitted", **router.describe()}
-        # The stamp is taken after the build: a fit done here wrote the router file it reads.
-        return Catalog(pack=pack, decide=decide, router_info=info, stamp=self.stamp(pack.name), generation=generation)
+        # The router file is stamped after the build: a fit done here wrote the file it reads.
+        stamp = (pack_stamp, *self.stamp(pack.name)[1:])
+        return Catalog(pack=pack, decide=decide, router_info=info, stamp=stamp, generation=generation)
 
 
 class CatalogReloader:

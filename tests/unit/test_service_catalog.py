@@ -92,3 +92,26 @@ def test_swap_is_the_one_place_that_changes_the_catalog(pack_file: Path) -> None
     with pytest.raises(AttributeError):
         old.pack = old.pack  # type: ignore[misc]  # frozen
     assert holder.swap(old) is old
+
+
+def test_an_edit_landing_during_a_build_is_not_missed(pack_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: the pack file changes right after a build read it. The built catalog must not
+    carry the edited file's stamp, or the reloader would never rebuild for that edit."""
+    import persona_router.service.catalog as catalog
+
+    real_load = catalog.load_pack
+    edited: list[bool] = []
+
+    def load_then_edit(ref: str) -> Any:
+        pack = real_load(ref)
+        if not edited:
+            edited.append(True)
+            add_persona(dict(NEW), pack=pack_file)
+        return pack
+
+    monkeypatch.setattr(catalog, "load_pack", load_then_edit)
+    holder, reloader, _, builder = make(pack_file)
+    assert "patient" not in holder.current.pack  # the build read the file before the edit
+    result = asyncio.run(reloader.reload())
+    assert result["changed"] and result["added"] == ["patient"] and builder.builds == 2
+    assert "patient" in holder.current.pack
