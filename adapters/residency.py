@@ -107,8 +107,8 @@ class AdapterResidency(ResidencyFolder):
             if wanted is None:
                 return None
             name = engine_name(persona, wanted)
-            if version is not None and name not in self._resident:
-                self._check_exists(persona, version)  # a version that was never published is a 404, not a 422
+            if version is not None:
+                self._check_named(persona, version)
             try:
                 if name not in self._resident:
                     async with self._lock:
@@ -121,6 +121,18 @@ class AdapterResidency(ResidencyFolder):
             self._inflight[name] += 1
             self._resident.move_to_end(name)
             return Lease(persona, wanted, name)
+
+    def _check_named(self, persona: str, version: int) -> None:
+        """A version asked for by number must be servable now, also while it is still resident: a disabled,
+        quarantined or deleted version only waits there for its last request, and must take no new ones."""
+        name = engine_name(persona, version)
+        if name not in self._resident or version not in self._versions.get(persona, []):
+            self._check_exists(persona, version)  # never published or gone from disk: a 404, not a 422
+        if (persona, version) in self._disabled:
+            raise AdapterError(f"{name} is disabled; POST it to enable it again")
+        refusal = self._refused.get((persona, version))
+        if refusal is not None and name in self._resident:
+            raise _rebuild_error(refusal)  # quarantined: the engine drops it once the lock is free
 
     def release(self, lease: Lease) -> None:
         self._inflight[lease.name] -= 1
@@ -143,12 +155,14 @@ class AdapterResidency(ResidencyFolder):
             del self._refused[(persona, version)]
         name = engine_name(persona, version)
         folder = self.registry.path(persona, version)
+        # Stamped before the checks read the files: files fixed while a check fails change the stamp, so
+        # the next attempt retries instead of repeating the refusal.
+        stamp = await asyncio.to_thread(self._file_stamp, persona, version)
         try:
             await asyncio.to_thread(self._validate, persona, version)
             await self._make_room(evict_live=evict_live)
             await asyncio.to_thread(self._engine_add, name, folder)
         except AdapterError as exc:
-            stamp = await asyncio.to_thread(self._file_stamp, persona, version)
             kind = "incompatible" if isinstance(exc, AdapterIncompatibleError) else "broken"
             self._refused[(persona, version)] = _Refusal(stamp, public_message(exc), kind)
             log.warning("refused adapter %s: %s", name, exc)
@@ -278,6 +292,7 @@ class AdapterResidency(ResidencyFolder):
                 self._versions[persona] = sorted([*self._versions[persona], version])
             if engine_name(persona, version) not in self._resident:
                 await self._load(persona, version)
+            self._remove_when_idle.discard(engine_name(persona, version))  # enabled again before it went idle
             self._resident.move_to_end(engine_name(persona, version))
         return self.describe_persona(persona)
 

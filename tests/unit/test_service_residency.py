@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -213,5 +214,94 @@ def test_a_publish_landing_during_a_reload_is_picked_up_by_the_watcher(registry:
             watcher.cancel()
         assert residency.live("educator") == landed[0]
         assert engine_name("educator", landed[0]) in engine.adapter_names()
+
+    asyncio.run(scenario())
+
+
+def test_a_version_retiring_while_in_flight_takes_no_new_named_requests(registry: AdapterRegistry) -> None:
+    """Disabled, deleted or quarantined while a request holds it, a version stays resident for that request
+    only: asking for it by number must fail as it would were it not resident, or it never goes idle."""
+    import shutil
+
+    publish(registry, "student")
+    publish(registry, "student")
+    publish(registry, "educator")
+    publish(registry, "educator")
+    publish(registry, "clinician")
+    publish(registry, "clinician")
+    residency, engine = make(registry)
+
+    async def scenario() -> None:
+        await residency.reload()
+        held = [await residency.acquire(persona, 1) for persona in ("student", "educator", "clinician")]
+        await residency.unload("student", 1)
+        shutil.rmtree(registry.path("educator", 1))
+        await residency.reload()
+        residency.quarantine("clinician@1", "non-finite logits")  # its removal waits for the lock
+        assert {"student@1", "educator@1", "clinician@1"} <= set(engine.loaded)  # each request still runs
+        with pytest.raises(AdapterError, match="disabled"):
+            await residency.acquire("student", 1)
+        with pytest.raises(AdapterNotFoundError):
+            await residency.acquire("educator", 1)
+        with pytest.raises(AdapterError, match="quarantined"):
+            await residency.acquire("clinician", 1)
+        for lease in held:
+            assert lease is not None
+            residency.release(lease)
+        await asyncio.sleep(0.05)
+        assert not {"student@1", "educator@1", "clinician@1"} & set(engine.loaded)  # idle, so gone
+        assert all(residency.live(p) == 2 for p in ("student", "educator", "clinician"))
+
+    asyncio.run(scenario())
+
+
+def test_a_version_enabled_again_before_it_went_idle_stays_resident(registry: AdapterRegistry) -> None:
+    publish(registry, "student")
+    publish(registry, "student")
+    residency, engine = make(registry)
+
+    async def scenario() -> None:
+        await residency.reload()
+        held = await residency.acquire("student", 2)
+        await residency.unload("student", 2)
+        await residency.load("student", 2)
+        assert held is not None
+        residency.release(held)
+        await asyncio.sleep(0.05)
+        assert "student@2" in engine.loaded and ("remove", "student@2") not in engine.calls
+        assert residency.live("student") == 2
+
+    asyncio.run(scenario())
+
+
+def test_files_fixed_while_a_check_fails_are_retried(registry: AdapterRegistry) -> None:
+    """Fault injection: the adapter's files are replaced after the check read the broken ones but before
+    the refusal was recorded. The refusal must carry the broken files' stamp, so the fixed ones load."""
+    import shutil
+
+    version = publish(registry, "student", corrupt=True)
+    good = registry.path("student", version).parent / ".good"
+    fixed = publish(registry, "clinician")
+    residency, engine = make(registry)
+    real_validate = residency._validate
+
+    def validate_then_fix(persona: str, number: int) -> None:
+        try:
+            real_validate(persona, number)
+        finally:
+            if persona == "student" and not good.exists():
+                shutil.copytree(registry.path("clinician", fixed), good)
+                target = registry.path("student", number) / "adapter_model.safetensors"
+                time.sleep(0.01)  # a later mtime even on coarse clocks
+                shutil.copyfile(good / "adapter_model.safetensors", target)
+
+    residency._validate = validate_then_fix  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await residency.reload()
+        assert residency.live("student") is None  # that check read the broken file
+        lease = await residency.acquire("student", version)  # the fixed files are tried again
+        assert lease is not None and "student@1" in engine.loaded
+        residency.release(lease)
 
     asyncio.run(scenario())
