@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 ADAPTERS_ENV = "PERSONA_ROUTER_ADAPTERS"
 LATEST_FILE = "LATEST"
 DISABLED_FILE = "DISABLED.json"
+DISABLED_LOCK = ".disabled.lock"
 LATEST = "latest"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE)  # a complete version; contents: peft_folder
 _VERSION_DIR = re.compile(r"^[1-9][0-9]*$")
@@ -206,6 +207,22 @@ class AdapterRegistry:
             atomic_write_text(path, json.dumps({"disabled": ordered}) + "\n")
         else:
             path.unlink(missing_ok=True)
+
+    def change_disabled(self, persona: str, *, disable: Iterable[int] = (), enable: Iterable[int] = ()) -> set[int]:
+        """Disable and enable versions against what the file holds now (read, change, write, under a lock of
+        its own), so that servers sharing the folder never undo each other's changes; returns the new set."""
+        import fcntl
+
+        folder = self.persona_dir(persona)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / DISABLED_LOCK, "a+", encoding="utf-8") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # held for one small read and write, so block
+            try:
+                versions = (self.disabled(persona) | {check_version(v) for v in disable}) - set(enable)
+                self.set_disabled(persona, versions)
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return versions
 
     def staging_dir(self, persona: str) -> Path:
         """A fresh temp folder inside the persona's folder for building a new version."""

@@ -217,8 +217,7 @@ class AdapterResidency(ResidencyFolder):
                 self._versions[persona] = versions
                 if error is None:
                     self._latest[persona] = latest
-                    self._disabled = {(p, v) for p, v in self._disabled if p != persona}
-                    self._disabled.update((persona, v) for v in disabled)
+                    self._adopt_disabled(persona, disabled)
                     self._persona_errors.pop(persona, None)
                 else:
                     self._persona_errors[persona] = error  # keep serving what it served
@@ -226,6 +225,10 @@ class AdapterResidency(ResidencyFolder):
                 await self._load_live(persona)
             await self._retire()
         return self.report()
+
+    def _adopt_disabled(self, persona: str, recorded: set[int]) -> None:
+        self._disabled = {key for key in self._disabled if key[0] != persona}
+        self._disabled.update((persona, v) for v in recorded)
 
     async def _load_live(self, persona: str) -> None:
         while (version := self.live(persona)) is not None:
@@ -286,7 +289,7 @@ class AdapterResidency(ResidencyFolder):
         await asyncio.to_thread(self._check_exists, persona, version)
         async with self._lock:
             self._disabled.discard((persona, version))
-            await asyncio.to_thread(self._save_disabled, persona)
+            self._adopt_disabled(persona, await asyncio.to_thread(self._save_disabled, persona, enable=(version,)))
             self._refused.pop((persona, version), None)
             if version not in self._versions[persona]:
                 self._versions[persona] = sorted([*self._versions[persona], version])
@@ -305,7 +308,7 @@ class AdapterResidency(ResidencyFolder):
             await asyncio.to_thread(self._check_exists, persona, version)
         async with self._lock:
             self._disabled.add((persona, version))
-            await asyncio.to_thread(self._save_disabled, persona)
+            self._adopt_disabled(persona, await asyncio.to_thread(self._save_disabled, persona, disable=(version,)))
             await self._retire()
             await self._load_live(persona)
         return self.describe_persona(persona)

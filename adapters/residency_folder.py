@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from persona_router.adapters.peft_folder import check_adapter_folder
-from persona_router.adapters.registry import LATEST_FILE, AdapterRegistry
+from persona_router.adapters.registry import DISABLED_FILE, LATEST_FILE, AdapterRegistry
 from persona_router.adapters.residency_types import AdapterNotFoundError, Stamp
 from persona_router.core.errors import AdapterError, PersonaRouterError, UnknownPersonaError, public_message
 
@@ -51,7 +51,7 @@ class ResidencyFolder:
         return found
 
     def folder_stamp(self) -> tuple[Any, ...]:
-        """A cheap summary of the adapters folder: persona folders, their versions and LATEST pointers."""
+        """A cheap summary of the adapters folder: persona folders, their versions, LATEST and DISABLED files."""
         root = self.registry.root
         if not root.is_dir():
             return ()
@@ -63,7 +63,13 @@ class ResidencyFolder:
             pointer = folder / LATEST_FILE
             latest = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
             versions = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-            entries.append((persona, latest, tuple(versions)))
+            disabled = folder / DISABLED_FILE  # another server sharing the folder may disable a version
+            try:
+                info = disabled.stat()
+                marker: tuple[int, int] | None = (info.st_size, info.st_mtime_ns)
+            except FileNotFoundError:
+                marker = None
+            entries.append((persona, latest, tuple(versions), marker))
         return tuple(entries)
 
     def _file_stamp(self, persona: str, version: int) -> Stamp:
@@ -83,9 +89,11 @@ class ResidencyFolder:
             raise AdapterNotFoundError(f"persona {persona!r} has no version {version} (versions: {have})",
                                        field="version")
 
-    def _save_disabled(self, persona: str) -> None:
+    def _save_disabled(self, persona: str, *, disable: tuple[int, ...] = (), enable: tuple[int, ...] = ()) -> set[int]:
+        """Record the change in ``DISABLED.json``; returns every version the file now disables, other
+        servers' changes included."""
         try:
-            self.registry.set_disabled(persona, (v for p, v in self._disabled if p == persona))
+            return self.registry.change_disabled(persona, disable=disable, enable=enable)
         except OSError as exc:
             log.error("could not record the disabled versions of %s: %s", persona, exc)
             raise AdapterError(f"could not record the disabled versions of {persona!r} in the adapters folder "

@@ -305,3 +305,26 @@ def test_files_fixed_while_a_check_fails_are_retried(registry: AdapterRegistry) 
         residency.release(lease)
 
     asyncio.run(scenario())
+
+
+def test_servers_sharing_a_folder_keep_each_others_disabled_versions(registry: AdapterRegistry) -> None:
+    for _ in range(3):
+        publish(registry, "student")
+    first, _ = make(registry)
+    second, _ = make(registry)
+
+    async def scenario() -> None:
+        await first.reload()
+        await second.reload()
+        await first.unload("student", 3)
+        await first.reload()
+        await second.unload("student", 2)  # second has not re-read the folder since first's change
+        assert registry.disabled("student") == {2, 3}  # not overwritten with second's {2}
+        assert second.live("student") == 1  # and second adopted first's record as it wrote its own
+        assert first.folder_stamp() != first._folder_stamp  # first's watcher sees second's change
+        await first.reload()
+        assert first.live("student") == 1
+        await first.load("student", 3)
+        assert registry.disabled("student") == {2} and first.live("student") == 3
+
+    asyncio.run(scenario())
