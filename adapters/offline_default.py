@@ -13,10 +13,12 @@ fails to load, is rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ MARKER = "persona_router_cache.json"
 # Bump when the conversion changes, so old caches are rebuilt rather than trusted.
 CACHE_FORMAT = 1
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", MARKER)
+BUILD_LOCK = ".smollm2-135m-instruct-phi3.lock"
 
 
 def gguf_path() -> Path:
@@ -55,17 +58,40 @@ def cache_folder() -> Path:
 
 
 def ensure_offline_default(*, rebuild: bool = False) -> Path:
-    """Return the cached folder, building it first if it is missing, stale or corrupt."""
+    """Return the cached folder, building it first if it is missing, stale or corrupt.
+
+    One process builds at a time (a lock file beside the cache): the training workers of ``train --all``
+    start together on a fresh machine, and the others wait for the first build and then use it instead of
+    each building, swapping or cleaning up the folder under one another.
+    """
     folder = cache_folder()
-    remove_stale_temps(folder.parent)
-    if not rebuild:
-        problem = cache_problem(folder)
-        if problem is None:
-            return folder
-        if folder.exists():
-            log.warning("offline model cache %s is unusable (%s); rebuilding it", folder, problem)
-    build_offline_default(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(folder.parent / BUILD_LOCK):
+        remove_stale_temps(folder.parent)  # under the lock no build is in progress: a temp is a crash's
+        if not rebuild:
+            problem = cache_problem(folder)
+            if problem is None:
+                return folder
+            if folder.exists():
+                log.warning("offline model cache %s is unusable (%s); rebuilding it", folder, problem)
+        build_offline_default(folder)
     return folder
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building the offline default base; waiting for it")
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def cache_problem(folder: Path) -> str | None:

