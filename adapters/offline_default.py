@@ -13,17 +13,16 @@ fails to load, is rebuilt.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from persona_router.core.atomic import atomic_dir, remove_stale_temps
 from persona_router.core.errors import CacheError
+from persona_router.core.file_lock import file_lock
 from persona_router.core.home import models_dir
 
 log = logging.getLogger(__name__)
@@ -65,8 +64,7 @@ def ensure_offline_default(*, rebuild: bool = False) -> Path:
     each building, swapping or cleaning up the folder under one another.
     """
     folder = cache_folder()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(folder.parent / BUILD_LOCK):
+    with file_lock(folder.parent / BUILD_LOCK, waiting="another process is building the offline default base; waiting"):
         remove_stale_temps(folder.parent)  # under the lock no build is in progress: a temp is a crash's
         if not rebuild:
             problem = cache_problem(folder)
@@ -76,22 +74,6 @@ def ensure_offline_default(*, rebuild: bool = False) -> Path:
                 log.warning("offline model cache %s is unusable (%s); rebuilding it", folder, problem)
         build_offline_default(folder)
     return folder
-
-
-@contextlib.contextmanager
-def _build_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is building the offline default base; waiting for it")
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def cache_problem(folder: Path) -> str | None:

@@ -41,6 +41,7 @@ from persona_router.adapters.manifest import MANIFEST_FILE, AdapterManifest, rea
 from persona_router.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE
 from persona_router.core.atomic import TMP_PREFIX, atomic_write_text, remove_stale_temps
 from persona_router.core.errors import AdapterError, AdapterIncompatibleError, ConfigError
+from persona_router.core.file_lock import file_lock
 from persona_router.core.home import home_dir
 from persona_router.core.names import PERSONA_NAME, check_persona_name, check_version
 
@@ -211,17 +212,9 @@ class AdapterRegistry:
     def change_disabled(self, persona: str, *, disable: Iterable[int] = (), enable: Iterable[int] = ()) -> set[int]:
         """Disable and enable versions against what the file holds now (read, change, write, under a lock of
         its own), so that servers sharing the folder never undo each other's changes; returns the new set."""
-        import fcntl
-
-        folder = self.persona_dir(persona)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / DISABLED_LOCK, "a+", encoding="utf-8") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # held for one small read and write, so block
-            try:
-                versions = (self.disabled(persona) | {check_version(v) for v in disable}) - set(enable)
-                self.set_disabled(persona, versions)
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        with file_lock(self.persona_dir(persona) / DISABLED_LOCK):  # held for one small read and write
+            versions = (self.disabled(persona) | {check_version(v) for v in disable}) - set(enable)
+            self.set_disabled(persona, versions)
         return versions
 
     def staging_dir(self, persona: str) -> Path:
@@ -235,21 +228,16 @@ class AdapterRegistry:
     @contextlib.contextmanager
     def lock(self, persona: str) -> Iterator[None]:
         """Hold an exclusive lock on the persona's folder (one trainer per persona at a time)."""
-        import fcntl
-
         folder = self.persona_dir(persona)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".lock", "a+", encoding="utf-8") as handle:
+        with contextlib.ExitStack() as held:
             try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.enter_context(file_lock(folder / ".lock", wait=False))
             except BlockingIOError as exc:
                 raise AdapterError(f"another process is training persona {persona!r}", path=folder) from exc
-            try:
-                # Under the lock nobody else is writing, so any temp folder is a crashed writer's leftover.
-                remove_stale_temps(folder)
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            # Under the lock nobody else is publishing, so a temp folder is a crashed writer's leftover
+            # (DISABLED.json's temp files belong to its own lock).
+            remove_stale_temps(folder, keep=f"{TMP_PREFIX}{DISABLED_FILE}-")
+            yield
 
     # --- helpers -------------------------------------------------------------------------------------------
 

@@ -64,12 +64,15 @@ def atomic_write_json(path: Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def remove_stale_temps(folder: Path) -> None:
-    """Remove temp folders left by a crashed writer."""
+def remove_stale_temps(folder: Path, *, only: str = TMP_PREFIX, keep: str | None = None) -> None:
+    """Remove temp files and folders left by a crashed writer: names starting with ``only`` (by default every
+    temp), except those starting with ``keep`` (another writer's, which may be in progress)."""
+    if not only.startswith(TMP_PREFIX):
+        raise ValueError(f"only={only!r} must start with {TMP_PREFIX!r}: nothing else is a temp")
     if not folder.is_dir():
         return
     for child in folder.iterdir():
-        if child.name.startswith(TMP_PREFIX):
+        if child.name.startswith(only) and not (keep and child.name.startswith(keep)):
             if child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)
             else:

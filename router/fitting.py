@@ -33,7 +33,7 @@ from persona_router.router.calibration import (
 from persona_router.router.classifier import CLASSIFIER_KINDS, ClassifierConfig, fit_classifier
 from persona_router.router.encoder import Encoder
 from persona_router.router.onnx_encoder import DEFAULT_BACKEND, build_encoder, check_backend
-from persona_router.router.persona_router import ROUTER_FILE, PersonaRouter, default_router_dir
+from persona_router.router.persona_router import ROUTER_FILE, PersonaRouter, default_router_dir, router_lock
 
 log = logging.getLogger(__name__)
 
@@ -360,17 +360,47 @@ def ensure_router(pack: PersonaPack | None = None, *, encoder: Encoder | None = 
     pack = pack or load_pack(DEMO_PACK)
     check_backend(backend)
     folder = Path(path) if path is not None else default_router_dir(pack.name)
-    if not refit and (folder / ROUTER_FILE).is_file():
-        try:
-            router = PersonaRouter.load(folder, pack=pack, encoder=encoder)
-        except RouterModelError as exc:
-            log.warning("refitting the router: %s", exc)
-        else:
-            fitted_on = getattr(router.encoder, "backend", "torch")
-            if encoder is not None or fitted_on == backend:
-                return router
-            log.warning("refitting the router: fitted with the %s encoder, the default is now %s", fitted_on, backend)
+    seen = _stamp(folder / ROUTER_FILE)
+    if not refit:
+        found = _current_router(folder, pack, encoder, backend, say=True)
+        if found is not None:
+            return found
     records = default_training_records(pack)
     router = fit_router(pack, records, encoder=encoder or build_encoder(None, backend), config=FitConfig()).router
-    router.save(folder)
+    with router_lock(folder):
+        # Another process (say `fit-router --data ...`, or a second server) may have saved a router for this
+        # pack while this one fitted: keep theirs rather than overwrite it with a fit on the pack's examples.
+        if not refit and _stamp(folder / ROUTER_FILE) != seen:
+            found = _current_router(folder, pack, encoder, backend, say=False)
+            if found is not None:
+                log.info("a router for %s was saved while fitting; using it", pack.name)
+                return found
+        router.save(folder, lock=False)
     return router
+
+
+def _current_router(folder: Path, pack: PersonaPack, encoder: Encoder | None, backend: str, *,
+                    say: bool) -> PersonaRouter | None:
+    """The router saved in ``folder`` if it is fitted for this pack (and backend), else None."""
+    if not (folder / ROUTER_FILE).is_file():
+        return None
+    try:
+        router = PersonaRouter.load(folder, pack=pack, encoder=encoder)
+    except RouterModelError as exc:
+        if say:
+            log.warning("refitting the router: %s", exc)
+        return None
+    fitted_on = getattr(router.encoder, "backend", "torch")
+    if encoder is not None or fitted_on == backend:
+        return router
+    if say:
+        log.warning("refitting the router: fitted with the %s encoder, the default is now %s", fitted_on, backend)
+    return None
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)

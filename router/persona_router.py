@@ -9,6 +9,7 @@ labels, classifier description, calibration) and ``classifier.safetensors``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from persona_router.core.atomic import atomic_dir, remove_stale_temps
+from persona_router.core.atomic import TMP_PREFIX, atomic_dir, remove_stale_temps
 from persona_router.core.errors import InvalidRequestError, RouterModelError
+from persona_router.core.file_lock import file_lock
 from persona_router.core.home import home_dir
 from persona_router.core.pack import DEMO_PACK, PersonaPack, demo_pack_path, load_pack
 from persona_router.router.calibration import Calibration
@@ -146,13 +148,17 @@ class PersonaRouter:
             "fit": self.info,
         }
 
-    def save(self, path: str | Path, *, extra: Callable[[Path], None] | None = None) -> Path:
+    def save(self, path: str | Path, *, extra: Callable[[Path], None] | None = None, lock: bool = True) -> Path:
         """Write the router folder atomically (a crash never leaves a half-written router).
 
-        ``extra(folder)`` may add files (such as the fit report) inside the same atomic write.
+        ``extra(folder)`` may add files (such as the fit report) inside the same atomic write. The write holds
+        the folder's lock (``router_lock``) unless ``lock=False`` says the caller already does.
         """
         target = Path(path)
-        remove_stale_temps(target.parent)
+        if lock:
+            with router_lock(target):
+                return self.save(target, extra=extra, lock=False)
+        remove_stale_temps(target.parent, only=f"{TMP_PREFIX}{target.name}-")  # other routers' saves may run
         with atomic_dir(target, replace=True) as tmp:
             description = self.describe()
             description["classifier"] = save_classifier(self.classifier, tmp)
@@ -246,3 +252,9 @@ def _check_question(question: object, *, field: str) -> str:
     if not text:
         raise InvalidRequestError("must not be empty or only whitespace", field=field)
     return text
+
+
+def router_lock(folder: str | Path) -> contextlib.AbstractContextManager[None]:
+    """The lock that one router folder's writers hold (beside it, so that replacing the folder keeps it)."""
+    folder = Path(folder)
+    return file_lock(folder.parent / f".{folder.name}.lock", waiting=f"waiting for another writer of {folder}")

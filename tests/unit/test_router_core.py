@@ -196,6 +196,29 @@ def test_ensure_router_fits_once_then_loads_and_refits_when_stale(isolated_home:
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_a_router_saved_while_ensure_router_fits_is_kept(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: while a server fits the pack's router, ``fit-router --data`` (another process) saves
+    one for the same pack. The server must use that one, not overwrite it with its own fit."""
+    import persona_router.router.fitting as fitting
+
+    folder = isolated_home / "router" / "stubpack"
+    real_fit = fitting.fit_router
+
+    def fit_while_another_saves(pack: PersonaPack, records: Sequence[RoutingRecord], **kwargs: object) -> object:
+        result = real_fit(pack, records, **kwargs)  # type: ignore[arg-type]
+        more = [*records, RoutingRecord(question="alpha alpha extra", persona="alpha")]
+        real_fit(pack, more, **kwargs).router.save(folder)  # type: ignore[arg-type]
+        return result
+
+    monkeypatch.setattr(fitting, "fit_router", fit_while_another_saves)
+    router = ensure_router(make_pack(), encoder=StubEncoder())
+    saved = json.loads((folder / "router.json").read_text())
+    pack_only = [example for persona in make_pack().personas for example in persona.examples]
+    assert saved["fit"]["counts"] == router.info["counts"]  # the file is theirs and so is what serves
+    assert sum(router.info["counts"].values()) == len(pack_only) + 1
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
 def test_router_with_the_old_embedder_fingerprint_is_refitted(isolated_home: Path, tiny_model_dir: Path) -> None:
     """Routers saved before the one ``core/fingerprint.py`` recorded another hash of the same embedder files:
     ``ensure_router`` must see them as stale and refit, recording the new fingerprint."""
