@@ -103,6 +103,7 @@ class CatalogBuilder:
         # The pack file is stamped before it is read, so an edit landing during the build shows as a change.
         pack_stamp = _file_stamp(resolve_pack_path(self.pack_ref))
         pack = load_pack(self.pack_ref)
+        stamp: Stamp = (pack_stamp,)
         if self.router_mode == "fallback":
             decide = fallback_decider(pack)
             info: dict[str, Any] = {"mode": "fallback", "fallback": pack.fallback.name}
@@ -114,10 +115,11 @@ class CatalogBuilder:
                 # The default embedder on the configured backend (the ONNX export is built once and cached).
                 self._encoder = build_encoder(None, self.router_backend)
             router = ensure_router(pack, encoder=self._encoder)
+            # The router file is stamped once the router is read (a fit here wrote it), before the warm-up,
+            # so that a save landing from then on shows as a change.
+            stamp = (pack_stamp, *self.stamp(pack.name)[1:])
             router.decide("warm up the encoder")  # the first encode pays one-off costs
             decide, info = router.decide, {"mode": "fitted", **router.describe()}
-        # The router file is stamped after the build: a fit done here wrote the file it reads.
-        stamp = (pack_stamp, *self.stamp(pack.name)[1:])
         return Catalog(pack=pack, decide=decide, router_info=info, stamp=stamp, generation=generation)
 
 
