@@ -154,9 +154,13 @@ class CatalogReloader:
                                 current.generation, exc)
                     return {**current.describe(), "changed": False, "error": self.last_error}
                 self.last_error = self._failed_stamp = None
-                # New personas must be known to the residency before a request can route to them.
-                await self.residency.set_personas(new.pack.names)
+                # New personas must be known to the residency before a request can route to them, and removed
+                # ones kept until none can: the old catalog routes to them (with their adapters) until the swap.
+                leaving = tuple(name for name in current.pack.names if name not in new.pack.names)
+                await self.residency.set_personas((*new.pack.names, *leaving))
                 self.holder.swap(new)
+                if leaving:
+                    await self.residency.set_personas(new.pack.names)  # their adapters retire once idle
                 if self._on_swap is not None:
                     self._on_swap(current, new)
                 added = sorted(set(new.pack.names) - set(current.pack.names))

@@ -64,9 +64,13 @@ def test_add_and_remove_swap_a_new_catalog(pack_file: Path) -> None:
         first.decide("q", "patient")
     # The residency heard of the new persona while the old catalog was still serving.
     assert residency.calls[-1] == (holder.current.pack.names, first.pack.names)
+    with_patient = holder.current
     remove_persona("patient", pack=pack_file)
     result = asyncio.run(reloader.reload())
     assert result["removed"] == ["patient"] and "patient" not in holder.current.pack
+    # The residency keeps the removed persona while the old catalog can still route to it, then drops it.
+    assert residency.calls[-2] == ((*holder.current.pack.names, "patient"), with_patient.pack.names)
+    assert residency.calls[-1] == (holder.current.pack.names, holder.current.pack.names)
 
 
 def test_broken_pack_keeps_serving_and_is_not_rebuilt_every_tick(pack_file: Path) -> None:
