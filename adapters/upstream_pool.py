@@ -64,7 +64,7 @@ class UpstreamPool:
         self.config = config or PoolConfig()
         self.members = {m.name: MemberState(m) for m in members}
         self._catalogue: dict[str, Path] = {}
-        self._removed: set[str] = set()  # unloaded while some member was down: dropped at its re-sync
+        self._removed: set[str] = set()  # removed, but some member may still hold it: dropped at its re-sync
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._health_task: asyncio.Task[None] | None = None
@@ -120,8 +120,6 @@ class UpstreamPool:
     def remove_adapter(self, name: str) -> None:
         with self._lock:
             self._catalogue.pop(name, None)
-            if not all(s.up for s in self.members.values()):
-                self._removed.add(name)
         self._unload_everywhere(name)
 
     def adapter_names(self) -> list[str]:
@@ -183,18 +181,26 @@ class UpstreamPool:
         log.info("adapter %s loaded on upstream %s", name, state.name)
 
     def _unload_everywhere(self, name: str) -> None:
+        """Unload ``name`` from every member holding it. A member that is down (or being re-synced) or whose
+        unload fails is left to the health check: ``name`` joins ``_removed``, which a probe that still
+        finds it there re-syncs away."""
         for state in self.members.values():
-            with state.load_lock:
-                if name not in state.held:
-                    continue
+            with state.load_lock:  # no load on this member runs meanwhile
                 with self._lock:
+                    held = name in state.held
                     state.held.discard(name)
-                if not state.up:
-                    continue  # removed at its re-sync, when it is back
+                    if not state.up:
+                        self._removed.add(name)
+                        continue
+                if not held:
+                    continue
                 try:
                     state.member.remove_adapter(name)
                 except PersonaRouterError as exc:
-                    log.warning("could not unload %s from upstream %s: %s", name, state.name, exc)
+                    log.warning("could not unload %s from upstream %s (retried at its next probe): %s", name,
+                                state.name, exc)
+                    with self._lock:
+                        self._removed.add(name)
 
     async def ensure_adapter(self, state: MemberState, name: str) -> None:
         with self._lock:
@@ -244,10 +250,13 @@ class UpstreamPool:
             return False
         with self._lock:
             lost = state.held - set(reported)
-            needs_sync = not state.up or bool(lost)
+            stale = {n for n in reported if n in self._removed and n not in self._catalogue}
+            needs_sync = not state.up or bool(lost) or bool(stale)
         if needs_sync:
-            if state.up:
+            if state.up and lost:
                 log.warning("upstream %s lost adapters %s (restarted?); re-syncing", state.name, sorted(lost))
+            elif state.up:
+                log.info("upstream %s still holds removed adapters %s; re-syncing", state.name, sorted(stale))
             try:
                 await asyncio.to_thread(self._resync, state, reported)
             except (PersonaRouterError, OSError) as exc:

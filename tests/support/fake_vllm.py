@@ -25,6 +25,7 @@ class FakeVllm:
         self.fail_completions = 0  # the next N completions answer 503 before any token
         self.break_after: int | None = None  # drop the stream after this many tokens
         self.refuse_adapters = False  # loads answer 500, as vLLM does for an unloadable adapter
+        self.fail_unloads = 0  # the next N unloads answer 503
         self.gate: asyncio.Event | None = None  # when set to an unset Event, streams wait on it
         self.completions: list[dict[str, Any]] = []  # request bodies received
         self.loads: list[str] = []
@@ -60,6 +61,9 @@ class FakeVllm:
             return httpx.Response(200, text=f"Success: LoRA adapter '{name}' added successfully.")
         if path == "/v1/unload_lora_adapter":
             name = body["lora_name"]
+            if self.fail_unloads > 0:
+                self.fail_unloads -= 1
+                return _error(503, "busy")
             if self.adapters.pop(name, None) is None:
                 return _error(404, f"The lora adapter '{name}' cannot be found.")
             self.unloads.append(name)

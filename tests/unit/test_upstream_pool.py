@@ -5,13 +5,14 @@ protocol handling."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from persona_router.adapters.engine_api import GenerationRequest, TokenEvent
 from persona_router.adapters.generation import SamplingConfig
-from persona_router.adapters.upstream_member import PoolConfig, rendezvous_order
+from persona_router.adapters.upstream_member import MemberState, PoolConfig, rendezvous_order
 from persona_router.adapters.upstream_pool import UpstreamPool
 from persona_router.core.errors import AdapterError, QueueFullError, UpstreamUnavailableError
 
@@ -313,5 +314,51 @@ def test_remove_unloads_from_every_upstream_holding_it(tmp_path: Path) -> None:
         await asyncio.to_thread(upstreams.remove_adapter, adapter)
         assert not any(adapter in f.adapters for f in fakes.values())
         assert adapter not in upstreams.adapter_names()
+
+    run(tmp_path, scenario)
+
+
+def test_an_unload_that_failed_is_retried_by_the_health_check(tmp_path: Path) -> None:
+    async def scenario(upstreams: UpstreamPool, fakes: dict[str, FakeVllm]) -> None:
+        adapter = ADAPTERS[7]
+        home = fakes[rendezvous_order(adapter, list(fakes))[0]]
+        others = set(home.adapters) - {adapter}
+        home.fail_unloads = 1
+        await asyncio.to_thread(upstreams.remove_adapter, adapter)
+        assert adapter in home.adapters and adapter not in upstreams.adapter_names()  # not told yet
+        for _ in range(100):
+            if adapter not in home.adapters:
+                break
+            await asyncio.sleep(0.02)
+        assert set(home.adapters) == others and home.unloads == [adapter]  # the others stay loaded
+        assert all(m["up"] for m in upstreams.describe())
+
+    run(tmp_path, scenario)
+
+
+def test_an_adapter_removed_while_its_upstream_resyncs_is_unloaded_there(tmp_path: Path) -> None:
+    """The removal lands after the re-sync loaded the adapter but before the member counts as up again."""
+    async def scenario(upstreams: UpstreamPool, fakes: dict[str, FakeVllm]) -> None:
+        adapter = ADAPTERS[8]
+        home = fakes[rendezvous_order(adapter, list(fakes))[0]]
+        state = upstreams.members[home.name]
+        real_resync = upstreams._resync
+        removed = threading.Event()
+
+        def resync_then_remove(member: MemberState, reported: list[str]) -> None:
+            real_resync(member, reported)
+            if member is state and not removed.is_set():
+                removed.set()
+                upstreams.remove_adapter(adapter)  # the member is still down here
+
+        upstreams._resync = resync_then_remove  # type: ignore[method-assign]
+        home.restart()  # the next probe finds its adapters gone and re-syncs it
+        upstreams.mark_down(state, "test: made to re-sync")
+        for _ in range(200):
+            if removed.is_set() and adapter not in home.adapters:
+                break
+            await asyncio.sleep(0.02)
+        assert removed.is_set() and adapter not in home.adapters
+        assert {m["name"]: m for m in upstreams.describe()}[home.name]["up"]
 
     run(tmp_path, scenario)
