@@ -21,8 +21,9 @@ members there are or what they are.
   first member would have given; sampled answers continue from a new random state).
 - **Health.** A background task probes every member each ``health_interval_s``. A probe returns the adapter
   names the member holds (None when it is unhealthy). A member that is down is skipped; when it answers
-  again, or when it no longer holds adapters the pool loaded into it (it restarted between two probes), it
-  is re-synced: adapters the pool no longer serves are unloaded, its home adapters are loaded again.
+  again, when it no longer holds adapters the pool loaded into it (it restarted between two probes), or when
+  it still holds an adapter the pool removed (it was down, re-syncing or failed the unload then), it is
+  re-synced: adapters the pool no longer serves are unloaded, its home adapters are loaded again.
 
 Bookkeeping is guarded by one ``threading.Lock`` because ``add_adapter`` / ``remove_adapter`` are called from
 worker threads (``AdapterResidency`` runs them with ``asyncio.to_thread``) while requests run on the loop.
