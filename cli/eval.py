@@ -72,7 +72,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="reference answers for the judge and readability ranges (default: demo train split)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="evaluate only the first N items (matrix: N questions)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling, bootstrap and style-judge (cross-validation folds) seed (default: %(default)s)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="report folder (default: $PERSONA_ROUTER_HOME/eval/reports/<command>-<time>)")
     parser.add_argument("--max-new-tokens", type=int, default=160, help="default: %(default)s")
@@ -135,6 +136,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
     write_report(report, out)
     for comparison in report["comparisons"]:
         print(comparison["verdict"])
+    print(f"(p-values per metric, not corrected for the {len(report['comparisons'])} metrics compared)")
     print(f"report: {out}")
     return 0
 

@@ -26,7 +26,7 @@ from persona_router.eval.batched import EngineArmRunner
 from persona_router.eval.judge import COCHRANE_DIR, StyleJudge, cochrane_check, confusion, heldout_report, train_judge
 from persona_router.eval.metrics import METRICS, ReferenceRange, reference_range, text_metrics
 from persona_router.eval.specs import ArmSpec, parse_spec
-from persona_router.eval.stats import PairedComparison, StatsConfig, compare_paired
+from persona_router.eval.stats import PairedComparison, StatsConfig, compare_paired, not_compared
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +205,18 @@ def _cpu_count() -> int | None:
     return os.cpu_count()
 
 
+BATCHED_LATENCY = "batched answers share their queueing time, so latency_s says nothing about either arm"
+
+
 def compare_all(rows_a: Sequence[dict[str, Any]], rows_b: Sequence[dict[str, Any]], *, stats: StatsConfig,
-                labels: tuple[str, str]) -> list[PairedComparison]:
-    return [compare_paired(m.name, [r.get(m.name) for r in rows_a], [r.get(m.name) for r in rows_b],
-                           direction=m.direction, config=stats, labels=labels) for m in METRICS]
+                labels: tuple[str, str], groups: Sequence[str] | None = None,
+                skip: dict[str, str] | None = None) -> list[PairedComparison]:
+    """Every metric compared, pairs grouped by ``groups`` (see ``compare_paired``); ``skip`` maps a metric
+    left out to the reason the report gives."""
+    skip = skip or {}
+    return [not_compared(m.name, m.direction, skip[m.name]) if m.name in skip else
+            compare_paired(m.name, [r.get(m.name) for r in rows_a], [r.get(m.name) for r in rows_b],
+                           direction=m.direction, config=stats, labels=labels, groups=groups) for m in METRICS]
 
 
 def run_ab(pack: PersonaPack, persona: str, spec_a: str, spec_b: str, config: EvalConfig,
@@ -233,7 +241,8 @@ def run_ab(pack: PersonaPack, persona: str, spec_a: str, spec_b: str, config: Ev
         answers = runner.run(arms, items, seed=config.seed, progress=tick)
     scores = {a.label: scorer.score(items, answers[a.label]) for a in arms}
     a, b = arms
-    comparisons = compare_all(scores[a.label], scores[b.label], stats=config.stats, labels=("A", "B"))
+    skip = {"latency_s": BATCHED_LATENCY} if config.engine == "batched" else None
+    comparisons = compare_all(scores[a.label], scores[b.label], stats=config.stats, labels=("A", "B"), skip=skip)
     return {
         "kind": "ab", "meta": _meta("eval ab", config, base), "persona": persona,
         "arms": {"A": a.to_json(), "B": b.to_json()}, "n_items": len(items), "judge": judge_info,
@@ -303,11 +312,15 @@ def run_matrix(pack: PersonaPack, config: EvalConfig, progress: ProgressFactory,
     if adapted_items:
         conditions["adapter"] = _matrix_condition(adapted_items, adapter_scores, scorer.judge.classes)
         paired_prompt = [s for i, s in zip(items, prompt_scores, strict=True) if i.persona in adapter_arms]
-        comparisons = compare_all(adapter_scores, paired_prompt, stats=config.stats, labels=("adapter", "prompt"))
+        # The personas' answers to one parallel question are not independent: that question is the unit.
+        groups = [item.parallel_id or item.id for item in adapted_items]
+        skip = {"latency_s": BATCHED_LATENCY} if config.engine == "batched" else None
+        comparisons = compare_all(adapter_scores, paired_prompt, stats=config.stats, labels=("adapter", "prompt"),
+                                  groups=groups, skip=skip)
     return {
         "kind": "matrix", "meta": _meta("eval matrix", config, base), "personas": personas,
         "items_kind": items_kind, "system_prompt": system_prompt, "baseline": baseline, "n_items": len(items),
-        "n_questions": len({i.parallel_id for i in items}), "judge": judge_info,
+        "n_questions": len({i.parallel_id or i.id for i in items}), "judge": judge_info,
         "adapters": {p: a.to_json() for p, a in adapter_arms.items()}, "missing_adapters": missing,
         "conditions": conditions,
         "metrics": [{"name": m.name, "direction": m.direction, "description": m.description, "legacy": m.legacy}
@@ -351,8 +364,8 @@ def _matrix_rows(items: Sequence[EvalItem], prompt_answers: Sequence[ArmAnswer],
     by_id = {i.id: (a, s) for i, a, s in zip(adapted, adapter_answers, adapter_scores, strict=True)}
     rows = []
     for item, answer, score in zip(items, prompt_answers, prompt_scores, strict=True):
-        row: dict[str, Any] = {"id": item.id, "persona": item.persona, "question": item.question,
-                               "prompt": {**answer.to_json(), "metrics": score}}
+        row: dict[str, Any] = {"id": item.id, "persona": item.persona, "parallel_id": item.parallel_id,
+                               "question": item.question, "prompt": {**answer.to_json(), "metrics": score}}
         if item.id in by_id:
             adapter_answer, adapter_score = by_id[item.id]
             row["adapter"] = {**adapter_answer.to_json(), "metrics": adapter_score}

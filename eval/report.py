@@ -42,7 +42,7 @@ def comparison_table(comparisons: Sequence[dict[str, Any]], labels: tuple[str, s
                      metrics: Sequence[dict[str, Any]]) -> list[str]:
     is_legacy = {m["name"]: m["legacy"] for m in metrics}
     a, b = labels
-    lines = [f"| metric | better | {a} mean | {b} mean | {a} - {b} [95% CI] | W/T/L | sign p | Wilcoxon p | verdict |",
+    lines = [f"| metric | better | {a} mean | {b} mean | {a} - {b} [95% CI] | W/T/L | sign p | test p | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         if is_legacy.get(c["metric"], False) != legacy:
@@ -50,9 +50,16 @@ def comparison_table(comparisons: Sequence[dict[str, Any]], labels: tuple[str, s
         ci = f"{_fmt(c['mean_diff'])} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]" if c["n"] else "n/a"
         verdict = c["verdict"].split(" (")[0].split(": ", 1)[-1]
         lines.append(f"| {c['metric']} | {c['direction']} | {_fmt(c['mean_a'])} | {_fmt(c['mean_b'])} | {ci} | "
-                     f"{c['wins']}/{c['ties']}/{c['losses']} | {_fmt(c['sign_p'])} | {_fmt(c['wilcoxon_p'])} | "
+                     f"{c['wins']}/{c['ties']}/{c['losses']} | {_fmt(c['sign_p'])} | {_test_p(c)} | "
                      f"{verdict} |")
     return lines
+
+
+def _test_p(comparison: dict[str, Any]) -> str:
+    """The verdict's test p-value and its name (reports from before ``test`` was recorded: Wilcoxon)."""
+    name = comparison.get("test") or "Wilcoxon"
+    p = comparison.get("test_p", comparison["wilcoxon_p"])
+    return f"{_fmt(p)} ({name})" if p is not None else "-"
 
 
 def judge_lines(judge: dict[str, Any]) -> list[str]:
@@ -93,7 +100,11 @@ def _meta_lines(report: dict[str, Any]) -> list[str]:
             f"- data: {config['data']}; judge and readability ranges from: {config['train_data']}",
             f"- statistics: {config['n_boot']} bootstrap resamples (seeded), {config['confidence']:.0%} CI, "
             f"alpha={config['alpha']}, p-values not corrected for multiple metrics; a verdict needs the CI to "
-            "exclude 0 and Wilcoxon p < alpha",
+            "exclude 0 and the test p < alpha" + (
+                "; unit: one question (the personas' answers to a parallel question are one unit): cluster "
+                "bootstrap CI of the mean over answers, cluster sign-flip permutation test, W/T/L and sign test "
+                "over questions" if any(c.get("test") == "cluster sign-flip" for c in report["comparisons"]) else
+                "; unit: one item; test: Wilcoxon signed-rank, its ranks agreeing with the mean"),
             f"- created {meta['created_at']}; versions {meta['versions']}", ""]
 
 
@@ -117,15 +128,22 @@ def ab_markdown(report: dict[str, Any]) -> str:
              *_legacy_lines(report, ("A", "B")), *judge_lines(report["judge"]), "## Sample answers", ""]
     for item in report["items"][:3]:
         lines += [f"**{item['id']}**: {item['question']}", "", f"- A: {_clip(item['A']['text'])}",
-                  f"- B: {_clip(item['B']['text'])}", f"- reference: {_clip(item['reference'])}", ""]
+                  f"- B: {_clip(item['B']['text'])}", f"- reference: {_reference(item)}", ""]
     return "\n".join(lines) + "\n"
+
+
+def _reference(item: dict[str, Any]) -> str:
+    if "reference" in item:
+        return _clip(item["reference"])
+    # A report whose references were withheld (licensed text) keeps only their hash.
+    return f"(not stored in this report; sha256 {str(item.get('reference_sha256', '?'))[:16]}...)"
 
 
 def matrix_markdown(report: dict[str, Any]) -> str:
     lines = ["# Persona matrix: does each adapter sound like its persona?", "",
-             f"- {report['n_questions']} parallel questions x {len(report['personas'])} personas"
-             + (f"; items: {report.get('items_kind')} ({report.get('n_items')} in all)" if "items_kind" in report
-                else ""),
+             f"- {report['n_questions']} questions, {report['n_items']} items, {len(report['personas'])} personas"
+             + (f" (items: {report['items_kind']}; a parallel question is asked of every persona)"
+                if "items_kind" in report else ""),
              "- persona system prompt: " + ("given to both arms" if report.get("system_prompt", True) else
                                             "withheld (baseline = the bare base; adapters carry the style alone)"),
              "- adapters: " + (", ".join(f"{p}: {a['spec']}" for p, a in report["adapters"].items()) or "none")]

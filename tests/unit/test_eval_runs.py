@@ -162,9 +162,15 @@ def test_run_ab_and_matrix_write_reports(base: Any, registry_root: Path, tmp_pat
     assert set(matrix["missing_adapters"]) == set(pack.names) - {"student"}
     assert matrix["conditions"]["prompt"]["n"] == 2 * len(pack.names)
     assert matrix["conditions"]["adapter"]["n"] == 2
+    latency = {c["metric"]: c for c in matrix["comparisons"]}["latency_s"]
+    assert latency["n"] == latency["n_items"] == 2  # one question each: two units
     write_report(matrix, tmp_path / "matrix")
     assert (tmp_path / "matrix" / "confusion_prompt.png").is_file()
     assert (tmp_path / "matrix" / "confusion_adapter.png").is_file()
+    assert "2 questions, 10 items, 5 personas" in (tmp_path / "matrix" / "report.md").read_text()
+    batched = pipeline.run_matrix(pack, replace(config, engine="batched"), no_progress)
+    latency = {c["metric"]: c for c in batched["comparisons"]}["latency_s"]
+    assert latency["n"] == 0 and "not compared (batched answers share their queueing time" in latency["verdict"]
 
 
 def test_batched_engine_answers_equal_sequential(base: Any, registry_root: Path) -> None:

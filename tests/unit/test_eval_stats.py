@@ -104,3 +104,66 @@ def test_bca_leans_with_skewed_data_and_degenerate_samples_collapse() -> None:
     assert bootstrap_ci([1.0] * 8, n_boot=500, confidence=0.95, seed=0) == (1.0, 1.0)
     binary = bootstrap_ci([0.0] * 9 + [1.0], n_boot=500, confidence=0.95, seed=0)  # BCa may be undefined here
     assert all(np.isfinite(binary)) and binary[0] <= 0.1 <= binary[1]
+
+
+def test_grouped_items_are_one_unit_each() -> None:
+    """Five personas' answers to three questions: three independent units, not fifteen."""
+    rng = np.random.default_rng(4)
+    per_question = [-1.43, -3.44, -3.54]
+    b = rng.normal(8.0, 1.0, size=15)
+    a = b + np.repeat(per_question, 5) + rng.normal(0.0, 0.3, size=15)
+    groups = [f"q{k}" for k in range(3) for _ in range(5)]
+    flat = compare_paired("grade", a.tolist(), b.tolist(), direction="none", config=CONFIG)
+    grouped = compare_paired("grade", a.tolist(), b.tolist(), direction="none", config=CONFIG, groups=groups)
+    assert flat.n == 15 and "B higher" in flat.verdict  # what counting answers as units would claim
+    assert grouped.n == 3 and grouped.n_items == 15 and grouped.wins + grouped.ties + grouped.losses == 3
+    assert grouped.mean_diff == pytest.approx(float(np.mean(a - b)))  # balanced groups: same mean
+    assert "too few units" in grouped.verdict and "n=3 groups of 15 items" in grouped.verdict
+    assert grouped.ci_low is not None and grouped.ci_high is not None and flat.ci_low is not None
+    assert flat.ci_high is not None and grouped.ci_high - grouped.ci_low > flat.ci_high - flat.ci_low  # clustered
+    singletons = compare_paired("grade", a.tolist(), b.tolist(), direction="none", config=CONFIG, groups=range(15))
+    assert (singletons.ci_low, singletons.ci_high, singletons.n) == (flat.ci_low, flat.ci_high, 15)
+
+
+def test_groups_must_match_the_items() -> None:
+    with pytest.raises(ConfigError, match="group keys"):
+        compare_paired("m", [1.0, 2.0], [1.0, 2.0], groups=["q1"])
+
+
+def test_no_winner_when_the_mean_and_the_ranks_disagree() -> None:
+    """Most items favour B a little, a few favour A a lot: the mean's CI excludes 0 toward A while the
+    signed ranks favour B. Neither arm may be named."""
+    diff = np.array([-0.1] * 60 + [1.0] * 15)
+    b = np.zeros(75)
+    result = compare_paired("m", (b + diff).tolist(), b.tolist(), config=CONFIG)
+    assert result.ci_low is not None and result.ci_low > 0 and result.wilcoxon_p is not None
+    assert result.wilcoxon_p < 0.05 and result.losses == 60
+    assert "point opposite ways" in result.verdict and "better" not in result.verdict
+
+
+def test_too_few_pairs_say_so() -> None:
+    result = compare_paired("m", [2.0] * 5, [1.0] * 5, config=CONFIG)  # five wins: exact p >= 0.0625
+    assert "too few units" in result.verdict
+    assert "A better" in compare_paired("m", [2.0] * 6, [1.0] * 6, config=CONFIG).verdict  # p = 0.031
+
+
+def test_sign_flip_test_is_exact_for_few_groups_and_seeded_for_many() -> None:
+    from persona_router.eval.stats import sign_flip_test
+
+    assert sign_flip_test(np.ones(6), np.ones(6), n_resamples=1000, seed=0) == pytest.approx(2 / 64)
+    assert sign_flip_test(np.array([1.0, -1.0]), np.ones(2), n_resamples=1000, seed=0) == 1.0
+    many = np.random.default_rng(5).normal(0.3, 1.0, size=40)
+    first = sign_flip_test(many, np.full(40, 2.0), n_resamples=2000, seed=3)
+    assert first == sign_flip_test(many, np.full(40, 2.0), n_resamples=2000, seed=3) and 0 < first < 1
+
+
+def test_a_planted_difference_over_many_groups_gets_a_verdict() -> None:
+    rng = np.random.default_rng(6)
+    sizes = [5] * 10 + [1] * 50  # ten parallel questions of five personas, fifty own questions
+    groups = [k for k, size in enumerate(sizes) for _ in range(size)]
+    b = rng.normal(0.5, 0.1, size=len(groups))
+    a = b + 0.1 + rng.normal(0.0, 0.05, size=len(groups))
+    result = compare_paired("m", a.tolist(), b.tolist(), config=CONFIG, groups=groups)
+    assert result.n == 60 and result.n_items == 100 and result.test == "cluster sign-flip"
+    assert result.test_p is not None and result.test_p < 0.01 and result.ci_low is not None and result.ci_low > 0
+    assert "A better" in result.verdict and "cluster sign-flip p=" in result.verdict
