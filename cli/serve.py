@@ -74,7 +74,9 @@ def register(subparsers: Any) -> None:
                        help="largest max_new_tokens a request may ask for (default: %(default)s)")
     serve.add_argument("--ab", type=Path, default=None,
                        help="JSON file with live A/B splits: {persona, control, candidate, share, salt}; control "
-                       "and candidate are published version numbers or 'latest' (checked at start-up)")
+                       "and candidate are published version numbers or 'latest' (checked at start-up: the versions "
+                       "must exist, and 'latest' must not be the candidate); requests without a user are served the "
+                       "control version outside the experiment")
     serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                        help="a Host name clients use to reach the server besides the bind address (repeatable); "
                        "other Host headers are refused (DNS rebinding)")
@@ -117,13 +119,17 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from persona_router.adapters.base_model import resolve_base
+    from persona_router.adapters.registry import AdapterRegistry
     from persona_router.core.pack import load_pack
+    from persona_router.service.ab_split import check_versions
     from persona_router.service.app import create_app
 
     settings = settings_from_args(args)
     pack = load_pack(settings.pack)  # fail with a clean message before uvicorn starts
+    registry = AdapterRegistry(settings.adapters_dir)
     for split in settings.ab_splits:
         pack.get(split.persona)  # an A/B split of a persona the pack does not define: UnknownPersonaError
+        check_versions(split, registry.versions(split.persona), registry.latest(split.persona))
     resolve_base(settings.base)
     if settings.engine == "vllm":
         log.info("generation goes to %d vLLM upstream(s): %s; they must serve the same base (%s)",

@@ -3,22 +3,23 @@
 The arm is a pure function of ``(experiment salt, persona, user)``: a SHA-256 hash maps each user to a
 bucket in [0, 1) and buckets below ``share`` get the candidate. The same user therefore always gets the
 same arm, raising the share only moves users from control to candidate (never back), and a new salt
-reshuffles everyone for a fresh experiment. Requests without a ``user`` cannot be kept sticky, so they get
-the control arm and the assignment says why.
+reshuffles everyone for a fresh experiment. Requests without a ``user`` cannot be kept sticky: they are served
+the control version but stay outside the experiment (arm ``unassigned``), so that the control arm's metrics
+hold the same kind of traffic as the candidate's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from persona_router.core.errors import ConfigError
 from persona_router.core.names import check_persona_name
 
-CONTROL, CANDIDATE = "control", "candidate"
+CONTROL, CANDIDATE, UNASSIGNED = "control", "candidate", "unassigned"
 LATEST = "latest"
 _SALT = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _VERSION = re.compile(r"^[1-9][0-9]*$")
@@ -71,7 +72,7 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class Assignment:
-    arm: str  # "control" or "candidate"
+    arm: str  # "control", "candidate" or "unassigned" (no user: the control version, outside the experiment)
     version: str
     bucket: float | None  # the user's position in [0, 1); None without a user
     reason: str
@@ -94,8 +95,23 @@ def bucket(salt: str, persona: str, user: str) -> float:
 def assign(config: SplitConfig, user: str | None) -> Assignment:
     """The arm for one request; deterministic in (salt, persona, user)."""
     if not user:
-        return Assignment(CONTROL, config.control, None, "no user given: control (assignment needs a user)")
+        return Assignment(UNASSIGNED, config.control, None, "no user given: served the control version, outside "
+                          "the experiment (assignment needs a user)")
     position = bucket(config.salt, config.persona, user)
     if position < config.share:
         return Assignment(CANDIDATE, config.candidate, position, f"bucket {position:.4f} < share {config.share}")
     return Assignment(CONTROL, config.control, position, f"bucket {position:.4f} >= share {config.share}")
+
+
+def check_versions(config: SplitConfig, versions: Sequence[int], latest: int | None) -> None:
+    """At start-up: each numbered arm must be a published version of the persona, and ``latest`` must not be
+    the candidate itself (the experiment would compare a version with itself)."""
+    have = ", ".join(map(str, versions)) or "none"
+    for name in (CONTROL, CANDIDATE):
+        value = getattr(config, name)
+        if value != LATEST and int(value) not in versions:
+            raise ConfigError(f"persona {config.persona!r} has no published version {value} (versions: {have})",
+                              field=name)
+    if config.control == LATEST and latest is not None and str(latest) == config.candidate:
+        raise ConfigError(f"'latest' of persona {config.persona!r} is version {latest}, the candidate itself; "
+                          "name the control version by number", field=CONTROL)

@@ -42,14 +42,17 @@ def load_service(settings: ServiceSettings) -> ServiceState:
     from persona_router.adapters.base_model import BaseModelConfig, configure_threads, load_base, load_base_meta
     from persona_router.adapters.registry import AdapterRegistry
     from persona_router.adapters.residency import AdapterResidency
+    from persona_router.service.ab_split import check_versions
     from persona_router.service.catalog import CatalogBuilder, CatalogHolder, CatalogReloader
 
     started = time.perf_counter()
     builder = CatalogBuilder(settings.pack, settings.router, settings.router_backend)
     catalog = builder.build()
     pack, router_info = catalog.pack, catalog.router_info
+    registry = AdapterRegistry(settings.adapters_dir)
     for split in settings.ab_splits:
         pack.get(split.persona)  # a split of an unknown persona fails start-up, naming the valid ones
+        check_versions(split, registry.versions(split.persona), registry.latest(split.persona))
     base_config = BaseModelConfig(base=settings.base, device=settings.device, quantization=settings.quantization)
     metrics = ServiceMetrics()
     if settings.engine == "vllm":
@@ -66,7 +69,7 @@ def load_service(settings: ServiceSettings) -> ServiceState:
         base = load_base(base_config, serving=True)
         engine, kind, max_len = _build_engine(settings, base)
     residency = AdapterResidency(
-        engine, AdapterRegistry(settings.adapters_dir), base_fingerprint=base.fingerprint, personas=pack.names,
+        engine, registry, base_fingerprint=base.fingerprint, personas=pack.names,
         max_resident=settings.max_resident_adapters,
         on_event=lambda event, persona, version: metrics.adapter_events.inc(
             event=event, persona=persona, adapter_version=str(version)),

@@ -196,10 +196,13 @@ def test_live_ab_split_is_sticky_per_user(tiny_model_dir: Path, tmp_path_factory
     factory = AdapterFactory(tiny_model_dir, tmp_path_factory.mktemp("adapters-ab"))
     factory.publish("student", seed=51)
     factory.publish("student", seed=52)
+    factory.publish("educator", seed=53)
+    factory.publish("educator", seed=54)
+    factory.corrupt("educator", 1)  # a candidate that exists but cannot load
     split = SplitConfig(persona="student", control="latest", candidate="1", share=0.5, salt="test")
-    missing = SplitConfig(persona="educator", control="latest", candidate="9", share=1.0)
+    broken = SplitConfig(persona="educator", control="latest", candidate="1", share=1.0)
     settings = ServiceSettings(base=str(tiny_model_dir), adapters_dir=factory.registry.root, router="fallback",
-                               watch_interval_s=0, ab_splits=(split, missing))
+                               watch_interval_s=0, ab_splits=(split, broken))
     with serve(settings) as running, running.client() as client:
         arms = {}
         for user in (f"user-{i}" for i in range(12)):
@@ -211,10 +214,11 @@ def test_live_ab_split_is_sticky_per_user(tiny_model_dir: Path, tmp_path_factory
             arms[user] = first["ab"]["arm"]
         assert set(arms.values()) == {"control", "candidate"}
         anonymous = answer(client, QUESTION, persona="student", max_new_tokens=2)
-        assert anonymous["ab"]["arm"] == "control" and "no user" in anonymous["ab"]["reason"]
+        assert anonymous["ab"]["arm"] == "unassigned" and "no user" in anonymous["ab"]["reason"]
+        assert anonymous["adapter"]["version"] == 2  # the control version
         assert answer(client, QUESTION, persona="clinician", user="user-1", max_new_tokens=2)["ab"] is None
         unusable = answer(client, QUESTION, persona="educator", user="user-1", max_new_tokens=2)
-        assert unusable["adapter"] is None and unusable["ab"]["arm"] == "control"
+        assert unusable["adapter"]["version"] == 2 and unusable["ab"]["arm"] == "control"
         assert "unusable" in unusable["ab"]["reason"]
         assert persona_state(client, "student")["ab"]["candidate"] == "1"
         metrics = client.get("/metrics").text

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 from persona_router.core.errors import ConfigError
-from persona_router.service.ab_split import CANDIDATE, CONTROL, SplitConfig, arm_version, assign, bucket
+from persona_router.service.ab_split import (
+    CANDIDATE,
+    UNASSIGNED,
+    SplitConfig,
+    arm_version,
+    assign,
+    bucket,
+    check_versions,
+)
 
 
 def test_same_user_always_gets_the_same_arm() -> None:
@@ -45,11 +53,24 @@ def test_salt_and_persona_reshuffle() -> None:
     assert all(0.0 <= x < 1.0 for x in a)
 
 
-def test_no_user_gets_control_with_a_reason() -> None:
+def test_no_user_gets_the_control_version_outside_the_experiment() -> None:
     config = SplitConfig(persona="student", control="1", candidate="2", share=1.0)
     got = assign(config, None)
-    assert got.arm == CONTROL and got.version == "1" and got.bucket is None and "no user" in got.reason
+    assert got.arm == UNASSIGNED and got.version == "1" and got.bucket is None and "no user" in got.reason
     assert assign(config, "someone").version == "2"
+
+
+def test_start_up_checks_the_versions_against_the_registry() -> None:
+    split = SplitConfig(persona="student", control="latest", candidate="2", share=0.5)
+    check_versions(split, [1, 2, 3], 3)
+    with pytest.raises(ConfigError, match=r"no published version 2 \(versions: 1, 3\)") as missing:
+        check_versions(split, [1, 3], 3)
+    assert missing.value.field == "candidate"
+    with pytest.raises(ConfigError, match="the candidate itself") as same:
+        check_versions(split, [1, 2], 2)
+    assert same.value.field == "control"
+    with pytest.raises(ConfigError, match="no published version 4"):
+        check_versions(SplitConfig(persona="student", control="4", candidate="2", share=0.5), [1, 2], 2)
 
 
 def test_config_validation_and_json_round_trip() -> None:
@@ -107,3 +128,15 @@ def test_serve_refuses_a_split_of_a_persona_the_pack_does_not_define(
     split.write_text(json.dumps({"persona": "pilot", "control": "1", "candidate": "2", "share": 0.5}))
     assert main(["serve", "--ab", str(split), "--router", "fallback", "--no-warmup", "--port", "0"]) == 2
     assert "unknown persona 'pilot'; valid personas: clinician, educator" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_split_whose_version_was_never_published(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from persona_router.cli.main import main
+
+    split = tmp_path / "ab.json"
+    split.write_text(json.dumps({"persona": "student", "control": "latest", "candidate": "7", "share": 0.5}))
+    code = main(["serve", "--ab", str(split), "--adapters", str(tmp_path / "adapters"), "--router", "fallback",
+                 "--no-warmup", "--port", "0"])
+    assert code == 2
+    assert "persona 'student' has no published version 7 (versions: none)" in capsys.readouterr().err
