@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from persona_router.adapters.generation import SamplingConfig
+from persona_router.core.errors import PersonaRouterError
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class TokenEvent:
     text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     error: str | None = None
+    # With "error": the domain error when the failure is one (a request the upstream refused, no upstream up,
+    # an unusable adapter), so that the service answers its status rather than a generic server error.
+    failure: PersonaRouterError | None = None
 
 
 @dataclass

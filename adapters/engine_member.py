@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from persona_router.adapters.engine_api import Engine, EngineStats, GenerationHandle, GenerationRequest
@@ -21,6 +22,7 @@ from persona_router.core.errors import PersonaRouterError, QueueFullError
 log = logging.getLogger(__name__)
 
 _PROBE_IDS = itertools.count()
+QuarantineHook = Callable[[str, str], None]
 
 
 class EngineMember:
@@ -51,6 +53,23 @@ class EngineMember:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    @property
+    def on_quarantine(self) -> QuarantineHook | None:
+        return getattr(self.engine, "on_quarantine", None)
+
+    @on_quarantine.setter
+    def on_quarantine(self, hook: QuarantineHook | None) -> None:
+        """The engine's watchdog reports a poisoned adapter through ``hook`` (engines without one ignore it)."""
+        if hasattr(self.engine, "on_quarantine"):
+            self.engine.on_quarantine = hook
+
+    def held(self) -> list[str]:
+        """The adapters this member holds, quarantined ones included: the watchdog unmapped them, but they
+        are not lost (a re-sync would put them back into service); the residency retires them."""
+        names = self.engine.adapter_names()
+        quarantined = getattr(self.engine, "quarantined", None)
+        return names + sorted(n for n in (quarantined() if callable(quarantined) else {}) if n not in names)
+
     async def probe(self) -> list[str] | None:
         """One greedy token on the bare base; the engine's adapters when it came back, else None."""
         request = GenerationRequest(request_id=f"probe-{self.name}-{next(_PROBE_IDS)}", prompt_ids=self.probe_prompt,
@@ -58,7 +77,7 @@ class EngineMember:
         try:
             handle = self.engine.submit(request)
         except QueueFullError:  # busy, not broken
-            return self.engine.adapter_names()
+            return self.held()
         except PersonaRouterError as exc:
             log.warning("engine %s refused its probe: %s", self.name, exc)
             return None
@@ -67,7 +86,7 @@ class EngineMember:
                 async for event in handle:
                     if event.finish_reason is not None:
                         if event.finish_reason in ("stop", "length"):
-                            return self.engine.adapter_names()
+                            return self.held()
                         log.warning("engine %s failed its probe: %s", self.name, event.error or event.finish_reason)
                         return None
         except TimeoutError:

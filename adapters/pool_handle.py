@@ -10,7 +10,13 @@ from dataclasses import replace
 
 from persona_router.adapters.engine_api import GenerationHandle, GenerationRequest, TokenEvent, events_until_finished
 from persona_router.adapters.upstream_member import MemberState, Placement
-from persona_router.core.errors import AdapterError, QueueFullError, UpstreamFailedError, UpstreamUnavailableError
+from persona_router.core.errors import (
+    AdapterError,
+    PersonaRouterError,
+    QueueFullError,
+    UpstreamFailedError,
+    UpstreamUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +61,8 @@ class PoolHandle:
             self._done = True
             self._queue.put_nowait(event)
 
-    def _error(self, message: str) -> None:
-        self._finish(TokenEvent(self.request_id, None, "", finish_reason="error", error=message))
+    def _error(self, message: str, failure: PersonaRouterError | None = None) -> None:
+        self._finish(TokenEvent(self.request_id, None, "", finish_reason="error", error=message, failure=failure))
 
     async def _run(self) -> None:
         tried: list[str] = []
@@ -65,7 +71,8 @@ class PoolHandle:
             try:
                 state = self._pool.choose(adapter, exclude=tried)
             except UpstreamUnavailableError as exc:
-                self._error(f"{exc} (tried: {', '.join(tried) or 'none'})")
+                message = f"{exc} (tried: {', '.join(tried) or 'none'})"
+                self._error(message, UpstreamUnavailableError(message))
                 return
             tried.append(state.name)
             self.served_by.append(state.name)
@@ -103,7 +110,7 @@ class PoolHandle:
                 self._pool.mark_down(state, str(exc))
                 return True
             except AdapterError as exc:
-                self._error(str(exc))
+                self._error(str(exc), exc)
                 return False
 
     def _resumable(self) -> bool:
@@ -132,7 +139,8 @@ class PoolHandle:
             handle = state.member.submit(request)
             self._member_handle = handle
             async for event in handle:
-                member_failed = event.finish_reason == "error" and event.token_id is None and self._resumable()
+                member_failed = (event.finish_reason == "error" and event.token_id is None and event.failure is None
+                                 and self._resumable())  # a refused request is the request's fault, not the member's
                 if member_failed and not await self._pool.check(state):  # the member itself failed: go elsewhere
                     return True
                 if event.token_id is not None:

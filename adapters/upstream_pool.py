@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class UpstreamPool:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._on_quarantine: Callable[[str, str], None] | None = None
 
     # -- Engine ----------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -133,6 +134,19 @@ class UpstreamPool:
             stats.running += state.in_flight
             stats.queued += max(0, state.in_flight - self.config.max_in_flight)
         return stats
+
+    @property
+    def on_quarantine(self) -> Callable[[str, str], None] | None:
+        return self._on_quarantine
+
+    @on_quarantine.setter
+    def on_quarantine(self, hook: Callable[[str, str], None] | None) -> None:
+        """Wire the watchdog of every in-process member (``EngineMember``) to ``hook``, as the service does
+        for a single engine; vLLM members have none."""
+        self._on_quarantine = hook
+        for state in self.members.values():
+            if hasattr(state.member, "on_quarantine"):
+                state.member.on_quarantine = hook
 
     def describe(self) -> list[dict[str, Any]]:
         """Per-member state for metrics and ``/ready``."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_router.adapters.engine_api import EngineStats, GenerationRequest, TokenEvent
-from persona_router.core.errors import AdapterError, ConfigError, UpstreamFailedError
+from persona_router.core.errors import AdapterError, ConfigError, InvalidRequestError, UpstreamFailedError
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,11 @@ class VllmUpstream:
                 if response.status_code != 200:
                     await response.aread()
                     self._raise_status(response, request)
-                    emit(TokenEvent(rid, None, "", finish_reason="error",
-                                    error=f"upstream {self.name}: {_error_message(response)}"))
+                    message = f"upstream {self.name} refused the request: {_error_message(response)}"
+                    # 400/413/422: vLLM refused this request (e.g. longer than its --max-model-len), the
+                    # client's error and answered as one; anything else stays a server error.
+                    refused = InvalidRequestError(message) if response.status_code in (400, 413, 422) else None
+                    emit(TokenEvent(rid, None, "", finish_reason="error", error=message, failure=refused))
                     return
                 async for payload in _sse_payloads(response.aiter_lines()):
                     if _handle_chunk(rid, payload, emit, self.name):

@@ -159,6 +159,8 @@ class Running:
             self.finish_reason = event.finish_reason
             if event.finish_reason == "error":
                 self.close(cancel=False)
+                if event.failure is not None:
+                    raise event.failure
                 raise GenerationFailedError(event.error or "the engine failed")
         if event.text:
             self.pieces.append(event.text)

@@ -139,6 +139,35 @@ def test_removing_an_adapter_unloads_it_from_every_device(
     run_pool(tiny_model_dir, {"gamma": engine_adapters["gamma"]}, scenario, max_in_flight=1)
 
 
+def test_a_poisoned_adapter_is_reported_and_stays_out_of_service(
+        tiny_model_dir: Path, engine_adapters: dict[str, Path], peft_reference: PeftReference) -> None:
+    """The device's watchdog quarantines an adapter whose slot yields NaN: the pool passes the report on (the
+    service's residency retires it) and its health checks must not load it back meanwhile."""
+    from persona_router.core.errors import AdapterError
+
+    prompt = prompts(peft_reference.tokenizer)[0]
+    reports: list[str] = []
+
+    async def scenario(pool: UpstreamPool, engines: dict[str, BatchedEngine]) -> None:
+        pool.on_quarantine = lambda name, reason: reports.append(name)
+        engine = engines[home("alpha")]
+        index = engine.bank.slot_of("alpha") - 1
+        for layer in engine.bank.a:
+            for tensor in layer.values():
+                tensor[index].fill_(float("nan"))
+        events = await collect(pool.submit(request("poisoned", prompt, "alpha")))
+        assert events[-1].finish_reason == "error" and "non-finite" in (events[-1].error or "")
+        await asyncio.sleep(0.5)  # several health checks
+        assert reports == ["alpha"] and set(engine.quarantined()) == {"alpha"}
+        assert "alpha" not in engine.adapter_names()  # not re-synced back into service
+        refused = await collect(pool.submit(request("again", prompt, "alpha")))
+        assert isinstance(refused[-1].failure, AdapterError) and "quarantined" in str(refused[-1].failure)
+        healthy = await collect(pool.submit(request("beta", prompt, "beta")))
+        assert generated(healthy) == peft_reference.tokens("beta", prompt)
+
+    run_pool(tiny_model_dir, engine_adapters, scenario, health_interval_s=0.05)
+
+
 def test_devices_setting_is_validated() -> None:
     from persona_router.core.errors import ConfigError
 

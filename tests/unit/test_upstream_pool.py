@@ -362,3 +362,29 @@ def test_an_adapter_removed_while_its_upstream_resyncs_is_unloaded_there(tmp_pat
         assert {m["name"]: m for m in upstreams.describe()}[home.name]["up"]
 
     run(tmp_path, scenario)
+
+
+def test_a_request_the_upstream_refuses_is_the_clients_error_and_the_upstream_stays_up(tmp_path: Path) -> None:
+    """vLLM answers 400 to a request it will not run (here: too many tokens): the event carries an
+    InvalidRequestError (the service answers 400, not 500), and the member is not probed or marked down."""
+    from persona_router.core.errors import InvalidRequestError
+
+    async def scenario(upstreams: UpstreamPool, fakes: dict[str, FakeVllm]) -> None:
+        before = {m["name"]: m["failures"] for m in upstreams.describe()}
+        events = await collect(upstreams, request("long", ADAPTERS[1], max_tokens=2000))
+        assert isinstance(events[-1].failure, InvalidRequestError)
+        assert "max_tokens is too large" in str(events[-1].failure)
+        assert {m["name"]: m["failures"] for m in upstreams.describe()} == before
+        assert all(m["up"] for m in upstreams.describe())
+
+    run(tmp_path, scenario, health_interval_s=3600)
+
+
+def test_no_upstream_left_for_a_request_is_unavailable_not_a_server_error(tmp_path: Path) -> None:
+    async def scenario(upstreams: UpstreamPool, fakes: dict[str, FakeVllm]) -> None:
+        for fake in fakes.values():
+            fake.up = False
+        events = await collect(upstreams, request("none", ADAPTERS[0]))
+        assert isinstance(events[-1].failure, UpstreamUnavailableError)
+
+    run(tmp_path, scenario, health_interval_s=3600)

@@ -103,3 +103,21 @@ def test_vllm_serve_prints_its_command(tmp_path: Path, tiny_model_dir: Path, cap
     assert code == 0
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in out and "/opt/vllm/bin/python -m vllm.entrypoints" in out
     assert f"--model {tiny_model_dir}" in out and "--port 8111" in out and out.rstrip().endswith("--max-num-seqs 4")
+
+
+def test_an_error_event_carrying_a_domain_failure_raises_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service answers a pool's refused request with the failure's status (400, 503, 422), and an
+    error without one as a generation failure (500)."""
+    from persona_router.adapters.engine_api import TokenEvent
+    from persona_router.core.errors import InvalidRequestError
+    from persona_router.service.answering import GenerationFailedError, Running
+
+    monkeypatch.setattr(Running, "close", lambda self, cancel=True: None)
+    running = Running.__new__(Running)  # only the event bookkeeping is exercised
+    running.token_ids, running.pieces, running.completion_tokens, running.first_token_at = [], [], 0, None
+    refused = InvalidRequestError("upstream u refused the request: too long")
+    with pytest.raises(InvalidRequestError) as raised:
+        running._take(TokenEvent("r", None, "", finish_reason="error", error=str(refused), failure=refused))
+    assert raised.value is refused and status_of(raised.value) == 400
+    with pytest.raises(GenerationFailedError):
+        running._take(TokenEvent("r", None, "", finish_reason="error", error="the engine failed"))
