@@ -25,6 +25,7 @@ from tests.unit.test_engine_equivalence import (
     peft_reference,
     prompts,
     request,
+    run_with,
 )
 
 __all__ = ["engine_adapters", "peft_reference"]  # fixtures shared with the equivalence tests
@@ -166,6 +167,42 @@ def test_a_poisoned_adapter_is_reported_and_stays_out_of_service(
         assert generated(healthy) == peft_reference.tokens("beta", prompt)
 
     run_pool(tiny_model_dir, engine_adapters, scenario, health_interval_s=0.05)
+
+
+def test_a_busy_engine_passes_its_probe_while_it_keeps_stepping(
+        tiny_model_dir: Path, peft_reference: PeftReference, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe queues behind running requests (one row here); an engine that keeps stepping is up, one that
+    stops stepping is not, each found within the probe's time limit."""
+    import time
+
+    engine = make_engine(tiny_model_dir, stop_token_ids=(), max_batch=1)
+    real_step = engine.scheduler.step
+
+    def slow_step(emitted: Any) -> Any:
+        time.sleep(0.02)
+        return real_step(emitted)
+
+    monkeypatch.setattr(engine.scheduler, "step", slow_step)
+    member = EngineMember("cpu#0", engine, probe_timeout_s=0.5)
+    prompt = prompts(peft_reference.tokenizer)[0]
+
+    async def body(_: BatchedEngine) -> None:
+        long = engine.submit(request("long", prompt, None, max_new_tokens=120))
+        await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        assert await member.probe() == []  # busy: up, with its (no) adapters
+        assert time.perf_counter() - started < 2.0
+
+        def stuck(emitted: Any) -> Any:
+            time.sleep(0.05)  # makes no progress
+            return None
+
+        monkeypatch.setattr(engine.scheduler, "step", stuck)
+        await asyncio.sleep(0.2)  # a step already under way finishes first
+        assert await member.probe() is None
+        long.cancel()
+
+    run_with(engine, body)
 
 
 def test_devices_setting_is_validated() -> None:
