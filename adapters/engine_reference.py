@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -308,9 +308,7 @@ class ReferenceEngine:
                 missing = [n for n in kwargs["adapter_names"] if n != BASE_ROW and n not in self._adapters]
                 if missing:
                     raise AdapterError(f"adapters {missing} were removed before the batch ran")
-            if first.sampling.seed is not None:
-                torch.manual_seed(first.sampling.seed)
-            with torch.inference_mode():
+            with _seeded(first.sampling.seed, device), torch.inference_mode():
                 self._model.generate(
                     input_ids=input_ids,
                     attention_mask=attention,
@@ -363,6 +361,25 @@ class ReferenceEngine:
         row.done = True
         row.handle.finished = True
         row.handle.push(TokenEvent(row.handle.request_id, None, "", finish_reason=reason))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: Any) -> Iterator[None]:
+    """Seed one batch's sampling (``generate`` draws from the global generators) without touching what other
+    requests draw: the generators' states are restored afterwards, and of the GPUs only this engine's is
+    seeded (``torch.manual_seed`` would reseed every device, including other engines' mid-generation)."""
+    import torch
+
+    if seed is None:
+        yield
+        return
+    gpus = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.default_generator.manual_seed(seed)
+        for gpu in gpus:
+            with torch.cuda.device(gpu):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def _batch_key(request: GenerationRequest) -> tuple[float, float] | None:

@@ -3,6 +3,8 @@ Prometheus renderer, OpenAI request mapping, admin path checks and the reference
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from persona_router.core.errors import (
     AdapterError,
@@ -165,3 +167,39 @@ def test_adapter_choice_refuses_anything_else(raw: str) -> None:
     with pytest.raises(InvalidRequestError, match="adapter choice") as caught:
         adapter_choice(raw)
     assert caught.value.field == "adapter"
+
+
+def test_a_seeded_request_leaves_the_random_state_of_other_requests_alone(tiny_model_dir: Any) -> None:
+    """The reference engine samples through ``generate`` and the global generators: a seeded request must not
+    reseed them for everyone else, and its seed must still decide its tokens."""
+    import asyncio
+
+    import torch
+    from persona_router.adapters.base_model import BaseModelConfig, load_base
+    from persona_router.adapters.engine_api import GenerationRequest
+    from persona_router.adapters.engine_reference import ReferenceEngine
+    from persona_router.adapters.generation import SamplingConfig
+
+    engine = ReferenceEngine(load_base(BaseModelConfig(base=str(tiny_model_dir), device="cpu")))
+
+    def sampled(rid: str) -> GenerationRequest:
+        return GenerationRequest(rid, (1, 2, 3), None, SamplingConfig(max_new_tokens=6, temperature=1.0, seed=7))
+
+    async def main() -> tuple[list[int | None], list[int | None]]:
+        engine.start(asyncio.get_running_loop())
+        try:
+            torch.manual_seed(123)
+            before = torch.get_rng_state()
+            first = [event.token_id async for event in engine.submit(sampled("a"))]
+            for _ in range(100):  # the last event can arrive before the worker has left the seeded block
+                if torch.equal(torch.get_rng_state(), before):
+                    break
+                await asyncio.sleep(0.01)
+            assert torch.equal(torch.get_rng_state(), before)
+            second = [event.token_id async for event in engine.submit(sampled("b"))]
+            return first, second
+        finally:
+            engine.stop()
+
+    first, second = asyncio.run(main())
+    assert first == second and len([t for t in first if t is not None]) > 0
