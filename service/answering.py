@@ -175,20 +175,7 @@ class Running:
     async def collect_or_cancel(self, receive: Callable[[], Awaitable[Any]]) -> Finished:
         """``collect``, but cancel the generation as soon as the client disconnects (``receive`` is the
         request's ASGI receive; once the body is read, its next message is ``http.disconnect``)."""
-        collecting = asyncio.ensure_future(self.collect())
-        watching = asyncio.ensure_future(_disconnected(receive))
-        try:
-            await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watching.cancel()
-        if not collecting.done():
-            log.info("request %s: the client went away; cancelling its generation", self.request_id)
-            self.finish_reason = "cancelled"
-            self.close(cancel=True)
-            collecting.cancel()
-            await asyncio.gather(collecting, return_exceptions=True)
-            raise ClientDisconnectedError("the client closed the connection before the answer was ready")
-        return collecting.result()
+        return (await collect_all_or_cancel([self], receive))[0]
 
     def close(self, *, cancel: bool) -> None:
         if self._closed:
@@ -226,6 +213,26 @@ class GenerationFailedError(PersonaRouterError):
 
 class ClientDisconnectedError(PersonaRouterError):
     """The client went away before a non-streaming answer was ready (nobody reads the response)."""
+
+
+async def collect_all_or_cancel(runs: list[Running], receive: Callable[[], Awaitable[Any]]) -> list[Finished]:
+    """Collect every generation of one HTTP request; cancel them all as soon as its client disconnects."""
+    collecting: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(running.collect() for running in runs)))
+    watching: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait([collecting, watching], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+    if not collecting.done():
+        log.info("request %s: the client went away; cancelling its generation",
+                 ", ".join(running.request_id for running in runs))
+        for running in runs:
+            running.finish_reason = running.finish_reason or "cancelled"
+            running.close(cancel=True)
+        collecting.cancel()
+        await asyncio.gather(collecting, return_exceptions=True)
+        raise ClientDisconnectedError("the client closed the connection before the answer was ready")
+    return list(collecting.result())
 
 
 async def _disconnected(receive: Callable[[], Awaitable[Any]]) -> None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 from litestar import Request, post
 from persona_router.core.errors import InvalidRequestError
-from persona_router.service.answering import Running
+from persona_router.service.answering import Running, collect_all_or_cancel
 from persona_router.service.schemas import AnswerRequest, decode_body
 from persona_router.service.state import ServiceState, service
 
@@ -116,14 +117,14 @@ def arm_result(running: Running, verdict: Verdict) -> ArmResult:
                      judge=verdict)
 
 
-async def _run_arms(state: ServiceState, body: CompareRequest) -> list[Running]:
+async def _run_arms(state: ServiceState, body: CompareRequest, receive: Callable[[], Awaitable[Any]]) -> list[Running]:
     started: list[Running] = []
     try:
         for arm in body.arms:
             request = AnswerRequest(question=body.question, persona=arm.persona, context=body.context,
                                     max_new_tokens=body.max_new_tokens, adapter=arm.adapter)
             started.append(await state.answerer.start(request, endpoint="compare"))
-        await asyncio.gather(*(running.collect() for running in started))
+        await collect_all_or_cancel(started, receive)  # a client that leaves stops both arms
     finally:
         for running in started:
             running.close(cancel=True)  # a no-op for arms that finished
@@ -136,7 +137,7 @@ async def compare(request: Request[Any, Any, Any]) -> CompareResponse:
     body = decode_body(await request.body(), CompareRequest)
     if len(body.arms) != ARMS:
         raise InvalidRequestError(f"takes exactly {ARMS} arms, got {len(body.arms)}", field="arms")
-    runs = await _run_arms(state, body)
+    runs = await _run_arms(state, body, request.receive)
     holder: JudgeHolder = request.app.state.judge
     judge, encoder, info = await holder.get(state)
     answers = [run.finished.answer if run.finished else "" for run in runs]

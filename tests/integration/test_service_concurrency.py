@@ -152,3 +152,17 @@ def test_client_disconnect_stops_generation(tiny_model_dir: Path, adapters_root:
         assert 3 <= generated < 1800
         assert server.state.answerer.in_flight == 0
         assert server.state.residency.describe_persona("general-reader")["status"] == "prompt-only"
+
+
+def test_client_disconnect_stops_both_compare_arms(tiny_model_dir: Path, adapters_root: Path) -> None:
+    settings = settings_for(tiny_model_dir, adapters_root, max_new_tokens_limit=2000)
+    with serve(settings) as server, server.client() as client:
+        before = completion_tokens(client.get("/metrics").text)
+        body = {"question": "go on", "arms": [{"persona": "student"}, {"persona": "engineer"}], "max_new_tokens": 1800}
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/compare", json=body, timeout=1.0)  # the client gives up and closes the connection
+        wait_until(lambda: bool(metric_samples(client.get("/metrics").text, "persona_router_requests_total",
+                                               status="499")), timeout_s=20)
+        wait_until(lambda: server.state.answerer.in_flight == 0, timeout_s=20)
+        generated = completion_tokens(client.get("/metrics").text) - before
+        assert 0 < generated < 2 * 1800  # both arms stopped early
