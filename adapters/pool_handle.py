@@ -113,6 +113,12 @@ class PoolHandle:
                 self._error(str(exc), exc)
                 return False
 
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            assert event.token_id is not None
+            self._generated.append(event.token_id)
+            self._queue.put_nowait(event)
+
     def _resumable(self) -> bool:
         return not self._untracked_text
 
@@ -138,11 +144,20 @@ class PoolHandle:
                 return False
             handle = state.member.submit(request)
             self._member_handle = handle
+            # Tokens whose text the member holds back (a possible stop string, part of a character) go out
+            # with the next token that brings text. If the member fails first they are dropped and the next
+            # member generates them again, with their text: continuing after them would lose that text.
+            held: list[TokenEvent] = []
             async for event in handle:
                 member_failed = (event.finish_reason == "error" and event.token_id is None and event.failure is None
                                  and self._resumable())  # a refused request is the request's fault, not the member's
                 if member_failed and not await self._pool.check(state):  # the member itself failed: go elsewhere
                     return True
+                if event.token_id is not None and not event.text and event.finish_reason is None:
+                    held.append(event)
+                    continue
+                self._deliver(held)
+                held = []
                 if event.token_id is not None:
                     self._generated.append(event.token_id)
                 elif event.text:
@@ -151,6 +166,7 @@ class PoolHandle:
                     self._finish(event)
                     return False
                 self._queue.put_nowait(event)
+            self._deliver(held)
             self._finish(TokenEvent(self.request_id, None, "", finish_reason="stop"))
             return False
         except UpstreamFailedError as exc:

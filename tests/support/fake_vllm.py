@@ -24,6 +24,8 @@ class FakeVllm:
         self.up = True
         self.fail_completions = 0  # the next N completions answer 503 before any token
         self.break_after: int | None = None  # drop the stream after this many tokens
+        self.hold_text_from: int | None = None  # tokens from this index on carry no text (held back, as a stop
+        # string's possible start is)
         self.refuse_adapters = False  # loads answer 500, as vLLM does for an unloadable adapter
         self.fail_unloads = 0  # the next N unloads answer 503
         self.gate: asyncio.Event | None = None  # when set to an unset Event, streams wait on it
@@ -97,7 +99,8 @@ class FakeVllm:
                 last = i == count - 1
                 reason = ("length" if count == body["max_tokens"] else "stop") if last else None
                 token = EOS if last and reason == "stop" else 100 + i
-                text = "" if token == EOS else f"[{self.name}|{body['model']}|{i}]"
+                held = self.hold_text_from is not None and i >= self.hold_text_from
+                text = "" if token == EOS or held else f"[{self.name}|{body['model']}|{i}]"
                 chunk = {"choices": [{"index": 0, "text": text, "token_ids": [token], "finish_reason": reason}]}
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
             usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": count}

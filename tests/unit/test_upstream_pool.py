@@ -217,6 +217,22 @@ def test_a_failure_mid_answer_continues_on_another_upstream_without_repeating_a_
     run(tmp_path, scenario)
 
 
+def test_tokens_whose_text_was_held_back_are_generated_again_after_a_failure(tmp_path: Path) -> None:
+    """The home sends one token with text, then one whose text it holds back, then drops: the held token was
+    never shown, so the next member continues from the first token and sends both texts."""
+    async def scenario(upstreams: UpstreamPool, fakes: dict[str, FakeVllm]) -> None:
+        adapter = ADAPTERS[5]
+        home, second = rendezvous_order(adapter, list(fakes))[:2]
+        fakes[home].break_after, fakes[home].hold_text_from = 2, 1
+        events = await collect(upstreams, request("held", adapter, max_tokens=16))
+        assert events[-1].finish_reason == "stop"
+        assert [e.token_id for e in events] == [100, 100, 101, 102, EOS]  # each token delivered once
+        assert text(events) == f"[{home}|{adapter}|0]" + "".join(f"[{second}|{adapter}|{k}]" for k in range(3))
+        assert fakes[second].completions[-1]["prompt"] == [1, 2, 3, 100]  # not the held-back 101
+
+    run(tmp_path, scenario)
+
+
 def test_a_continuation_keeps_the_token_budget(tmp_path: Path) -> None:
     async def scenario(upstreams: UpstreamPool, fakes: dict[str, FakeVllm]) -> None:
         adapter = ADAPTERS[4]
