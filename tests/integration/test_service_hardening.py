@@ -168,7 +168,7 @@ def test_foreign_host_header_is_refused(client: httpx.Client) -> None:
 
 def test_answer_endpoints_take_json_only(client: httpx.Client) -> None:
     body = b'{"question": "why is the sky blue?", "max_new_tokens": 2}'
-    for path in ("/v1/answer", "/v1/chat/completions"):
+    for path in ("/v1/answer", "/v1/chat/completions", "/v1/compare"):
         for media in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
             response = client.post(path, content=body, headers={"Content-Type": media})
             assert response.status_code == 415, (path, media)
