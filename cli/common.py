@@ -9,10 +9,14 @@ from typing import Any
 from persona_router.adapters.offline_default import DEFAULT_BASE
 
 
-def add_base_arguments(parser: argparse.ArgumentParser) -> None:
+def add_base_arguments(parser: argparse.ArgumentParser, *, precision: bool = True) -> None:
+    """``--base``, and unless ``precision=False`` (a command that does not load the weights itself) ``--device``
+    and ``--quantization``."""
     parser.add_argument("--base", default=DEFAULT_BASE,
                         help=f"base model: {DEFAULT_BASE!r} (offline default), a local folder, or a hub id such "
                         "as microsoft/Phi-3-mini-4k-instruct (default: %(default)s)")
+    if not precision:
+        return
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="where to run (default: %(default)s: cuda if available)")
     parser.add_argument("--quantization", default="auto", choices=("auto", "nf4", "bf16", "fp16", "fp32"),

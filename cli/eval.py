@@ -75,7 +75,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="sampling, bootstrap and style-judge (cross-validation folds) seed (default: %(default)s)")
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="report folder (default: $PERSONA_ROUTER_HOME/eval/reports/<command>-<time>)")
+                        help="report folder (default: $PERSONA_ROUTER_HOME/eval/reports/ab-<persona>-<YYYYmmdd-HHMMSS>"
+                        " for ab, matrix-<YYYYmmdd-HHMMSS> for matrix)")
     parser.add_argument("--max-new-tokens", type=int, default=160, help="default: %(default)s")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s")

@@ -22,8 +22,9 @@ def register(subparsers: Any) -> None:
         "question), calibrate per-persona thresholds by cross-validation, save it and report on it.")
     add_pack_argument(fit)
     fit.add_argument("--data", action="append", default=None, metavar="FILE",
-                     help="training utterances (repeatable); default: the demo training split for the demo pack, "
-                     "else only the pack's examples")
+                     help="training utterances (repeatable), used instead of the default ones: the demo "
+                     "utterances of every persona the pack shares with the demo pack; each persona's pack examples "
+                     "are added either way")
     fit.add_argument("--test", default=None, metavar="FILE",
                      help="held-out utterances to score, never fitted on; default: the demo test split for the demo "
                      "pack; 'none' to skip")

@@ -36,7 +36,8 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     serve.add_argument("--adapters", type=Path, default=None,
-                       help="adapters folder (default: $PERSONA_ROUTER_ADAPTERS or ~/.cache/persona-router/adapters)")
+                       help="adapters folder (default: $PERSONA_ROUTER_ADAPTERS, else $PERSONA_ROUTER_HOME/adapters, "
+                       "~/.cache/persona-router/adapters when neither is set)")
     add_pack_argument(serve)
     add_base_arguments(serve)
     serve.add_argument("--engine", default="auto", choices=ENGINES,
@@ -69,7 +70,8 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--max-resident-adapters", type=int, default=8,
                        help="adapters held in the engine at once (default: %(default)s)")
     serve.add_argument("--watch-interval", type=float, default=2.0,
-                       help="seconds between checks of the adapters folder; 0: off (default: %(default)s)")
+                       help="seconds between checks of the adapters folder and of the pack and router files; 0: off "
+                       "(default: %(default)s)")
     serve.add_argument("--max-new-tokens-limit", type=int, default=512,
                        help="largest max_new_tokens a request may ask for (default: %(default)s)")
     serve.add_argument("--ab", type=Path, default=None,

@@ -35,10 +35,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--port", type=int, default=8100, help="port (default: %(default)s; vLLM's own 8000 "
                         "is the service's default)")
     parser.add_argument("--adapters", type=Path, default=None,
-                        help="adapters folder whose live versions are preloaded (default: $PERSONA_ROUTER_ADAPTERS "
-                        "or ~/.cache/persona-router/adapters)")
+                        help="adapters folder whose live versions are preloaded (default: $PERSONA_ROUTER_ADAPTERS, "
+                        "else $PERSONA_ROUTER_HOME/adapters, ~/.cache/persona-router/adapters when neither is set)")
     add_pack_argument(parser)
-    add_base_arguments(parser)
+    add_base_arguments(parser, precision=False)  # vLLM loads the weights: its own flags go after '--'
     parser.add_argument("--python", default=None,
                         help=f"the Python of the vLLM environment (default: ${VLLM_PYTHON_ENV}, else "
                         f"{DEFAULT_VENV_PYTHON} if present, else 'python')")
