@@ -146,15 +146,19 @@ def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseMo
     if distributed_run and eval_fmt.examples:
         with trainer.model.disable_adapter():
             loss_before = _evaluate(trainer)
-    refuse_diverged(trainer.model, name, train_loss=float(output.training_loss), eval_loss=loss_after)
+    train_loss = _whole_run_train_loss(trainer, float(output.training_loss), clock.start_step)
+    refuse_diverged(trainer.model, name, train_loss=train_loss, eval_loss=loss_after)
     if not publish:
         del trainer, base
         _free_memory()
         return TrainResult(name, None, None, None, skipped="not the publishing rank")
     metrics = TrainMetrics(
-        train_loss=float(output.training_loss), eval_loss=loss_after, eval_loss_before=loss_before,
+        train_loss=train_loss, eval_loss=loss_after, eval_loss_before=loss_before,
         steps=int(trainer.state.global_step), epochs=float(trainer.state.epoch or 0.0),
-        tokens_seen=clock.tokens(trainer), wall_time_s=0.0, tokens_per_s=clock.tokens_per_s(trainer),
+        tokens_seen=clock.tokens(trainer), wall_time_s=0.0,
+        # A resumed run with no step left to take measured no speed (its few milliseconds would divide the
+        # restored token count into nonsense).
+        tokens_per_s=clock.tokens_per_s(trainer) if trainer.state.global_step > clock.start_step else 0.0,
         peak_memory_mb=memory.peak_mb(), peak_memory_kind=memory.kind, train_time_s=clock.seconds,
         resumed_from_step=clock.start_step,
     )
@@ -207,7 +211,17 @@ def build_trainer(base: Any, config: TrainConfig, train_fmt: FormatResult, eval_
     return trainer, clock, memory
 
 
-def refuse_diverged(model: Any, persona: str, *, train_loss: float, eval_loss: float | None) -> None:
+def _whole_run_train_loss(trainer: Any, this_process: float, start_step: int) -> float | None:
+    """The run's mean training loss. transformers averages over the steps this process took, which after a
+    resume leaves out the restored ones, and is 0.0 when the checkpoint was already at the last step; a
+    resumed run therefore averages every logged loss, restored ones included (None if none was logged)."""
+    if start_step == 0:
+        return this_process
+    logged = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    return sum(logged) / len(logged) if logged else None
+
+
+def refuse_diverged(model: Any, persona: str, *, train_loss: float | None, eval_loss: float | None) -> None:
     """Raise :class:`TrainingDivergedError` if the run's losses or any trainable tensor are not finite.
 
     A diverged run (lr too high, fp16 overflow, corrupt data) would otherwise publish an adapter that makes the
@@ -218,7 +232,7 @@ def refuse_diverged(model: Any, persona: str, *, train_loss: float, eval_loss: f
     import torch
 
     where = f"training {persona!r} diverged"
-    if not math.isfinite(train_loss):
+    if train_loss is not None and not math.isfinite(train_loss):
         raise TrainingDivergedError(f"{where}: train loss is {train_loss}; nothing was published (lower the "
                                     "learning rate or check the data)", field="train_loss")
     if eval_loss is not None and not math.isfinite(eval_loss):

@@ -123,6 +123,30 @@ def test_crash_mid_training_publishes_nothing_and_resume_finishes(tiny_model_dir
     assert again.skipped and again.version == 2  # that run is already published; nothing retrained
 
 
+def test_a_run_that_failed_after_its_last_step_resumes_with_true_metrics(tiny_model_dir: Path,
+                                                                         registry: AdapterRegistry) -> None:
+    """The last checkpoint was written, then the run failed (here at the end of training, as a kill during
+    the final evaluation would): the resume takes no step, and the manifest must not claim a train loss of 0
+    or a speed from a few milliseconds."""
+    from persona_router.training.trainer import train_persona
+    from transformers import TrainerCallback
+
+    class FailAtEnd(TrainerCallback):
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            raise RuntimeError("simulated failure after the last step")
+
+    base = BaseModelConfig(base=str(tiny_model_dir))
+    with pytest.raises(RuntimeError, match="after the last step"):
+        train_persona(job(), config(max_steps=4, save_steps=2), base, registry, callbacks=[FailAtEnd()])
+    assert registry.versions("student") == []
+    resumed = train_persona(job(), config(max_steps=4, save_steps=2), base, registry, resume=True)
+    assert resumed.manifest is not None
+    metrics = resumed.manifest.metrics
+    assert metrics.resumed_from_step == 4 and metrics.steps == 4
+    assert metrics.train_loss is not None and metrics.train_loss > 1.0  # the four logged losses, not 0.0
+    assert metrics.tokens_per_s == 0.0
+
+
 def test_resume_with_other_settings_is_refused(tiny_model_dir: Path, registry: AdapterRegistry) -> None:
     from persona_router.training.trainer import train_persona
 
