@@ -84,11 +84,14 @@ def train_persona(job: PersonaJob, config: TrainConfig, base_config: BaseModelCo
     with registry.lock(name):
         try:
             checkpoint = _prepare_workdir(work, run_hash, resume=resume)
-            done = _already_published(registry, name, run_hash) if resume and checkpoint is None else None
+            # Checkpoints can outlive their publish (a kill between publishing and removing them): the
+            # published version wins, or a resume would publish the same run again.
+            done = _already_published(registry, name, run_hash) if resume else None
         except PersonaRouterError as exc:
             distributed.share_decision({"error": str(exc)})  # the other ranks must not wait for a start
             raise
         if done is not None:
+            shutil.rmtree(work, ignore_errors=True)
             log.info("%s: version %d already holds this exact run; nothing to resume", name, done.version)
             skipped = "already trained with these settings and data"
             distributed.share_decision({"skipped": skipped, "version": done.version})

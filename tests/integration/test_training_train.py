@@ -147,6 +147,31 @@ def test_a_run_that_failed_after_its_last_step_resumes_with_true_metrics(tiny_mo
     assert metrics.tokens_per_s == 0.0
 
 
+def test_checkpoints_left_after_a_publish_do_not_publish_the_run_again(
+        tiny_model_dir: Path, registry: AdapterRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between publishing and removing its checkpoints: the resume finds the run published."""
+    import persona_router.training.trainer as trainer
+    from persona_router.training.trainer import CHECKPOINTS_DIR, train_persona
+
+    real_rmtree = trainer.shutil.rmtree
+
+    def killed(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == CHECKPOINTS_DIR and registry.versions("student"):  # the clean-up after publishing
+            raise KeyboardInterrupt("killed after publishing")
+        real_rmtree(path, *args, **kwargs)
+
+    base = BaseModelConfig(base=str(tiny_model_dir))
+    monkeypatch.setattr(trainer.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_persona(job(), config(max_steps=2, save_steps=2), base, registry)
+    monkeypatch.setattr(trainer.shutil, "rmtree", real_rmtree)
+    checkpoints = registry.persona_dir("student") / CHECKPOINTS_DIR
+    assert registry.versions("student") == [1] and checkpoints.exists()
+    again = train_persona(job(), config(max_steps=2, save_steps=2), base, registry, resume=True)
+    assert again.skipped and again.version == 1 and registry.versions("student") == [1]
+    assert not checkpoints.exists()
+
+
 def test_resume_with_other_settings_is_refused(tiny_model_dir: Path, registry: AdapterRegistry) -> None:
     from persona_router.training.trainer import train_persona
 
