@@ -105,11 +105,11 @@ def build_train_config(args: argparse.Namespace) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     from persona_router.adapters.base_model import BaseModelConfig, configure_threads, pick_device
     from persona_router.adapters.registry import AdapterRegistry
-    from persona_router.core.errors import ConfigError
+    from persona_router.core.errors import ConfigError, PersonaRouterError
     from persona_router.core.pack import load_pack
     from persona_router.training.distributed import leave_process_group, world
     from persona_router.training.jobs import plan_jobs
-    from persona_router.training.parallel import cpu_workers, train_spread, visible_gpus
+    from persona_router.training.parallel import Outcome, cpu_workers, raise_for_failures, train_spread, visible_gpus
     from persona_router.training.trainer import train_persona
 
     if args.gpus is not None and args.gpus < 1:
@@ -126,32 +126,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     base_config = BaseModelConfig(base=args.base, device=args.device, quantization=args.quantization)
     registry = AdapterRegistry(Path(args.adapters) if args.adapters else None)
     threads = configure_threads()
-    results = []
+    outcomes: list[Outcome] = []
     device = pick_device(args.device)
     gpus = visible_gpus() if args.all and not world().distributed and device == "cuda" else []
     cpu_count = cpu_workers(len(jobs), threads if args.workers is None else args.workers) if device == "cpu" else 1
     # The trainer prints its per-step loss lines to stdout; keep stdout for the results (--json).
     with contextlib.redirect_stdout(sys.stderr):
         if len(gpus) > 1 and len(jobs) > 1:
-            results = train_spread(jobs, config, base_config, registry.root, devices=gpus[: len(jobs)],
-                                   resume=args.resume)
+            outcomes = train_spread(jobs, config, base_config, registry.root, devices=gpus[: len(jobs)],
+                                    resume=args.resume)
         elif cpu_count > 1 and not world().distributed:
-            results = train_spread(jobs, config, base_config, registry.root, devices=[""] * cpu_count,
-                                   resume=args.resume, threads=max(1, threads // cpu_count))
+            outcomes = train_spread(jobs, config, base_config, registry.root, devices=[""] * cpu_count,
+                                    resume=args.resume, threads=max(1, threads // cpu_count))
         else:
             for index, job in enumerate(jobs, start=1):
                 log.info("[%d/%d] training %s on %d rows from %s", index, len(jobs), job.persona.name,
                          len(job.train_records), job.data_source)
-                results.append(train_persona(job, config, base_config, registry, resume=args.resume))
+                try:
+                    outcomes.append(Outcome(index - 1, "", train_persona(job, config, base_config, registry,
+                                                                         resume=args.resume)))
+                except PersonaRouterError as exc:
+                    if len(jobs) == 1:
+                        raise
+                    log.error("%s did not train: %s; going on with the others", job.persona.name, exc)
+                    outcomes.append(Outcome(index - 1, "", error=str(exc)))
     leave_process_group()
     if not world().is_main:
         return 0  # rank 0 reports
-    summary = [_summary(r) for r in results]
+    summary = [_summary(o.result) if o.error is None else {"persona": job.persona.name, "version": None, "path": None,
+                                                           "skipped": None, "error": o.error}
+               for job, o in zip(jobs, outcomes, strict=True)]
     if args.json:
         json.dump(summary, args.result_stream, indent=2)
         args.result_stream.write("\n")
     else:
         _print_table(summary, registry.root)
+    raise_for_failures(jobs, outcomes)  # after the report of those that trained; exit status 2
     return 0
 
 
@@ -211,5 +221,6 @@ def _print_table(rows: list[dict[str, Any]], root: Path) -> None:
         before, after = row.get("eval_loss_before"), row.get("eval_loss")
         losses = f"{before:.3f} -> {after:.3f}" if before is not None and after is not None else "n/a"
         table.add_row(row["persona"], str(row["version"]), losses, str(row.get("steps", "")),
-                      f"{row.get('tokens_per_s', 0):.0f}", f"{row.get('wall_time_s', 0):.0f}", row["skipped"] or "")
+                      f"{row.get('tokens_per_s', 0):.0f}", f"{row.get('wall_time_s', 0):.0f}",
+                      row["skipped"] or (f"FAILED: {row['error']}" if row.get("error") else ""))
     Console().print(table)

@@ -57,10 +57,11 @@ def cpu_workers(jobs: int, threads: int) -> int:
 
 
 def train_spread(jobs: Sequence[Any], config: Any, base_config: Any, registry_root: Path, *,
-                 devices: Sequence[str], resume: bool = False, threads: int | None = None) -> list[Any]:
+                 devices: Sequence[str], resume: bool = False, threads: int | None = None) -> list[Outcome]:
     """Train ``jobs`` on one worker per entry of ``devices`` (``CUDA_VISIBLE_DEVICES`` values; "" hides the
-    GPUs: a CPU worker); returns the results in the order of ``jobs``. ``threads``: torch threads per worker
-    (default: torch's own choice)."""
+    GPUs: a CPU worker); returns one outcome per job, in the order of ``jobs``: its result or the error that
+    stopped it (a failed persona does not hide the others). ``threads``: torch threads per worker (default:
+    torch's own choice)."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -90,13 +91,15 @@ def train_spread(jobs: Sequence[Any], config: Any, base_config: Any, registry_ro
         outcomes[outcome.index] = outcome
     for worker in workers:
         worker.join()
-    failed = [f"{jobs[i].persona.name}: {o.error}" for i, o in sorted(outcomes.items()) if o.error]
-    lost = [jobs[i].persona.name for i in range(len(jobs)) if i not in outcomes]
-    if failed or lost:
-        problems = failed + [f"{name}: its worker exited without a result" for name in lost]
+    return [outcomes.get(i) or Outcome(i, "", error="its worker exited without a result") for i in range(len(jobs))]
+
+
+def raise_for_failures(jobs: Sequence[Any], outcomes: Sequence[Outcome]) -> None:
+    """One error naming every persona that did not train, once the others are published."""
+    problems = [f"{job.persona.name}: {o.error}" for job, o in zip(jobs, outcomes, strict=True) if o.error]
+    if problems:
         raise AdapterError(f"{len(problems)} of {len(jobs)} personas did not train ({'; '.join(problems)}); the "
                            "others are published; rerun with --resume to train the rest")
-    return [outcomes[i].result for i in range(len(jobs))]
 
 
 def _name(device: str, n: int) -> str:

@@ -115,9 +115,10 @@ def test_all_spread_over_two_workers_publishes_every_persona_once(tiny_model_dir
                        [_as(r, name) for r in records(2, offset=99)], "test rows", "test eval rows") for name in names]
     root = tmp_path / "adapters"
     config = TrainConfig(max_steps=1, max_length=512, save_steps=100, batch_size=2, grad_accum=1)
-    results = train_spread(jobs, config, BaseModelConfig(base=str(tiny_model_dir), device="cpu"), root,
-                           devices=["", ""])
-    assert [r.persona for r in results] == names  # in the order asked, whatever order they finished in
+    outcomes = train_spread(jobs, config, BaseModelConfig(base=str(tiny_model_dir), device="cpu"), root,
+                            devices=["", ""])
+    assert [o.error for o in outcomes] == [None] * 3
+    assert [o.result.persona for o in outcomes] == names  # in the order asked, whatever order they finished in
     registry = AdapterRegistry(root)
     for name in names:
         assert registry.latest(name) == 1
@@ -148,6 +149,30 @@ def test_cli_all_on_cpu_spreads_personas_over_one_worker_per_core(tiny_model_dir
     assert main([*common, "--adapters", str(tmp_path / "serial"), "--workers", "1"]) == 0
     capfd.readouterr()
     assert AdapterRegistry(tmp_path / "serial").read_manifest("student", 1).extra["torch_threads"] == 2
+
+
+def test_one_persona_failing_does_not_stop_the_others(tiny_model_dir: Path, tmp_path: Path, isolated_home: Path,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """``train --all`` one persona after another: a persona that cannot train (here another process holds its
+    lock) is reported after the others trained and published, and the exit status says it failed."""
+    from persona_router.cli.main import main
+
+    data = tmp_path / "rows.jsonl"
+    rows = [_as(r, name) for name in ("student", "clinician", "educator") for r in records(6)]
+    data.write_text("".join(json.dumps(r.to_json()) + "\n" for r in rows), encoding="utf-8")
+    adapters = tmp_path / "adapters"
+    registry = AdapterRegistry(adapters)
+    with registry.lock("clinician"):
+        code = main(["-q", "train", "--all", "--skip-missing", "--data", str(data), "--base", str(tiny_model_dir),
+                     "--max-steps", "1", "--max-length", "512", "--device", "cpu", "--workers", "1", "--json",
+                     "--adapters", str(adapters)])
+    captured = capfd.readouterr()
+    err = " ".join(captured.err.split())  # the error line may be wrapped
+    assert code == 2 and "1 of 3 personas did not train" in err and "training persona 'clinician'" in err
+    summary = {row["persona"]: row for row in json.loads(captured.out)}
+    assert summary["student"]["version"] == summary["educator"]["version"] == 1
+    assert "another process is training" in summary["clinician"]["error"]
+    assert registry.latest("educator") == 1 and registry.latest("clinician") is None
 
 
 def test_cpu_worker_count() -> None:
