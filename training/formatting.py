@@ -73,7 +73,7 @@ def build_examples(records: Sequence[QARecord], *, system_prompt: str, tokenizer
         check_template_prefix(tokenizer)
     result = FormatResult()
     for record in records:
-        prompt = None if _question_bucket(record.question) < prompt_free_fraction else system_prompt
+        prompt = None if _question_bucket(record.question, PROMPT_FREE_SALT) < prompt_free_fraction else system_prompt
         example = fit_example(record, system_prompt=prompt, tokenizer=tokenizer, max_length=max_length)
         if example is None:
             result.skipped += 1
@@ -139,6 +139,9 @@ def check_template_prefix(tokenizer: Any) -> None:
                           "template", field="base")
 
 
+PROMPT_FREE_SALT = "prompt-free\x00"
+
+
 def split_holdout(records: Sequence[QARecord], fraction: float) -> tuple[list[QARecord], list[QARecord]]:
     """Deterministic train/eval split by a hash of each question (stable across row order and machines)."""
     if not 0 < fraction < 1:
@@ -152,9 +155,11 @@ def split_holdout(records: Sequence[QARecord], fraction: float) -> tuple[list[QA
     return train, held
 
 
-def _question_bucket(question: str) -> float:
-    """A stable number in [0, 1] per question (same on every machine and row order)."""
-    return int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+def _question_bucket(question: str, salt: str = "") -> float:
+    """A stable number in [0, 1] per question (same on every machine and row order). Each use has its own
+    ``salt``: with one hash for both, the rows held out for evaluation (the lowest buckets) would be the
+    rows chosen to train without the system prompt, and the share actually trained that way would fall."""
+    return int(hashlib.sha256((salt + question).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 
 def _render_ids(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:

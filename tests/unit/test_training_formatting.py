@@ -111,3 +111,15 @@ def test_prompt_free_fraction_drops_the_system_prompt_from_a_stable_share_of_row
     half = without_system(0.5)
     assert 10 <= len(half) <= 30 and half == without_system(0.5)  # the same rows every run
     assert set(without_system(0.25)) <= set(half)  # a hash threshold: raising it only adds rows
+
+
+def test_the_prompt_free_share_holds_among_the_rows_left_after_the_holdout(tokenizer: Any) -> None:
+    """The eval split and the prompt-free choice hash the question separately: after holding out 30%, half
+    of the training rows still go without the system prompt, as the manifest records."""
+    from persona_router.training.formatting import build_examples, split_holdout
+
+    records = [QARecord(persona="student", question=f"{QUESTION} {k}", answer=ANSWER) for k in range(400)]
+    train, _ = split_holdout(records, 0.3)
+    result = build_examples(train, system_prompt=SYSTEM, tokenizer=tokenizer, max_length=512, prompt_free_fraction=0.5)
+    share = sum(e.prompt[0]["role"] != "system" for e in result.examples) / len(result.examples)
+    assert 0.42 <= share <= 0.58, share  # ~280 rows; it was 0.30 with one hash for both
