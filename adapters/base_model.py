@@ -284,7 +284,19 @@ def configure_threads(default: int | None = None, *, reserve: int = 0) -> int:
     """
     import torch
 
-    cores = os.cpu_count() or 1
-    wanted = int(os.environ.get("PERSONA_ROUTER_THREADS", default or max(1, cores - reserve)))
-    torch.set_num_threads(max(1, wanted))
+    cores = usable_cores()
+    raw = os.environ.get("PERSONA_ROUTER_THREADS")
+    if raw is not None and not (raw.strip().isdigit() and int(raw) >= 1):
+        raise ConfigError(f"{raw!r} must be a whole number of threads, at least 1", field="PERSONA_ROUTER_THREADS")
+    wanted = int(raw) if raw is not None else default or max(1, cores - reserve)
+    torch.set_num_threads(wanted)
     return wanted
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (``taskset``, a container's cpuset), not the
+    machine's count, which would oversubscribe a process pinned to a few cores."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # platforms without affinity
+        return os.cpu_count() or 1

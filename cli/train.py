@@ -117,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"{args.workers} must be at least 1", field="--workers")
     if args.gpus is not None and args.gpus > 1 and not world().distributed:
+        _check_gpus(args.gpus, pick_device(args.device), visible_gpus())
         return _launch_ranks(args.gpus)
     config = build_train_config(args)
     pack = load_pack(args.pack)
@@ -163,6 +164,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_table(summary, registry.root)
     raise_for_failures(jobs, outcomes)  # after the report of those that trained; exit status 2
     return 0
+
+
+def _check_gpus(count: int, device: str, visible: list[str]) -> None:
+    """Before starting ranks: each needs a GPU of its own (a rank on a missing GPU dies with a CUDA error)."""
+    from persona_router.core.errors import ConfigError
+
+    if device != "cuda":
+        raise ConfigError(f"{count} asks for one process per GPU, but this run is on {device}; drop --gpus (CPU "
+                          "training spreads personas over cores by itself)", field="--gpus")
+    if count > len(visible):
+        raise ConfigError(f"{count} GPUs asked for, {len(visible)} visible (CUDA_VISIBLE_DEVICES: "
+                          f"{','.join(visible) or 'none'})", field="--gpus")
 
 
 def _launch_ranks(count: int) -> int:

@@ -21,7 +21,7 @@ def test_threads_leave_reserved_cores_but_never_fewer_than_one(monkeypatch: pyte
     import torch
     from persona_router.adapters import base_model
 
-    monkeypatch.setattr(base_model.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(base_model, "usable_cores", lambda: cores)
     assert base_model.configure_threads(reserve=reserve) == expected
     assert torch.get_num_threads() == expected
 
@@ -30,7 +30,26 @@ def test_the_environment_overrides_the_reserve(monkeypatch: pytest.MonkeyPatch) 
     import torch
     from persona_router.adapters import base_model
 
-    monkeypatch.setattr(base_model.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(base_model, "usable_cores", lambda: 2)
     monkeypatch.setenv("PERSONA_ROUTER_THREADS", "2")
     assert base_model.configure_threads(reserve=1) == 2
     assert torch.get_num_threads() == 2
+
+
+def test_usable_cores_follow_the_affinity_not_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from persona_router.adapters import base_model
+
+    monkeypatch.setattr(base_model.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(base_model.os, "sched_getaffinity", lambda pid: {3, 7}, raising=False)
+    assert base_model.usable_cores() == 2  # pinned to two of 64 cores (taskset, a container's cpuset)
+
+
+@pytest.mark.parametrize("raw", ["two", "0", "-1", ""])
+def test_a_malformed_thread_count_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    from persona_router.adapters import base_model
+    from persona_router.core.errors import ConfigError
+
+    monkeypatch.setenv("PERSONA_ROUTER_THREADS", raw)
+    with pytest.raises(ConfigError, match="whole number of threads") as info:
+        base_model.configure_threads()
+    assert info.value.field == "PERSONA_ROUTER_THREADS"

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import pytest
+from persona_router.adapters import base_model
 from persona_router.core.errors import ConfigError
 from persona_router.training import distributed, parallel
 from persona_router.training.config import CPU_DEFAULTS, CUDA_DEFAULTS, TrainConfig
@@ -60,6 +61,8 @@ def test_gpus_flag_relaunches_the_same_command_under_torchrun(monkeypatch: pytes
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(base_model, "pick_device", lambda device: "cuda")  # as on a machine with two GPUs
+    monkeypatch.setattr(parallel, "visible_gpus", lambda: ["0", "1"])
     argv = ["train", "--persona", "student", "--gpus", "2", "--max-steps", "3"]
     monkeypatch.setattr(sys, "argv", ["persona-router", *argv])
     assert main(argv) == 0
@@ -73,3 +76,16 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatc
     assert parallel.visible_gpus() == ["2", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert parallel.visible_gpus() == []
+
+
+def test_gpus_beyond_those_visible_or_on_cpu_are_refused(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from persona_router.cli.main import main
+
+    monkeypatch.setattr(parallel, "visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(base_model, "pick_device", lambda device: "cuda")
+    assert main(["train", "--persona", "student", "--gpus", "4"]) == 2
+    assert "field '--gpus': 4 GPUs asked for, 2 visible (CUDA_VISIBLE_DEVICES: 0,1)" in capsys.readouterr().err
+    monkeypatch.setattr(base_model, "pick_device", lambda device: "cpu")
+    assert main(["train", "--persona", "student", "--gpus", "2", "--device", "cpu"]) == 2
+    assert "this run is on cpu" in capsys.readouterr().err
