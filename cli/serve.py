@@ -159,6 +159,7 @@ class BackgroundTrainer:
         self.extra = list(extra or [])
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
+        self._starting = threading.Lock()  # a child starts, or the trainer stops: never both at once
         self._thread = threading.Thread(target=self._run, name="background-trainer", daemon=True)
         self.log_path = settings.adapters_dir / "train-missing.log"
 
@@ -170,9 +171,11 @@ class BackgroundTrainer:
         return [p for p in self.personas if p not in have]
 
     def command(self, persona: str) -> list[str]:
+        # --resume: a server stopped mid-training left checkpoints that the next one continues from.
         return [sys.executable, "-m", "persona_router", "-q", "train", "--persona", persona,
                 "--adapters", str(self.settings.adapters_dir), "--base", self.settings.base,
-                "--pack", self.settings.pack, *self.extra]
+                "--pack", self.settings.pack, "--device", self.settings.device,
+                "--quantization", self.settings.quantization, "--resume", *self.extra]
 
     def start(self) -> None:
         self.settings.adapters_dir.mkdir(parents=True, exist_ok=True)
@@ -183,11 +186,12 @@ class BackgroundTrainer:
         log.info("training adapters in the background for: %s (log: %s)", ", ".join(todo) or "none", self.log_path)
         with open(self.log_path, "ab") as sink:
             for persona in todo:
-                if self._stopping.is_set():
-                    return
-                # Lower priority: answering requests matters more than finishing the demo training early.
-                self._process = subprocess.Popen(["nice", "-n", "10", *self.command(persona)], stdout=sink,
-                                                 stderr=subprocess.STDOUT)
+                with self._starting:
+                    if self._stopping.is_set():
+                        return
+                    # Lower priority: answering requests matters more than finishing the demo training early.
+                    self._process = subprocess.Popen(["nice", "-n", "10", *self.command(persona)], stdout=sink,
+                                                     stderr=subprocess.STDOUT)
                 code = self._process.wait()
                 if code != 0 and not self._stopping.is_set():
                     log.error("training %s failed (exit %d); see %s", persona, code, self.log_path)
@@ -195,8 +199,9 @@ class BackgroundTrainer:
                     log.info("trained %s; the service loads it at its next folder check", persona)
 
     def stop(self) -> None:
-        self._stopping.set()
-        process = self._process
+        with self._starting:
+            self._stopping.set()
+            process = self._process
         if process is not None and process.poll() is None:
             process.terminate()
             try:

@@ -203,3 +203,15 @@ def test_a_seeded_request_leaves_the_random_state_of_other_requests_alone(tiny_m
 
     first, second = asyncio.run(main())
     assert first == second and len([t for t in first if t is not None]) > 0
+
+
+def test_background_training_resumes_and_keeps_the_servers_device(tmp_path: Any) -> None:
+    """``serve --train-missing``: each child continues from the checkpoints a stopped server left, trains on
+    the device and precision the server was given, and extra --train-arg values come last (they win)."""
+    from persona_router.cli.serve import BackgroundTrainer
+    from persona_router.service.settings import ServiceSettings
+
+    settings = ServiceSettings(adapters_dir=tmp_path, device="cpu", quantization="fp32")
+    command = BackgroundTrainer(settings, ("student",), extra=["--max-steps=1"]).command("student")
+    assert "--resume" in command and command[-1] == "--max-steps=1"
+    assert command[command.index("--device") + 1] == "cpu" and command[command.index("--quantization") + 1] == "fp32"
