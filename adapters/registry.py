@@ -39,7 +39,7 @@ from pathlib import Path
 
 from persona_router.adapters.manifest import MANIFEST_FILE, AdapterManifest, read_manifest_file, write_manifest
 from persona_router.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE
-from persona_router.core.atomic import TMP_PREFIX, atomic_write_text, remove_stale_temps
+from persona_router.core.atomic import TMP_PREFIX, atomic_write_text, fsync_dir, fsync_tree, remove_stale_temps
 from persona_router.core.errors import AdapterError, AdapterIncompatibleError, ConfigError
 from persona_router.core.file_lock import file_lock
 from persona_router.core.home import home_dir
@@ -162,6 +162,7 @@ class AdapterRegistry:
         if missing:
             raise AdapterError(f"staged adapter is incomplete: missing {missing}", path=staged)
         manifest = read_manifest_file(staged)
+        fsync_tree(staged)  # LATEST is flushed when it moves: the files it will point at must be on disk first
         for _ in range(100):
             version = self.next_version(persona)
             if manifest.version != version:
@@ -174,6 +175,7 @@ class AdapterRegistry:
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                     continue
                 raise
+            fsync_dir(target.parent)  # the version's name is on disk before LATEST names it
             self.set_latest(persona, version)
             log.info("published %s version %d at %s", persona, version, target)
             return version

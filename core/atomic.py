@@ -28,7 +28,7 @@ def atomic_dir(target: Path, *, replace: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if target.exists():
             if not replace:
                 raise FileExistsError(f"{target} already exists")
@@ -79,8 +79,19 @@ def remove_stale_temps(folder: Path, *, only: str = TMP_PREFIX, keep: str | None
                 child.unlink(missing_ok=True)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` to disk: done before a rename publishes them, so that after a power
+    loss the new name never points at files the disk did not get."""
     for path in root.rglob("*"):
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -126,3 +126,22 @@ def test_latest_pointing_at_garbage_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "student" / LATEST_FILE).write_text("3\n")
     with pytest.raises(AdapterError, match="missing or incomplete"):
         registry.latest("student")
+
+
+def test_publish_flushes_the_files_then_the_name_then_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order that survives a power loss: the version's files on disk before the rename names them, the
+    rename on disk before LATEST points at it."""
+    import persona_router.adapters.registry as registry_module
+
+    registry = AdapterRegistry(tmp_path)
+    staged = stage(registry)
+    events: list[tuple[str, bool, bool]] = []
+
+    def seen(kind: str) -> None:
+        events.append((kind, registry.path("student", 1).exists(), (registry.persona_dir("student") / LATEST_FILE)
+                       .exists()))
+
+    monkeypatch.setattr(registry_module, "fsync_tree", lambda root: seen("files"))
+    monkeypatch.setattr(registry_module, "fsync_dir", lambda folder: seen("name"))
+    assert registry.publish("student", staged) == 1
+    assert events == [("files", False, False), ("name", True, False)]
