@@ -126,7 +126,7 @@ class TrainConfig:
     # evaluation and checkpoints
     eval_fraction: float = 0.1  # held out from a --data source that has no separate eval split
     eval_max_rows: int | None = None  # cap on eval rows (None: all)
-    save_steps: int | None = None  # checkpoint cadence, for --resume (CUDA 50, CPU 3)
+    save_steps: int | None = None  # checkpoint cadence, for --resume (CUDA 50, CPU 10)
     logging_steps: int = 1
     seed: int = 0
 
@@ -200,11 +200,9 @@ class TrainConfig:
         updates: dict[str, Any] = {}
         for name, value in defaults.items():
             current = getattr(self, name)
-            if name == "max_steps":
-                # Explicit epochs mean "train by epochs": the CPU step budget must not cap them.
-                if current is None and self.epochs is None:
-                    updates[name] = value
-            elif current is None or current == "auto":
+            if name == "epochs" and self.max_steps is not None:
+                continue  # a step count trains instead of epochs: recording an epoch default would be untrue
+            if current is None or current == "auto":
                 updates[name] = value
         if device == "cuda":
             _keep_measured_combinations(self, updates, world_size)

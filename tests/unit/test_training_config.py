@@ -113,3 +113,11 @@ def test_gradient_checkpointing_modes_reach_trl(value: str, enabled: bool, reent
     assert (kwargs or {}).get("use_reentrant") == reentrant
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         TrainConfig(gradient_checkpointing="selective")
+
+
+def test_a_step_count_records_no_epoch_default() -> None:
+    """With max_steps, transformers ignores the epoch count: the resolved config (and so the manifest) must
+    not claim the default one."""
+    assert TrainConfig(max_steps=20).resolved("cpu").epochs is None
+    assert TrainConfig().resolved("cpu").epochs == CPU_DEFAULTS["epochs"]
+    assert TrainConfig(max_steps=20, epochs=3.0).resolved("cpu").epochs == 3.0  # as written
