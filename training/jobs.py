@@ -80,8 +80,16 @@ def _load_rows(pack: PersonaPack, data: str | None,
 
 
 def _refuse_overlap(name: str, train: list[QARecord], held: list[QARecord]) -> None:
-    seen = {(r.question, r.answer) for r in train}
-    shared = [r for r in held if (r.question, r.answer) in seen]
+    """Held-out rows must ask what the training rows do not (the question, with its context): an answer to a
+    trained question (even a different answer) measures recall of that question, not held-out data. Rows
+    that share a question template over different contexts (summarise this review) stay distinct."""
+    seen = {_asked(r) for r in train}
+    shared = [r for r in held if _asked(r) in seen]
     if shared:
-        raise DataError(f"{len(shared)} eval rows of persona {name!r} are also training rows (e.g. "
-                        f"{shared[0].question[:60]!r}); eval loss would not measure held-out data", field="eval-data")
+        raise DataError(f"{len(shared)} eval rows of persona {name!r} ask a question the training rows ask too "
+                        f"(e.g. {shared[0].question[:60]!r}); eval loss would not measure held-out data",
+                        field="eval-data")
+
+
+def _asked(record: QARecord) -> tuple[str, str]:
+    return " ".join(record.question.split()).lower(), " ".join((record.context or "").split()).lower()

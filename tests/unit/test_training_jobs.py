@@ -63,5 +63,15 @@ def test_empty_file_and_eval_rows_that_are_training_rows(tmp_path: Path) -> None
     with pytest.raises(DataError, match="contains no rows"):
         plan_jobs(load_pack(), ["student"], data=str(empty))
     data = write_rows(tmp_path / "rows.jsonl", rows_for("student", 5))
-    with pytest.raises(DataError, match="also training rows"):
+    with pytest.raises(DataError, match="ask a question the training rows ask too"):
         plan_jobs(load_pack(), ["student"], data=str(data), eval_data=str(data))
+    # Another answer (and other spacing or case) to a trained question is not held-out data either.
+    reworded = [{**row, "question": "  " + row["question"].upper(), "answer": "a different answer."}
+                for row in rows_for("student", 1)]
+    with pytest.raises(DataError, match="ask a question the training rows ask too"):
+        plan_jobs(load_pack(), ["student"], data=str(data), eval_data=str(write_rows(tmp_path / "e.jsonl", reworded)))
+    # The same question over another context is another item.
+    other_context = [{**row, "context": "another passage to work from."} for row in rows_for("student", 1)]
+    (job,) = plan_jobs(load_pack(), ["student"], data=str(data),
+                       eval_data=str(write_rows(tmp_path / "c.jsonl", other_context)))
+    assert len(job.eval_records) == 1
