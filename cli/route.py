@@ -60,9 +60,9 @@ def register(subparsers: Any) -> None:
 
 def cmd_fit_router(args: argparse.Namespace) -> int:
     from persona_router.core.pack import load_pack
+    from persona_router.router.comparison import compare_classifiers
     from persona_router.router.fitting import (
         FitConfig,
-        compare_classifiers,
         default_training_records,
         evaluate,
         fit_router,
@@ -113,7 +113,7 @@ def _test_records(option: str | None, pack: Any, *, is_demo: bool) -> list[Any]:
 
 
 def _report_markdown(router: Any, reports: list[Any], comparison: list[dict[str, Any]] | None) -> str:
-    from persona_router.router.fitting import comparison_markdown, describe_classifier
+    from persona_router.router.comparison import comparison_markdown, describe_classifier
 
     chosen = router.info["classifier"]
     thresholds = ", ".join(f"{name} {value:.2f}" for name, value in router.calibration.thresholds.items())

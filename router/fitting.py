@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ class RoutingReport:
     def to_markdown(self) -> str:
         head = (f"**{self.title}** ({self.n} questions): accuracy {self.accuracy:.3f}, macro-F1 "
                 f"{self.macro_f1:.3f}, coverage {self.coverage:.3f} (inferred, not fallen back), precision of "
-                f"inferred decisions {_fmt(self.inferred_precision)}; without abstention: accuracy "
+                f"inferred decisions {fmt_optional(self.inferred_precision)}; without abstention: accuracy "
                 f"{self.argmax_accuracy:.3f}, macro-F1 {self.argmax_macro_f1:.3f}.\n\n")
         rows = ["| persona | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         rows += [f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {int(m['support'])} |"
@@ -183,26 +183,41 @@ def training_set(pack: PersonaPack, records: Sequence[RoutingRecord], config: Fi
     names = tuple(sorted(pack.names))
     index = {name: i for i, name in enumerate(names)}
     texts, labels, evaluate = [], [], []
+    # A text given twice for one persona (the same file as pack examples and as --data) would sit in a
+    # training fold and in the fold that scores it: cross-validation would see it as held out and set the
+    # thresholds too low. Each (persona, text) is kept once.
+    seen: set[tuple[str, str]] = set()
+    duplicates = 0
+
+    def add(persona: str, text: str, scored: bool) -> bool:
+        nonlocal duplicates
+        key = (persona, " ".join(text.split()).lower())
+        if key in seen:
+            duplicates += 1
+            return False
+        seen.add(key)
+        texts.append(text)
+        labels.append(index[persona])
+        evaluate.append(scored)
+        return True
+
     for record in records:
         if record.persona not in index:
             raise DataError(f"unknown persona {record.persona!r}; valid personas: {', '.join(names)}",
                             field="persona")
-        texts.append(record.question)
-        labels.append(index[record.persona])
-        evaluate.append(True)
-    extra = 0
+        add(record.persona, record.question, True)
+    utterances = len(texts)
     for persona in pack.personas:
         added = (list(persona.examples) if config.use_examples else []) + \
             ([persona.description] if config.use_descriptions else [])
         for text in added:
-            texts.append(text)
-            labels.append(index[persona.name])
             # Descriptions describe the persona rather than ask as it: train on them, never score them.
-            evaluate.append(text != persona.description)
-        extra += len(added)
+            add(persona.name, text, text != persona.description)
     if not texts:
         raise DataError("no training utterances: give --data or keep the pack's examples", field="data")
-    counts = {"utterances": len(records), "pack_texts": extra}
+    if duplicates:
+        log.info("left out %d repeated training texts (same persona, same words)", duplicates)
+    counts = {"utterances": utterances, "pack_texts": len(texts) - utterances, "duplicates_left_out": duplicates}
     return TrainingSet(texts, np.array(labels, dtype=np.int64), names, np.array(evaluate), counts)
 
 
@@ -300,53 +315,8 @@ def report_from_probabilities(router: PersonaRouter, probs: np.ndarray, truth: n
     )
 
 
-def compare_classifiers(pack: PersonaPack, train: Sequence[RoutingRecord], test: Sequence[RoutingRecord] | None, *,
-                        encoder: Encoder, config: FitConfig) -> list[dict[str, Any]]:
-    """Fit every classifier kind on the same embeddings; cross-validation and held-out numbers side by side."""
-    data = training_set(pack, train, config)
-    x = encoder.encode(data.texts)
-    test_x = encoder.encode([r.question for r in test]) if test else None
-    rows = []
-    for kind in CLASSIFIER_KINDS:
-        result = fit_router(pack, train, encoder=encoder, config=replace(config, classifier=kind), embeddings=x)
-        row: dict[str, Any] = {"classifier": kind, "chosen": _chosen(result), "fit_seconds": round(result.seconds, 2)}
-        if result.cv_report:
-            row["cv"] = _summary(result.cv_report)
-        if test and test_x is not None:
-            row["held_out"] = _summary(evaluate(result.router, test, title="held-out", embeddings=test_x))
-        rows.append(row)
-    return rows
-
-
-def _chosen(result: FitResult) -> str:
-    return describe_classifier(result.router.info["classifier"]) + f", T={result.router.calibration.temperature:.3g}"
-
-
-def describe_classifier(chosen: dict[str, Any]) -> str:
-    """``C=1`` for logreg, ``k=10`` for knn, ``-`` for centroid (it has no hyper-parameter)."""
-    return {"logreg": f"C={chosen['c']:g}", "knn": f"k={chosen['k']}"}.get(chosen["kind"], "-")
-
-
-def _summary(report: RoutingReport) -> dict[str, float | None]:
-    return {"macro_f1": report.macro_f1, "accuracy": report.accuracy, "coverage": report.coverage,
-            "inferred_precision": report.inferred_precision, "argmax_macro_f1": report.argmax_macro_f1}
-
-
-def comparison_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| classifier | chosen by CV | CV macro-F1 (argmax) | CV macro-F1 | CV coverage | held-out macro-F1 "
-             "(argmax) | held-out macro-F1 | held-out accuracy | held-out coverage | held-out precision of inferred |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        cv, test = row.get("cv", {}), row.get("held_out", {})
-        lines.append(f"| {row['classifier']} | {row['chosen']} | {_fmt(cv.get('argmax_macro_f1'))} | "
-                     f"{_fmt(cv.get('macro_f1'))} | {_fmt(cv.get('coverage'))} | "
-                     f"{_fmt(test.get('argmax_macro_f1'))} | {_fmt(test.get('macro_f1'))} | "
-                     f"{_fmt(test.get('accuracy'))} | {_fmt(test.get('coverage'))} | "
-                     f"{_fmt(test.get('inferred_precision'))} |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value: float | None) -> str:
+def fmt_optional(value: float | None) -> str:
+    """A report number to 3 decimals, ``-`` when it does not exist (no decision was inferred)."""
     return "-" if value is None else f"{value:.3f}"
 
 

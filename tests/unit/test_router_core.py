@@ -255,3 +255,28 @@ def test_decision_json_and_validation() -> None:
 def test_calibration_json_round_trip() -> None:
     calibration = Calibration(0.25, {"a": 0.5}, 0.9, {"a": 0.95})
     assert Calibration.from_json(json.loads(json.dumps(calibration.to_json()))) == calibration
+
+
+def test_a_text_given_twice_counts_once(isolated_home: Path) -> None:
+    """The same utterances passed as pack examples and as --data must not sit in a training fold and in the
+    fold that scores them: the fit is the one of each text once."""
+    encoder = StubEncoder()
+    records = [RoutingRecord(persona=name, question=f"{name} asks thing {i}") for name in PERSONAS for i in range(4)]
+    once = fit_router(make_pack(), records, encoder=encoder, config=FitConfig()).router
+    doubled = fit_router(make_pack(), [*records, *records, RoutingRecord(persona="alpha", question=" ALPHA  asks "
+                                                                          "thing 0")],
+                         encoder=encoder, config=FitConfig()).router
+    assert doubled.info["counts"]["duplicates_left_out"] == len(records) + 1
+    assert doubled.calibration == once.calibration
+
+
+def test_classifier_comparison_fits_every_kind_on_the_same_texts() -> None:
+    from persona_router.router.classifier import CLASSIFIER_KINDS
+    from persona_router.router.comparison import compare_classifiers, comparison_markdown
+
+    records = [RoutingRecord(persona=name, question=f"{name} asks thing {i}") for name in PERSONAS for i in range(4)]
+    rows = compare_classifiers(make_pack(), records, records[:3], encoder=StubEncoder(), config=FitConfig())
+    assert [row["classifier"] for row in rows] == list(CLASSIFIER_KINDS)
+    assert all("cv" in row and "held_out" in row for row in rows)
+    table = comparison_markdown(rows)
+    assert table.count("\n") == 2 + len(CLASSIFIER_KINDS) and "| logreg | C=" in table
