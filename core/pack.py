@@ -6,6 +6,7 @@ persona is the fallback the router uses when it is not confident.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -17,6 +18,7 @@ from persona_router.core.home import home_dir
 from persona_router.core.names import PERSONA_NAME
 
 DEMO_PACK = "demo"
+_PACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 USER_PACK = "user"  # the user's own pack, created from the demo pack by `persona add`
 _PERSONA_FIELDS = ("name", "description", "system_prompt", "examples")
 _OPTIONAL_FIELDS = ("fallback", "aliases")
@@ -127,7 +129,20 @@ def pack_from_dict(raw: Any, *, source: str = "<memory>") -> PersonaPack:
     name = raw.get("name", Path(source).stem)
     if not isinstance(name, str) or not name:
         raise PackError("must be a non-empty string", path=source, field="name")
+    if not _PACK_NAME.match(name):  # it names the pack's router folder: nothing that leaves it
+        raise PackError(f"{name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+                        path=source, field="name")
+    if name == DEMO_PACK and not _is_demo_file(source):
+        raise PackError(f"{DEMO_PACK!r} is the built-in pack's name, and its router folder; give this pack its own "
+                        "name", path=source, field="name")
     return PersonaPack(name=name, personas=tuple(personas), source=source)
+
+
+def _is_demo_file(source: str) -> bool:
+    try:
+        return Path(source).resolve() == demo_pack_path().resolve()
+    except OSError:
+        return False
 
 
 def _persona_from_dict(entry: Any, *, source: str, index: int) -> Persona:

@@ -179,6 +179,11 @@ class PersonaRouter:
         description = read_description(folder)
         try:
             pack_info, embedder_info = description["pack"], description["embedder"]
+            # Read further down: a damaged file must be refused here (and refitted), not crash the caller.
+            missing = [f"pack.{key}" for key in ("source", "hash", "name") if key not in pack_info] + \
+                [f"embedder.{key}" for key in ("fingerprint", "id") if key not in embedder_info]
+            if missing:
+                raise KeyError(", ".join(missing))
             labels = [str(name) for name in description["labels"]]
             calibration = Calibration.from_json(description["calibration"])
             classifier_info = description["classifier"]

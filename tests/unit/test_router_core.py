@@ -280,3 +280,37 @@ def test_classifier_comparison_fits_every_kind_on_the_same_texts() -> None:
     assert all("cv" in row and "held_out" in row for row in rows)
     table = comparison_markdown(rows)
     assert table.count("\n") == 2 + len(CLASSIFIER_KINDS) and "| logreg | C=" in table
+
+
+@pytest.mark.parametrize(("section", "key"), [("pack", "hash"), ("pack", "source"), ("embedder", "fingerprint")])
+def test_a_damaged_router_file_is_refused_and_refitted(isolated_home: Path, section: str, key: str) -> None:
+    ensure_router(make_pack(), encoder=StubEncoder())
+    router_json = isolated_home / "router" / "stubpack" / "router.json"
+    description = json.loads(router_json.read_text())
+    del description[section][key]
+    router_json.write_text(json.dumps(description))
+    with pytest.raises(RouterModelError, match=f"incomplete.*{section}.{key}"):
+        PersonaRouter.load(router_json.parent, pack=make_pack(), encoder=StubEncoder())
+    ensure_router(make_pack(), encoder=StubEncoder())  # refits instead of crashing
+    assert key in json.loads(router_json.read_text())[section]
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "", "x" * 65])
+def test_a_pack_name_that_would_leave_the_router_folder_is_refused(name: str) -> None:
+    from persona_router.core.errors import PackError
+
+    personas = [{"name": "alpha", "description": "a", "system_prompt": "p", "examples": ["e"], "fallback": True}]
+    with pytest.raises(PackError) as info:
+        pack_from_dict({"name": name, "personas": personas}, source="<memory>")
+    assert info.value.field == "name"
+
+
+def test_a_copied_pack_cannot_take_the_demo_packs_name(tmp_path: Path) -> None:
+    from persona_router.core.errors import PackError
+    from persona_router.core.pack import demo_pack_path, load_pack
+
+    copy = tmp_path / "mine.toml"
+    copy.write_text(demo_pack_path().read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(PackError, match="built-in pack's name"):
+        load_pack(str(copy))
+    assert load_pack("demo").name == "demo"
