@@ -18,7 +18,15 @@ DEMO_SPLITS = ("train", "test")
 
 
 def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (``file:line``, row) pairs from a JSONL, JSON, CSV or Parquet file."""
+    """Yield (``file:line``, row) pairs from a JSONL, JSON, CSV or Parquet file; a file that is not UTF-8
+    text is a DataError naming it."""
+    try:
+        yield from _iter_rows(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8", path=path) from exc
+
+
+def _iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with open(path, encoding="utf-8") as handle:
@@ -39,13 +47,23 @@ def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         for number, row in enumerate(rows):
             yield f"{path}[{number}]", row
     elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as handle:
-            for number, row in enumerate(csv.DictReader(handle), start=2):
-                yield f"{path}:{number}", {k: (v if v != "" else None) for k, v in row.items()}
+        yield from _iter_csv(path)
     elif suffix == ".parquet":
         yield from _iter_parquet(path)
     else:
         raise DataError(f"unsupported file type {suffix!r}; valid: {', '.join(FILE_FORMATS)}", path=path)
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    # utf-8-sig: a spreadsheet's byte-order mark must not become part of the first column's name.
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            where = f"{path}:{reader.line_num}"  # the line the row ends on, right after quoted newlines too
+            if None in row:  # more fields than the header: an unquoted comma would shift the columns
+                raise DataError(f"{len(reader.fieldnames or []) + len(row[None])} fields where the header has "
+                                f"{len(reader.fieldnames or [])}; quote fields that contain a comma", path=where)
+            yield where, {k: (v if v != "" else None) for k, v in row.items()}
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -53,7 +71,10 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise DataError("reading Parquet needs pyarrow: pip install pyarrow", path=path) from exc
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DataError(f"is not a readable Parquet file ({exc})", path=path) from exc
     for number, row in enumerate(table.to_pylist()):
         yield f"{path}[row {number}]", row
 

@@ -138,3 +138,26 @@ def test_real_webscale_library_rows(shared_data: Path, pack: Any) -> None:
     assert loaded.report.rows == 5
     assert loaded.report.kept + loaded.report.unmapped_rows == 5
     assert all(r.context for r in loaded.records)
+
+
+def test_csv_from_a_spreadsheet_and_csv_mistakes_are_named(tmp_path: Path) -> None:
+    from persona_router.core.rows import iter_rows
+
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("\ufeffpersona,question,answer\nstudent,\"what is\na fraction?\",a part\nclinician,q2,a2\n"
+                    .encode("utf-8"))
+    rows = list(iter_rows(bom))
+    assert rows[0][1]["persona"] == "student" and rows[0][0].endswith("excel.csv:3")  # ends on line 3
+    assert rows[1][0].endswith("excel.csv:4")  # the line after the quoted newline, not row count + 1
+    unquoted = tmp_path / "comma.csv"
+    unquoted.write_text("persona,question,answer\nclinician,what is 1,2 dose?,take 2\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"comma.csv:2.*4 fields where the header has 3; quote"):
+        list(iter_rows(unquoted))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("persona,question,answer\nstudent,caf\xe9?,oui\n".encode("cp1252"))
+    with pytest.raises(DataError, match=r"latin\.csv.*not UTF-8 text"):
+        list(iter_rows(latin))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"broken\.parquet.*not a readable Parquet file"):
+        list(iter_rows(broken))
