@@ -78,9 +78,13 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def usable_folds(labels: np.ndarray, wanted: int) -> int:
-    """As many folds as asked, but no more than the rarest persona has utterances (0: cannot cross-validate)."""
-    smallest = int(np.bincount(labels).min())
-    return min(wanted, smallest) if smallest >= 2 else 0
+    """As many folds as asked, but no more than the rarest persona with at least two texts has (0: fewer
+    than two personas have two, so nothing can be cross-validated). A persona with a single text does not
+    take calibration away from the others: it trains in every fold and is never scored
+    (``out_of_fold_scores``), so it gets no evidence and is not inferred until it has more texts."""
+    counts = np.bincount(labels)
+    usable = counts[counts >= 2]
+    return min(wanted, int(usable.min())) if usable.size >= 2 else 0
 
 
 def out_of_fold_scores(embeddings: np.ndarray, labels: np.ndarray, score_fn: ScoreFn, *, folds: int,
@@ -93,10 +97,15 @@ def out_of_fold_scores(embeddings: np.ndarray, labels: np.ndarray, score_fn: Sco
     from sklearn.model_selection import StratifiedKFold
 
     mask = np.ones(len(labels), dtype=bool) if evaluate is None else evaluate
+    # Personas with fewer texts than folds cannot be stratified: their rows train in every fold, unscored.
+    rare = np.isin(labels, np.flatnonzero(np.bincount(labels) < folds))
+    split_idx, always_train = np.flatnonzero(~rare), np.flatnonzero(rare)
     all_scores, all_labels = [], []
     for repeat in range(repeats):
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + repeat)
-        for train_idx, test_idx in splitter.split(embeddings, labels):
+        for train_part, test_part in splitter.split(embeddings[split_idx], labels[split_idx]):
+            train_idx = np.concatenate([split_idx[train_part], always_train])
+            test_idx = split_idx[test_part]
             test_idx = test_idx[mask[test_idx]]
             if test_idx.size == 0:
                 continue
@@ -134,7 +143,9 @@ def fit_thresholds(probs: np.ndarray, labels: np.ndarray, names: tuple[str, ...]
     reached: dict[str, float | None] = {}
     for index, name in enumerate(names):
         mine = predicted == index
-        threshold, precision = _lowest_threshold(confidence[mine], labels[mine] == index, config.target_precision)
+        # Predictions are stacked over the repeats: the support asked for counts texts, not their repeats.
+        threshold, precision = _lowest_threshold(confidence[mine], labels[mine] == index, config.target_precision,
+                                                 MIN_SUPPORT * config.repeats)
         if threshold is None:
             log.warning("persona %r: out-of-fold predictions never reach precision %.2f, so it is never inferred "
                         "(questions for it go to the fallback persona)", name, config.target_precision)
@@ -144,9 +155,9 @@ def fit_thresholds(probs: np.ndarray, labels: np.ndarray, names: tuple[str, ...]
     return thresholds, reached
 
 
-def _lowest_threshold(confidence: np.ndarray, correct: np.ndarray,
-                      target: float) -> tuple[float | None, float | None]:
-    if confidence.size < MIN_SUPPORT:
+def _lowest_threshold(confidence: np.ndarray, correct: np.ndarray, target: float,
+                      min_support: int = MIN_SUPPORT) -> tuple[float | None, float | None]:
+    if confidence.size < min_support:
         return None, None
     order = np.argsort(-confidence, kind="stable")
     sorted_conf = confidence[order]
@@ -154,7 +165,7 @@ def _lowest_threshold(confidence: np.ndarray, correct: np.ndarray,
     precision = np.cumsum(correct[order]) / np.arange(1, confidence.size + 1)
     # A threshold admits every prediction with its confidence, so only the last of a run of ties counts.
     group_end = np.append(sorted_conf[:-1] > sorted_conf[1:], True)
-    enough = np.arange(1, confidence.size + 1) >= MIN_SUPPORT
+    enough = np.arange(1, confidence.size + 1) >= min_support
     ok = np.flatnonzero((precision >= target) & enough & group_end)
     if ok.size == 0:
         return None, None

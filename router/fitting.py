@@ -232,14 +232,18 @@ def fit_router(pack: PersonaPack, records: Sequence[RoutingRecord], *, encoder: 
     selection: list[dict[str, Any]] = []
     cv_report = None
     if folds == 0:
-        log.warning("a persona has fewer than 2 training texts: no cross-validation, thresholds = %.2f",
-                    calibration_config.min_threshold)
+        log.warning("fewer than two personas have two or more training texts: no cross-validation, "
+                    "thresholds = %.2f", calibration_config.min_threshold)
         chosen = config.candidates()[0]
         calibration = Calibration(1.0, {n: calibration_config.min_threshold for n in data.names},
                                   calibration_config.target_precision)
     else:
         chosen, oof_scores, oof_labels, temperature, selection = _select(data, x, config, folds)
         probs = np.round(softmax(oof_scores / temperature), DECIMALS)
+        rare = [name for i, name in enumerate(data.names) if int((data.labels == i).sum()) < folds]
+        if rare:
+            log.warning("%s: fewer training texts than the %d folds, so trained on but never scored and not "
+                        "inferred (routable by name) until each has %d or more", ", ".join(rare), folds, folds)
         thresholds, reached = fit_thresholds(probs, oof_labels, data.names, calibration_config)
         calibration = Calibration(temperature, thresholds, calibration_config.target_precision, reached)
     classifier = fit_classifier(chosen, x, data.labels, len(data.names))

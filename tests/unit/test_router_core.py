@@ -106,7 +106,7 @@ def test_threshold_is_lowest_confidence_reaching_target_precision() -> None:
     confidence = np.array([0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45, 0.4])
     probs = np.stack([confidence, 1 - confidence], axis=1)
     labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
-    config = CalibrationConfig(target_precision=0.9, min_threshold=0.0)
+    config = CalibrationConfig(target_precision=0.9, min_threshold=0.0, repeats=1)  # one round of predictions
     thresholds, reached = fit_thresholds(probs, labels, ("a", "b"), config)
     assert thresholds["a"] == 0.5 and reached["a"] == 1.0
     assert thresholds["b"] == 1.0 and reached["b"] is None  # never predicted: never inferred
@@ -314,3 +314,28 @@ def test_a_copied_pack_cannot_take_the_demo_packs_name(tmp_path: Path) -> None:
     with pytest.raises(PackError, match="built-in pack's name"):
         load_pack(str(copy))
     assert load_pack("demo").name == "demo"
+
+
+def test_support_counts_texts_not_their_repeats() -> None:
+    """Two texts scored in each of three repeats are six predictions but two pieces of evidence: too few."""
+    probs = np.array([[0.9, 0.1], [0.8, 0.2]] * 3)
+    labels = np.zeros(6, dtype=np.int64)
+    thresholds, reached = fit_thresholds(probs, labels, ("a", "b"), CalibrationConfig(repeats=3))
+    assert thresholds["a"] == 1.0 and reached["a"] is None  # not inferred
+    assert fit_thresholds(probs, labels, ("a", "b"), CalibrationConfig(repeats=1))[0]["a"] < 1.0
+
+
+def test_a_persona_with_one_text_leaves_the_others_calibrated(isolated_home: Path) -> None:
+    """``persona add`` allows a single example: that persona is trained on, never scored and not inferred;
+    the others keep their cross-validated temperature and thresholds."""
+    encoder = StubEncoder()
+    records = [RoutingRecord(persona=name, question=f"{name} asks thing {i}") for name in ("alpha", "beta")
+               for i in range(8)]
+    pack = pack_from_dict({"name": "stubpack", "personas": [
+        {"name": name, "description": f"the {name} persona", "system_prompt": "p", "examples": [f"{name} example"],
+         "fallback": name == "gamma"} for name in PERSONAS]}, source="<memory>")
+    result = fit_router(pack, records, encoder=encoder, config=FitConfig())  # gamma: its one example only
+    assert result.router.info["folds"] == 5 and result.cv_report is not None  # cross-validated
+    thresholds = result.router.calibration.thresholds
+    assert thresholds["gamma"] == 1.0 and thresholds["alpha"] < 1.0 and thresholds["beta"] < 1.0
+    assert result.router.calibration.temperature != 1.0
