@@ -10,6 +10,7 @@ reaches disk.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ class PackEdit:
     path: Path
     created_from_demo: bool
     pack: PersonaPack
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+\Z")  # TOML bare keys: ASCII only
 
 
 def writable_pack_path(pack: str | Path | None) -> tuple[Path, bool]:
@@ -59,7 +63,12 @@ def add_persona(entry: dict[str, Any], *, pack: str | Path | None = None, replac
     if clash and not replace:
         raise PackError(f"persona {name!r} already exists (use --replace to overwrite it)", path=path,
                         field=f"personas[{clash[0]}].name")
-    if entry.get("fallback"):
+    if clash:
+        # A replacement keeps what it does not restate: the old aliases (rows labelled by them still map) and
+        # the fallback role (a pack needs exactly one, and the fallback persona is edited this way too).
+        old = entries[clash[0]] if isinstance(entries[clash[0]], dict) else {}
+        entry = {**{key: old[key] for key in ("aliases", "fallback") if key in old}, **entry}
+    if entry.get("fallback") and not (clash and entries[clash[0]].get("fallback")):
         raise PackError("a new persona cannot be the fallback (the pack already has one)", path=path,
                         field="fallback")
     if clash:
@@ -137,8 +146,12 @@ def _write(raw: dict[str, Any], path: Path) -> PersonaPack:
         import yaml
 
         text = yaml.safe_dump(raw, sort_keys=False, allow_unicode=True, width=120)
+        written = yaml.safe_load(text)
     else:
         text = dumps_toml(raw)
+        written = tomllib.loads(text)
+    if written != json.loads(json.dumps(raw)):  # the file must load back as exactly what was validated
+        raise PackError("the edited pack does not survive being written as text; nothing was changed", path=path)
     atomic_write_text(path, text)
     return pack
 
@@ -158,7 +171,12 @@ def dumps_toml(raw: dict[str, Any]) -> str:
 
 
 def _key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+    return key if _BARE_KEY.match(key) else _string(key)
+
+
+def _string(value: str) -> str:
+    # JSON escapes are TOML escapes, but JSON leaves DEL (U+007F) raw, which TOML forbids in a string.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _value(value: Any, key: str) -> str:
@@ -167,9 +185,9 @@ def _value(value: Any, key: str) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return _string(value)
     if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
         if not value:
             return "[]"
-        return "[\n" + "".join(f"  {json.dumps(v, ensure_ascii=False)},\n" for v in value) + "]"
+        return "[\n" + "".join(f"  {_string(v)},\n" for v in value) + "]"
     raise PackError(f"cannot write a value of type {type(value).__name__} to a TOML pack", field=key)

@@ -86,9 +86,27 @@ def test_yaml_pack_is_edited_as_yaml(tmp_path: Path) -> None:
 
 
 def test_toml_writer_escapes_what_toml_needs() -> None:
-    raw = {"name": "x", "personas": [{**PATIENT, "system_prompt": 'quote " back \\ tab \t newline \n é',
-                                      "fallback": True}]}
+    raw = {"name": "x", "personas": [{**PATIENT, "system_prompt": 'quote " back \\ tab \t newline \n é del \x7f',
+                                      "fallback": True}], "café": "a non-ASCII key"}
     assert tomllib.loads(dumps_toml(raw)) == raw
+
+
+def test_replace_keeps_aliases_and_the_fallback_role_and_the_file_mode() -> None:
+    """``--replace`` restates a persona's text: its aliases and fallback role stay unless given, the fallback
+    persona itself can be edited, and the rewritten file keeps a mode other users can read."""
+    add_persona({**PATIENT, "aliases": ["patients"]})
+    user = user_pack_path()
+    user.chmod(0o644)
+    add_persona({**PATIENT, "system_prompt": "Plainer."}, replace=True)
+    assert load_pack("user").get("patient").aliases == ("patients",)
+    reader = load_pack("demo").get("general-reader")
+    add_persona({"name": "general-reader", "description": reader.description, "system_prompt": "Plain and kind.",
+                 "examples": list(reader.examples)}, replace=True)
+    edited = load_pack("user")
+    assert edited.get("general-reader").system_prompt == "Plain and kind." and edited.fallback.name == "general-reader"
+    assert user.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(PackError, match="cannot be the fallback"):
+        add_persona({**PATIENT, "name": "carer", "fallback": True})
 
 
 def test_read_examples_text_and_jsonl(tmp_path: Path) -> None:
