@@ -25,6 +25,7 @@ ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 MIN_SUPPORT = 5
 # Scores are rounded before thresholding so one float ulp of encoder noise never flips a decision.
 DECIMALS = 6
+NEVER = 1.0  # the threshold of a persona that is never inferred
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,11 @@ def fit_thresholds(probs: np.ndarray, labels: np.ndarray, names: tuple[str, ...]
         if threshold is None:
             log.warning("persona %r: out-of-fold predictions never reach precision %.2f, so it is never inferred "
                         "(questions for it go to the fallback persona)", name, config.target_precision)
-            threshold = 1.0
-        thresholds[name] = round(max(threshold, config.min_threshold), DECIMALS)
+            thresholds[name] = NEVER
+        else:
+            # 1.0 itself means "never inferred": a persona whose predictions reach the target only at a
+            # (rounded) certainty of 1 accepts them from just below it.
+            thresholds[name] = round(min(max(threshold, config.min_threshold), NEVER - 10.0**-DECIMALS), DECIMALS)
         reached[name] = None if precision is None else round(precision, 4)
     return thresholds, reached
 

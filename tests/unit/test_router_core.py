@@ -339,3 +339,12 @@ def test_a_persona_with_one_text_leaves_the_others_calibrated(isolated_home: Pat
     thresholds = result.router.calibration.thresholds
     assert thresholds["gamma"] == 1.0 and thresholds["alpha"] < 1.0 and thresholds["beta"] < 1.0
     assert result.router.calibration.temperature != 1.0
+
+
+def test_a_persona_certain_in_every_fold_is_inferred_not_switched_off() -> None:
+    """Perfectly separable out-of-fold scores round to a confidence of 1: that is the best evidence there is,
+    not the "never inferred" marker."""
+    probs = np.array([[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 6)
+    labels = np.array([0] * 6 + [1] * 6)
+    thresholds, reached = fit_thresholds(probs, labels, ("a", "b"), CalibrationConfig(repeats=1))
+    assert thresholds == {"a": 0.999999, "b": 0.999999} and reached == {"a": 1.0, "b": 1.0}
