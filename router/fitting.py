@@ -221,6 +221,10 @@ def training_set(pack: PersonaPack, records: Sequence[RoutingRecord], config: Fi
     return TrainingSet(texts, np.array(labels, dtype=np.int64), names, np.array(evaluate), counts)
 
 
+# The thresholds are fitted on the same out-of-fold predictions this report scores: say so where it is read.
+CV_TITLE = "cross-validation on train (thresholds fitted on these same predictions, so optimistic)"
+
+
 def fit_router(pack: PersonaPack, records: Sequence[RoutingRecord], *, encoder: Encoder, config: FitConfig,
                embeddings: np.ndarray | None = None) -> FitResult:
     """Fit, calibrate and return a router; ``embeddings`` of the training set may be passed to skip encoding."""
@@ -252,7 +256,7 @@ def fit_router(pack: PersonaPack, records: Sequence[RoutingRecord], *, encoder: 
     router = PersonaRouter(pack=pack, encoder=encoder, classifier=classifier, calibration=calibration,
                            labels=data.names, info=info)
     if folds:
-        cv_report = report_from_probabilities(router, probs, oof_labels, title="cross-validation on train")
+        cv_report = report_from_probabilities(router, probs, oof_labels, title=CV_TITLE)
     seconds = time.perf_counter() - started
     log.info("fitted a %s router on %d texts in %.1f s", chosen.kind, len(data.texts), seconds)
     return FitResult(router, cv_report, selection, seconds)
