@@ -12,6 +12,7 @@ from typing import Any
 from persona_router.adapters.peft_folder import check_adapter_folder
 from persona_router.adapters.registry import DISABLED_FILE, LATEST_FILE, AdapterRegistry
 from persona_router.adapters.residency_types import AdapterNotFoundError, Stamp
+from persona_router.core.atomic import file_stamp
 from persona_router.core.errors import AdapterError, PersonaRouterError, UnknownPersonaError, public_message
 
 # The residency's logger, so that records keep the name they had before the split.
@@ -63,13 +64,8 @@ class ResidencyFolder:
             pointer = folder / LATEST_FILE
             latest = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
             versions = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-            disabled = folder / DISABLED_FILE  # another server sharing the folder may disable a version
-            try:
-                info = disabled.stat()
-                marker: tuple[int, int] | None = (info.st_size, info.st_mtime_ns)
-            except FileNotFoundError:
-                marker = None
-            entries.append((persona, latest, tuple(versions), marker))
+            # Another server sharing the folder may disable a version.
+            entries.append((persona, latest, tuple(versions), file_stamp(folder / DISABLED_FILE)))
         return tuple(entries)
 
     def _file_stamp(self, persona: str, version: int) -> Stamp:

@@ -1,6 +1,7 @@
 """Write folders and files atomically: build under a temp name beside the target, then rename.
 
-A crash leaves at most a ``.tmp-*`` folder that the next writer removes, never a half-written target.
+A crash leaves at most a ``.tmp-*`` folder that the next writer removes, never a half-written target. Readers
+that watch such a file compare ``file_stamp``s: every rename into place gives it a new one.
 """
 
 from __future__ import annotations
@@ -103,3 +104,13 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """A cheap summary that changes whenever ``path`` is replaced or rewritten (inode, size, mtime); None when
+    it cannot be read (absent)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns

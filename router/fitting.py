@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from persona_router.core.atomic import file_stamp
 from persona_router.core.errors import ConfigError, DataError, RouterModelError, choices
 from persona_router.core.pack import DEMO_PACK, PersonaPack, load_pack
 from persona_router.core.records import RoutingRecord
@@ -338,7 +339,7 @@ def ensure_router(pack: PersonaPack | None = None, *, encoder: Encoder | None = 
     pack = pack or load_pack(DEMO_PACK)
     check_backend(backend)
     folder = Path(path) if path is not None else default_router_dir(pack.name)
-    seen = _stamp(folder / ROUTER_FILE)
+    seen = file_stamp(folder / ROUTER_FILE)
     if not refit:
         found = _current_router(folder, pack, encoder, backend, say=True)
         if found is not None:
@@ -348,7 +349,7 @@ def ensure_router(pack: PersonaPack | None = None, *, encoder: Encoder | None = 
     with router_lock(folder):
         # Another process (say `fit-router --data ...`, or a second server) may have saved a router for this
         # pack while this one fitted: keep theirs rather than overwrite it with a fit on the pack's examples.
-        if not refit and _stamp(folder / ROUTER_FILE) != seen:
+        if not refit and file_stamp(folder / ROUTER_FILE) != seen:
             found = _current_router(folder, pack, encoder, backend, say=False)
             if found is not None:
                 log.info("a router for %s was saved while fitting; using it", pack.name)
@@ -375,10 +376,3 @@ def _current_router(folder: Path, pack: PersonaPack, encoder: Encoder | None, ba
         log.warning("refitting the router: fitted with the %s encoder, the default is now %s", fitted_on, backend)
     return None
 
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        return None
-    return (info.st_ino, info.st_size, info.st_mtime_ns)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_router.adapters.residency import AdapterResidency
+from persona_router.core.atomic import file_stamp
 from persona_router.core.errors import InvalidRequestError, PersonaRouterError
 from persona_router.core.pack import PersonaPack, load_pack, resolve_pack_path
 from persona_router.router.decision import Decision
@@ -92,12 +93,16 @@ class CatalogBuilder:
 
     def stamp(self, pack_name: str | None) -> Stamp:
         """Cheap summary of what a build reads: the pack file and the router's description file."""
-        parts: list[Any] = [_file_stamp(resolve_pack_path(self.pack_ref))]
+        pack = _file_stamp(resolve_pack_path(self.pack_ref))
         if self.router_mode == "fitted" and pack_name is not None:
-            from persona_router.router.persona_router import ROUTER_FILE, default_router_dir
+            return pack, self._router_stamp(pack_name)
+        return (pack,)
 
-            parts.append(_file_stamp(default_router_dir(pack_name) / ROUTER_FILE))
-        return tuple(parts)
+    @staticmethod
+    def _router_stamp(pack_name: str) -> Any:
+        from persona_router.router.persona_router import ROUTER_FILE, default_router_dir
+
+        return _file_stamp(default_router_dir(pack_name) / ROUTER_FILE)
 
     def build(self, generation: int = 1) -> Catalog:
         # The pack file is stamped before it is read, so an edit landing during the build shows as a change.
@@ -117,7 +122,7 @@ class CatalogBuilder:
             router = ensure_router(pack, encoder=self._encoder)
             # The router file is stamped once the router is read (a fit here wrote it), before the warm-up,
             # so that a save landing from then on shows as a change.
-            stamp = (pack_stamp, *self.stamp(pack.name)[1:])
+            stamp = (pack_stamp, self._router_stamp(pack.name))
             router.decide("warm up the encoder")  # the first encode pays one-off costs
             decide, info = router.decide, {"mode": "fitted", **router.describe()}
         return Catalog(pack=pack, decide=decide, router_info=info, stamp=stamp, generation=generation)
@@ -181,8 +186,5 @@ class CatalogReloader:
 
 
 def _file_stamp(path: Path) -> tuple[str, int, int, int] | None:
-    try:
-        info = path.stat()
-    except OSError:
-        return None
-    return (str(path), info.st_ino, info.st_size, info.st_mtime_ns)
+    stamp = file_stamp(path)  # with the path: a renamed pack reads another router folder
+    return None if stamp is None else (str(path), *stamp)
