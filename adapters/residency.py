@@ -128,11 +128,14 @@ class AdapterResidency(ResidencyFolder):
         name = engine_name(persona, version)
         if name not in self._resident or version not in self._versions.get(persona, []):
             self._check_exists(persona, version)  # never published or gone from disk: a 404, not a 422
-        if (persona, version) in self._disabled:
-            raise AdapterError(f"{name} is disabled; POST it to enable it again")
+        self._refuse_disabled(persona, version)
         refusal = self._refused.get((persona, version))
         if refusal is not None and name in self._resident:
             raise _rebuild_error(refusal)  # quarantined: the engine drops it once the lock is free
+
+    def _refuse_disabled(self, persona: str, version: int) -> None:
+        if (persona, version) in self._disabled:
+            raise AdapterError(f"{engine_name(persona, version)} is disabled; POST it to enable it again")
 
     def release(self, lease: Lease) -> None:
         self._inflight[lease.name] -= 1
@@ -145,8 +148,7 @@ class AdapterResidency(ResidencyFolder):
     async def _load(self, persona: str, version: int, *, evict_live: bool = True) -> None:
         """Validate and load one version; the caller holds the lock. Refusals are recorded and raised;
         a full residency raises QueueFullError and records nothing."""
-        if (persona, version) in self._disabled:
-            raise AdapterError(f"{engine_name(persona, version)} is disabled; POST it to enable it again")
+        self._refuse_disabled(persona, version)
         refusal = self._refused.get((persona, version))
         if refusal is not None:
             stamp = await asyncio.to_thread(self._file_stamp, persona, version)

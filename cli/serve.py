@@ -123,15 +123,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from persona_router.adapters.base_model import resolve_base
     from persona_router.adapters.registry import AdapterRegistry
     from persona_router.core.pack import load_pack
-    from persona_router.service.ab_split import check_versions
+    from persona_router.service.ab_split import check_splits
     from persona_router.service.app import create_app
 
     settings = settings_from_args(args)
     pack = load_pack(settings.pack)  # fail with a clean message before uvicorn starts
-    registry = AdapterRegistry(settings.adapters_dir)
-    for split in settings.ab_splits:
-        pack.get(split.persona)  # an A/B split of a persona the pack does not define: UnknownPersonaError
-        check_versions(split, registry.versions(split.persona), registry.latest(split.persona))
+    check_splits(settings.ab_splits, pack, AdapterRegistry(settings.adapters_dir))
     resolve_base(settings.base)
     if settings.engine == "vllm":
         log.info("generation goes to %d vLLM upstream(s): %s; they must serve the same base (%s)",

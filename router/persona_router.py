@@ -24,7 +24,7 @@ from persona_router.core.errors import InvalidRequestError, RouterModelError
 from persona_router.core.file_lock import file_lock
 from persona_router.core.home import home_dir
 from persona_router.core.pack import DEMO_PACK, PersonaPack, demo_pack_path, load_pack
-from persona_router.router.calibration import Calibration
+from persona_router.router.calibration import NEVER, Calibration
 from persona_router.router.classifier import Classifier, load_classifier, save_classifier
 from persona_router.router.decision import Decision, explicit
 from persona_router.router.encoder import Encoder, load_encoder
@@ -114,8 +114,8 @@ class PersonaRouter:
         order = np.argsort(-probs, kind="stable")
         top = int(order[0])
         name, confidence, threshold = self.labels[top], float(probs[top]), float(self._thresholds[top])
-        # A threshold of 1 means the persona is never inferred (its precision target was out of reach).
-        if threshold < 1.0 and confidence >= threshold:
+        # NEVER: the persona is never inferred (its precision target was out of reach).
+        if threshold < NEVER and confidence >= threshold:
             second = int(order[1]) if len(order) > 1 else None
             return Decision(persona=name, source="inferred", confidence=confidence,
                             runner_up=None if second is None else self.labels[second],

@@ -14,10 +14,14 @@ import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from persona_router.core.errors import ConfigError
 from persona_router.core.names import check_persona_name
+
+if TYPE_CHECKING:
+    from persona_router.adapters.registry import AdapterRegistry
+    from persona_router.core.pack import PersonaPack
 
 CONTROL, CANDIDATE, UNASSIGNED = "control", "candidate", "unassigned"
 LATEST = "latest"
@@ -115,3 +119,11 @@ def check_versions(config: SplitConfig, versions: Sequence[int], latest: int | N
     if config.control == LATEST and latest is not None and str(latest) == config.candidate:
         raise ConfigError(f"'latest' of persona {config.persona!r} is version {latest}, the candidate itself; "
                           "name the control version by number", field=CONTROL)
+
+
+def check_splits(splits: Sequence[SplitConfig], pack: PersonaPack, registry: AdapterRegistry) -> None:
+    """Start-up, before any model loads: each split names a persona of the pack (``UnknownPersonaError`` lists
+    the valid ones) and versions its adapters folder holds (``check_versions``)."""
+    for split in splits:
+        pack.get(split.persona)
+        check_versions(split, registry.versions(split.persona), registry.latest(split.persona))

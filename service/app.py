@@ -42,7 +42,7 @@ def load_service(settings: ServiceSettings) -> ServiceState:
     from persona_router.adapters.base_model import BaseModelConfig, configure_threads, load_base, load_base_meta
     from persona_router.adapters.registry import AdapterRegistry
     from persona_router.adapters.residency import AdapterResidency
-    from persona_router.service.ab_split import check_versions
+    from persona_router.service.ab_split import check_splits
     from persona_router.service.catalog import CatalogBuilder, CatalogHolder, CatalogReloader
 
     started = time.perf_counter()
@@ -50,9 +50,7 @@ def load_service(settings: ServiceSettings) -> ServiceState:
     catalog = builder.build()
     pack, router_info = catalog.pack, catalog.router_info
     registry = AdapterRegistry(settings.adapters_dir)
-    for split in settings.ab_splits:
-        pack.get(split.persona)  # a split of an unknown persona fails start-up, naming the valid ones
-        check_versions(split, registry.versions(split.persona), registry.latest(split.persona))
+    check_splits(settings.ab_splits, pack, registry)
     base_config = BaseModelConfig(base=settings.base, device=settings.device, quantization=settings.quantization)
     metrics = ServiceMetrics()
     if settings.engine == "vllm":
