@@ -69,8 +69,11 @@ class PairedComparison:
 
 def not_compared(metric: str, direction: str, reason: str) -> PairedComparison:
     """A metric left out of the comparison on purpose, saying why (so reports still list it)."""
-    return PairedComparison(metric, direction, 0, None, None, None, None, None, 0, 0, 0, None, None,
-                            f"{metric}: not compared ({reason})")
+    return _without_values(metric, direction, f"not compared ({reason})")
+
+
+def _without_values(metric: str, direction: str, why: str) -> PairedComparison:
+    return PairedComparison(metric, direction, 0, None, None, None, None, None, 0, 0, 0, None, None, f"{metric}: {why}")
 
 
 def compare_paired(metric: str, a: Sequence[float | None], b: Sequence[float | None], *, direction: str = "higher",
@@ -90,14 +93,14 @@ def compare_paired(metric: str, a: Sequence[float | None], b: Sequence[float | N
     keys = list(groups) if groups is not None else list(range(len(a)))
     present = [(x, y, k) for x, y, k in zip(a, b, keys, strict=True) if _present(x) and _present(y)]
     if not present:
-        return PairedComparison(metric, direction, 0, None, None, None, None, None, 0, 0, 0, None, None,
-                                f"{metric}: no paired values")
+        return _without_values(metric, direction, "no paired values")
     xa = np.array([p[0] for p in present], dtype=float)
     xb = np.array([p[1] for p in present], dtype=float)
     sums, counts = _unit_sums(xa - xb, [p[2] for p in present])
     diff = sums / counts  # one value per unit
+    grouped = not np.all(counts == 1)
     low, high = bootstrap_ci(sums, n_boot=config.n_boot, confidence=config.confidence, seed=config.seed,
-                             counts=None if np.all(counts == 1) else counts)
+                             counts=counts if grouped else None)
     mean_diff = float((xa - xb).mean())
     sign = -1.0 if direction == "lower" else 1.0
     better = sign * diff
@@ -106,7 +109,7 @@ def compare_paired(metric: str, a: Sequence[float | None], b: Sequence[float | N
     ties = len(diff) - wins - losses
     sign_p = sign_test(wins, losses)
     wilcoxon_p = wilcoxon_test(diff, tolerance=config.tie_tolerance)
-    if np.all(counts == 1):
+    if not grouped:
         # Two-sided p < alpha could come from ranks that favour the other arm than the mean does: the verdict
         # asks the one-sided test toward the mean instead.
         test, test_p = "Wilcoxon", wilcoxon_p
