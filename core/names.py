@@ -11,6 +11,9 @@ from persona_router.core.errors import ConfigError
 # The one persona-name rule: packs validate with it, and it keeps registry paths inside the adapters folder.
 PERSONA_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}\Z")  # \Z, not $: "$" also matches before a final newline
 SEPARATOR = "@"
+# ``persona:auto`` is the OpenAI model id that asks the router to infer the persona: no persona or alias may
+# take the name, or it could never be chosen there.
+AUTO = "auto"
 _VERSION = re.compile(r"^[1-9][0-9]*\Z")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from persona_router.core.errors import PackError, UnknownPersonaError
 from persona_router.core.home import home_dir
-from persona_router.core.names import PERSONA_NAME
+from persona_router.core.names import AUTO, PERSONA_NAME
 
 DEMO_PACK = "demo"
 _PACK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -160,6 +160,9 @@ def _persona_from_dict(entry: Any, *, source: str, index: int) -> Persona:
     if not isinstance(name, str) or not PERSONA_NAME.match(name):
         raise PackError(f"{name!r} must be lowercase letters, digits and '-', starting with a letter (max 40)",
                         path=source, field=f"{where}.name")
+    if name == AUTO:
+        raise PackError(f"{AUTO!r} is reserved (the model id persona:{AUTO} infers the persona); choose another name",
+                        path=source, field=f"{where}.name")
     for key in ("description", "system_prompt"):
         if not isinstance(entry[key], str) or not entry[key].strip():
             raise PackError("must be a non-empty string", path=source, field=f"{where}.{key}")
@@ -172,6 +175,9 @@ def _persona_from_dict(entry: Any, *, source: str, index: int) -> Persona:
     aliases = entry.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
         raise PackError("must be a list of non-empty strings", path=source, field=f"{where}.aliases")
+    if any(alias.strip().lower() == AUTO for alias in aliases):
+        raise PackError(f"{AUTO!r} is reserved (the model id persona:{AUTO} infers the persona)", path=source,
+                        field=f"{where}.aliases")
     return Persona(
         name=name,
         aliases=tuple(a.strip() for a in aliases),

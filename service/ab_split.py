@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from persona_router.core.errors import ConfigError
@@ -76,13 +76,22 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class Assignment:
-    arm: str  # "control", "candidate" or "unassigned" (no user: the control version, outside the experiment)
-    version: str
+    """One request's place in the experiment. ``arm`` stays the arm the user was assigned even where another
+    version answered (intention to treat: an arm that fails must not hand its failures to the other arm);
+    ``served`` says which version did answer, once the lease is taken."""
+
+    arm: str  # "control", "candidate" or "unassigned" (outside the experiment)
+    version: str  # the arm's version as configured: a number or "latest"
     bucket: float | None  # the user's position in [0, 1); None without a user
     reason: str
+    served: str | None = None  # the version that answered ("prompt-only" without an adapter)
 
     def to_json(self) -> dict[str, Any]:
-        return {"arm": self.arm, "version": self.version, "bucket": self.bucket, "reason": self.reason}
+        return {"arm": self.arm, "version": self.version, "served": self.served, "bucket": self.bucket,
+                "reason": self.reason}
+
+    def serving(self, served: str, reason: str | None = None) -> Assignment:
+        return replace(self, served=served, reason=reason or self.reason)
 
 
 def arm_version(version: str) -> int | None:
@@ -108,17 +117,24 @@ def assign(config: SplitConfig, user: str | None) -> Assignment:
 
 
 def check_versions(config: SplitConfig, versions: Sequence[int], latest: int | None) -> None:
-    """At start-up: each numbered arm must be a published version of the persona, and ``latest`` must not be
-    the candidate itself (the experiment would compare a version with itself)."""
+    """At start-up: each numbered arm must be a published version of the persona, and an arm that is
+    ``latest`` must not already be the other arm's version (the experiment would compare a version with itself;
+    the service also takes requests out of the experiment while ``latest`` moves onto the other arm later)."""
     have = ", ".join(map(str, versions)) or "none"
     for name in (CONTROL, CANDIDATE):
         value = getattr(config, name)
         if value != LATEST and int(value) not in versions:
             raise ConfigError(f"persona {config.persona!r} has no published version {value} (versions: {have})",
                               field=name)
-    if config.control == LATEST and latest is not None and str(latest) == config.candidate:
-        raise ConfigError(f"'latest' of persona {config.persona!r} is version {latest}, the candidate itself; "
-                          "name the control version by number", field=CONTROL)
+    for name, other in ((CONTROL, CANDIDATE), (CANDIDATE, CONTROL)):
+        if getattr(config, name) == LATEST and latest is not None and str(latest) == getattr(config, other):
+            raise ConfigError(f"'latest' of persona {config.persona!r} is version {latest}, the {other} itself; "
+                              f"name the {name} version by number", field=name)
+
+
+def other_arm(config: SplitConfig, arm: str) -> str:
+    """The version the other arm names: what ``arm`` is compared against."""
+    return config.candidate if arm == CONTROL else config.control
 
 
 def check_splits(splits: Sequence[SplitConfig], pack: PersonaPack, registry: AdapterRegistry) -> None:

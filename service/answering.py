@@ -23,14 +23,16 @@ from persona_router.adapters.generation import SamplingConfig
 from persona_router.adapters.prompts import build_messages, prompt_ids
 from persona_router.adapters.residency import AdapterResidency, Lease
 from persona_router.adapters.stop_strings import check_stop_strings, truncate_at_stop
-from persona_router.core.errors import AdapterError, ConfigError, InvalidRequestError, PersonaRouterError
+from persona_router.core.errors import ConfigError, InvalidRequestError, PersonaRouterError
 from persona_router.core.pack import PersonaPack
 from persona_router.router.decision import Decision
-from persona_router.service.ab_split import CONTROL, Assignment, SplitConfig, arm_version, assign
+from persona_router.service.ab_serving import LiveSplits
+from persona_router.service.ab_split import Assignment
 from persona_router.service.catalog import CatalogHolder, Decide, fallback_decider
 from persona_router.service.metrics import ServiceMetrics
 from persona_router.service.schemas import AnswerRequest, Usage
 from persona_router.service.settings import ServiceSettings
+from persona_router.service.stream_trim import StrippedStream
 
 log = logging.getLogger(__name__)
 LIVE = "live"
@@ -97,13 +99,15 @@ class Running:
         return str(self.lease.version) if self.lease else "prompt-only"
 
     async def tokens(self) -> AsyncIterator[str]:
-        """Yield text pieces; raises TimeoutError past the deadline and GenerationFailedError on engine errors.
+        """Yield text pieces that add up to the final (stripped) answer; raises TimeoutError past the deadline
+        and GenerationFailedError on engine errors.
 
         The deadline is applied per event with ``wait_for`` rather than one ``asyncio.timeout`` around the
         loop: a timeout scope must not stay open across a ``yield`` of an async generator.
         """
         loop = asyncio.get_running_loop()
         events = aiter(self.handle)
+        stripped = StrippedStream()
         try:
             while True:
                 remaining = self.deadline - loop.time()
@@ -117,6 +121,7 @@ class Running:
                 piece = self._take(event)
                 if event.finish_reason is not None:
                     piece += self._remainder()
+                piece = stripped.piece(piece)
                 if piece:
                     yield piece
                 if event.finish_reason is not None:
@@ -255,7 +260,7 @@ class Answerer:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.max_positions = max_positions
-        self.splits: dict[str, SplitConfig] = {split.persona: split for split in settings.ab_splits}
+        self.splits = LiveSplits(settings.ab_splits, residency, metrics)
         self.in_flight = 0
 
     @property
@@ -341,21 +346,7 @@ class Answerer:
         split = self.splits.get(persona)
         if split is None:
             return None, await self.residency.acquire(persona)
-        assignment = assign(split, user)
-        version = arm_version(assignment.version)  # SplitConfig validated it when the settings loaded
-        try:
-            lease = await self.residency.acquire(persona, version)
-        except AdapterError as exc:
-            # A broken or missing arm must not fail its users: serve the live version and say so.
-            log.warning("A/B arm %s of %s is unusable: %s", assignment.version, persona, exc)
-            lease = await self.residency.acquire(persona)
-            live = str(lease.version) if lease else "prompt-only"
-            assignment = Assignment(CONTROL, live, assignment.bucket,
-                                    f"{assignment.arm} version {assignment.version} is unusable ({exc}); "
-                                    "served the live version")
-        served = str(lease.version) if lease else "prompt-only"
-        self.metrics.ab.inc(persona=persona, arm=assignment.arm, adapter_version=served)
-        return assignment, lease
+        return await self.splits.lease(split, user)
 
     def _check_length(self, prompt_tokens: int, max_new_tokens: int, *, has_context: bool) -> None:
         if self.max_positions is None or prompt_tokens + max_new_tokens <= self.max_positions:

@@ -1,7 +1,7 @@
 """The one place that maps domain errors (``core/errors.py``) to HTTP statuses and error bodies.
 
-Every error response has the shape ``{"error": {"message", "type", "field"?, "param"?, "valid"?}}``;
-OpenAI clients read ``error.message`` from it too.
+Every error response has the shape ``{"error": {"message", "type", "param", "code", "field"?, "valid"?,
+"retry_after_s"?}}`` (``param`` and ``code`` always present, null where they do not apply, as OpenAI sends them).
 """
 
 from __future__ import annotations
@@ -93,12 +93,14 @@ def error_body(exc: BaseException) -> ErrorBody:
     file-system path."""
     field = getattr(exc, "field", None)
     body = ErrorBody(message=public_message(exc) or type(exc).__name__, type=error_type(exc), field=field,
-                     param=field)
+                     param=field, code=None)
     if isinstance(exc, UnknownPersonaError | ModelNotFoundError):
         body.valid = list(exc.valid)
         body.code = "model_not_found" if isinstance(exc, ModelNotFoundError) else "persona_not_found"
     if isinstance(exc, QueueFullError | UpstreamUnavailableError):
         body.retry_after_s = exc.retry_after_s
+    if isinstance(exc, QueueFullError):
+        body.code = "rate_limit_exceeded"  # OpenAI's code for a 429, which its clients back off on
     if isinstance(exc, TimeoutError) and not str(exc):
         body.message = "the request timed out"
     return body
@@ -145,7 +147,7 @@ def _http_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
     headers = dict(exc.headers or {})
     if isinstance(exc, NotAuthorizedException):
         headers.setdefault("WWW-Authenticate", "Bearer")
-    body = ErrorBody(message=message, type=kind, field=field, param=field)
+    body = ErrorBody(message=message, type=kind, field=field, param=field, code=None)
     _count(request, kind)
     return Response(ErrorResponse(error=body), status_code=exc.status_code, headers=headers)
 
@@ -153,7 +155,7 @@ def _http_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
 def _unexpected_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     _count(request, "server_error")
-    body = ErrorBody(message=f"internal error ({type(exc).__name__})", type="server_error")
+    body = ErrorBody(message=f"internal error ({type(exc).__name__})", type="server_error", param=None, code=None)
     return Response(ErrorResponse(error=body), status_code=500)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 from persona_router.core.errors import InvalidRequestError, PersonaRouterError, UnknownPersonaError
+from persona_router.core.names import AUTO
 from persona_router.service.answering import Running
 from persona_router.service.http_errors import ModelNotFoundError, error_body
 from persona_router.service.protection import json_body_guard
@@ -40,7 +41,6 @@ from persona_router.service.schemas import (
 from persona_router.service.state import service
 
 MODEL_PREFIX = "persona:"
-AUTO = "auto"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -93,10 +93,16 @@ def to_input(body: ChatCompletionRequest, personas: list[str]) -> AnswerRequest:
             raise InvalidRequestError(f"{why}; leave {name!r} out", field=name)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    temperature = 0.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if top_p == 0.0:  # OpenAI's range includes 0: the smallest nucleus, the most likely token alone = greedy
+        temperature, top_p = 0.0, 1.0
+    # OpenAI takes any 64-bit seed, negative ones included; the engines take 0 .. 2**63 - 1.
+    seed = None if body.seed is None else body.seed % 2**63
     return AnswerRequest(
         question=last_user_text(body.messages), persona=parse_model(body.model, personas),
-        max_new_tokens=max_tokens, temperature=0.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, user=body.user, stop=stop or None)
+        max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, user=body.user,
+        stop=stop or None)
 
 
 def openai_error(exc: PersonaRouterError, body: ChatCompletionRequest) -> PersonaRouterError:

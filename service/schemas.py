@@ -29,7 +29,7 @@ class AnswerRequest(msgspec.Struct, forbid_unknown_fields=True):
     top_p: float = 1.0
     seed: int | None = None
     user: str | None = None
-    stream: bool = False
+    stream: bool | None = None  # OpenAI's schema allows null (= false); proxies send it
     stop: list[str] | None = None  # stop strings: generation ends there, they are not part of the answer
     # Which adapter answers: omitted or "live" = the persona's live version (and its A/B split, if any),
     # "none" = the system prompt alone, "3" = that version. The compare view sets it per arm.
@@ -86,7 +86,7 @@ class ChatCompletionRequest(msgspec.Struct):
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: bool | None = None  # OpenAI's schema allows null (= false); proxies send it
     stream_options: StreamOptions | None = None
     user: str | None = None
     n: int | None = None
@@ -155,12 +155,13 @@ class ModelList(msgspec.Struct):
 
 
 # -- errors -----------------------------------------------------------------------------------------------
-class ErrorBody(msgspec.Struct, omit_defaults=True):
+class ErrorBody(msgspec.Struct, omit_defaults=True, kw_only=True):
     message: str
     type: str
+    # OpenAI's error always carries these two, null where they do not apply: typed clients require the keys.
+    param: str | None  # the offending parameter
+    code: str | None  # the machine-readable code, e.g. "model_not_found", "rate_limit_exceeded"
     field: str | None = None
-    param: str | None = None  # OpenAI clients read the offending parameter from here
-    code: str | None = None  # OpenAI's machine-readable code, e.g. "model_not_found"
     valid: list[str] | None = None
     retry_after_s: int | None = None
 

@@ -218,8 +218,9 @@ def test_live_ab_split_is_sticky_per_user(tiny_model_dir: Path, tmp_path_factory
         assert anonymous["adapter"]["version"] == 2  # the control version
         assert answer(client, QUESTION, persona="clinician", user="user-1", max_new_tokens=2)["ab"] is None
         unusable = answer(client, QUESTION, persona="educator", user="user-1", max_new_tokens=2)
-        assert unusable["adapter"]["version"] == 2 and unusable["ab"]["arm"] == "control"
-        assert "unusable" in unusable["ab"]["reason"]
+        # The user stays in the candidate arm (intention to treat), answered by the live version.
+        assert unusable["adapter"]["version"] == 2 and unusable["ab"]["arm"] == "candidate"
+        assert unusable["ab"]["served"] == "2" and "unusable" in unusable["ab"]["reason"]
         assert persona_state(client, "student")["ab"]["candidate"] == "1"
         metrics = client.get("/metrics").text
         assert metric_samples(metrics, "persona_router_ab_assignments_total", persona="student", arm="candidate",

@@ -37,6 +37,8 @@ def test_unknown_persona_lists_valid_names() -> None:
         ([persona("Bad Name", fallback=True)], "personas[0].name", "lowercase"),
         ([persona("x", fallback=True, colour="red")], "personas[0]", "unknown keys"),
         ([persona("x", fallback="yes")], "personas[0].fallback", "true or false"),
+        ([persona("x", fallback=True), persona("auto")], "personas[1].name", "reserved"),
+        ([persona("x", fallback=True, aliases=["Auto"])], "personas[0].aliases", "reserved"),
     ],
 )
 def test_invalid_packs_name_file_and_field(personas: list[dict[str, object]], field: str, message: str) -> None:

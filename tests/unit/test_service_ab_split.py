@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
-from persona_router.core.errors import ConfigError
+from persona_router.adapters.residency import Lease
+from persona_router.core.errors import AdapterError, ConfigError
+from persona_router.service.ab_serving import LiveSplits
 from persona_router.service.ab_split import (
     CANDIDATE,
+    CONTROL,
     UNASSIGNED,
+    Assignment,
     SplitConfig,
     arm_version,
     assign,
     bucket,
     check_versions,
 )
+from persona_router.service.metrics import ServiceMetrics
 
 
 def test_same_user_always_gets_the_same_arm() -> None:
@@ -71,6 +77,67 @@ def test_start_up_checks_the_versions_against_the_registry() -> None:
     assert same.value.field == "control"
     with pytest.raises(ConfigError, match="no published version 4"):
         check_versions(SplitConfig(persona="student", control="4", candidate="2", share=0.5), [1, 2], 2)
+    # A 'latest' candidate that is already the control is the same mistake the other way round.
+    with pytest.raises(ConfigError, match="the control itself") as mirrored:
+        check_versions(SplitConfig(persona="student", control="3", candidate="latest", share=0.5), [1, 2, 3], 3)
+    assert mirrored.value.field == "candidate"
+    check_versions(SplitConfig(persona="student", control="2", candidate="latest", share=0.5), [1, 2, 3], 3)
+
+
+class FakeResidency:
+    """The two calls LiveSplits makes: a live version per persona, and leases that fail for broken versions."""
+
+    def __init__(self, live: int, broken: tuple[int, ...] = ()) -> None:
+        self.live_version = live
+        self.broken = broken
+
+    def live(self, persona: str) -> int | None:
+        return self.live_version
+
+    async def acquire(self, persona: str, version: int | None = None) -> Lease:
+        wanted = self.live_version if version is None else version
+        if wanted in self.broken:
+            raise AdapterError(f"{persona} version {wanted} is corrupt")
+        return Lease(persona, wanted, f"{persona}@{wanted}")
+
+
+def _user_in(arm: str, config: SplitConfig) -> str:
+    return next(f"u{i}" for i in range(1000) if assign(config, f"u{i}").arm == arm)
+
+
+def _lease(splits: LiveSplits, config: SplitConfig, user: str | None) -> tuple[Assignment, Lease | None]:
+    return asyncio.run(splits.lease(config, user))
+
+
+def test_an_unusable_arm_keeps_its_users_in_that_arm() -> None:
+    config = SplitConfig(persona="student", control="latest", candidate="1", share=0.5, salt="t")
+    metrics = ServiceMetrics()
+    splits = LiveSplits([config], FakeResidency(live=2, broken=(1,)), metrics)  # type: ignore[arg-type]
+    assignment, lease = _lease(splits, config, _user_in(CANDIDATE, config))
+    # Intention to treat: the candidate's failure stays in the candidate's count, served by the live version.
+    assert assignment.arm == CANDIDATE and assignment.version == "1"
+    assert lease is not None and lease.version == 2 and assignment.served == "2"
+    assert "unusable" in assignment.reason
+    assert metrics.ab.get(persona="student", arm=CANDIDATE, adapter_version="2") == 1
+    assert metrics.ab.get(persona="student", arm=CONTROL, adapter_version="2") == 0
+    served = _lease(splits, config, _user_in(CONTROL, config))[0]
+    assert served.arm == CONTROL and served.served == "2" and served.to_json()["served"] == "2"
+
+
+def test_requests_leave_the_experiment_while_latest_is_the_other_arm() -> None:
+    config = SplitConfig(persona="student", control="latest", candidate="3", share=0.5, salt="t")
+    residency = FakeResidency(live=2)
+    splits = LiveSplits([config], residency, ServiceMetrics())  # type: ignore[arg-type]
+    control_user, candidate_user = _user_in(CONTROL, config), _user_in(CANDIDATE, config)
+    assert _lease(splits, config, control_user)[0].arm == CONTROL
+    residency.live_version = 3  # the candidate was published as the live version after start-up
+    for user in (control_user, candidate_user):
+        assignment, lease = _lease(splits, config, user)
+        assert assignment.arm == UNASSIGNED and "both arms are version 3" in assignment.reason
+        assert lease is not None and lease.version == 3
+    residency.live_version = 2  # rolled back: the experiment resumes with the same users in the same arms
+    assert _lease(splits, config, control_user)[0].arm == CONTROL
+    assert _lease(splits, config, candidate_user)[0].served == "3"
 
 
 def test_config_validation_and_json_round_trip() -> None:

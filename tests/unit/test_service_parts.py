@@ -3,8 +3,10 @@ Prometheus renderer, OpenAI request mapping, admin path checks and the reference
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import msgspec
 import pytest
 from persona_router.core.errors import (
     AdapterError,
@@ -15,7 +17,7 @@ from persona_router.core.errors import (
     UnknownPersonaError,
 )
 from persona_router.service.metrics import ServiceMetrics
-from persona_router.service.schemas import AnswerRequest, ChatCompletionRequest, decode_body, sse
+from persona_router.service.schemas import AnswerRequest, ChatCompletionRequest, ErrorResponse, decode_body, sse
 from persona_router.service.settings import ServiceSettings
 
 
@@ -68,6 +70,11 @@ def test_error_mapping() -> None:
     assert status_of(AdapterError("corrupt")) == 422
     assert error_body(UnknownPersonaError("x", ["b", "a"])).valid == ["a", "b"]
     assert error_response(QueueFullError("full", retry_after_s=3)).headers["Retry-After"] == "3"
+    # OpenAI's error object always has "param" and "code" (null where they do not apply); a 429 has its code.
+    for exc, code in ((TimeoutError(), None), (QueueFullError("full", retry_after_s=3), "rate_limit_exceeded"),
+                      (InvalidRequestError("bad", field="q"), None)):
+        body = json.loads(msgspec.json.encode(ErrorResponse(error=error_body(exc))))["error"]
+        assert "param" in body and body["code"] == code
 
 
 def test_prometheus_rendering_parses_and_counts() -> None:
@@ -120,6 +127,21 @@ def test_openai_request_mapping() -> None:
         "hello", "clinician", 5, 0.0)
     with pytest.raises(InvalidRequestError, match="n=1"):
         to_input(ChatCompletionRequest(model="persona:auto", messages=parts, n=2), personas)
+
+
+def test_openai_values_in_its_own_ranges_are_taken() -> None:
+    """What OpenAI's schema allows must not be a 400 here: a null stream, a negative seed, top_p 0."""
+    from persona_router.adapters.generation import SamplingConfig
+    from persona_router.service.openai_compat import to_input
+
+    body = b'{"model": "persona:auto", "messages": [{"role": "user", "content": "hi"}], "stream": null, ' \
+           b'"seed": -1, "top_p": 0, "temperature": 0.7}'
+    request = decode_body(body, ChatCompletionRequest)
+    assert not request.stream
+    mapped = to_input(request, ["student"])
+    assert mapped.seed == 2**63 - 1  # folded into the engines' range, still deterministic per seed
+    assert (mapped.temperature, mapped.top_p) == (0.0, 1.0)  # the smallest nucleus is the top token: greedy
+    SamplingConfig(temperature=mapped.temperature, top_p=mapped.top_p, seed=mapped.seed)  # the engines accept it
 
 
 @pytest.mark.parametrize(("persona", "version", "field"), [
