@@ -123,7 +123,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
     from persona_router.adapters.base_model import configure_threads
     from persona_router.core.pack import load_pack
     from persona_router.eval.pipeline import run_ab
-    from persona_router.eval.report import write_report
+    from persona_router.eval.report import tested_metrics, write_report
     from persona_router.eval.specs import parse_spec
 
     parse_spec(args.a, field="a")  # fail on a bad SPEC before loading any model
@@ -137,7 +137,9 @@ def cmd_ab(args: argparse.Namespace) -> int:
     write_report(report, out)
     for comparison in report["comparisons"]:
         print(comparison["verdict"])
-    print(f"(p-values per metric, not corrected for the {len(report['comparisons'])} metrics compared)")
+    # The family is the metrics a test ran on, not every metric listed: latency_s in a batched run and a metric
+    # without paired values have no p-value to correct.
+    print(f"(p-values per metric, not corrected for the {len(tested_metrics(report['comparisons']))} metrics tested)")
     print(f"report: {out}")
     return 0
 

@@ -54,7 +54,7 @@ def generate_batched(base: Any, jobs: Sequence[PromptJob], *, max_batch: int = 3
     longest = max(len(j.prompt_ids) + j.sampling.max_new_tokens for j in jobs)
     config = EngineConfig(max_batch=min(max_batch, len(jobs)), max_len=-(-(longest + 1) // KV_ROUND) * KV_ROUND,
                           max_queue=len(jobs) + 1, max_adapters=max(1, len(folders)),
-                          max_rank=max([_rank(f) for f in folders] or [8]), kv_block=KV_ROUND)
+                          max_rank=engine_max_rank(folders), kv_block=KV_ROUND)
     engine = build_engine(base, config)
     names = {folder: f"arm{k}" for k, folder in enumerate(folders)}
     for folder, name in names.items():
@@ -92,7 +92,14 @@ async def _run_all(engine: Any, tokenizer: Any, jobs: Sequence[PromptJob], names
         engine.stop()
 
 
-def _rank(folder: Path) -> int:
+def engine_max_rank(folders: Sequence[Path]) -> int:
+    """The engine's ``max_rank`` for these adapters: their largest LoRA rank (8 without adapters). The
+    engine's default (16) would refuse a higher-rank adapter, and a larger one would pad every adapter."""
+    return max([adapter_rank(f) for f in folders] or [8])
+
+
+def adapter_rank(folder: Path) -> int:
+    """The LoRA rank ``r`` in the folder's ``adapter_config.json``."""
     try:
         return int(json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["r"])
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -22,6 +22,7 @@ from persona_router.adapters.prompts import build_messages, prompt_ids
 from persona_router.core.errors import AdapterError, ConfigError
 from persona_router.core.pack import PersonaPack
 from persona_router.eval.arms import DEFAULT_MAX_CONTEXT_CHARS, ArmAnswer, EvalItem, ResolvedArm, item_seed
+from persona_router.eval.batch_generation import engine_max_rank
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,9 @@ class EngineArmRunner:
         jobs = [(arm, item, self.prompt(arm, item)) for index, item in enumerate(items)
                 for arm in (arms if index % 2 == 0 else list(reversed(arms)))]
         longest = max(len(ids) for _, _, ids in jobs) + self.sampling.max_new_tokens
+        folders = list(dict.fromkeys(a.adapter_path for a in arms if a.adapter_path is not None))
         config = EngineConfig(max_batch=self.max_batch, max_len=_round_up(longest + 1, 64), max_queue=len(jobs) + 1,
-                              max_adapters=max(1, sum(a.adapter_path is not None for a in arms)))
+                              max_adapters=max(1, len(folders)), max_rank=engine_max_rank(folders))
         engine = build_engine(self.base, config)
         names: dict[str, str] = {}
         for number, arm in enumerate(arms):

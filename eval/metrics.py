@@ -38,8 +38,10 @@ METRICS: tuple[MetricInfo, ...] = (
     MetricInfo("embedding_cosine", HIGHER, "cosine similarity of answer and reference embeddings"),
     MetricInfo("rouge_l_f1", HIGHER, "ROUGE-L F1 (longest common word subsequence) against the reference"),
     MetricInfo("readability_in_range", HIGHER,
-               "1 when the Flesch-Kincaid grade is inside the persona's reference range (train answers p10-p90)"),
-    MetricInfo("readability_gap", LOWER, "grade levels outside the persona's reference range (0 inside)"),
+               "1 when the Flesch-Kincaid grade is inside the persona's reference range (train answers p10-p90); "
+               "0 for an answer without words (no grade)"),
+    MetricInfo("readability_gap", LOWER, "grade levels outside the persona's reference range (0 inside); none for "
+               "an answer without words, whose pair is dropped and counted"),
     MetricInfo("readability_grade", NEUTRAL, "Flesch-Kincaid grade level"),
     MetricInfo("length_words", NEUTRAL, "answer length in words"),
     MetricInfo("latency_s", LOWER, "generation wall time in seconds"),
@@ -203,11 +205,7 @@ def text_metrics(prediction: str, reference: str, persona: str,
                  grade_range: ReferenceRange | None) -> dict[str, float | None]:
     """The metrics that need only the two texts (no embeddings, no judge, no timing)."""
     grade = flesch_kincaid_grade(prediction)
-    in_range: float | None = None
-    gap: float | None = None
-    if grade_range is not None and grade is not None:
-        gap = grade_range.gap(grade)
-        in_range = float(gap == 0.0)
+    in_range, gap = readability_against(grade, grade_range)
     return {
         "rouge_l_f1": rouge_l(prediction, reference).f1,
         "readability_grade": grade,
@@ -217,6 +215,21 @@ def text_metrics(prediction: str, reference: str, persona: str,
         "legacy_style_hit": legacy_style_hit(persona, prediction),
         "legacy_char_jaccard": legacy_char_jaccard(prediction, reference),
     }
+
+
+def readability_against(grade: float | None, grade_range: ReferenceRange | None) -> tuple[float | None, float | None]:
+    """(in range, gap) of a grade against the persona's range; both None without a range.
+
+    An answer without words (empty: an immediate end-of-sequence, a typical broken-adapter symptom) has no
+    grade. It is not in range (0), so it counts against its arm instead of leaving the comparison. Its gap
+    stays None: any number of grade levels would be invented, and the comparison counts the pair it drops.
+    """
+    if grade_range is None:
+        return None, None
+    if grade is None:
+        return 0.0, None
+    gap = grade_range.gap(grade)
+    return float(gap == 0.0), gap
 
 
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_router.core.atomic import TMP_PREFIX, atomic_write_json, atomic_write_text
+from persona_router.eval.stats import confidence_percent
 
 
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
@@ -38,21 +39,51 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def tested_metrics(comparisons: Sequence[dict[str, Any]]) -> list[str]:
+    """The metrics a test ran on (a p-value; descriptive and legacy metrics included, since their "higher"
+    verdicts are tests too): the family that uncorrected p-values are multiple over. A metric not compared
+    on purpose (``latency_s`` in a batched run) or without paired values has no p-value and is not counted."""
+    return [c["metric"] for c in comparisons if c.get("test_p", c.get("wilcoxon_p")) is not None]
+
+
+def _confidence(report: dict[str, Any]) -> float:
+    return float(report["meta"]["config"].get("confidence", 0.95))
+
+
 def comparison_table(comparisons: Sequence[dict[str, Any]], labels: tuple[str, str], *, legacy: bool,
-                     metrics: Sequence[dict[str, Any]]) -> list[str]:
+                     metrics: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[str]:
+    """One row per metric. The verdict column keeps only the verdict's words, so ``n`` and the pairs dropped
+    for a missing value have columns of their own: a metric on fewer pairs than the others shows it."""
     is_legacy = {m["name"]: m["legacy"] for m in metrics}
     a, b = labels
-    lines = [f"| metric | better | {a} mean | {b} mean | {a} - {b} [95% CI] | W/T/L | sign p | test p | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| metric | better | n | {a} mean | {b} mean | {a} - {b} [{confidence_percent(confidence)} CI] | "
+             "W/T/L | sign p | test p | dropped | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
         if is_legacy.get(c["metric"], False) != legacy:
             continue
         ci = f"{_fmt(c['mean_diff'])} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]" if c["n"] else "n/a"
         verdict = c["verdict"].split(" (")[0].split(": ", 1)[-1]
-        lines.append(f"| {c['metric']} | {c['direction']} | {_fmt(c['mean_a'])} | {_fmt(c['mean_b'])} | {ci} | "
-                     f"{c['wins']}/{c['ties']}/{c['losses']} | {_fmt(c['sign_p'])} | {_test_p(c)} | "
-                     f"{verdict} |")
+        lines.append(f"| {c['metric']} | {c['direction']} | {_units(c)} | {_fmt(c['mean_a'])} | {_fmt(c['mean_b'])} | "
+                     f"{ci} | {c['wins']}/{c['ties']}/{c['losses']} | {_fmt(c['sign_p'])} | {_test_p(c)} | "
+                     f"{_dropped(c, labels)} | {verdict} |")
     return lines
+
+
+def _units(comparison: dict[str, Any]) -> str:
+    """n: independent units, and the items behind them when units are groups of items."""
+    units, items = comparison["n"], comparison.get("n_items", comparison["n"])
+    return str(units) if units == items or not units else f"{units} ({items} items)"
+
+
+def _dropped(comparison: dict[str, Any], labels: tuple[str, str]) -> str:
+    """Pairs left out for a missing value, and whose; "n/a" for reports from before they were counted."""
+    if "n_dropped" not in comparison:
+        return "n/a"
+    if not comparison["n_dropped"]:
+        return "0"
+    return (f"{comparison['n_dropped']} ({labels[0]} missing {comparison['missing_a']}, "
+            f"{labels[1]} missing {comparison['missing_b']})")
 
 
 def _test_p(comparison: dict[str, Any]) -> str:
@@ -98,8 +129,9 @@ def _meta_lines(report: dict[str, Any]) -> list[str]:
             f"- decoding: max_new_tokens={config['max_new_tokens']}, temperature={config['temperature']}, "
             f"top_p={config['top_p']}, seed={config['seed']} (same per-item seeds for every arm)",
             f"- data: {config['data']}; judge and readability ranges from: {config['train_data']}",
-            f"- statistics: {config['n_boot']} bootstrap resamples (seeded), {config['confidence']:.0%} CI, "
-            f"alpha={config['alpha']}, p-values not corrected for multiple metrics; a verdict needs the CI to "
+            f"- statistics: {config['n_boot']} bootstrap resamples (seeded), "
+            f"{confidence_percent(config['confidence'])} CI, alpha={config['alpha']}, p-values not corrected for "
+            f"the {len(tested_metrics(report['comparisons']))} metrics tested; a verdict needs the CI to "
             "exclude 0 and the test p < alpha" + (
                 "; unit: one question (the personas' answers to a parallel question are one unit): cluster "
                 "bootstrap CI of the mean over answers, cluster sign-flip permutation test, W/T/L and sign test "
@@ -114,7 +146,8 @@ def _legacy_lines(report: dict[str, Any], labels: tuple[str, str]) -> list[str]:
             "keyword substring test that almost any long English answer passes, with no comparison against other "
             "personas; the overlap is the Jaccard index of the two texts' sets of distinct characters, which is high "
             "for any two English paragraphs. Neither measures persona adaptation.", "",
-            *comparison_table(report["comparisons"], labels, legacy=True, metrics=report["metrics"]), ""]
+            *comparison_table(report["comparisons"], labels, legacy=True, metrics=report["metrics"],
+                              confidence=_confidence(report)), ""]
 
 
 def ab_markdown(report: dict[str, Any]) -> str:
@@ -123,7 +156,8 @@ def ab_markdown(report: dict[str, Any]) -> str:
              f"- A: `{arms['A']['spec']}` ({arms['A']['kind']}; system prompt: {arms['A']['system_prompt']})",
              f"- B: `{arms['B']['spec']}` ({arms['B']['kind']}; system prompt: {arms['B']['system_prompt']})",
              f"- items: {report['n_items']}", *_meta_lines(report), "## Results", "",
-             *comparison_table(report["comparisons"], ("A", "B"), legacy=False, metrics=report["metrics"]), "",
+             *comparison_table(report["comparisons"], ("A", "B"), legacy=False, metrics=report["metrics"],
+                               confidence=_confidence(report)), "",
              "Verdicts:", "", *[f"- {c['verdict']}" for c in report["comparisons"]], "",
              *_legacy_lines(report, ("A", "B")), *judge_lines(report["judge"]), "## Sample answers", ""]
     for item in report["items"][:3]:
@@ -158,7 +192,7 @@ def matrix_markdown(report: dict[str, Any]) -> str:
     if report["comparisons"]:
         lines += ["## Adapter vs prompt baseline (paired over the same questions)", "",
                   *comparison_table(report["comparisons"], ("adapter", "prompt"), legacy=False,
-                                    metrics=report["metrics"]), "",
+                                    metrics=report["metrics"], confidence=_confidence(report)), "",
                   *_legacy_lines(report, ("adapter", "prompt"))]
     lines += judge_lines(report["judge"])
     return "\n".join(lines) + "\n"
@@ -185,7 +219,8 @@ def _plots(report: dict[str, Any], out: Path) -> list[Path]:
     labels = ("A", "B") if report["kind"] == "ab" else ("adapter", "prompt")
     comparisons = [c for c in report["comparisons"] if c["n"]]
     if comparisons:
-        paths.append(plot_differences(comparisons, labels, out / "paired_differences.png"))
+        paths.append(plot_differences(comparisons, labels, out / "paired_differences.png",
+                                      confidence=_confidence(report)))
     held = report["judge"]["heldout"]
     if held.get("status") == "ok":
         paths.append(plot_confusion(held["classes"], held["confusion"], "judge on held-out reference answers",
@@ -196,7 +231,8 @@ def _plots(report: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def plot_differences(comparisons: Sequence[dict[str, Any]], labels: tuple[str, str], path: Path) -> Path:
+def plot_differences(comparisons: Sequence[dict[str, Any]], labels: tuple[str, str], path: Path, *,
+                     confidence: float = 0.95) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(comparisons), 1, figsize=(7, 0.9 * len(comparisons) + 1.0), squeeze=False)
@@ -211,8 +247,8 @@ def plot_differences(comparisons: Sequence[dict[str, Any]], labels: tuple[str, s
         legacy = " LEGACY" if c["metric"].startswith("legacy_") else ""
         ax.set_yticklabels([f"{c['metric']} ({c['direction']}){legacy}"])
         ax.tick_params(axis="x", labelsize=7)
-    axes[0, 0].set_title(f"mean paired difference {labels[0]} - {labels[1]}, 95% bootstrap CI (red: CI excludes 0)",
-                         fontsize=9)
+    axes[0, 0].set_title(f"mean paired difference {labels[0]} - {labels[1]}, {confidence_percent(confidence)} "
+                         "bootstrap CI (red: CI excludes 0)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -1,11 +1,14 @@
 """Paired statistics for two arms that answered the same items.
 
-Per metric: each arm's mean, the mean paired difference (A - B) with a seeded BCa bootstrap 95% confidence
-interval (``scipy.stats.bootstrap``), win/tie/loss counts in the metric's better direction, a two-sided sign
-test and a Wilcoxon signed-rank test, and one verdict line. A verdict names a winner only when the bootstrap
-CI excludes 0 and the Wilcoxon test, one-sided in the same direction, is below ``alpha / 2`` (the two-sided
-test at ``alpha`` with the ranks agreeing with the mean); p-values are per metric, not corrected for the
-number of metrics compared.
+Per metric: each arm's mean, the mean paired difference (A - B) with a seeded BCa bootstrap confidence
+interval (``scipy.stats.bootstrap``; ``StatsConfig.confidence``, 95% by default), win/tie/loss counts in the
+metric's better direction, a two-sided sign test and a Wilcoxon signed-rank test, and one verdict line. A
+verdict names a winner only when the bootstrap CI excludes 0 and the Wilcoxon test, one-sided in the same
+direction, is below ``alpha / 2`` (the two-sided test at ``alpha`` with the ranks agreeing with the mean);
+p-values are per metric, not corrected for the number of metrics compared. Pairs with a missing value on
+either side cannot be paired and are left out, but counted: ``n_dropped`` and each arm's ``missing_*`` are in
+the comparison and its verdict, so an arm whose answers have no value (an empty answer has no readability
+grade) cannot vanish from a metric unseen.
 
 Items that are not independent (the answers of several personas to one parallel question) are named by
 ``groups``. The mean difference stays the mean over items; its interval comes from a cluster bootstrap
@@ -62,6 +65,9 @@ class PairedComparison:
     n_items: int = 0  # paired items behind the n units (equal to n without groups)
     test: str = "Wilcoxon"  # the test behind the verdict: Wilcoxon, or the cluster sign-flip test for groups
     test_p: float | None = None
+    n_dropped: int = 0  # paired items left out because a value was missing on either side
+    missing_a: int = 0  # of those, items whose A value was missing
+    missing_b: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,15 +78,41 @@ def not_compared(metric: str, direction: str, reason: str) -> PairedComparison:
     return _without_values(metric, direction, f"not compared ({reason})")
 
 
-def _without_values(metric: str, direction: str, why: str) -> PairedComparison:
-    return PairedComparison(metric, direction, 0, None, None, None, None, None, 0, 0, 0, None, None, f"{metric}: {why}")
+def _without_values(metric: str, direction: str, why: str,
+                    missing: tuple[int, int, int] = (0, 0, 0)) -> PairedComparison:
+    """``missing``: pairs dropped and each arm's missing values (``_missing_counts``)."""
+    dropped, missing_a, missing_b = missing
+    return PairedComparison(metric, direction, 0, None, None, None, None, None, 0, 0, 0, None, None, f"{metric}: {why}",
+                            n_dropped=dropped, missing_a=missing_a, missing_b=missing_b)
+
+
+def confidence_percent(confidence: float) -> str:
+    """``0.95`` -> ``"95%"``, ``0.975`` -> ``"97.5%"`` (``:.0%`` would print 98%)."""
+    return f"{round(confidence * 100, 6):g}%"
+
+
+def _missing_counts(a: Sequence[float | None], b: Sequence[float | None]) -> tuple[int, int, int]:
+    """(pairs dropped, A values missing, B values missing)."""
+    absent_a = [not _present(x) for x in a]
+    absent_b = [not _present(y) for y in b]
+    dropped = sum(x or y for x, y in zip(absent_a, absent_b, strict=True))
+    return dropped, sum(absent_a), sum(absent_b)
+
+
+def dropped_text(missing: tuple[int, int, int], labels: tuple[str, str]) -> str:
+    """How many pairs were left out and whose value was missing; "" when none was."""
+    dropped, missing_a, missing_b = missing
+    if not dropped:
+        return ""
+    return f"{dropped} pairs dropped, value missing in {labels[0]}: {missing_a}, in {labels[1]}: {missing_b}"
 
 
 def compare_paired(metric: str, a: Sequence[float | None], b: Sequence[float | None], *, direction: str = "higher",
                    config: StatsConfig | None = None, labels: tuple[str, str] = ("A", "B"),
                    groups: Sequence[Hashable] | None = None) -> PairedComparison:
-    """Compare two arms item by item; pairs with a missing value on either side are left out. With
-    ``groups`` (one key per item), items sharing a key form one unit of analysis."""
+    """Compare two arms item by item; pairs with a missing value on either side are left out and counted
+    (``n_dropped``, ``missing_a``, ``missing_b``). With ``groups`` (one key per item), items sharing a key
+    form one unit of analysis."""
     import numpy as np
 
     config = config or StatsConfig()
@@ -92,8 +124,10 @@ def compare_paired(metric: str, a: Sequence[float | None], b: Sequence[float | N
                           + "; paired data needs equal lengths", field=metric)
     keys = list(groups) if groups is not None else list(range(len(a)))
     present = [(x, y, k) for x, y, k in zip(a, b, keys, strict=True) if _present(x) and _present(y)]
+    missing = _missing_counts(a, b)
     if not present:
-        return _without_values(metric, direction, "no paired values")
+        dropped = dropped_text(missing, labels)
+        return _without_values(metric, direction, "no paired values" + (f" ({dropped})" if dropped else ""), missing)
     xa = np.array([p[0] for p in present], dtype=float)
     xb = np.array([p[1] for p in present], dtype=float)
     sums, counts = _unit_sums(xa - xb, [p[2] for p in present])
@@ -121,12 +155,13 @@ def compare_paired(metric: str, a: Sequence[float | None], b: Sequence[float | N
         # sign-flip test is of the same item mean that the estimate and the interval are about.
         test, test_p = "cluster sign-flip", sign_flip_test(sums, counts, n_resamples=config.n_boot, seed=config.seed)
         agrees = True
-    verdict = _verdict(metric, direction, mean_diff, (low, high), (test, test_p, agrees),
-                       (len(diff), len(present)), config.alpha, labels)
+    verdict = _verdict(metric, direction, mean_diff, (low, high, config.confidence), (test, test_p, agrees),
+                       (len(diff), len(present), dropped_text(missing, labels)), config.alpha, labels)
     return PairedComparison(metric=metric, direction=direction, n=len(diff), mean_a=float(xa.mean()),
                             mean_b=float(xb.mean()), mean_diff=mean_diff, ci_low=low, ci_high=high,
                             wins=wins, ties=ties, losses=losses, sign_p=sign_p, wilcoxon_p=wilcoxon_p,
-                            verdict=verdict, n_items=len(present), test=test, test_p=test_p)
+                            verdict=verdict, n_items=len(present), test=test, test_p=test_p,
+                            n_dropped=missing[0], missing_a=missing[1], missing_b=missing[2])
 
 
 def sign_flip_test(sums: Any, counts: Any, *, n_resamples: int, seed: int) -> float:
@@ -229,13 +264,15 @@ def wilcoxon_test(diff: Any, *, tolerance: float = 1e-9, alternative: str = "two
     return 1.0 if math.isnan(p) else p
 
 
-def _verdict(metric: str, direction: str, mean_diff: float, ci: tuple[float, float], test: tuple[str, float, bool],
-             n: tuple[int, int], alpha: float, labels: tuple[str, str]) -> str:
-    """``test``: its name, p-value and whether it agrees in direction with the mean; ``n``: units and items."""
+def _verdict(metric: str, direction: str, mean_diff: float, ci: tuple[float, float, float],
+             test: tuple[str, float, bool], n: tuple[int, int, str], alpha: float, labels: tuple[str, str]) -> str:
+    """``ci``: low, high and its confidence level; ``test``: its name, p-value and whether it agrees in
+    direction with the mean; ``n``: units, items and ``dropped_text`` of the pairs left out."""
     a, b = labels
-    (low, high), (name, p, agrees), (units, items) = ci, test, n
+    (low, high, level), (name, p, agrees), (units, items, dropped) = ci, test, n
     count = f"n={units}" if units == items else f"n={units} groups of {items} items"
-    stats = f"mean diff {mean_diff:+.4g}, 95% CI [{low:+.4g}, {high:+.4g}], {name} p={p:.3g}, {count}"
+    stats = (f"mean diff {mean_diff:+.4g}, {confidence_percent(level)} CI [{low:+.4g}, {high:+.4g}], "
+             f"{name} p={p:.3g}, {count}" + (f", {dropped}" if dropped else ""))
     if 2.0 ** (1 - units) >= alpha:  # the smallest two-sided p either exact test can reach
         return f"{metric}: too few units for a verdict at alpha={alpha:g} ({stats})"
     excludes_zero = low > 0 or high < 0

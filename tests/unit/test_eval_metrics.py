@@ -116,4 +116,14 @@ def test_text_metrics_fields() -> None:
     assert row["length_words"] == 6.0
     assert set(row) == {"rouge_l_f1", "readability_grade", "readability_in_range", "readability_gap",
                         "length_words", "legacy_style_hit", "legacy_char_jaccard"}
-    assert text_metrics("", "ref", "student", rng)["readability_in_range"] is None
+    assert text_metrics("The cat sat.", "ref", "student", None)["readability_in_range"] is None  # no range
+
+
+@pytest.mark.parametrize("answer", ["", "   ", "... !!! ---", "答案。"])
+def test_an_answer_without_words_is_out_of_range(answer: str) -> None:
+    """An empty answer (immediate end-of-sequence) has no grade: it is not in range, rather than absent from
+    the comparison; its gap has no honest value and stays None (the comparison counts the dropped pair)."""
+    row = text_metrics(answer, "ref", "student", reference_range(["The cat sat. The dog ran."]))
+    assert row["readability_grade"] is None
+    assert row["readability_in_range"] == 0.0
+    assert row["readability_gap"] is None

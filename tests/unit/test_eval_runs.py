@@ -199,6 +199,30 @@ def test_batched_engine_answers_equal_sequential(base: Any, registry_root: Path)
     assert [a.text for a in batched["v1"]] != [a.text for a in batched["prompt"]]  # the adapter really applied
 
 
+def test_batched_engine_takes_adapters_above_the_engine_default_rank(base: Any, tmp_path: Path) -> None:
+    """``eval ab --engine batched`` sizes the engine's max_rank from the adapters (the engine's default, 16,
+    refused a rank-32 adapter), with the helper ``eval matrix``'s batched path uses."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from persona_router.eval.batch_generation import engine_max_rank
+    from persona_router.eval.batched import EngineArmRunner
+
+    torch.manual_seed(3)
+    fresh = load_base(BaseModelConfig(base=str(base.resolved.folder), device="cpu")).model
+    folder = tmp_path / "rank32"
+    get_peft_model(fresh, LoraConfig(r=32, lora_alpha=32, target_modules="all-linear",
+                                     init_lora_weights=False)).save_pretrained(str(folder))
+    assert engine_max_rank([folder]) == 32 and engine_max_rank([]) == 8
+    greedy = SamplingConfig(max_new_tokens=3)
+    arms = [ResolvedArm("r32", parse_spec(str(folder)), adapter_path=folder),
+            ResolvedArm("prompt", parse_spec("prompt"))]
+    answers = EngineArmRunner(base=base, pack=load_pack("demo"), sampling=greedy, max_batch=2).run(
+        arms, ITEMS[:1], seed=0)
+    one_by_one = ArmRunner(base=load_base(BaseModelConfig(base=str(base.resolved.folder), device="cpu")),
+                           pack=load_pack("demo"), sampling=greedy).run(arms, ITEMS[:1], seed=0)
+    assert [a.text for a in answers["r32"]] == [a.text for a in one_by_one["r32"]]
+
+
 def test_batched_engine_answers_equal_one_at_a_time(base: Any, registry_root: Path) -> None:
     """The batched path (many answers per forward pass, mixed adapters) gives the greedy texts of generate()."""
     pack = load_pack("demo")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from persona_router.core.errors import ConfigError
-from persona_router.eval.stats import StatsConfig, bootstrap_ci, compare_paired, sign_test, wilcoxon_test
+from persona_router.eval.stats import (
+    StatsConfig,
+    bootstrap_ci,
+    compare_paired,
+    confidence_percent,
+    sign_test,
+    wilcoxon_test,
+)
 
 CONFIG = StatsConfig(n_boot=2000, seed=7)
 
@@ -64,6 +71,45 @@ def test_missing_values_drop_the_pair() -> None:
     assert result.n == 1 and result.mean_diff == 1.0
     empty = compare_paired("m", [None], [1.0], config=CONFIG)
     assert empty.n == 0 and "no paired values" in empty.verdict
+
+
+def test_dropped_pairs_are_counted_and_said() -> None:
+    """A pair left out for a missing value is visible: counted per arm and named in the verdict."""
+    result = compare_paired("m", [1.0, None, 3.0, float("nan"), None], [0.0, 1.0, None, 1.0, None], config=CONFIG)
+    assert (result.n, result.n_dropped, result.missing_a, result.missing_b) == (1, 4, 3, 2)
+    assert "n=1, 4 pairs dropped, value missing in A: 3, in B: 2" in result.verdict
+    empty = compare_paired("m", [None, None], [1.0, 2.0], config=CONFIG, labels=("adapter", "prompt"))
+    assert (empty.n_dropped, empty.missing_a, empty.missing_b) == (2, 2, 0)
+    assert "no paired values (2 pairs dropped, value missing in adapter: 2, in prompt: 0)" in empty.verdict
+    whole = compare_paired("m", [1.0] * 6, [0.0] * 6, config=CONFIG)
+    assert whole.n_dropped == 0 and "dropped" not in whole.verdict
+
+
+def test_empty_answers_count_against_their_arm_in_readability() -> None:
+    """Arm A answers nothing on half the items (a broken adapter): readability_in_range keeps every pair and
+    A loses them; readability_gap drops those pairs and says how many, and on which side."""
+    from persona_router.eval.metrics import reference_range, text_metrics
+
+    grade_range = reference_range(["The cat sat. The dog ran."])
+    good = "The cat sat. The dog ran."
+    rows_a = [text_metrics("" if k % 2 else good, "ref", "student", grade_range) for k in range(12)]
+    rows_b = [text_metrics(good, "ref", "student", grade_range) for _ in range(12)]
+    in_range = compare_paired("readability_in_range", [r["readability_in_range"] for r in rows_a],
+                              [r["readability_in_range"] for r in rows_b], config=CONFIG)
+    assert in_range.n == 12 and in_range.n_dropped == 0 and in_range.losses == 6
+    assert in_range.mean_a == 0.5 and in_range.mean_b == 1.0 and "B better" in in_range.verdict
+    gap = compare_paired("readability_gap", [r["readability_gap"] for r in rows_a],
+                         [r["readability_gap"] for r in rows_b], direction="lower", config=CONFIG)
+    assert (gap.n, gap.n_dropped, gap.missing_a, gap.missing_b) == (6, 6, 6, 0)
+
+
+def test_the_confidence_level_is_the_configured_one() -> None:
+    assert confidence_percent(0.95) == "95%" and confidence_percent(0.9) == "90%"
+    assert confidence_percent(0.975) == "97.5%"
+    a, b = [2.0, 3.0, 1.5, 2.5, 4.0, 3.5], [1.0] * 6
+    assert "95% CI [" in compare_paired("m", a, b, config=CONFIG).verdict
+    ninety = compare_paired("m", a, b, config=StatsConfig(n_boot=2000, seed=7, confidence=0.9))
+    assert "90% CI [" in ninety.verdict and "95%" not in ninety.verdict
 
 
 def test_exact_p_values() -> None:
