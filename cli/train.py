@@ -44,8 +44,10 @@ def register(subparsers: Any) -> None:
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
     train.add_argument("--gpus", type=int, default=None, metavar="N",
                        help="train each persona on N GPUs with data parallelism (DDP): starts one process per GPU "
-                       "through torch.distributed.run; the default accumulation is split so the global batch "
-                       "stays the same; rank 0 publishes")
+                       "through torch.distributed.run; the default accumulation (4) is split over the GPUs, so the "
+                       "global batch stays the same when N divides it and is the nearest a per-GPU accumulation of "
+                       "at least 1 allows otherwise (3 GPUs: 6 rows instead of 8, 8 GPUs: 16); an explicit "
+                       "--grad-accum is per GPU; rank 0 publishes")
     train.add_argument("--workers", type=int, default=None, metavar="N",
                        help="with --all on a CPU: train N personas at once in N processes, the torch threads split "
                        "between them (default: one per core; 1 trains one persona after another)")
@@ -55,8 +57,8 @@ def register(subparsers: Any) -> None:
     steps.add_argument("--max-steps", type=int, default=None, help="optimizer steps per persona")
     steps.add_argument("--epochs", type=float, default=None, help="passes over each persona's rows")
     train.add_argument("--resume", action="store_true",
-                       help="continue from the last checkpoint of an interrupted run with the same settings; "
-                       "personas already published by that run are skipped")
+                       help="continue from the newest complete checkpoint of an interrupted run with the same "
+                       "settings; personas already published by that run are skipped")
     train.add_argument("--skip-missing", action="store_true",
                        help="with --all, skip personas that have no rows instead of failing")
     train.add_argument("--config", default=None, help="TOML or JSON file of training settings (see README)")
@@ -64,7 +66,7 @@ def register(subparsers: Any) -> None:
                        help="override any training setting, e.g. --set lora_r=8 (repeatable)")
     for flag, kind, text in (("--learning-rate", float, "peak learning rate"),
                              ("--batch-size", int, "per-device micro-batch"),
-                             ("--grad-accum", int, "gradient accumulation steps"),
+                             ("--grad-accum", int, "gradient accumulation steps (per GPU with --gpus)"),
                              ("--max-length", int, "tokens per example (contexts are cut to fit)"),
                              ("--lora-r", int, "LoRA rank"), ("--seed", int, "random seed")):
         train.add_argument(flag, type=kind, default=None, help=text)

@@ -184,8 +184,9 @@ class TrainConfig:
 
         ``bf16_supported`` (None: assumed on CUDA, not on CPU) picks the mixed precision: bf16 or fp16 on CUDA,
         bf16 autocast or none on CPU. ``world_size`` > 1 (data parallelism): the default accumulation is split
-        over the ranks, so the global batch (micro-batch x accumulation x ranks) stays what one process trains
-        with; an explicit ``grad_accum`` is per rank, as written.
+        over the ranks (:func:`split_accumulation`), so the global batch (micro-batch x accumulation x ranks)
+        stays what one process trains with when the rank count divides it, and comes as near as a whole
+        accumulation of at least 1 allows otherwise; an explicit ``grad_accum`` is per rank, as written.
         """
         if bf16_supported is None:
             bf16_supported = device == "cuda"
@@ -213,12 +214,8 @@ class TrainConfig:
                 updates["offload_layers"] = 0  # only reentrant checkpointing saves layer inputs through autograd
         elif self.offload_layers:
             _check_explicit_offload(self, updates, device, world_size)
-        if "grad_accum" in updates and world_size > 1:
-            if updates["grad_accum"] % world_size:
-                log.warning("the default accumulation %d does not split over %d ranks; the global batch grows %dx",
-                            updates["grad_accum"], world_size, world_size)
-            else:
-                updates["grad_accum"] //= world_size
+        if world_size > 1:
+            _resolve_accumulation(self, updates, world_size)
         if updates.get("attention") == "varlen" and not self.packing:
             updates["attention"] = "sdpa"  # varlen attention is for packed rows; unpacked rows keep SDPA
         if updates.get("liger_kernels") == "on" and importlib.util.find_spec("liger_kernel") is None:
@@ -247,6 +244,33 @@ class TrainConfig:
             raise ConfigError(f"unknown training settings {unknown}; valid: {', '.join(sorted(known))}", field=where)
         converted = {k: _convert(k, v, known[k].type) for k, v in data.items()}
         return replace(self, **converted)
+
+
+def split_accumulation(default: int, world_size: int) -> int:
+    """Per-rank accumulation for a default of ``default`` over ``world_size`` ranks: the one whose global batch
+    is nearest to one process's (exact when ``world_size`` divides ``default``), at least 1 (e.g. 4 over 3
+    ranks: 1, global 3/4 of one process's; over 8 ranks: 1, twice one process's)."""
+    return max(1, round(default / world_size))
+
+
+def _resolve_accumulation(config: TrainConfig, updates: dict[str, Any], world_size: int) -> None:
+    """Split a default accumulation over the ranks and log the global batch that results."""
+    batch = int(updates.get("batch_size", config.batch_size) or 1)
+    if "grad_accum" not in updates:
+        accum = int(config.grad_accum or 1)
+        log.info("global batch: %d rows (micro-batch %d x accumulation %d as set, per rank, x %d ranks)",
+                 batch * accum * world_size, batch, accum, world_size)
+        return
+    default = int(updates["grad_accum"])
+    accum = updates["grad_accum"] = split_accumulation(default, world_size)
+    if accum * world_size == default:
+        log.info("global batch: %d rows (micro-batch %d x accumulation %d x %d ranks), as in one process",
+                 batch * default, batch, accum, world_size)
+        return
+    log.warning("global batch: %d rows (micro-batch %d x accumulation %d x %d ranks), one process trains with %d: "
+                "%d ranks do not divide the default accumulation %d, so this is the nearest (--grad-accum sets "
+                "the per-rank accumulation)", batch * accum * world_size, batch, accum, world_size, batch * default,
+                world_size, default)
 
 
 def _keep_measured_combinations(config: TrainConfig, updates: dict[str, Any], world_size: int) -> None:

@@ -143,16 +143,37 @@ PROMPT_FREE_SALT = "prompt-free\x00"
 
 
 def split_holdout(records: Sequence[QARecord], fraction: float) -> tuple[list[QARecord], list[QARecord]]:
-    """Deterministic train/eval split by a hash of each question (stable across row order and machines)."""
+    """Deterministic train/eval split by a hash of each question (stable across row order and machines).
+
+    Rows that ask the same thing (:func:`asked_key`: the question and context up to case and spacing) go to the
+    same side, since the overlap check would refuse them on both; see :func:`_side_buckets`.
+    """
     if not 0 < fraction < 1:
         return list(records), []
+    buckets = _side_buckets(records)
     train: list[QARecord] = []
     held: list[QARecord] = []
     for record in records:
-        (held if _question_bucket(record.question) < fraction else train).append(record)
+        (held if buckets[asked_key(record)] < fraction else train).append(record)
     if not train:
         raise DataError(f"holding out {fraction:.0%} for evaluation left no training rows", field="eval_fraction")
     return train, held
+
+
+def asked_key(record: QARecord) -> tuple[str, str]:
+    """What a row asks: its question and context, lower-cased with whitespace collapsed."""
+    return " ".join(record.question.split()).lower(), " ".join((record.context or "").split()).lower()
+
+
+def _side_buckets(records: Sequence[QARecord]) -> dict[tuple[str, str], float]:
+    """Each :func:`asked_key` group's bucket: that of the lexicographically smallest raw question in it. Any
+    row order gives the same choice, and a group whose rows all spell the question alike keeps the bucket of
+    that question, so data without such variants splits exactly as it did when each row hashed its own."""
+    smallest: dict[tuple[str, str], str] = {}
+    for record in records:
+        key = asked_key(record)
+        smallest[key] = min(smallest.get(key, record.question), record.question)
+    return {key: _question_bucket(question) for key, question in smallest.items()}
 
 
 def _question_bucket(question: str, salt: str = "") -> float:

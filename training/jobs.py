@@ -2,7 +2,8 @@
 
 With no ``--data`` the demo dataset is used: its train split for gradient steps and its test split for eval
 loss only. With ``--data`` the eval rows come from ``--eval-data`` or, failing that, a deterministic
-``eval_fraction`` of each persona's rows, held out by a hash of the question. Every persona asked for is
+``eval_fraction`` of each persona's rows, held out by a hash of the question (rows asking the same question
+with the same context, up to case and spacing, stay on one side). Every persona asked for is
 checked up front, so ``--all`` never trains half the pack and then fails on a persona without rows.
 """
 
@@ -16,7 +17,7 @@ from persona_router.core.errors import DataError
 from persona_router.core.pack import Persona, PersonaPack
 from persona_router.core.records import QARecord
 from persona_router.core.rows import demo_qa
-from persona_router.training.formatting import split_holdout
+from persona_router.training.formatting import asked_key, split_holdout
 from persona_router.training.loading import load_qa
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,9 @@ def _refuse_overlap(name: str, train: list[QARecord], held: list[QARecord]) -> N
     """Held-out rows must ask what the training rows do not (the question, with its context): an answer to a
     trained question (even a different answer) measures recall of that question, not held-out data. Rows
     that share a question template over different contexts (summarise this review) stay distinct."""
-    seen = {_asked(r) for r in train}
-    shared = [r for r in held if _asked(r) in seen]
+    seen = {asked_key(r) for r in train}
+    shared = [r for r in held if asked_key(r) in seen]
     if shared:
         raise DataError(f"{len(shared)} eval rows of persona {name!r} ask a question the training rows ask too "
                         f"(e.g. {shared[0].question[:60]!r}); eval loss would not measure held-out data",
                         field="eval-data")
-
-
-def _asked(record: QARecord) -> tuple[str, str]:
-    return " ".join(record.question.split()).lower(), " ".join((record.context or "").split()).lower()

@@ -30,7 +30,6 @@ from persona_router.adapters.manifest import (
     AdapterManifest,
     DatasetInfo,
     TrainMetrics,
-    read_manifest_file,
     write_manifest,
 )
 from persona_router.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE, check_adapter_folder
@@ -38,6 +37,13 @@ from persona_router.adapters.registry import AdapterRegistry
 from persona_router.core.errors import AdapterError, DataError, PersonaRouterError, TrainingDivergedError
 from persona_router.training import distributed
 from persona_router.training.answer_loss import answer_loss_trainer_class
+from persona_router.training.checkpoints import (
+    CHECKPOINTS_DIR,
+    already_published,
+    checkpoint_file_error,
+    prepare_workdir,
+    publish_error,
+)
 from persona_router.training.config import TrainConfig
 from persona_router.training.cuda_kernels import prepare_model
 from persona_router.training.formatting import FormatResult, build_examples, records_sha256
@@ -48,8 +54,6 @@ from persona_router.training.sft_setup import lora_config, require_trl, sft_conf
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = ".checkpoints"
-RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,11 @@ def train_persona(job: PersonaJob, config: TrainConfig, base_config: BaseModelCo
                        callbacks)
     with registry.lock(name):
         try:
-            checkpoint = _prepare_workdir(work, run_hash, resume=resume)
-            # Checkpoints can outlive their publish (a kill between publishing and removing them): the
-            # published version wins, or a resume would publish the same run again.
-            done = _already_published(registry, name, run_hash) if resume else None
+            checkpoint = prepare_workdir(work, run_hash, resume=resume)
+            # Checkpoints can outlive their publish (a kill between publishing and removing them, or between
+            # renaming the version into place and moving LATEST): the published version wins, or a resume
+            # would publish the same run again.
+            done = already_published(registry, name, run_hash) if resume else None
         except PersonaRouterError as exc:
             distributed.share_decision({"error": str(exc)})  # the other ranks must not wait for a start
             raise
@@ -143,8 +148,7 @@ def _train_and_publish(job: PersonaJob, config: TrainConfig, base_config: BaseMo
     try:
         output = trainer.train(resume_from_checkpoint=checkpoint)
     except OSError as exc:
-        raise AdapterError(f"training {name!r} failed writing a checkpoint ({exc}); the published adapters are "
-                           "unchanged, fix the cause and rerun with --resume", path=work) from exc
+        raise checkpoint_file_error(name, exc, work, checkpoint) from exc
     loss_after = _evaluate(trainer) if eval_fmt.examples else None
     if distributed_run and eval_fmt.examples:
         with trainer.model.disable_adapter():
@@ -258,7 +262,7 @@ def _publish(model: Any, manifest: AdapterManifest, registry: AdapterRegistry, s
         write_manifest(staged, manifest)
         version = registry.publish(name, staged)
     except OSError as exc:
-        raise AdapterError(f"could not write the adapter ({exc}); nothing was published", path=staged) from exc
+        raise publish_error(registry, manifest, staged, exc) from exc
     finally:
         if staged.exists():
             shutil.rmtree(staged, ignore_errors=True)
@@ -302,37 +306,6 @@ def base_name_or_path(base: Any) -> str:
     if "/" in name and not Path(name).expanduser().exists():
         return name
     return str(base.resolved.folder)
-
-
-def _prepare_workdir(work: Path, run_hash: str, *, resume: bool) -> str | None:
-    """Return the checkpoint to resume from, or None after clearing stale state for a fresh start."""
-    if resume and work.is_dir():
-        try:
-            recorded = json.loads((work / RUN_FILE).read_text(encoding="utf-8")).get("run_hash")
-        except (OSError, ValueError):
-            recorded = None
-        checkpoints = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if recorded == run_hash and checkpoints:
-            log.info("resuming from %s", checkpoints[-1])
-            return str(checkpoints[-1])
-        if recorded is not None and recorded != run_hash:
-            raise AdapterError("the checkpoint was made with other settings, data or base; rerun without --resume "
-                               "to start over", path=work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / RUN_FILE).write_text(json.dumps({"run_hash": run_hash}) + "\n", encoding="utf-8")
-    return None
-
-
-def _already_published(registry: AdapterRegistry, persona: str, run_hash: str) -> AdapterManifest | None:
-    try:
-        latest = registry.latest(persona)
-        if latest is None:
-            return None
-        manifest = read_manifest_file(registry.path(persona, latest))
-    except PersonaRouterError:
-        return None
-    return manifest if manifest.extra.get("run_hash") == run_hash else None
 
 
 def _run_hash(job: PersonaJob, config: TrainConfig, fingerprint: str, base_config: BaseModelConfig,

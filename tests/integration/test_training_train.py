@@ -172,6 +172,44 @@ def test_checkpoints_left_after_a_publish_do_not_publish_the_run_again(
     assert not checkpoints.exists()
 
 
+def test_a_checkpoint_cut_off_mid_save_is_passed_over_on_resume(tiny_model_dir: Path,
+                                                                registry: AdapterRegistry) -> None:
+    """Killed while saving checkpoint-4: its trainer state is missing and checkpoint-2 is not yet deleted. The
+    resume continues from checkpoint-2 instead of failing on checkpoint-4 on every retry."""
+    import shutil
+
+    from persona_router.training.checkpoints import CHECKPOINTS_DIR, TRAINER_STATE_FILE
+    from persona_router.training.trainer import train_persona
+
+    base = BaseModelConfig(base=str(tiny_model_dir))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_persona(job(), config(max_steps=4, save_steps=2), base, registry, callbacks=[crash_at(3)])
+    checkpoints = registry.persona_dir("student") / CHECKPOINTS_DIR
+    shutil.copytree(checkpoints / "checkpoint-2", checkpoints / "checkpoint-4")
+    (checkpoints / "checkpoint-4" / TRAINER_STATE_FILE).unlink()
+    resumed = train_persona(job(), config(max_steps=4, save_steps=2), base, registry, resume=True)
+    assert resumed.version == 1 and resumed.manifest is not None
+    assert resumed.manifest.metrics.resumed_from_step == 2 and resumed.manifest.metrics.steps == 4
+
+
+def test_killed_between_the_rename_and_latest_the_resume_publishes_no_second_copy(
+        tiny_model_dir: Path, registry: AdapterRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    from persona_router.training.trainer import train_persona
+
+    def killed(persona: str, version: int) -> None:
+        raise KeyboardInterrupt("killed after the rename")
+
+    base = BaseModelConfig(base=str(tiny_model_dir))
+    monkeypatch.setattr(registry, "set_latest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_persona(job(), config(max_steps=2, save_steps=2), base, registry)
+    monkeypatch.undo()
+    assert registry.versions("student") == [1] and registry.latest("student") is None
+    again = train_persona(job(), config(max_steps=2, save_steps=2), base, registry, resume=True)
+    assert again.skipped and again.version == 1
+    assert registry.versions("student") == [1] and registry.latest("student") == 1
+
+
 def test_resume_with_other_settings_is_refused(tiny_model_dir: Path, registry: AdapterRegistry) -> None:
     from persona_router.training.trainer import train_persona
 

@@ -17,4 +17,5 @@ def test_the_pieces_concatenate_to_the_stripped_text(pieces: list[str]) -> None:
 
 def test_inner_whitespace_is_sent_with_the_text_after_it() -> None:
     stream = StrippedStream()
-    assert [stream.piece(p) for p in ("\n", " Hello", " ", "\n", "world", "\n")] == ["", "Hello", "", "", " \nworld", ""]
+    sent = [stream.piece(p) for p in ("\n", " Hello", " ", "\n", "world", "\n")]
+    assert sent == ["", "Hello", "", "", " \nworld", ""]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 from persona_router.adapters import base_model
 from persona_router.core.errors import ConfigError
+from persona_router.training import config as config_module
 from persona_router.training import distributed, parallel
 from persona_router.training.config import CPU_DEFAULTS, CUDA_DEFAULTS, TrainConfig
 
@@ -42,11 +44,24 @@ def test_default_accumulation_splits_over_ranks_and_explicit_values_stay() -> No
     one = TrainConfig().resolved("cuda")
     assert one.grad_accum == accum
     two = TrainConfig().resolved("cuda", world_size=2)
-    assert two.batch_size == one.batch_size and two.grad_accum * 2 == accum  # same global batch
+    assert two.batch_size == one.batch_size and (two.grad_accum or 0) * 2 == accum  # same global batch
     assert TrainConfig().resolved("cuda", world_size=accum).grad_accum == 1
-    assert TrainConfig().resolved("cuda", world_size=3).grad_accum == accum  # does not divide: kept, warned
     assert TrainConfig(grad_accum=4).resolved("cuda", world_size=2).grad_accum == 4  # explicit: per rank
-    assert TrainConfig().resolved("cpu", world_size=2).grad_accum * 2 == CPU_DEFAULTS["grad_accum"]
+    assert (TrainConfig().resolved("cpu", world_size=2).grad_accum or 0) * 2 == CPU_DEFAULTS["grad_accum"]
+
+
+@pytest.mark.parametrize(("ranks", "per_rank", "global_rows"), [(1, 4, 8), (2, 2, 8), (3, 1, 6), (4, 1, 8), (5, 1, 10),
+                                                                 (6, 1, 12), (8, 1, 16)])
+def test_an_accumulation_the_ranks_do_not_divide_gives_the_nearest_global_batch(
+        ranks: int, per_rank: int, global_rows: int, caplog: pytest.LogCaptureFixture) -> None:
+    """Kept at 4 per rank, 3 or 8 GPUs trained with a global batch 3x or 8x that of one process."""
+    assert (CUDA_DEFAULTS["batch_size"], CUDA_DEFAULTS["grad_accum"]) == (2, 4)  # one process: 8 rows
+    with caplog.at_level(logging.INFO, logger=config_module.__name__):
+        resolved = TrainConfig().resolved("cuda", world_size=ranks)
+    assert resolved.grad_accum == per_rank == config_module.split_accumulation(4, ranks)
+    assert (resolved.batch_size or 0) * (resolved.grad_accum or 0) * ranks == global_rows
+    if ranks > 1:
+        assert f"global batch: {global_rows} rows" in caplog.text
 
 
 def test_gpus_flag_relaunches_the_same_command_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -97,6 +97,38 @@ def test_records_hash_and_holdout_are_stable() -> None:
     assert not {r.question for r in train} & {r.question for r in held}
 
 
+def test_holdout_split_of_rows_without_variants_is_the_recorded_one() -> None:
+    """Recorded results depend on this split: each row's side is still the hash of its own question (held-out
+    rows pinned from before variants were grouped), rows sharing a question over other contexts included."""
+    from persona_router.training.formatting import _question_bucket
+
+    records = [QARecord(persona="student", question=f"question {i}?", answer="an answer") for i in range(200)]
+    _, held = split_holdout(records, 0.1)
+    assert [records.index(r) for r in held] == [2, 10, 23, 43, 69, 79, 88, 90, 92, 101, 105, 108, 113, 122, 124,
+                                                125, 130, 142, 147, 152, 178, 180, 194, 199]
+    templated = [QARecord(persona="student", question=f"Summarise this {i % 7}.", answer="a", context=f"text {i}")
+                 for i in range(60)]
+    _, held = split_holdout(templated, 0.3)
+    assert held == [r for r in templated if _question_bucket(r.question) < 0.3]
+
+
+def test_rows_asking_the_same_up_to_case_and_spacing_land_on_one_side() -> None:
+    """Else the overlap check refuses the split it made itself (field eval-data, without --eval-data)."""
+    from persona_router.training.formatting import _question_bucket
+
+    pairs = [(f"What is a stroke {i}?", f"what  is a STROKE {i}? ") for i in range(300)]
+    # The test has teeth: hashing each spelling on its own puts some pairs on opposite sides.
+    assert any((_question_bucket(a) < 0.1) != (_question_bucket(b) < 0.1) for a, b in pairs)
+    records = [QARecord(persona="student", question=q, answer="an answer", context="Same context.")
+               for pair in pairs for q in pair]
+    for rows in (records, list(reversed(records))):
+        _, held = split_holdout(rows, 0.1)
+        held_questions = {r.question for r in held}
+        assert held and all((a in held_questions) == (b in held_questions) for a, b in pairs)
+        # The side is that of the smallest spelling, whichever row comes first.
+        assert all((a in held_questions) == (_question_bucket(min(a, b)) < 0.1) for a, b in pairs)
+
+
 def test_prompt_free_fraction_drops_the_system_prompt_from_a_stable_share_of_rows(tokenizer: Any) -> None:
     from persona_router.training.formatting import build_examples
 

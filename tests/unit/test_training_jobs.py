@@ -75,3 +75,13 @@ def test_empty_file_and_eval_rows_that_are_training_rows(tmp_path: Path) -> None
     (job,) = plan_jobs(load_pack(), ["student"], data=str(data),
                        eval_data=str(write_rows(tmp_path / "c.jsonl", other_context)))
     assert len(job.eval_records) == 1
+
+
+def test_a_held_out_split_never_trips_the_overlap_check_on_reworded_rows(tmp_path: Path) -> None:
+    """Rows differing only in case or spacing were split apart by the holdout and then refused as leaked
+    eval rows (field eval-data), though no --eval-data was given."""
+    rows = [{"persona": "student", "question": f"{spelling} stroke {i}?", "answer": "a."}
+            for i in range(100) for spelling in ("What is a", "what is a")]
+    (job,) = plan_jobs(load_pack(), ["student"], data=str(write_rows(tmp_path / "rows.jsonl", rows)))
+    held = {r.question.lower() for r in job.eval_records}
+    assert held and not held & {r.question.lower() for r in job.train_records}
