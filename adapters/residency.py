@@ -177,7 +177,7 @@ class AdapterResidency(ResidencyFolder):
     def _engine_add(self, name: str, folder: Path) -> None:
         try:
             self.engine.add_adapter(name, folder)
-        except AdapterError:
+        except (AdapterError, QueueFullError):  # QueueFullError: no free engine slot now, nothing wrong with it
             raise
         except Exception as exc:  # any engine failure refuses this adapter, not the server
             raise AdapterError(f"the engine could not load it ({type(exc).__name__}: {exc})", path=folder) from exc
@@ -250,6 +250,9 @@ class AdapterResidency(ResidencyFolder):
         for name, (persona, version) in list(self._resident.items()):
             gone = version not in self._versions.get(persona, []) or (persona, version) in self._disabled
             if not gone:
+                # Back before its last request ended (re-enabled by another server, its folder restored):
+                # it must not be unloaded when that request releases it.
+                self._remove_when_idle.discard(name)
                 continue
             if self._inflight.get(name):
                 self._remove_when_idle.add(name)

@@ -170,16 +170,18 @@ class BatchedEngine:
         reason = self.scheduler.quarantined.get(request.adapter or "")
         if reason is not None:
             raise AdapterError(f"adapter {request.adapter!r} is quarantined ({reason})")
+        # Everything that can refuse the request comes before the slot reference and the queue count, which
+        # nothing would give back otherwise.
+        sampler = RowSampler.create(request.sampling, self._seed.getrandbits(63))
+        stops = StopStrings(request.stop) if request.stop else None
         with self._lock:
             if self._pending >= self.config.max_queue:
                 raise QueueFullError(f"the generation queue holds {self.config.max_queue} requests; retry shortly")
             slot = self.bank.acquire(request.adapter)
             self._pending += 1
         handle = EngineHandle(request.request_id, loop, self)
-        sampler = RowSampler.create(request.sampling, self._seed.getrandbits(63))
         seq = Sequence(request=request, slot=slot, sampler=sampler, detok=Detokenizer(self.tokenizer),
-                       stop_ids=self.stop_ids | frozenset(request.stop_token_ids), sink=handle,
-                       stops=StopStrings(request.stop) if request.stop else None)
+                       stop_ids=self.stop_ids | frozenset(request.stop_token_ids), sink=handle, stops=stops)
         handle._seq = seq
         with self._lock:
             self._inbox.append(seq)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from persona_router.adapters.engine.peft_adapter import AdapterWeights, GroupShape
-from persona_router.core.errors import AdapterError
+from persona_router.core.errors import AdapterError, QueueFullError
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,10 @@ class LoraBank:
         for slot in range(1, self.capacity + 1):
             if self._slots[slot].name is None:
                 return slot
-        raise AdapterError(f"all {self.capacity} adapter slots are in use (retired slots free up when their "
-                           "requests finish); remove an adapter or raise max_adapters")
+        # Busy, not broken: retired slots free up as their requests finish, so the caller retries (a 429), and
+        # the residency must not record a refusal of a healthy adapter over it.
+        raise QueueFullError(f"all {self.capacity} adapter slots are in use (retired slots free up when their "
+                             "requests finish); retry shortly, or remove an adapter or raise max_adapters")
 
     def _retire(self, slot: int) -> None:
         state = self._slots[slot]

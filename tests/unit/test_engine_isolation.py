@@ -182,3 +182,29 @@ def test_quarantined_adapter_can_be_added_again(tiny_model_dir: Path, engine_ada
 
     assert run_with(engine, good) == peft_reference.tokens("alpha", prompt)
 
+
+
+def test_a_refused_submit_holds_no_slot_and_no_queue_place(tiny_model_dir: Path, engine_adapters: dict[str, Path],
+                                                            peft_reference: PeftReference) -> None:
+    """A request that ``submit`` refuses (bad stop strings) gives back nothing it never had: its adapter's
+    slot reference and its queue place would otherwise stay taken for good."""
+    from dataclasses import replace
+
+    from persona_router.core.errors import PersonaRouterError
+
+    engine = make_engine(tiny_model_dir, engine_adapters, max_batch=2)
+    engine.config = replace(engine.config, max_queue=2)
+    prompt = prompts(peft_reference.tokenizer)[0]
+    bad = replace(request("bad", prompt, "alpha"), stop=("",) * 5)
+
+    async def body(engine: BatchedEngine) -> list[list[int]]:
+        for _ in range(5):
+            with pytest.raises(PersonaRouterError):
+                engine.submit(bad)
+        assert engine.stats().queued == 0
+        handles = [engine.submit(request(f"ok{i}", prompt, "alpha")) for i in range(2)]  # the whole queue
+        return [generated(events) for events in await asyncio.gather(*(collect(h) for h in handles))]
+
+    assert run_with(engine, body) == [peft_reference.tokens("alpha", prompt)] * 2
+    engine.remove_adapter("alpha")
+    assert engine.bank.in_use() == len(engine_adapters) - 1  # alpha's slot was freed: no reference leaked

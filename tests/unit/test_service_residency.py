@@ -328,3 +328,53 @@ def test_servers_sharing_a_folder_keep_each_others_disabled_versions(registry: A
         assert registry.disabled("student") == {2} and first.live("student") == 3
 
     asyncio.run(scenario())
+
+
+def test_a_full_engine_bank_is_a_retry_not_a_refusal(registry: AdapterRegistry) -> None:
+    """No free engine slot (retired slots still serving) says 'retry', and leaves the version usable."""
+    publish(registry, "student")
+    residency, engine = make(registry)
+    full = [True]
+    add = engine.add_adapter
+
+    def add_or_busy(name: str, folder: Path) -> None:
+        if full[0]:
+            raise QueueFullError("all 2 adapter slots are in use")
+        add(name, folder)
+
+    engine.add_adapter = add_or_busy  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await residency.reload()  # no slot: it loads on first use
+        assert residency.live("student") == 1
+        with pytest.raises(QueueFullError):
+            await residency.acquire("student")
+        assert residency.live("student") == 1  # not refused: still the live version
+        full[0] = False
+        lease = await residency.acquire("student")
+        assert lease is not None and lease.version == 1 and "student@1" in engine.loaded
+
+    asyncio.run(scenario())
+
+
+def test_a_version_back_before_its_last_request_ended_stays_resident(registry: AdapterRegistry) -> None:
+    """Disabled by another server (DISABLED.json) while a request runs, re-enabled before it ends: the reload
+    makes it live again, and the last release must not unload it."""
+    publish(registry, "student")
+    residency, engine = make(registry)
+
+    async def scenario() -> None:
+        await residency.reload()
+        held = await residency.acquire("student")
+        assert held is not None
+        registry.change_disabled("student", disable=(1,))
+        await residency.reload()  # retired while in flight: waits for its request
+        assert residency.live("student") is None
+        registry.change_disabled("student", enable=(1,))
+        await residency.reload()
+        assert residency.live("student") == 1
+        residency.release(held)
+        await asyncio.sleep(0.05)
+        assert "student@1" in engine.loaded and ("remove", "student@1") not in engine.calls
+
+    asyncio.run(scenario())
