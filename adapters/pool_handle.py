@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+from persona_router.adapters.continued_text import ContinuedText, Decode
 from persona_router.adapters.engine_api import GenerationHandle, GenerationRequest, TokenEvent, events_until_finished
 from persona_router.adapters.upstream_member import MemberState, Placement
 from persona_router.core.errors import (
@@ -24,8 +25,11 @@ log = logging.getLogger(__name__)
 class PoolHandle:
     """One request through the pool: placement, adapter load, member stream, retry or continuation."""
 
-    def __init__(self, pool: Placement, request: GenerationRequest) -> None:
+    def __init__(self, pool: Placement, request: GenerationRequest, decode: Decode | None = None) -> None:
         self.request_id = request.request_id
+        self._decode = decode  # with it, a continuation's text is decoded here (``ContinuedText``)
+        self._sent: list[str] = []  # the text of every event delivered
+        self._continued: ContinuedText | None = None
         self._pool = pool
         self._request = request
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -59,7 +63,11 @@ class PoolHandle:
     def _finish(self, event: TokenEvent) -> None:
         if not self._done:
             self._done = True
-            self._queue.put_nowait(event)
+            self._put(event)
+
+    def _put(self, event: TokenEvent) -> None:
+        self._sent.append(event.text)
+        self._queue.put_nowait(event)
 
     def _error(self, message: str, failure: PersonaRouterError | None = None) -> None:
         self._finish(TokenEvent(self.request_id, None, "", finish_reason="error", error=message, failure=failure))
@@ -117,7 +125,7 @@ class PoolHandle:
         for event in events:
             assert event.token_id is not None
             self._generated.append(event.token_id)
-            self._queue.put_nowait(event)
+            self._put(event)
 
     def _resumable(self) -> bool:
         return not self._untracked_text
@@ -144,6 +152,8 @@ class PoolHandle:
                 return False
             handle = state.member.submit(request)
             self._member_handle = handle
+            self._continued = (ContinuedText(self._decode, self._generated, "".join(self._sent), request.stop)
+                               if self._generated and self._decode is not None else None)
             # Tokens whose text the member holds back (a possible stop string, part of a character) go out
             # with the next token that brings text. If the member fails first they are dropped and the next
             # member generates them again, with their text: continuing after them would lose that text.
@@ -153,6 +163,10 @@ class PoolHandle:
                                  and self._resumable())  # a refused request is the request's fault, not the member's
                 if member_failed and not await self._pool.check(state):  # the member itself failed: go elsewhere
                     return True
+                if self._continued is not None and event.finish_reason not in ("error", "cancelled"):
+                    event, stopped_here = _recoded(event, self._continued)
+                    if stopped_here:
+                        handle.cancel()  # a stop string across the two members, which this member cannot see
                 if event.token_id is not None and not event.text and event.finish_reason is None:
                     held.append(event)
                     continue
@@ -165,7 +179,7 @@ class PoolHandle:
                 if event.finish_reason is not None:
                     self._finish(event)
                     return False
-                self._queue.put_nowait(event)
+                self._put(event)
             self._deliver(held)
             self._finish(TokenEvent(self.request_id, None, "", finish_reason="stop"))
             return False
@@ -179,3 +193,14 @@ class PoolHandle:
             if self._member_handle is not None and not self._done:
                 self._member_handle.cancel()
             self._member_handle = None
+
+
+def _recoded(event: TokenEvent, continued: ContinuedText) -> tuple[TokenEvent, bool]:
+    """A continuation's event with the pool's own text; True when that text reached a stop string the member
+    had not ended on."""
+    text, reached = continued.step(event.token_id) if event.token_id is not None else ("", False)
+    if reached:
+        return replace(event, text=text, finish_reason="stop"), event.finish_reason is None
+    if event.finish_reason is not None:  # end of sequence or the length limit: held text was no stop string
+        text += continued.flush()
+    return replace(event, text=text), False

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from persona_router.adapters.continued_text import Decode
 from persona_router.adapters.engine_api import EngineStats, GenerationHandle, GenerationRequest
 from persona_router.adapters.pool_handle import PoolHandle
 from persona_router.adapters.upstream_member import MemberState, PoolConfig, PoolMember, rendezvous_order
@@ -56,13 +57,18 @@ log = logging.getLogger(__name__)
 class UpstreamPool:
     """An ``Engine`` over several members with adapter affinity, spill-over, retries and health checks."""
 
-    def __init__(self, members: Sequence[PoolMember], config: PoolConfig | None = None) -> None:
+    def __init__(self, members: Sequence[PoolMember], config: PoolConfig | None = None, *,
+                 decode: Decode | None = None) -> None:
+        """``decode`` (token ids -> text): how a request continued on another member after a failure mid-answer
+        gets text that joins what was streamed (``adapters/continued_text.py``); without it the next member's
+        own text is streamed."""
         if not members:
             raise ConfigError("a pool needs at least one member", field="upstreams")
         names = [m.name for m in members]
         if len(set(names)) != len(names):
             raise ConfigError(f"member names must be unique: {', '.join(names)}", field="upstreams")
         self.config = config or PoolConfig()
+        self.decode = decode
         self.members = {m.name: MemberState(m) for m in members}
         self._catalogue: dict[str, Path] = {}
         self._removed: set[str] = set()  # removed, but some member may still hold it: dropped at its re-sync
@@ -94,7 +100,7 @@ class UpstreamPool:
             if waiting >= self.config.max_queue:
                 raise QueueFullError(f"all {len(up)} upstreams are saturated and {waiting} requests wait; "
                                      "retry shortly")
-        return PoolHandle(self, request)
+        return PoolHandle(self, request, self.decode)
 
     def add_adapter(self, name: str, folder: Path) -> None:
         """Register ``name`` and load it on its home members (from a worker thread)."""

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -101,7 +101,7 @@ def _build_engine(settings: ServiceSettings, base: Any) -> tuple[Any, str, int |
                    for url in settings.upstreams]
         pool_config = PoolConfig(max_in_flight=settings.upstream_max_in_flight, replicas=settings.upstream_replicas,
                                  max_queue=settings.max_queue)
-        return UpstreamPool(members, pool_config), "vllm", None
+        return UpstreamPool(members, pool_config, decode=_decoder(base.tokenizer)), "vllm", None
     if kind in ("auto", "fast"):
         try:
             from persona_router.adapters.engine import EngineConfig, build_engine
@@ -150,7 +150,13 @@ def _build_device_pool(settings: ServiceSettings, base_config: Any) -> tuple[Any
                         max_queue=settings.max_queue)
     known = [n for n in limits if n]
     kind = f"{'+'.join(sorted(kinds))} x{len(members)}"
-    return UpstreamPool(members, config), kind, min(known) if known else None, bases[0]
+    pool = UpstreamPool(members, config, decode=_decoder(bases[0].tokenizer))
+    return pool, kind, min(known) if known else None, bases[0]
+
+
+def _decoder(tokenizer: Any) -> Callable[[Sequence[int]], str]:
+    """Token ids to text as the answer's own decode does it (``Running.text``)."""
+    return lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=True))
 
 
 def _register_gauges(state: ServiceState) -> None:

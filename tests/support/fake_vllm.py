@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -26,6 +26,8 @@ class FakeVllm:
         self.break_after: int | None = None  # drop the stream after this many tokens
         self.hold_text_from: int | None = None  # tokens from this index on carry no text (held back, as a stop
         # string's possible start is)
+        self.first_token = 100  # the i-th token of a stream is first_token + i (EOS ends a finished one)
+        self.text_of: Callable[[int, int], str] | None = None  # (token, index in the stream) -> its text
         self.refuse_adapters = False  # loads answer 500, as vLLM does for an unloadable adapter
         self.fail_unloads = 0  # the next N unloads answer 503
         self.gate: asyncio.Event | None = None  # when set to an unset Event, streams wait on it
@@ -98,9 +100,11 @@ class FakeVllm:
                 await asyncio.sleep(0)
                 last = i == count - 1
                 reason = ("length" if count == body["max_tokens"] else "stop") if last else None
-                token = EOS if last and reason == "stop" else 100 + i
+                token = EOS if last and reason == "stop" else self.first_token + i
                 held = self.hold_text_from is not None and i >= self.hold_text_from
                 text = "" if token == EOS or held else f"[{self.name}|{body['model']}|{i}]"
+                if self.text_of is not None and token != EOS:
+                    text = self.text_of(token, i)
                 chunk = {"choices": [{"index": 0, "text": text, "token_ids": [token], "finish_reason": reason}]}
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
             usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": count}

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from persona_router.adapters.engine_api import GenerationRequest, TokenEvent
 from persona_router.adapters.generation import SamplingConfig
+from persona_router.adapters.stop_strings import truncate_at_stop
 from persona_router.adapters.upstream_member import MemberState, PoolConfig, rendezvous_order
 from persona_router.adapters.upstream_pool import UpstreamPool
 from persona_router.core.errors import AdapterError, QueueFullError, UpstreamUnavailableError
@@ -231,6 +233,66 @@ def test_tokens_whose_text_was_held_back_are_generated_again_after_a_failure(tmp
         assert fakes[second].completions[-1]["prompt"] == [1, 2, 3, 100]  # not the held-back 101
 
     run(tmp_path, scenario)
+
+
+# Token texts as the base's tokenizer decodes them; the members' own streams differ from this at the seams.
+WORDS = {100: "Hello", 101: " wor", 102: "ld E", 200: "ND", 201: " more", 202: " world", 203: "!"}
+
+
+def decode(ids: Sequence[int]) -> str:
+    return "".join(WORDS.get(i, "") for i in ids)
+
+
+def run_decoding(tmp_path: Path, scenario: Scenario) -> None:
+    """Two fake upstreams and a pool that decodes continuations itself (as the service builds it)."""
+    async def main() -> None:
+        fakes = {name: FakeVllm(name) for name in ("up-a", "up-b")}
+        pool = UpstreamPool([f.member() for f in fakes.values()], PoolConfig(max_in_flight=2, max_queue=4),
+                            decode=decode)
+        pool.start(asyncio.get_running_loop())
+        try:
+            assert await pool.wait_up(5) == 2
+            (tmp_path / ADAPTERS[0]).mkdir()
+            await asyncio.to_thread(pool.add_adapter, ADAPTERS[0], tmp_path / ADAPTERS[0])
+            await scenario(pool, fakes)
+        finally:
+            await asyncio.to_thread(pool.stop)
+
+    asyncio.run(main())
+
+
+def test_a_stop_string_split_across_two_upstreams_ends_the_continued_answer(tmp_path: Path) -> None:
+    """The home streams "Hello wor", holds back "ld E" (" E" may start the stop string "END"), then drops; the
+    next upstream generates "ND", which alone is no stop string to it. The pool's own decode sees "END"."""
+    async def scenario(upstreams: UpstreamPool, fakes: dict[str, FakeVllm]) -> None:
+        home, second = rendezvous_order(ADAPTERS[0], list(fakes))
+        fakes[home].text_of = lambda token, i: {100: "Hello", 101: " wor", 102: "ld"}[token]  # " E" held back
+        fakes[home].break_after = 3
+        fakes[second].first_token, fakes[second].tokens = 200, 4
+        fakes[second].text_of = lambda token, i: WORDS[token]
+        events = await collect(upstreams, replace(request("split", ADAPTERS[0]), stop=("END",)))
+        assert [e.token_id for e in events] == [100, 101, 102, 200]
+        # Exactly the answer the tokens decode to, cut at the stop string (the service strips the space).
+        assert text(events) == "Hello world " == truncate_at_stop(decode([100, 101, 102, 200]), ("END",))
+        assert events[-1].finish_reason == "stop"
+        assert fakes[second].closed_streams == 1  # the upstream was stopped there, not left to run on
+
+    run_decoding(tmp_path, scenario)
+
+
+def test_a_continuation_keeps_the_space_the_next_upstreams_decoder_drops(tmp_path: Path) -> None:
+    async def scenario(upstreams: UpstreamPool, fakes: dict[str, FakeVllm]) -> None:
+        home, second = rendezvous_order(ADAPTERS[0], list(fakes))
+        fakes[home].text_of = lambda token, i: WORDS[token]
+        fakes[home].break_after = 1
+        fakes[second].first_token, fakes[second].tokens = 202, 3
+        # A SentencePiece decoder starting at this token drops its leading space.
+        fakes[second].text_of = lambda token, i: WORDS[token].lstrip() if i == 0 else WORDS[token]
+        events = await collect(upstreams, request("space", ADAPTERS[0]))
+        assert [e.token_id for e in events] == [100, 202, 203, EOS]
+        assert text(events) == "Hello world!" == decode([e.token_id or 0 for e in events])
+
+    run_decoding(tmp_path, scenario)
 
 
 def test_a_continuation_keeps_the_token_budget(tmp_path: Path) -> None:
