@@ -39,7 +39,14 @@ from pathlib import Path
 
 from persona_router.adapters.manifest import MANIFEST_FILE, AdapterManifest, read_manifest_file, write_manifest
 from persona_router.adapters.peft_folder import CONFIG_FILE, WEIGHTS_FILE
-from persona_router.core.atomic import TMP_PREFIX, atomic_write_text, fsync_dir, fsync_tree, remove_stale_temps
+from persona_router.core.atomic import (
+    TMP_PREFIX,
+    atomic_write_text,
+    fsync_dir,
+    fsync_tree,
+    remove_stale_temps,
+    share_tree,
+)
 from persona_router.core.errors import AdapterError, AdapterIncompatibleError, ConfigError
 from persona_router.core.file_lock import file_lock
 from persona_router.core.home import home_dir
@@ -162,6 +169,7 @@ class AdapterRegistry:
         if missing:
             raise AdapterError(f"staged adapter is incomplete: missing {missing}", path=staged)
         manifest = read_manifest_file(staged)
+        share_tree(staged)  # the staging folder and safetensors files are private; servers may run as others
         fsync_tree(staged)  # LATEST is flushed when it moves: the files it will point at must be on disk first
         for _ in range(100):
             version = self.next_version(persona)

@@ -121,6 +121,8 @@ class UpstreamPool:
             except UpstreamFailedError as exc:
                 self.mark_down(state, str(exc))
                 errors.append(f"{state.name}: {exc}")
+            except QueueFullError as exc:  # no free adapter slot there now: busy, not down
+                errors.append(f"{state.name}: {exc}")
         if loaded == 0 and errors:
             log.warning("adapter %s is registered but no upstream could load it now (%s); it loads on first use",
                         name, "; ".join(errors))

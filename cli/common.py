@@ -24,10 +24,12 @@ def add_base_arguments(parser: argparse.ArgumentParser, *, precision: bool = Tru
                         "on a CPU with AMX-BF16 or AVX512-BF16)")
 
 
-def add_pack_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pack", default="demo",
+def add_pack_argument(parser: argparse.ArgumentParser, *, default: str | None = "demo",
+                      extra: str = "default: demo") -> None:
+    """``--pack``; a command whose default depends on other options passes ``default=None`` and says how."""
+    parser.add_argument("--pack", default=default,
                         help="persona pack: 'demo', 'user' ($PERSONA_ROUTER_HOME/packs/user.toml, made by "
-                        "'persona add') or a TOML/YAML file (default: demo)")
+                        f"'persona add') or a TOML/YAML file ({extra})")
 
 
 def register(subparsers: Any) -> None:
@@ -53,8 +55,11 @@ def register(subparsers: Any) -> None:
     prepare = subparsers.add_parser(
         "prepare", help="build the offline default base model cache and fit the pack's router if missing",
         description="Build the offline default base model cache (once) and fit the pack's persona router if it "
-        "is missing or stale. Prints the two folders.")
-    prepare.add_argument("--rebuild", action="store_true", help="rebuild the cache and refit the router")
+        "is missing, or stale and fitted with the default settings (a stale router fitted with fit-router options "
+        "is reported with the command that refits it, not replaced). Prints the two folders.")
+    prepare.add_argument("--rebuild", action="store_true",
+                         help="rebuild the cache and refit the router with the default settings (replacing one "
+                         "fitted with fit-router options in the default folder)")
     add_pack_argument(prepare)
     prepare.set_defaults(handler=cmd_prepare)
 

@@ -8,6 +8,9 @@ from typing import Any
 
 from persona_router.core.errors import PackError
 
+# The README's worked example: with this many examples its new persona is inferred (6 were not enough).
+FEW_EXAMPLES = 16
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -61,12 +64,16 @@ def cmd_add(args: argparse.Namespace) -> int:
         entry["aliases"] = list(args.alias)
     edit = add_persona(entry, pack=args.pack, replace=args.replace)
     _say_created(edit)
-    verb = "replaced" if args.replace else "added"
+    verb = "replaced" if edit.replaced else "added"  # --replace allows a replacement; it may find none
     print(f"{verb} persona {args.name!r} ({len(examples)} routing examples) in {edit.path}")
     pack = shlex.quote(str(edit.path))
     print("next:")
-    print(f"  persona-router fit-router --pack {pack}        # refit the router so that '{args.name}' is inferred "
-          "(a running server also refits it by itself)")
+    print(f"  persona-router fit-router --pack {pack}        # refit the router (a running server also refits it "
+          "by itself)")
+    if len(examples) < FEW_EXAMPLES:
+        print(f"  note: '{args.name}' is inferred only once cross-validation on its examples reaches the target "
+              f"precision, which {len(examples)} examples may not: fit-router's report says whether it is (the "
+              f"README's example, which is inferred, has {FEW_EXAMPLES})")
     print(f"  persona-router train --pack {pack} --persona {args.name} --data ROWS.jsonl   # its adapter "
           "(rows: persona, question, answer, context?)")
     print(f"  persona-router serve --pack {pack}             # or, if it already runs on this pack: nothing to do, "

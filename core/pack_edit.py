@@ -9,6 +9,7 @@ reaches disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tomllib
@@ -18,16 +19,19 @@ from typing import Any
 
 from persona_router.core.atomic import atomic_write_text
 from persona_router.core.errors import PackError
+from persona_router.core.file_lock import file_lock
 from persona_router.core.pack import DEMO_PACK, USER_PACK, PersonaPack, demo_pack_path, pack_from_dict, user_pack_path
 
 
 @dataclass(frozen=True)
 class PackEdit:
-    """What an edit did: the file written, whether it was created from the demo pack, the new pack."""
+    """What an edit did: the file written, whether it was created from the demo pack, the new pack, and whether
+    an existing persona was replaced (``add_persona(replace=True)`` that found one)."""
 
     path: Path
     created_from_demo: bool
     pack: PersonaPack
+    replaced: bool = False
 
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+\Z")  # TOML bare keys: ASCII only
@@ -53,47 +57,56 @@ def writable_pack_path(pack: str | Path | None) -> tuple[Path, bool]:
 def add_persona(entry: dict[str, Any], *, pack: str | Path | None = None, replace: bool = False) -> PackEdit:
     """Add ``entry`` (the fields of one ``[[personas]]`` table) to the pack; ``replace`` overwrites a
     persona of the same name, else that is an error."""
-    path, from_demo = writable_pack_path(pack)
-    raw = _read_raw(demo_pack_path() if from_demo else path)
-    if from_demo:
-        raw["name"] = USER_PACK
-    entries = list(raw.get("personas") or [])
-    name = entry.get("name")
-    clash = [i for i, e in enumerate(entries) if isinstance(e, dict) and e.get("name") == name]
-    if clash and not replace:
-        raise PackError(f"persona {name!r} already exists (use --replace to overwrite it)", path=path,
-                        field=f"personas[{clash[0]}].name")
-    if clash:
-        # A replacement keeps what it does not restate: the old aliases (rows labelled by them still map) and
-        # the fallback role (a pack needs exactly one, and the fallback persona is edited this way too).
-        old = entries[clash[0]] if isinstance(entries[clash[0]], dict) else {}
-        entry = {**{key: old[key] for key in ("aliases", "fallback") if key in old}, **entry}
-    if entry.get("fallback") and not (clash and entries[clash[0]].get("fallback")):
-        raise PackError("a new persona cannot be the fallback (the pack already has one)", path=path,
-                        field="fallback")
-    if clash:
-        entries[clash[0]] = entry
-    else:
-        entries.append(entry)
-    raw["personas"] = entries
-    return PackEdit(path=path, created_from_demo=from_demo, pack=_write(raw, path))
+    with pack_lock(pack):
+        path, from_demo = writable_pack_path(pack)
+        raw = _read_raw(demo_pack_path() if from_demo else path)
+        if from_demo:
+            raw["name"] = USER_PACK
+        entries = list(raw.get("personas") or [])
+        name = entry.get("name")
+        clash = [i for i, e in enumerate(entries) if isinstance(e, dict) and e.get("name") == name]
+        if clash and not replace:
+            raise PackError(f"persona {name!r} already exists (use --replace to overwrite it)", path=path,
+                            field=f"personas[{clash[0]}].name")
+        if clash:
+            # A replacement keeps what it does not restate: the old aliases (rows labelled by them still map) and
+            # the fallback role (a pack needs exactly one, and the fallback persona is edited this way too).
+            old = entries[clash[0]] if isinstance(entries[clash[0]], dict) else {}
+            entry = {**{key: old[key] for key in ("aliases", "fallback") if key in old}, **entry}
+        if entry.get("fallback") and not (clash and entries[clash[0]].get("fallback")):
+            raise PackError("a new persona cannot be the fallback (the pack already has one)", path=path,
+                            field="fallback")
+        if clash:
+            entries[clash[0]] = entry
+        else:
+            entries.append(entry)
+        raw["personas"] = entries
+        return PackEdit(path=path, created_from_demo=from_demo, pack=_write(raw, path), replaced=bool(clash))
 
 
 def remove_persona(name: str, *, pack: str | Path | None = None) -> PackEdit:
     """Remove persona ``name``; the fallback persona cannot be removed."""
-    path, from_demo = writable_pack_path(pack)
-    raw = _read_raw(demo_pack_path() if from_demo else path)
-    if from_demo:
-        raw["name"] = USER_PACK
-    entries = list(raw.get("personas") or [])
-    kept = [e for e in entries if not (isinstance(e, dict) and e.get("name") == name)]
-    if len(kept) == len(entries):
-        valid = sorted(str(e.get("name")) for e in entries if isinstance(e, dict))
-        raise PackError(f"no persona {name!r} to remove; personas: {', '.join(valid)}", path=path, field="name")
-    if any(isinstance(e, dict) and e.get("name") == name and e.get("fallback") for e in entries):
-        raise PackError(f"{name!r} is the pack's fallback persona and cannot be removed", path=path, field="name")
-    raw["personas"] = kept
-    return PackEdit(path=path, created_from_demo=from_demo, pack=_write(raw, path))
+    with pack_lock(pack):
+        path, from_demo = writable_pack_path(pack)
+        raw = _read_raw(demo_pack_path() if from_demo else path)
+        if from_demo:
+            raw["name"] = USER_PACK
+        entries = list(raw.get("personas") or [])
+        kept = [e for e in entries if not (isinstance(e, dict) and e.get("name") == name)]
+        if len(kept) == len(entries):
+            valid = sorted(str(e.get("name")) for e in entries if isinstance(e, dict))
+            raise PackError(f"no persona {name!r} to remove; personas: {', '.join(valid)}", path=path, field="name")
+        if any(isinstance(e, dict) and e.get("name") == name and e.get("fallback") for e in entries):
+            raise PackError(f"{name!r} is the pack's fallback persona and cannot be removed", path=path, field="name")
+        raw["personas"] = kept
+        return PackEdit(path=path, created_from_demo=from_demo, pack=_write(raw, path))
+
+
+def pack_lock(pack: str | Path | None) -> contextlib.AbstractContextManager[None]:
+    """The lock every edit of one pack file holds from its read to its write (beside the file, which an edit
+    replaces), so that two concurrent edits apply one after the other instead of one losing the other's."""
+    path, _ = writable_pack_path(pack)
+    return file_lock(path.parent / f".{path.name}.lock", waiting=f"waiting for another edit of {path}")
 
 
 def read_examples(path: str | Path) -> list[str]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from persona_router.core.atomic import TMP_PREFIX, atomic_write_json, atomic_write_text
+from persona_router.core.atomic import TMP_PREFIX, atomic_write_json, atomic_write_text, default_mode
 from persona_router.eval.stats import confidence_percent
 
 
@@ -281,6 +281,7 @@ def _save(fig: Any, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=120)
+        os.chmod(tmp, default_mode(folder=False))  # mkstemp's 0600, where the JSON and markdown beside it are not
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -79,13 +79,33 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def usable_folds(labels: np.ndarray, wanted: int) -> int:
-    """As many folds as asked, but no more than the rarest persona with at least two texts has (0: fewer
-    than two personas have two, so nothing can be cross-validated). A persona with a single text does not
-    take calibration away from the others: it trains in every fold and is never scored
-    (``out_of_fold_scores``), so it gets no evidence and is not inferred until it has more texts."""
+    """The folds to cross-validate with: as many as asked when two or more personas have enough texts
+    (``min_scored_texts``); personas with fewer are trained on in every fold, never scored, and never inferred, so
+    one new persona with a few texts does not take folds away from the others. Only when fewer than two
+    personas have enough do the smallest counts decide: as many folds as the rarest persona with two or more
+    texts has (0: fewer than two personas have two, so nothing can be cross-validated)."""
     counts = np.bincount(labels)
+    if int((counts >= min_scored_texts(wanted)).sum()) >= 2:
+        return wanted
     usable = counts[counts >= 2]
     return min(wanted, int(usable.min())) if usable.size >= 2 else 0
+
+
+def min_scored_texts(folds: int) -> int:
+    """Fewer texts than this (at least ``MIN_SUPPORT``: below it no threshold could be set anyway) make a persona
+    rare: trained on, never scored."""
+    return max(MIN_SUPPORT, folds)
+
+
+def scored_cutoff(labels: np.ndarray, folds: int) -> int:
+    """How many texts a persona needs to be scored in cross-validation with ``folds`` (from ``usable_folds``)."""
+    counts = np.bincount(labels)
+    return min_scored_texts(folds) if int((counts >= min_scored_texts(folds)).sum()) >= 2 else folds
+
+
+def rare_labels(labels: np.ndarray, folds: int) -> np.ndarray:
+    """The label ids cross-validation with ``folds`` trains on in every fold but never scores."""
+    return np.flatnonzero(np.bincount(labels) < scored_cutoff(labels, folds))
 
 
 def out_of_fold_scores(embeddings: np.ndarray, labels: np.ndarray, score_fn: ScoreFn, *, folds: int,
@@ -98,8 +118,8 @@ def out_of_fold_scores(embeddings: np.ndarray, labels: np.ndarray, score_fn: Sco
     from sklearn.model_selection import StratifiedKFold
 
     mask = np.ones(len(labels), dtype=bool) if evaluate is None else evaluate
-    # Personas with fewer texts than folds cannot be stratified: their rows train in every fold, unscored.
-    rare = np.isin(labels, np.flatnonzero(np.bincount(labels) < folds))
+    # Rare personas (``rare_labels``) cannot be stratified or give evidence: their rows train in every fold.
+    rare = np.isin(labels, rare_labels(labels, folds))
     split_idx, always_train = np.flatnonzero(~rare), np.flatnonzero(rare)
     all_scores, all_labels = [], []
     for repeat in range(repeats):

@@ -9,6 +9,7 @@ JSON description, so a server loads them without pickle or scikit-learn.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,22 +145,32 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
 
 
 def save_classifier(classifier: Classifier, folder: Path) -> dict[str, Any]:
-    """Write the tensors to ``folder/classifier.safetensors``; return the JSON that describes them."""
-    from safetensors.numpy import save_file
+    """Write the tensors to ``folder/classifier.safetensors``; return the JSON that describes them, with the
+    file's sha256 so that a loader can tell these weights from another save's."""
+    from safetensors.numpy import save
 
     tensors = {name: np.ascontiguousarray(t) for name, t in classifier.tensors().items()}
-    save_file(tensors, str(Path(folder) / WEIGHTS_FILE))
-    return {**classifier.config.to_json(), "file": WEIGHTS_FILE}
+    data = save(tensors)
+    (Path(folder) / WEIGHTS_FILE).write_bytes(data)
+    return {**classifier.config.to_json(), "file": WEIGHTS_FILE, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def load_classifier(folder: Path, description: dict[str, Any], n_labels: int, dimension: int) -> Classifier:
+    """Load the weights ``description`` (from ``router.json``) describes; refuse other weights (a description
+    without ``sha256``, from before it was recorded, is taken on trust)."""
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
     path = Path(folder) / WEIGHTS_FILE
     try:
         config = ClassifierConfig(kind=description["kind"], c=float(description["c"]), k=int(description["k"]))
-        tensors = load_file(str(path))
+        expected = description.get("sha256")
+        data = path.read_bytes()  # hashed and parsed from the same bytes: what is checked is what is used
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise RouterModelError(f"the weights are not the ones {description.get('file', WEIGHTS_FILE)} was "
+                                   f"saved with (sha256 {str(expected)[:12]}… expected); refit the router",
+                                   path=path)
+        tensors = load(data)
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise RouterModelError(f"invalid classifier description: {exc}", path=folder, field="classifier") from exc
     except (OSError, SafetensorError) as exc:

@@ -8,6 +8,7 @@ sentence-transformers model id or folder works too. A fitted router records the 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -132,10 +133,20 @@ def clip_texts(texts: Sequence[str], max_seq_length: int) -> list[str]:
 
 
 def resolve_embedder(model: str | Path | None) -> tuple[str, Path]:
-    """``(model id as recorded, local folder)`` for the default name, a folder or a cached hub id."""
-    model_id = DEFAULT_EMBEDDER if model is None or str(model) == DEFAULT_EMBEDDER else str(model)
+    """``(model id as recorded, local folder)`` for the default name, a folder or a cached hub id.
+
+    A folder is recorded by its absolute path: a router fitted with ``--embedder ./my-model`` must find it again
+    from any working folder (and not be taken for stale, and refitted, where ``./my-model`` means nothing).
+    """
+    model_id = DEFAULT_EMBEDDER if model is None or str(model) == DEFAULT_EMBEDDER else _absolute_if_folder(model)
     folder = default_embedder_path() if model_id == DEFAULT_EMBEDDER else _resolve_folder(model_id)
     return model_id, folder
+
+
+def _absolute_if_folder(model: str | Path) -> str:
+    local = Path(model).expanduser()
+    # abspath, not resolve: a symlinked model folder stays the link the user named.
+    return os.path.abspath(local) if local.is_dir() else str(model)
 
 
 def load_sentence_transformer(folder: Path, *, device: str = "cpu", **model_kwargs: Any) -> Any:
@@ -173,7 +184,7 @@ def _resolve_folder(name: str) -> Path:
 
 def load_encoder(model: str | Path | None = None, *, device: str = "cpu") -> SentenceTransformerEncoder:
     """One shared encoder per model id and device: loading MiniLM takes seconds, encoding milliseconds."""
-    return _cached_encoder(DEFAULT_EMBEDDER if model is None else str(model), device)
+    return _cached_encoder(DEFAULT_EMBEDDER if model is None else _absolute_if_folder(model), device)
 
 
 @lru_cache(maxsize=4)

@@ -3,12 +3,13 @@
 Fitting: embed the utterances (plus the pack's examples), pick the classifier's hyper-parameter by
 cross-validated log-loss on the training utterances only, calibrate a temperature and per-persona
 thresholds on the same out-of-fold scores, then refit on everything. A held-out split, when given, is only
-ever scored; the report gives metrics, markdown and a confusion-matrix PNG.
+ever scored (``router/report.py``, whose names this module also offers).
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,13 +29,26 @@ from persona_router.router.calibration import (
     fit_thresholds,
     negative_log_likelihood,
     out_of_fold_scores,
+    rare_labels,
+    scored_cutoff,
     softmax,
     usable_folds,
 )
 from persona_router.router.classifier import CLASSIFIER_KINDS, ClassifierConfig, fit_classifier
-from persona_router.router.encoder import Encoder
+from persona_router.router.encoder import DEFAULT_EMBEDDER, Encoder
 from persona_router.router.onnx_encoder import DEFAULT_BACKEND, build_encoder, check_backend
-from persona_router.router.persona_router import ROUTER_FILE, PersonaRouter, default_router_dir, router_lock
+from persona_router.router.persona_router import (
+    ROUTER_FILE,
+    PersonaRouter,
+    default_router_dir,
+    read_description,
+    router_lock,
+)
+from persona_router.router.report import RoutingReport, evaluate, fmt_optional, report_from_probabilities
+
+__all__ = ["CV_TITLE", "FitConfig", "FitResult", "RoutingReport", "TrainingSet", "default_training_records",
+           "ensure_router", "evaluate", "fit_router", "fitted_with_defaults", "fmt_optional", "load_routing_records",
+           "refit_command", "report_from_probabilities", "training_set"]
 
 log = logging.getLogger(__name__)
 
@@ -83,63 +97,6 @@ class TrainingSet:
     names: tuple[str, ...]
     evaluate: np.ndarray  # rows that count as held-out examples in cross-validation
     counts: dict[str, int]
-
-
-@dataclass(frozen=True)
-class RoutingReport:
-    """Metrics of final decisions (after abstention) and of the bare argmax, over one labelled set."""
-
-    title: str
-    labels: tuple[str, ...]
-    n: int
-    accuracy: float
-    macro_f1: float
-    coverage: float
-    inferred_precision: float | None
-    argmax_accuracy: float
-    argmax_macro_f1: float
-    per_persona: dict[str, dict[str, float]]
-    confusion: list[list[int]]
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()} | {"labels": list(self.labels)}
-
-    def to_markdown(self) -> str:
-        head = (f"**{self.title}** ({self.n} questions): accuracy {self.accuracy:.3f}, macro-F1 "
-                f"{self.macro_f1:.3f}, coverage {self.coverage:.3f} (inferred, not fallen back), precision of "
-                f"inferred decisions {fmt_optional(self.inferred_precision)}; without abstention: accuracy "
-                f"{self.argmax_accuracy:.3f}, macro-F1 {self.argmax_macro_f1:.3f}.\n\n")
-        rows = ["| persona | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-        rows += [f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {int(m['support'])} |"
-                 for name, m in self.per_persona.items()]
-        matrix = ["| true \\ decided | " + " | ".join(self.labels) + " |", "|---" * (len(self.labels) + 1) + "|"]
-        matrix += [f"| {name} | " + " | ".join(str(v) for v in row) + " |"
-                   for name, row in zip(self.labels, self.confusion, strict=True)]
-        return head + "\n".join(rows) + "\n\nConfusion matrix (rows: true persona, columns: decision):\n\n" + \
-            "\n".join(matrix) + "\n"
-
-    def save_confusion_png(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        matrix = np.array(self.confusion)
-        fig, ax = plt.subplots(figsize=(6, 5))
-        ax.imshow(matrix, cmap="Blues")
-        ax.set_xticks(range(len(self.labels)), self.labels, rotation=45, ha="right")
-        ax.set_yticks(range(len(self.labels)), self.labels)
-        ax.set_xlabel("decided persona")
-        ax.set_ylabel("true persona")
-        ax.set_title(f"{self.title}: macro-F1 {self.macro_f1:.3f}, coverage {self.coverage:.2f}")
-        for (i, j), value in np.ndenumerate(matrix):
-            ax.text(j, i, str(value), ha="center", va="center",
-                    color="white" if value > matrix.max() / 2 else "black")
-        fig.tight_layout()
-        tmp = path.with_name(f".tmp-{path.name}")
-        fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
-        tmp.replace(path)
 
 
 @dataclass(frozen=True)
@@ -227,8 +184,14 @@ CV_TITLE = "cross-validation on train (thresholds fitted on these same predictio
 
 
 def fit_router(pack: PersonaPack, records: Sequence[RoutingRecord], *, encoder: Encoder, config: FitConfig,
-               embeddings: np.ndarray | None = None) -> FitResult:
-    """Fit, calibrate and return a router; ``embeddings`` of the training set may be passed to skip encoding."""
+               embeddings: np.ndarray | None = None, default_settings: bool = False,
+               data_files: Sequence[str | Path] | None = None) -> FitResult:
+    """Fit, calibrate and return a router; ``embeddings`` of the training set may be passed to skip encoding.
+
+    ``default_settings`` says that the router is fitted with the default data, embedder, backend and
+    ``FitConfig``: only such a router may ``ensure_router`` refit by itself. ``data_files`` (the files
+    ``records`` came from) are recorded so that the command that refits the router can be given.
+    """
     started = time.perf_counter()
     data = training_set(pack, records, config)
     x = encoder.encode(data.texts) if embeddings is None else embeddings
@@ -245,15 +208,19 @@ def fit_router(pack: PersonaPack, records: Sequence[RoutingRecord], *, encoder: 
     else:
         chosen, oof_scores, oof_labels, temperature, selection = _select(data, x, config, folds)
         probs = np.round(softmax(oof_scores / temperature), DECIMALS)
-        rare = [name for i, name in enumerate(data.names) if int((data.labels == i).sum()) < folds]
+        rare = [data.names[i] for i in rare_labels(data.labels, folds)]
         if rare:
-            log.warning("%s: fewer training texts than the %d folds, so trained on but never scored and not "
-                        "inferred (routable by name) until each has %d or more", ", ".join(rare), folds, folds)
+            log.warning("%s: too few training texts to be cross-validated (%d or more are needed with %d folds), "
+                        "so trained on but never scored and not inferred (routable by name)", ", ".join(rare),
+                        scored_cutoff(data.labels, folds), folds)
         thresholds, reached = fit_thresholds(probs, oof_labels, data.names, calibration_config)
         calibration = Calibration(temperature, thresholds, calibration_config.target_precision, reached)
     classifier = fit_classifier(chosen, x, data.labels, len(data.names))
     info = {"classifier": chosen.to_json(), "counts": data.counts, "folds": folds, "repeats": config.repeats,
-            "seed": config.seed, "min_threshold": config.min_threshold, "selection": selection}
+            "seed": config.seed, "min_threshold": config.min_threshold, "selection": selection,
+            "default_settings": default_settings}
+    if data_files is not None:
+        info["data"] = [str(Path(f).expanduser().resolve()) for f in data_files] or None
     router = PersonaRouter(pack=pack, encoder=encoder, classifier=classifier, calibration=calibration,
                            labels=data.names, info=info)
     if folds:
@@ -287,54 +254,17 @@ def _select(data: TrainingSet, x: np.ndarray, config: FitConfig,
     return best[1], best[2], best[3], best[4], selection
 
 
-def evaluate(router: PersonaRouter, records: Sequence[RoutingRecord], *, title: str,
-             embeddings: np.ndarray | None = None) -> RoutingReport:
-    """Score a labelled set (never fitted on) with the router's final decisions."""
-    index = {name: i for i, name in enumerate(router.labels)}
-    truth = np.array([index[r.persona] for r in records])
-    x = router.encoder.encode([r.question for r in records]) if embeddings is None else embeddings
-    probs = router.calibration.probabilities(router.classifier.scores(x))
-    return report_from_probabilities(router, probs, truth, title=title)
-
-
-def report_from_probabilities(router: PersonaRouter, probs: np.ndarray, truth: np.ndarray, *,
-                              title: str) -> RoutingReport:
-    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
-
-    index = {name: i for i, name in enumerate(router.labels)}
-    decisions = [router.decide_from_probabilities(row) for row in probs]
-    decided = np.array([index[d.persona] for d in decisions])
-    inferred = np.array([d.source == "inferred" for d in decisions])
-    argmax = probs.argmax(axis=1)
-    every = list(range(len(router.labels)))
-    precision, recall, f1, support = precision_recall_fscore_support(truth, decided, labels=every, zero_division=0)
-    per_persona = {name: {"precision": round(float(precision[i]), 4), "recall": round(float(recall[i]), 4),
-                          "f1": round(float(f1[i]), 4), "support": int(support[i])}
-                   for i, name in enumerate(router.labels)}
-    return RoutingReport(
-        title=title, labels=router.labels, n=int(truth.size),
-        accuracy=round(float((decided == truth).mean()), 4),
-        macro_f1=round(float(f1_score(truth, decided, labels=every, average="macro", zero_division=0)), 4),
-        coverage=round(float(inferred.mean()), 4),
-        inferred_precision=round(float((decided[inferred] == truth[inferred]).mean()), 4) if inferred.any() else None,
-        argmax_accuracy=round(float((argmax == truth).mean()), 4),
-        argmax_macro_f1=round(float(f1_score(truth, argmax, labels=every, average="macro", zero_division=0)), 4),
-        per_persona=per_persona,
-        confusion=confusion_matrix(truth, decided, labels=every).tolist(),
-    )
-
-
-def fmt_optional(value: float | None) -> str:
-    """A report number to 3 decimals, ``-`` when it does not exist (no decision was inferred)."""
-    return "-" if value is None else f"{value:.3f}"
-
-
 def ensure_router(pack: PersonaPack | None = None, *, encoder: Encoder | None = None, path: str | Path | None = None,
                   refit: bool = False, backend: str = DEFAULT_BACKEND) -> PersonaRouter:
     """The pack's router from its default folder, fitted there first if missing or stale (takes seconds).
 
-    Without an ``encoder``, the default embedder runs on ``backend``; a router fitted on another backend
-    counts as stale (the default folder follows the default backend).
+    Only a router fitted with the default data and settings (by this function, or by ``fit-router`` without
+    options; ``fitted_with_defaults``) is refitted when stale: a default fit loses nothing. One fitted with
+    the user's own data, embedder, backend or settings is used as it is (with its own embedder), and when it
+    is stale this raises with the command that refits it rather than overwrite it with a default fit; so does
+    a ``router.json`` that cannot be read. ``refit`` (an explicit request) refits and replaces whatever is
+    there. Without an ``encoder``, the default embedder runs on ``backend``; a default router fitted on another
+    backend counts as stale (the default folder follows the default backend).
     """
     pack = pack or load_pack(DEMO_PACK)
     check_backend(backend)
@@ -345,7 +275,8 @@ def ensure_router(pack: PersonaPack | None = None, *, encoder: Encoder | None = 
         if found is not None:
             return found
     records = default_training_records(pack)
-    router = fit_router(pack, records, encoder=encoder or build_encoder(None, backend), config=FitConfig()).router
+    router = fit_router(pack, records, encoder=encoder or build_encoder(None, backend), config=FitConfig(),
+                        default_settings=True).router
     with router_lock(folder):
         # Another process (say `fit-router --data ...`, or a second server) may have saved a router for this
         # pack while this one fitted: keep theirs rather than overwrite it with a fit on the pack's examples.
@@ -360,14 +291,25 @@ def ensure_router(pack: PersonaPack | None = None, *, encoder: Encoder | None = 
 
 def _current_router(folder: Path, pack: PersonaPack, encoder: Encoder | None, backend: str, *,
                     say: bool) -> PersonaRouter | None:
-    """The router saved in ``folder`` if it is fitted for this pack (and backend), else None."""
+    """The router saved in ``folder`` if it serves this pack; None if there is none, or if it is a stale one
+    with default settings (to be refitted). A stale router of the user's own raises ``RouterModelError``."""
     if not (folder / ROUTER_FILE).is_file():
         return None
+    try:
+        description = read_description(folder)
+    except RouterModelError as exc:
+        raise RouterModelError(f"{exc.detail}; cannot tell how this router was fitted, so it is not replaced by "
+                               "itself: refit it (persona-router fit-router --pack PACK --out FOLDER) or remove the "
+                               "folder", path=folder) from exc
+    if not fitted_with_defaults(description):
+        return _custom_router(folder, description, pack, encoder)
     try:
         router = PersonaRouter.load(folder, pack=pack, encoder=encoder)
     except RouterModelError as exc:
         if say:
-            log.warning("refitting the router: %s", exc)
+            # Without the error's own "refit it: ..." advice: this is the refit.
+            log.warning("refitting the router (it was fitted with the default settings): %s",
+                        exc.detail.split("; refit it")[0])
         return None
     fitted_on = getattr(router.encoder, "backend", "torch")
     if encoder is not None or fitted_on == backend:
@@ -376,3 +318,63 @@ def _current_router(folder: Path, pack: PersonaPack, encoder: Encoder | None, ba
         log.warning("refitting the router: fitted with the %s encoder, the default is now %s", fitted_on, backend)
     return None
 
+
+def _custom_router(folder: Path, description: dict[str, Any], pack: PersonaPack,
+                   encoder: Encoder | None) -> PersonaRouter:
+    # The caller's encoder only saves loading one: a router fitted with another embedder brings its own.
+    recorded = _section(description, "embedder").get("fingerprint")
+    mine = encoder if encoder is not None and encoder.fingerprint == recorded else None
+    try:
+        return PersonaRouter.load(folder, pack=pack, encoder=mine)
+    except RouterModelError as exc:
+        raise RouterModelError(
+            f"{exc.detail}. It was fitted with your own data or settings, so it is not refitted with the defaults "
+            f"by itself; refit it: {refit_command(description, folder)} (or remove the folder to have it fitted "
+            "with the default settings)", path=folder) from exc
+
+
+def fitted_with_defaults(description: dict[str, Any]) -> bool:
+    """Whether a saved router was fitted with the default data, embedder, backend and settings.
+
+    Routers record it (``fit.default_settings``). Those saved before they did are judged by the settings they
+    record (embedder, classifier kind, target precision, threshold floor): their data cannot be told, and their
+    backend is not held against them (the default backend changed, and such routers were refitted on it).
+    """
+    fit = _section(description, "fit")
+    if isinstance(fit.get("default_settings"), bool):
+        return bool(fit["default_settings"])
+    defaults, embedder = FitConfig(), _section(description, "embedder")
+    classifier, calibration = _section(description, "classifier"), _section(description, "calibration")
+    return (embedder.get("id", DEFAULT_EMBEDDER) == DEFAULT_EMBEDDER
+            and classifier.get("kind", defaults.classifier) == defaults.classifier
+            and calibration.get("target_precision", defaults.target_precision) == defaults.target_precision
+            and fit.get("min_threshold", defaults.min_threshold) == defaults.min_threshold)
+
+
+def refit_command(description: dict[str, Any], folder: Path) -> str:
+    """The ``fit-router`` command that refits a saved router with the settings it records."""
+    pack, fit, embedder = (_section(description, key) for key in ("pack", "fit", "embedder"))
+    words = ["persona-router", "fit-router", "--pack", str(pack.get("source", "PACK"))]
+    data = fit.get("data", "unknown")
+    if isinstance(data, list):
+        words += [part for path in data for part in ("--data", str(path))]
+    if embedder.get("id", DEFAULT_EMBEDDER) != DEFAULT_EMBEDDER:
+        words += ["--embedder", str(embedder["id"])]
+    if embedder.get("backend", DEFAULT_BACKEND) != DEFAULT_BACKEND:
+        words += ["--encoder-backend", str(embedder["backend"])]
+    kind = _section(description, "classifier").get("kind", "logreg")
+    if kind != FitConfig().classifier:
+        words += ["--classifier", str(kind)]
+    target = _section(description, "calibration").get("target_precision", FitConfig().target_precision)
+    if target != FitConfig().target_precision:
+        words += ["--target-precision", str(target)]
+    if "name" not in pack or Path(folder) != default_router_dir(str(pack["name"])):
+        words += ["--out", str(folder)]
+    command = shlex.join(words)
+    return command if data != "unknown" else f"{command} --data FILE (the utterances it was fitted on)"
+
+
+def _section(description: dict[str, Any], key: str) -> dict[str, Any]:
+    """One part of a ``router.json`` that may be damaged: an empty one where it is missing or not an object."""
+    value = description.get(key)
+    return value if isinstance(value, dict) else {}

@@ -168,7 +168,8 @@ def read_export(folder: Path) -> dict[str, Any]:
 
 
 def default_export_dir(model_id: str, backend: str, source_fingerprint: str) -> Path:
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
+    # The end of a long id (a local folder's absolute path) keeps the folder's own name within name limits.
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)[-80:]
     return home_dir() / "encoders" / f"{slug}-{backend}-{source_fingerprint.removeprefix('sha256:')[:16]}"
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from persona_router.core.atomic import TMP_PREFIX, atomic_dir, remove_stale_temps
-from persona_router.core.errors import InvalidRequestError, RouterModelError
+from persona_router.core.atomic import atomic_dir, file_stamp, remove_stale_temps
+from persona_router.core.errors import InvalidRequestError, PackError, RouterModelError
 from persona_router.core.file_lock import file_lock
 from persona_router.core.home import home_dir
 from persona_router.core.pack import DEMO_PACK, PersonaPack, demo_pack_path, load_pack
-from persona_router.router.calibration import NEVER, Calibration
+from persona_router.router.calibration import DECIMALS, NEVER, Calibration
 from persona_router.router.classifier import Classifier, load_classifier, save_classifier
 from persona_router.router.decision import Decision, explicit
 from persona_router.router.encoder import Encoder, load_encoder
@@ -122,17 +122,25 @@ class PersonaRouter:
                             runner_up_score=None if second is None else float(probs[second]))
         fallback = self.labels.index(self._fallback)
         alternative = next((int(i) for i in order if int(i) != fallback), None)
-        if name == self._fallback:
-            reason = (f"the top guess is the fallback persona {name!r} itself, at confidence {confidence:.3f}, "
-                      f"below its threshold {threshold:.3f}")
-        else:
-            reason = (f"confidence {confidence:.3f} for {name!r} is below its threshold {threshold:.3f} "
-                      f"(target precision {self.calibration.target_precision:.2f}); "
-                      f"answering as the fallback persona {self._fallback!r}")
         return Decision(persona=self._fallback, source="fallback", confidence=float(probs[fallback]),
                         runner_up=None if alternative is None else self.labels[alternative],
                         runner_up_score=None if alternative is None else float(probs[alternative]),
-                        reason=reason)
+                        reason=self._fallback_reason(name, confidence, threshold))
+
+    def _fallback_reason(self, name: str, confidence: float, threshold: float) -> str:
+        answer = f"answering as the fallback persona {self._fallback!r}"
+        if threshold >= NEVER:
+            # A "threshold 1.000" would read as a near miss; the persona is switched off by calibration.
+            never = (f"{name!r} (confidence {confidence:.3f}) is never inferred: in cross-validation it had too few "
+                     f"texts, or its predictions did not reach the target precision "
+                     f"{self.calibration.target_precision:.2f}")
+            return f"the top guess {never}" if name == self._fallback else f"{never}; {answer}"
+        shown, bar = distinct_pair(confidence, threshold)
+        if name == self._fallback:
+            return (f"the top guess is the fallback persona {name!r} itself, at confidence {shown}, "
+                    f"below its threshold {bar}")
+        return (f"confidence {shown} for {name!r} is below its threshold {bar} "
+                f"(target precision {self.calibration.target_precision:.2f}); {answer}")
 
     # ---- saving and loading ---------------------------------------------------------------------------
 
@@ -152,13 +160,15 @@ class PersonaRouter:
         """Write the router folder atomically (a crash never leaves a half-written router).
 
         ``extra(folder)`` may add files (such as the fit report) inside the same atomic write. The write holds
-        the folder's lock (``router_lock``) unless ``lock=False`` says the caller already does.
+        the folder's lock (``router_lock``) unless ``lock=False`` says the caller already does. A folder that
+        is there already is replaced only if it is a router or empty (``check_replaceable``).
         """
         target = Path(path)
         if lock:
             with router_lock(target):
                 return self.save(target, extra=extra, lock=False)
-        remove_stale_temps(target.parent, only=f"{TMP_PREFIX}{target.name}-")  # other routers' saves may run
+        check_replaceable(target)
+        remove_stale_temps(target.parent, of=target.name)  # this router's only: others' saves may be running
         with atomic_dir(target, replace=True) as tmp:
             description = self.describe()
             description["classifier"] = save_classifier(self.classifier, tmp)
@@ -174,8 +184,29 @@ class PersonaRouter:
     @classmethod
     def load(cls, path: str | Path, *, pack: PersonaPack | None = None,
              encoder: Encoder | None = None) -> PersonaRouter:
-        """Load a fitted router; refuse it if the pack's personas or the embedder changed since fitting."""
+        """Load a fitted router; refuse it if the pack's personas or the embedder changed since fitting.
+
+        Without ``pack``, the pack recorded in ``router.json`` is loaded. A save that replaces the folder while
+        this reads it (seen as a new ``router.json``) makes it read the folder once more, so the description and
+        the weights always come from one save.
+        """
         folder = Path(path)
+        for _ in range(2):
+            before = file_stamp(folder / ROUTER_FILE)
+            try:
+                router = cls._load_once(folder, pack, encoder)
+            except RouterModelError:
+                if file_stamp(folder / ROUTER_FILE) == before:
+                    raise
+                log.info("router %s was replaced while it was read; reading it again", folder)
+                continue
+            if file_stamp(folder / ROUTER_FILE) == before:
+                return router
+            log.info("router %s was replaced while it was read; reading it again", folder)
+        raise RouterModelError("the router was replaced twice while it was read; load it again", path=folder)
+
+    @classmethod
+    def _load_once(cls, folder: Path, pack: PersonaPack | None, encoder: Encoder | None) -> PersonaRouter:
         description = read_description(folder)
         try:
             pack_info, embedder_info = description["pack"], description["embedder"]
@@ -190,7 +221,7 @@ class PersonaRouter:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RouterModelError(f"{ROUTER_FILE} is incomplete ({type(exc).__name__}: {exc})",
                                    path=folder) from exc
-        pack = pack or load_pack(pack_info["source"])
+        pack = _check_pack(pack, pack_info, folder) if pack is not None else _recorded_pack(pack_info, folder)
         if pack_hash(pack) != pack_info["hash"]:
             raise RouterModelError(
                 f"pack {pack.name!r} ({pack.source}) has changed personas since this router was fitted for pack "
@@ -205,6 +236,62 @@ class PersonaRouter:
         classifier = load_classifier(folder, classifier_info, len(labels), encoder.dimension)
         return cls(pack=pack, encoder=encoder, classifier=classifier, calibration=calibration, labels=labels,
                    info=description.get("fit", {}))
+
+
+def distinct_pair(value: float, bar: float) -> tuple[str, str]:
+    """``value`` and ``bar`` (value < bar) with the fewest decimals, 3 or more, that still show them in order:
+    a confidence 0.6105 under a threshold 0.6110 must not read as 0.611 below 0.611."""
+    for digits in range(3, DECIMALS + 1):
+        shown, bar_shown = f"{value:.{digits}f}", f"{bar:.{digits}f}"
+        if float(shown) < float(bar_shown):
+            return shown, bar_shown
+    return f"{value:.{DECIMALS}f}", f"{bar:.{DECIMALS}f}"
+
+
+def check_replaceable(folder: Path, *, field: str | None = None) -> None:
+    """Refuse to save a router over anything but a router folder or an empty one.
+
+    Saving replaces the whole folder and deletes the old one, so a mistyped ``--out`` (a home folder, a
+    project) must be an error, not the loss of every file in it. ``field`` names the option that chose it.
+    """
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir():
+        raise RouterModelError("is not a folder; refusing to replace it with a router (choose a new or empty "
+                               "folder)", path=folder, field=field)
+    if (folder / ROUTER_FILE).is_file() or not any(folder.iterdir()):
+        return
+    raise RouterModelError(f"holds files but no {ROUTER_FILE}, so it is not a router folder; refusing to replace "
+                           "(and delete) it: choose a new or empty folder", path=folder, field=field)
+
+
+def fitted_pack(folder: str | Path) -> PersonaPack:
+    """The pack a saved router was fitted for, loaded from where its ``router.json`` says it is."""
+    folder = Path(folder)
+    pack_info = read_description(folder).get("pack")
+    if not isinstance(pack_info, dict) or not isinstance(pack_info.get("source"), str):
+        raise RouterModelError(f"{ROUTER_FILE} is incomplete (no pack.source)", path=folder)
+    return _recorded_pack(pack_info, folder)
+
+
+def _recorded_pack(pack_info: dict[str, Any], folder: Path) -> PersonaPack:
+    try:
+        return load_pack(pack_info["source"])
+    except PackError as exc:
+        raise RouterModelError(f"cannot load the pack it was fitted for, {pack_info.get('name')!r} ({exc}); name "
+                               "that pack explicitly (persona-router route --pack FILE)", path=folder) from exc
+
+
+def _check_pack(pack: PersonaPack, pack_info: dict[str, Any], folder: Path) -> PersonaPack:
+    """Another pack than the router's own is a plain mistake (say a default ``--pack demo``), not a stale router."""
+    if pack.name != pack_info["name"]:
+        raise RouterModelError(
+            f"this router was fitted for pack {pack_info['name']!r} ({pack_info['source']}), not for pack "
+            f"{pack.name!r} ({pack_reference(pack)}); use it with its own pack (persona-router route: leave out "
+            f"--pack) or fit one for this pack: persona-router fit-router --pack {pack_reference(pack)} --out DIR",
+            path=folder)
+    return pack
 
 
 def _describe_encoder(encoder: Encoder) -> dict[str, Any]:

@@ -342,7 +342,12 @@ class Answerer:
         if choice == PROMPT_ONLY:
             return None, None
         if isinstance(choice, int):  # a named version: no A/B, and no silent substitute if it is unusable
-            return None, await self.residency.acquire(persona, choice)
+            try:
+                return None, await self.residency.acquire(persona, choice)
+            except PersonaRouterError as exc:
+                if exc.field == "version":  # the residency's name for it; this request calls it "adapter"
+                    exc.field = "adapter"
+                raise
         split = self.splits.get(persona)
         if split is None:
             return None, await self.residency.acquire(persona)

@@ -114,6 +114,9 @@ def _build_engine(settings: ServiceSettings, base: Any) -> tuple[Any, str, int |
             # leaves the batch, and the residency bound must not turn that moment into a refused load.
             config = EngineConfig(max_batch=settings.max_batch, max_queue=settings.max_queue,
                                   max_adapters=settings.max_resident_adapters + 2)
+            log.info("%d adapters resident at most (--max-resident-adapters); the engine has %d slots, 2 spare for "
+                     "adapters whose last requests are still finishing", settings.max_resident_adapters,
+                     config.max_adapters)
             try:
                 return build_engine(base, config), "fast", config.max_len
             except (PersonaRouterError, ValueError, NotImplementedError) as exc:

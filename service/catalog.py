@@ -172,7 +172,10 @@ class CatalogReloader:
                 removed = sorted(set(current.pack.names) - set(new.pack.names))
                 log.info("pack %s reloaded (generation %d): added %s, removed %s", new.pack.name, new.generation,
                          added or "none", removed or "none")
-                return {**new.describe(), "changed": True, "added": added, "removed": removed}
+                # "changed": the files differ from what served (a forced reload of the same files rebuilds,
+                # and says so with "reloaded", but changes nothing).
+                return {**new.describe(), "changed": stamp != current.stamp, "reloaded": True, "added": added,
+                        "removed": removed}
             return {**self.holder.current.describe(), "changed": False}
 
     async def watch(self, interval_s: float) -> None:

@@ -80,3 +80,5 @@ def test_answer_takes_the_adapter_choice(client: httpx.Client) -> None:
     assert answer(client, QUESTION, persona="student", max_new_tokens=2, adapter="none")["adapter"] is None
     assert answer(client, QUESTION, persona="student", max_new_tokens=2, adapter="1")["adapter"]["version"] == 1
     assert answer(client, QUESTION, persona="student", max_new_tokens=2)["adapter"]["version"] == 2
+    missing = client.post("/v1/answer", json={"question": QUESTION, "persona": "student", "adapter": "9"})
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "adapter"  # the request's name

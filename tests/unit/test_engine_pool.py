@@ -35,8 +35,8 @@ Scenario = Callable[[UpstreamPool, dict[str, BatchedEngine]], Awaitable[Any]]
 
 
 def run_pool(model_dir: Path, adapters: dict[str, Path], scenario: Scenario, *, max_in_flight: int = 4,
-             health_interval_s: float = 0.1) -> Any:
-    engines = {name: make_engine(model_dir, stop_token_ids=()) for name in DEVICES}
+             health_interval_s: float = 0.1, **engine_config: Any) -> Any:
+    engines = {name: make_engine(model_dir, stop_token_ids=(), **engine_config) for name in DEVICES}
     pool = UpstreamPool([EngineMember(name, engine, probe_timeout_s=10) for name, engine in engines.items()],
                         PoolConfig(max_in_flight=max_in_flight, health_interval_s=health_interval_s))
 
@@ -125,6 +125,19 @@ def test_a_failing_engine_leaves_rotation_and_no_request_is_lost(
         assert {m["name"]: m for m in pool.describe()}[broken]["requests"] == described[broken]["requests"]
 
     run_pool(tiny_model_dir, engine_adapters, scenario, health_interval_s=3600)
+
+
+def test_a_device_without_a_free_adapter_slot_passes_the_adapter_on(
+        tiny_model_dir: Path, engine_adapters: dict[str, Path]) -> None:
+    """A full adapter bank is busy, not down: the adapter goes to the next device of its ranking."""
+    async def scenario(pool: UpstreamPool, engines: dict[str, BatchedEngine]) -> None:
+        first, second = rendezvous_order("beta", list(DEVICES))
+        await asyncio.to_thread(engines[first].add_adapter, "filler", engine_adapters["alpha"])  # its one slot
+        await asyncio.to_thread(pool.add_adapter, "beta", engine_adapters["beta"])
+        assert "beta" in engines[second].adapter_names() and "beta" not in engines[first].adapter_names()
+        assert all(m["up"] for m in pool.describe())
+
+    run_pool(tiny_model_dir, {}, scenario, max_adapters=1)
 
 
 def test_removing_an_adapter_unloads_it_from_every_device(

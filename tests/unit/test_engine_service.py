@@ -110,7 +110,7 @@ def test_swap_and_remove_adapter_while_running(tiny_model_dir: Path, engine_adap
 
 def test_adapter_slots_are_bounded(tiny_model_dir: Path, engine_adapters: dict[str, Path]) -> None:
     engine = make_engine(tiny_model_dir, {"a": engine_adapters["alpha"]}, max_adapters=1)
-    with pytest.raises(AdapterError, match="slots"):
+    with pytest.raises(QueueFullError, match="slots"):  # busy, not broken: a retry
         engine.add_adapter("b", engine_adapters["beta"])
     assert engine.adapter_names() == ["a"]
 

@@ -81,3 +81,14 @@ def test_eval_ab_says_how_many_metrics_were_tested(tmp_path: Path, monkeypatch: 
     assert args.handler(args) == 0
     out = capsys.readouterr().out
     assert "not corrected for the 3 metrics tested" in out
+
+
+def test_plots_are_readable_like_the_reports_beside_them(tmp_path: Path) -> None:
+    """A plot is written through a private temp file (0600); it must land with the mode report.md gets."""
+    import os
+
+    from persona_router.core.atomic import default_mode
+
+    comparisons = _comparisons(StatsConfig(n_boot=200, seed=0))
+    path = report.plot_differences([c for c in comparisons if c["n"]], ("A", "B"), tmp_path / "p.png")
+    assert os.stat(path).st_mode & 0o777 == default_mode(folder=False)

@@ -128,9 +128,57 @@ def test_cli_add_and_remove(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
                  "--examples", str(examples), "--example", "what did the study find?"])
     out = capsys.readouterr().out
     assert code == 0 and "created the user pack" in out and "fit-router" in out and "train" in out
+    assert "may not" in out and "inferred" in out  # two examples: no promise that the router infers it
     assert load_pack("user").get("patient").examples == ("what did the study find?", "is this treatment safe for me?")
     assert main(["persona", "add", "patient", "--description", "d", "--system-prompt", "s", "--example", "q"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["persona", "remove", "patient"]) == 0
     assert "removed persona 'patient'" in capsys.readouterr().out
     assert main(["persona", "add", "bad_name", "--description", "d", "--system-prompt", "s", "--example", "q"]) == 2
+
+
+def test_concurrent_adds_keep_both_personas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ``persona add`` at once: each read the pack before the other wrote it, and the second write lost the
+    first persona. The read-modify-write now holds the pack's lock, so the second reads what the first wrote."""
+    import threading
+
+    from persona_router.core import pack_edit
+
+    add_persona({**PATIENT, "name": "first-one"})  # the user pack exists from here
+    real_read = pack_edit._read_raw
+    first_read, second_read = threading.Event(), threading.Event()
+
+    def read_slowly(path: Path) -> dict:  # type: ignore[type-arg]
+        raw = real_read(path)
+        if not first_read.is_set():
+            first_read.set()
+            second_read.wait(timeout=1.0)  # without the lock the other edit reads the same old pack meanwhile
+        else:
+            second_read.set()
+        return raw
+
+    monkeypatch.setattr(pack_edit, "_read_raw", read_slowly)
+    errors: list[BaseException] = []
+
+    def add(name: str) -> None:
+        try:
+            add_persona({**PATIENT, "name": name})
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(name,)) for name in ("nurse", "carer")]
+    threads[0].start()
+    first_read.wait(timeout=5)
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors
+    assert {"first-one", "nurse", "carer"} <= set(load_pack("user").names)
+
+
+def test_replace_that_finds_nothing_says_added(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["persona", "add", "patient", "--description", "d", "--system-prompt", "s", "--example", "q", "--replace"]
+    assert main(args) == 0
+    assert "added persona 'patient'" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "replaced persona 'patient'" in capsys.readouterr().out

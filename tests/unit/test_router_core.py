@@ -18,53 +18,7 @@ from persona_router.router.decision import Decision
 from persona_router.router.fitting import FitConfig, ensure_router, fit_router
 from persona_router.router.persona_router import PersonaRouter, pack_hash
 
-DIM = 8
-PERSONAS = ("alpha", "beta", "gamma")
-
-
-class StubEncoder:
-    """Each persona owns an axis; a question's words pull it toward those axes (unknown words: noise)."""
-
-    model_id = "stub"
-    dimension = DIM
-    max_seq_length = 16
-
-    def __init__(self, fingerprint: str = "sha256:stub") -> None:
-        self.fingerprint = fingerprint
-        self.calls = 0
-
-    def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
-        self.calls += 1
-        rows = []
-        for text in texts:
-            vector = np.zeros(DIM)
-            for word in text.lower().split():
-                if word in PERSONAS:
-                    vector[PERSONAS.index(word)] += 1.0
-                else:
-                    seed = sum(map(ord, word)) % 997
-                    vector += 0.3 * np.random.default_rng(seed).standard_normal(DIM)
-            vector[DIM - 1] += 0.05  # never the zero vector
-            rows.append(vector / np.linalg.norm(vector))
-        return np.array(rows, dtype=np.float32)
-
-
-def make_pack(extra_example: str | None = None, source: str = "<memory>") -> PersonaPack:
-    personas = []
-    for name in PERSONAS:
-        examples = [f"{name} question {i}" for i in range(3)]
-        if extra_example and name == "alpha":
-            examples.append(extra_example)
-        personas.append({"name": name, "description": f"the {name} persona", "system_prompt": "be nice",
-                         "examples": examples, "fallback": name == "gamma"})
-    return pack_from_dict({"name": "stubpack", "personas": personas}, source=source)
-
-
-def records() -> list[RoutingRecord]:
-    rng = np.random.default_rng(0)
-    words = ["why", "how", "what", "is", "the", "a", "of", "in", "to", "does"]
-    return [RoutingRecord(name, f"{name} " + " ".join(rng.choice(words, 3)))
-            for name in PERSONAS for _ in range(12)]
+from tests.support.router_stub import DIM, PERSONAS, StubEncoder, make_pack, records
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +78,7 @@ def test_low_confidence_falls_back_with_a_reason(fitted: PersonaRouter) -> None:
     unsure = strict.decide("alpha alpha alpha")
     assert unsure.persona == "gamma" and unsure.source == "fallback"
     assert unsure.runner_up == "alpha" and unsure.runner_up_score == sure.confidence
-    assert "'alpha' is below its threshold 1.000" in (unsure.reason or "")
+    assert "'alpha' (confidence" in (unsure.reason or "") and "is never inferred" in (unsure.reason or "")
     probs = dict(zip(fitted.labels, fitted.probabilities(["alpha alpha alpha"])[0], strict=True))
     assert unsure.confidence == probs["gamma"]
 
@@ -348,3 +302,43 @@ def test_a_persona_certain_in_every_fold_is_inferred_not_switched_off() -> None:
     labels = np.array([0] * 6 + [1] * 6)
     thresholds, reached = fit_thresholds(probs, labels, ("a", "b"), CalibrationConfig(repeats=1))
     assert thresholds == {"a": 0.999999, "b": 0.999999} and reached == {"a": 1.0, "b": 1.0}
+
+
+def test_a_fallback_reason_shows_the_digits_that_tell_confidence_from_threshold(fitted: PersonaRouter) -> None:
+    """Three decimals made a confidence 0.6105 under a threshold 0.6111 read "0.611 is below its threshold 0.611";
+    a never-inferred persona (threshold 1.0) read as a near miss below "threshold 1.000"."""
+    alpha, beta = fitted.labels.index("alpha"), fitted.labels.index("beta")
+    thresholds = {**fitted.calibration.thresholds, "alpha": 0.6111, "beta": 1.0}
+    router = PersonaRouter(pack=fitted.pack, encoder=fitted.encoder, classifier=fitted.classifier,
+                           calibration=replace(fitted.calibration, thresholds=thresholds), labels=fitted.labels)
+    close = np.zeros(3)
+    close[alpha], close[beta] = 0.6105, 0.3
+    close[close == 0] = 1 - close.sum()
+    reason = router.decide_from_probabilities(close).reason or ""
+    assert "confidence 0.6105 for 'alpha' is below its threshold 0.6111" in reason, reason
+    never = np.zeros(3)
+    never[beta], never[alpha] = 0.95, 0.03
+    never[never == 0] = 0.02
+    reason = router.decide_from_probabilities(never).reason or ""
+    assert "'beta' (confidence 0.950) is never inferred" in reason and "threshold" not in reason, reason
+    assert "too few texts" in reason and "target precision 0.90" in reason
+
+
+def test_a_persona_with_a_few_texts_takes_no_folds_from_the_others() -> None:
+    """A persona with 2-4 texts used to cut cross-validation to 2-4 folds for every persona; it is now rare
+    (trained on, never scored, never inferred) and the others keep the folds asked for."""
+    from persona_router.router.calibration import rare_labels, usable_folds
+
+    labels = np.array([0] * 12 + [1] * 12 + [2] * 3)
+    assert usable_folds(labels, 5) == 5 and rare_labels(labels, 5).tolist() == [2]
+    assert usable_folds(np.array([0] * 12 + [1] * 12 + [2] * 7), 5) == 5  # 7 texts: scored, 5 folds
+    assert usable_folds(np.array([0] * 3 + [1] * 3 + [2]), 5) == 3  # too little data for anyone: as before
+    records = [RoutingRecord(persona=name, question=f"{name} asks thing {i}") for name in ("alpha", "beta")
+               for i in range(8)] + [RoutingRecord(persona="gamma", question=f"gamma asks {i}") for i in range(2)]
+    pack = pack_from_dict({"name": "stubpack", "personas": [
+        {"name": name, "description": f"the {name} persona", "system_prompt": "p", "examples": [f"{name} example"],
+         "fallback": name == "gamma"} for name in PERSONAS]}, source="<memory>")
+    result = fit_router(pack, records, encoder=StubEncoder(), config=FitConfig())  # gamma: 3 texts in all
+    assert result.router.info["folds"] == 5
+    thresholds = result.router.calibration.thresholds
+    assert thresholds["gamma"] == 1.0 and thresholds["alpha"] < 1.0 and thresholds["beta"] < 1.0

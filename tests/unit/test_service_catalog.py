@@ -53,9 +53,12 @@ def test_add_and_remove_swap_a_new_catalog(pack_file: Path) -> None:
     holder, reloader, residency, builder = make(pack_file)
     first = holder.current
     assert asyncio.run(reloader.reload())["changed"] is False and builder.builds == 1  # nothing changed on disk
+    forced = asyncio.run(reloader.reload(force=True))  # the admin reload rebuilds the same files
+    assert forced["reloaded"] and forced["changed"] is False and builder.builds == 2
+    first = holder.current
     add_persona(dict(NEW), pack=pack_file)
     result = asyncio.run(reloader.reload())
-    assert result["changed"] and result["added"] == ["patient"] and result["generation"] == 2
+    assert result["changed"] and result["added"] == ["patient"] and result["generation"] == 3
     assert holder.current is not first and "patient" in holder.current.pack
     assert holder.current.decide("q", "patient").persona == "patient"
     # The snapshot a request took before the swap is untouched: old pack, old routing.

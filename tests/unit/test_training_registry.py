@@ -145,3 +145,40 @@ def test_publish_flushes_the_files_then_the_name_then_latest(tmp_path: Path, mon
     monkeypatch.setattr(registry_module, "fsync_dir", lambda folder: seen("name"))
     assert registry.publish("student", staged) == 1
     assert events == [("files", False, False), ("name", True, False)]
+
+
+def test_a_published_version_is_readable_as_a_plain_write_would_be(tmp_path: Path) -> None:
+    """mkdtemp's 0700 folder and safetensors' 0600 file must not reach the published tree: an upstream or a
+    server running as another user reads the adapters folder (README: scale-out over a shared mount)."""
+    import os
+
+    import numpy as np
+    from persona_router.core.atomic import default_mode
+    from safetensors.numpy import save_file
+
+    registry = AdapterRegistry(tmp_path)
+    staged = stage(registry)
+    save_file({"w": np.zeros(2)}, str(staged / "adapter_model.safetensors"))  # writes 0600
+    assert os.stat(staged).st_mode & 0o777 == 0o700
+    version = registry.publish("student", staged)
+    folder = registry.path("student", version)
+    old = os.umask(0o022)
+    os.umask(old)
+    assert default_mode(folder=True) == 0o777 & ~old and default_mode(folder=False) == 0o666 & ~old
+    assert os.stat(folder).st_mode & 0o777 == default_mode(folder=True)
+    for path in folder.iterdir():
+        assert os.stat(path).st_mode & 0o777 == default_mode(folder=False), path.name
+
+
+def test_atomic_folders_get_plain_modes(tmp_path: Path) -> None:
+    import os
+
+    from persona_router.core.atomic import atomic_dir, default_mode
+
+    with atomic_dir(tmp_path / "router") as tmp:
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "w.bin").write_bytes(b"x")
+        os.chmod(tmp / "sub" / "w.bin", 0o600)
+    assert os.stat(tmp_path / "router").st_mode & 0o777 == default_mode(folder=True)
+    assert os.stat(tmp_path / "router" / "sub").st_mode & 0o777 == default_mode(folder=True)
+    assert os.stat(tmp_path / "router" / "sub" / "w.bin").st_mode & 0o777 == default_mode(folder=False)
