@@ -3,6 +3,7 @@ the batched engine is checked against."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,12 @@ class SamplingConfig:
             return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
                 "max_new_tokens": self.max_new_tokens}
+
+
+def decode_answer(tokenizer: Any, token_ids: Sequence[int]) -> str:
+    """An answer's text from its token ids: the one decode the service's answers and a pool's continuation
+    share (their streamed text must join exactly)."""
+    return str(tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
 
 def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:

@@ -249,9 +249,7 @@ class AdapterResidency(ResidencyFolder):
         """Unload versions that vanished from disk or were disabled (after their requests finish)."""
         for name, (persona, version) in list(self._resident.items()):
             gone = version not in self._versions.get(persona, []) or (persona, version) in self._disabled
-            if not gone:
-                # Back before its last request ended (re-enabled by another server, its folder restored):
-                # it must not be unloaded when that request releases it.
+            if not gone:  # back before its last request ended: that request's release must not unload it
                 self._remove_when_idle.discard(name)
                 continue
             if self._inflight.get(name):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 from typing import Any
 
 from persona_router.core.errors import PackError
@@ -68,16 +69,15 @@ def cmd_add(args: argparse.Namespace) -> int:
     print(f"{verb} persona {args.name!r} ({len(examples)} routing examples) in {edit.path}")
     pack = shlex.quote(str(edit.path))
     print("next:")
-    print(f"  persona-router fit-router --pack {pack}        # refit the router (a running server also refits it "
-          "by itself)")
+    _say_refit(edit.path, "refit the router")
     if len(examples) < FEW_EXAMPLES:
         print(f"  note: '{args.name}' is inferred only once cross-validation on its examples reaches the target "
               f"precision, which {len(examples)} examples may not: fit-router's report says whether it is (the "
               f"README's example, which is inferred, has {FEW_EXAMPLES})")
     print(f"  persona-router train --pack {pack} --persona {args.name} --data ROWS.jsonl   # its adapter "
           "(rows: persona, question, answer, context?)")
-    print(f"  persona-router serve --pack {pack}             # or, if it already runs on this pack: nothing to do, "
-          "it reloads the pack, the router and new adapters by itself (or POST /v1/admin/reload)")
+    print(f"  persona-router serve --pack {pack}             # or, if it already runs on this pack: it reloads the "
+          "pack and new adapters by itself (or POST /v1/admin/reload)")
     return 0
 
 
@@ -86,14 +86,26 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
     edit = remove_persona(args.name, pack=args.pack)
     _say_created(edit)
-    pack = shlex.quote(str(edit.path))
     print(f"removed persona {args.name!r} from {edit.path}; its adapters stay in the adapters folder")
     print("next:")
-    print(f"  persona-router fit-router --pack {pack}        # refit the router without '{args.name}' "
-          "(a running server also refits it by itself)")
+    _say_refit(edit.path, f"refit the router without '{args.name}'")
     print("  a server running on this pack drops it at its next reload: requests naming it get 404, "
           "requests already running finish")
     return 0
+
+
+def _say_refit(pack_path: Path, why: str) -> None:
+    """The refit command: with the defaults a running server refits by itself; a router the user fitted with
+    their own data or settings is refitted only by hand, with those (a server keeps the old pack until then)."""
+    from persona_router.core.pack import load_pack
+    from persona_router.router.fitting import refit_advice
+
+    command, server_refits = refit_advice(load_pack(pack_path), str(pack_path))
+    if server_refits:
+        print(f"  {command}        # {why} (a running server also refits it by itself)")
+    else:
+        print(f"  {command}        # {why}: it was fitted with your own data or settings, so a running server "
+              "does not refit it and keeps serving the pack as it was until this has run")
 
 
 def _say_created(edit: Any) -> None:

@@ -80,13 +80,15 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 def usable_folds(labels: np.ndarray, wanted: int) -> int:
     """The folds to cross-validate with: as many as asked when two or more personas have enough texts
-    (``min_scored_texts``); personas with fewer are trained on in every fold, never scored, and never inferred, so
-    one new persona with a few texts does not take folds away from the others. Only when fewer than two
-    personas have enough do the smallest counts decide: as many folds as the rarest persona with two or more
-    texts has (0: fewer than two personas have two, so nothing can be cross-validated)."""
+    (``min_scored_texts``), else the most at which two do. Personas with fewer are trained on in every fold,
+    never scored, and never inferred, so one new persona with a few texts does not take folds away from the
+    others. Only when fewer than two personas have enough at any fold count do the smallest counts decide: as
+    many folds as the rarest persona with two or more texts has (0: fewer than two personas have two, so
+    nothing can be cross-validated)."""
     counts = np.bincount(labels)
-    if int((counts >= min_scored_texts(wanted)).sum()) >= 2:
-        return wanted
+    for folds in range(wanted, 1, -1):  # the most folds at which two or more personas are scored
+        if int((counts >= min_scored_texts(folds)).sum()) >= 2:
+            return folds
     usable = counts[counts >= 2]
     return min(wanted, int(usable.min())) if usable.size >= 2 else 0
 

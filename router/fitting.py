@@ -351,6 +351,22 @@ def fitted_with_defaults(description: dict[str, Any]) -> bool:
             and fit.get("min_threshold", defaults.min_threshold) == defaults.min_threshold)
 
 
+def refit_advice(pack: PersonaPack, pack_arg: str) -> tuple[str, bool]:
+    """After a pack edit: the command that refits the pack's router, and whether a server refits it by itself
+    (only a router fitted with the defaults; one of the user's own keeps its data and settings)."""
+    folder = default_router_dir(pack.name)
+    plain = shlex.join(["persona-router", "fit-router", "--pack", pack_arg])
+    if not (folder / ROUTER_FILE).is_file():
+        return plain, True
+    try:
+        description = read_description(folder)
+    except RouterModelError:
+        return plain, False
+    if fitted_with_defaults(description):
+        return plain, True
+    return refit_command(description, folder), False
+
+
 def refit_command(description: dict[str, Any], folder: Path) -> str:
     """The ``fit-router`` command that refits a saved router with the settings it records."""
     pack, fit, embedder = (_section(description, key) for key in ("pack", "fit", "embedder"))

@@ -11,6 +11,7 @@ hold the same kind of traffic as the candidate's.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +23,8 @@ from persona_router.core.names import check_persona_name
 if TYPE_CHECKING:
     from persona_router.adapters.registry import AdapterRegistry
     from persona_router.core.pack import PersonaPack
+
+log = logging.getLogger(__name__)
 
 CONTROL, CANDIDATE, UNASSIGNED = "control", "candidate", "unassigned"
 LATEST = "latest"
@@ -117,9 +120,10 @@ def assign(config: SplitConfig, user: str | None) -> Assignment:
 
 
 def check_versions(config: SplitConfig, versions: Sequence[int], latest: int | None) -> None:
-    """At start-up: each numbered arm must be a published version of the persona, and an arm that is
-    ``latest`` must not already be the other arm's version (the experiment would compare a version with itself;
-    the service also takes requests out of the experiment while ``latest`` moves onto the other arm later)."""
+    """At start-up: each numbered arm must be a published version of the persona. An arm that is ``latest``
+    and already the other arm's version compares nothing, but is only warned about: it is what promoting the
+    candidate (publishing it as the live version) leaves, a restart then must not fail, and the service takes
+    such requests out of the experiment (``ab_serving``) until the arms differ again."""
     have = ", ".join(map(str, versions)) or "none"
     for name in (CONTROL, CANDIDATE):
         value = getattr(config, name)
@@ -128,8 +132,9 @@ def check_versions(config: SplitConfig, versions: Sequence[int], latest: int | N
                               field=name)
     for name, other in ((CONTROL, CANDIDATE), (CANDIDATE, CONTROL)):
         if getattr(config, name) == LATEST and latest is not None and str(latest) == getattr(config, other):
-            raise ConfigError(f"'latest' of persona {config.persona!r} is version {latest}, the {other} itself; "
-                              f"name the {name} version by number", field=name)
+            log.warning("A/B of %s: 'latest' (the %s) is version %d, the %s itself; its requests stay outside the "
+                        "experiment until the arms differ (name the %s by number, or end the experiment)",
+                        config.persona, name, latest, other, name)
 
 
 def other_arm(config: SplitConfig, arm: str) -> str:

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from persona_router.adapters.engine_api import Engine, GenerationHandle, GenerationRequest, TokenEvent
-from persona_router.adapters.generation import SamplingConfig
+from persona_router.adapters.generation import SamplingConfig, decode_answer
 from persona_router.adapters.prompts import build_messages, prompt_ids
 from persona_router.adapters.residency import AdapterResidency, Lease
 from persona_router.adapters.stop_strings import check_stop_strings, truncate_at_stop
 from persona_router.core.errors import ConfigError, InvalidRequestError, PersonaRouterError
 from persona_router.core.pack import PersonaPack
 from persona_router.router.decision import Decision
-from persona_router.service.ab_serving import LiveSplits
+from persona_router.service.ab_serving import LiveSplits, served
 from persona_router.service.ab_split import Assignment
 from persona_router.service.catalog import CatalogHolder, Decide, fallback_decider
 from persona_router.service.metrics import ServiceMetrics
@@ -96,7 +96,7 @@ class Running:
 
     @property
     def adapter_version(self) -> str:
-        return str(self.lease.version) if self.lease else "prompt-only"
+        return served(self.lease)
 
     async def tokens(self) -> AsyncIterator[str]:
         """Yield text pieces that add up to the final (stripped) answer; raises TimeoutError past the deadline
@@ -362,7 +362,7 @@ class Answerer:
             f"{self.max_positions}-token window", field=field_name)
 
     def _decode(self, token_ids: list[int]) -> str:
-        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+        return decode_answer(self.tokenizer, token_ids)
 
     def _closed(self, running: Running) -> None:
         """``Running.on_close``: release the adapter and record metrics, once per request."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
@@ -20,7 +21,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.response import Stream
 from persona_router.adapters.engine_api import GenerationRequest
-from persona_router.adapters.generation import SamplingConfig
+from persona_router.adapters.generation import SamplingConfig, decode_answer
 from persona_router.core.errors import PersonaRouterError, redact_paths
 from persona_router.service.answering import Answerer, Running
 from persona_router.service.http_errors import EXCEPTION_HANDLERS, MAX_BODY_BYTES, error_body
@@ -101,7 +102,8 @@ def _build_engine(settings: ServiceSettings, base: Any) -> tuple[Any, str, int |
                    for url in settings.upstreams]
         pool_config = PoolConfig(max_in_flight=settings.upstream_max_in_flight, replicas=settings.upstream_replicas,
                                  max_queue=settings.max_queue)
-        return UpstreamPool(members, pool_config, decode=_decoder(base.tokenizer)), "vllm", None
+        pool = UpstreamPool(members, pool_config, decode=functools.partial(decode_answer, base.tokenizer))
+        return pool, "vllm", None
     if kind in ("auto", "fast"):
         try:
             from persona_router.adapters.engine import EngineConfig, build_engine
@@ -153,13 +155,9 @@ def _build_device_pool(settings: ServiceSettings, base_config: Any) -> tuple[Any
                         max_queue=settings.max_queue)
     known = [n for n in limits if n]
     kind = f"{'+'.join(sorted(kinds))} x{len(members)}"
-    pool = UpstreamPool(members, config, decode=_decoder(bases[0].tokenizer))
+    pool = UpstreamPool(members, config, decode=functools.partial(decode_answer, bases[0].tokenizer))
     return pool, kind, min(known) if known else None, bases[0]
 
-
-def _decoder(tokenizer: Any) -> Callable[[Sequence[int]], str]:
-    """Token ids to text as the answer's own decode does it (``Running.text``)."""
-    return lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=True))
 
 
 def _register_gauges(state: ServiceState) -> None:

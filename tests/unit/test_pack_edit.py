@@ -182,3 +182,27 @@ def test_replace_that_finds_nothing_says_added(capsys: pytest.CaptureFixture[str
     assert "added persona 'patient'" in capsys.readouterr().out
     assert main(args) == 0
     assert "replaced persona 'patient'" in capsys.readouterr().out
+
+
+def test_after_an_edit_a_router_of_the_users_own_gets_its_own_refit_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A router fitted with --data is not refitted by a server: the hint must say so and keep the --data."""
+    import json
+
+    from persona_router.router.persona_router import FORMAT_VERSION, ROUTER_FILE, default_router_dir
+
+    data = tmp_path / "mine.jsonl"
+    folder = default_router_dir("user")
+    folder.mkdir(parents=True)
+    (folder / ROUTER_FILE).write_text(json.dumps({
+        "format_version": FORMAT_VERSION, "pack": {"name": "user", "source": "user"},
+        "fit": {"default_settings": False, "data": [str(data)]}}), encoding="utf-8")
+    args = ["persona", "add", "patient", "--description", "d", "--system-prompt", "s", "--example", "q"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"--data {data}" in out and "does not refit it" in out and "also refits it by itself" not in out
+    assert main(["persona", "remove", "patient"]) == 0
+    assert f"--data {data}" in capsys.readouterr().out
+    (folder / ROUTER_FILE).unlink()  # no router yet: the plain command, and the server fits it
+    assert main(args) == 0
+    assert "also refits it by itself" in capsys.readouterr().out

@@ -333,6 +333,9 @@ def test_a_persona_with_a_few_texts_takes_no_folds_from_the_others() -> None:
     assert usable_folds(labels, 5) == 5 and rare_labels(labels, 5).tolist() == [2]
     assert usable_folds(np.array([0] * 12 + [1] * 12 + [2] * 7), 5) == 5  # 7 texts: scored, 5 folds
     assert usable_folds(np.array([0] * 3 + [1] * 3 + [2]), 5) == 3  # too little data for anyone: as before
+    # More folds asked than two personas can fill: the most they can, never the rare persona's count.
+    fewer = np.array([0] * 7 + [1] * 7 + [2] * 2)
+    assert usable_folds(fewer, 10) == 7 and rare_labels(fewer, 7).tolist() == [2]
     records = [RoutingRecord(persona=name, question=f"{name} asks thing {i}") for name in ("alpha", "beta")
                for i in range(8)] + [RoutingRecord(persona="gamma", question=f"gamma asks {i}") for i in range(2)]
     pack = pack_from_dict({"name": "stubpack", "personas": [
