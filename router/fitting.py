@@ -124,16 +124,19 @@ def load_routing_records(paths: Iterable[str | Path], pack: PersonaPack) -> list
     from persona_router.core.records import routing_from_row
     from persona_router.core.rows import iter_rows
 
-    records = []
+    records: list[RoutingRecord] = []
     for path in paths:
         if not Path(path).is_file():
             raise DataError("no such data file", path=path)
+        before = len(records)
         for where, row in iter_rows(Path(path)):
             record = routing_from_row(row, where=where)
             if record.persona not in pack:
                 raise DataError(f"unknown persona {record.persona!r}; valid personas: {', '.join(pack.names)}",
                                 path=where, field="persona")
             records.append(record)
+        if len(records) == before:  # else --data would be recorded as used, --test would drop its report
+            raise DataError("contains no rows", path=path)
     return records
 
 

@@ -85,7 +85,9 @@ def load_qa(source: str | Path, pack: PersonaPack, *, mapping: PersonaMapping | 
 
 
 def is_webscale_row(row: dict[str, Any]) -> bool:
-    return any(key in row for key in WEBSCALE_CONTEXT_KEYS)
+    """A Webscale-RL row: one of its context columns and no ``context`` of ours. A row of our schema that
+    merely carries such a column keeps its own context and the strict persona check."""
+    return "context" not in row and any(key in row for key in WEBSCALE_CONTEXT_KEYS)
 
 
 def _webscale_record(row: dict[str, Any], *, where: str, mapping: PersonaMapping,
@@ -110,9 +112,16 @@ def iter_source_rows(source: str | Path, *, split: str = "train") -> Iterator[tu
     if path.is_file():
         yield from iter_rows(path)
         return
-    if path.suffix in FILE_FORMATS or path.exists() or str(source).startswith((".", "/")):
+    if _looks_local(path, str(source)):
         raise DataError("no such data file", path=str(source))
     yield from _iter_hub_rows(str(source), split=split)
+
+
+def _looks_local(path: Path, source: str) -> bool:
+    """A name meant as a local file (a missing one must not become a slow hub lookup): a data file's suffix in
+    any case, a path that exists, one starting with '.', '/' or '~', or one inside a folder that exists here."""
+    return (path.suffix.lower() in FILE_FORMATS or path.exists() or source.startswith((".", "/", "~"))
+            or (len(path.parts) > 1 and path.parent.is_dir()))
 
 
 def _iter_hub_rows(name: str, *, split: str) -> Iterator[tuple[str, dict[str, Any]]]:

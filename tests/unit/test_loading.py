@@ -161,3 +161,67 @@ def test_csv_from_a_spreadsheet_and_csv_mistakes_are_named(tmp_path: Path) -> No
     broken.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"broken\.parquet.*not a readable Parquet file"):
         list(iter_rows(broken))
+
+
+def test_csv_headers_long_fields_and_boms(tmp_path: Path) -> None:
+    from persona_router.core.rows import iter_rows
+
+    twice = tmp_path / "twice.csv"
+    twice.write_text("persona,question,answer,answer\nstudent,Q?,real answer,stray note\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"twice\.csv:1.*'answer' more than once"):
+        list(iter_rows(twice))  # DictReader kept the last: the stray note would have been trained on
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("persona ,question, answer\nstudent,Q?,A\n", encoding="utf-8")
+    assert list(iter_rows(spaced))[0][1] == {"persona": "student", "question": "Q?", "answer": "A"}
+    long = tmp_path / "long.csv"
+    context = "word " * 30_000  # 150,000 characters: past the csv module's default field limit
+    long.write_text(f'persona,question,answer,context\nstudent,Q?,A,"{context}"\n', encoding="utf-8")
+    assert list(iter_rows(long))[0][1]["context"] == context
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS[0]).encode("utf-8") + b"\n")
+    assert list(iter_rows(bom))[0][1]["persona"] == "student"
+
+
+def test_a_row_of_ours_with_an_extra_webscale_column_keeps_its_context(tmp_path: Path, pack: Any) -> None:
+    rows = [{**ROWS[1], "pretrain_text": None}, {**ROWS[0], "context": None, "pretrain_text": "doc"}]
+    loaded = load_qa(write_jsonl(tmp_path / "ours.jsonl", rows), pack)
+    assert [r.context for r in loaded.records] == ["Label says 10 mg.", None]
+    unknown = [{"persona": "pirates", "question": "Q?", "answer": "A", "context": None, "pretrain_text": "doc"}]
+    with pytest.raises(DataError, match="unknown persona 'pirates'"):  # strict, not mapped and dropped
+        load_qa(write_jsonl(tmp_path / "unknown.jsonl", unknown), pack)
+
+
+def test_parquet_is_read_in_batches_with_row_numbers(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from persona_router.core.rows import iter_rows
+
+    path = tmp_path / "many.parquet"
+    pq.write_table(pa.Table.from_pylist([{"persona": "student", "question": f"Q{i}?", "answer": "A"}
+                                         for i in range(2500)]), path, row_group_size=700)
+    rows = list(iter_rows(path))
+    assert len(rows) == 2500 and rows[-1][0].endswith("[row 2499]") and rows[-1][1]["question"] == "Q2499?"
+
+
+def test_a_missing_local_file_is_not_looked_up_on_the_hub(tmp_path: Path, pack: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from persona_router.training import loading
+
+    def no_hub(name: str, *, split: str) -> Any:
+        raise AssertionError(f"looked up {name!r} on the hub")
+
+    monkeypatch.setattr(loading, "_iter_hub_rows", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for missing in ("DATA.JSONL", "data/train.txt"):  # relative, as typed: an upper-case suffix, a local folder
+        with pytest.raises(DataError, match="no such data file"):
+            load_qa(missing, pack)
+
+
+def test_an_empty_routing_file_is_an_error(tmp_path: Path, pack: Any) -> None:
+    from persona_router.router.fitting import load_routing_records
+
+    header_only = tmp_path / "routes.csv"
+    header_only.write_text("persona,question\n", encoding="utf-8")
+    with pytest.raises(DataError, match="contains no rows"):
+        load_routing_records([header_only], pack)
