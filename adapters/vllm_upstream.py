@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ class VllmUpstream:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"{url!r} is not an http(s):// URL", field="upstream")
         self.url = url.rstrip("/")
-        self.name = name or self.url
+        self.name = name or without_credentials(self.url)  # shown in /ready, metrics labels and logs
         self.timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=30.0, pool=None)
         self.probe_timeout_s = probe_timeout_s
         self.stop_token_ids = stop_token_ids
@@ -288,3 +289,15 @@ class VllmHandle:
             self._task.cancel()
         else:
             self._emit(TokenEvent(self.request_id, None, "", finish_reason="cancelled"))
+
+
+def without_credentials(url: str) -> str:
+    """``http://user:secret@host:8001`` -> ``http://host:8001``: a member's name is shown to anyone."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

@@ -131,8 +131,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_splits(settings.ab_splits, pack, AdapterRegistry(settings.adapters_dir))
     resolve_base(settings.base)
     if settings.engine == "vllm":
+        from persona_router.adapters.vllm_upstream import without_credentials
+
         log.info("generation goes to %d vLLM upstream(s): %s; they must serve the same base (%s)",
-                 len(settings.upstreams), ", ".join(settings.upstreams), settings.base)
+                 len(settings.upstreams), ", ".join(map(without_credentials, settings.upstreams)), settings.base)
+    if settings.host in ("0.0.0.0", "::", "[::]") and not settings.allowed_hosts:
+        log.warning("bound to every interface with no --allowed-host: the Host check (DNS rebinding) is off; "
+                    "name the host names clients use with --allowed-host")
     trainer = BackgroundTrainer(settings, pack.names, extra=args.train_arg) if args.train_missing else None
     if trainer is not None and settings.watch_interval_s == 0:
         log.warning("--train-missing with --watch-interval 0: new adapters load only on POST /v1/admin/adapters/reload")

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 
 from persona_router.adapters.residency import AdapterResidency, Lease
-from persona_router.core.errors import AdapterError
+from persona_router.core.errors import AdapterError, public_message
 from persona_router.service.ab_split import UNASSIGNED, Assignment, SplitConfig, arm_version, assign, other_arm
 from persona_router.service.metrics import ServiceMetrics
 
@@ -44,8 +44,9 @@ class LiveSplits:
             # arm the user was assigned so that the arm's failures stay in its own count.
             log.warning("A/B arm %s of %s is unusable: %s", assignment.version, persona, exc)
             lease = await self.residency.acquire(persona)
+            # The reason goes to the client: the error's message without its file-system location.
             assignment = assignment.serving(served(lease), f"{assignment.arm} version {assignment.version} is "
-                                            f"unusable ({exc}); served the live version")
+                                            f"unusable ({public_message(exc)}); served the live version")
         else:
             assignment = assignment.serving(served(lease))
         self.metrics.ab.inc(persona=persona, arm=assignment.arm, adapter_version=served(lease))

@@ -22,9 +22,9 @@ from litestar.datastructures import State
 from litestar.response import Stream
 from persona_router.adapters.engine_api import GenerationRequest
 from persona_router.adapters.generation import SamplingConfig, decode_answer
-from persona_router.core.errors import PersonaRouterError, redact_paths
+from persona_router.core.errors import PersonaRouterError, public_message, redact_paths
 from persona_router.service.answering import Answerer, Running
-from persona_router.service.http_errors import EXCEPTION_HANDLERS, MAX_BODY_BYTES, error_body
+from persona_router.service.http_errors import EXCEPTION_HANDLERS, MAX_BODY_BYTES, error_body, read_body
 from persona_router.service.metrics import ServiceMetrics
 from persona_router.service.openapi import openapi_config
 from persona_router.service.protection import host_guard, json_body_guard
@@ -216,7 +216,7 @@ async def _warm_up(state: ServiceState) -> None:
         state.ready = True
         log.info("service ready: http://%s:%d/", state.settings.host, state.settings.port)
     except Exception as exc:  # a failed warm-up leaves the service alive but not ready
-        state.warmup_error = f"{type(exc).__name__}: {exc}"
+        state.warmup_error = f"{type(exc).__name__}: {public_message(exc)}"  # /ready shows it to anyone
         log.exception("warm-up failed")
 
 
@@ -290,7 +290,7 @@ def _upstreams(state: ServiceState) -> dict[str, Any]:
 @post("/v1/answer", status_code=200, guards=[json_body_guard])
 async def answer(request: Request[Any, Any, Any]) -> Response[Any]:
     state = service(request)
-    body = decode_body(await request.body(), AnswerRequest)
+    body = decode_body(await read_body(request), AnswerRequest)
     running = await state.answerer.start(body, endpoint="answer")
     if body.stream:
         return Stream(_answer_events(running), media_type="text/event-stream", headers=SSE_HEADERS)

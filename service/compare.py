@@ -20,6 +20,7 @@ import msgspec
 from litestar import Request, post
 from persona_router.core.errors import InvalidRequestError
 from persona_router.service.answering import Running, collect_all_or_cancel
+from persona_router.service.http_errors import read_body
 from persona_router.service.protection import json_body_guard
 from persona_router.service.schemas import AnswerRequest, decode_body
 from persona_router.service.state import ServiceState, service
@@ -135,7 +136,7 @@ async def _run_arms(state: ServiceState, body: CompareRequest, receive: Callable
 @post("/v1/compare", status_code=200, guards=[json_body_guard])
 async def compare(request: Request[Any, Any, Any]) -> CompareResponse:
     state = service(request)
-    body = decode_body(await request.body(), CompareRequest)
+    body = decode_body(await read_body(request), CompareRequest)
     if len(body.arms) != ARMS:
         raise InvalidRequestError(f"takes exactly {ARMS} arms, got {len(body.arms)}", field="arms")
     runs = await _run_arms(state, body, request.receive)

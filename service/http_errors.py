@@ -6,6 +6,7 @@ Every error response has the shape ``{"error": {"message", "type", "param", "cod
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -54,6 +55,22 @@ class UnsupportedMediaTypeError(PersonaRouterError):
     """A request body that is not declared as JSON."""
 
 
+class BodyTimeoutError(PersonaRouterError):
+    """A request body that did not arrive in time (a client trickling it would hold its connection for good)."""
+
+
+BODY_TIMEOUT_S = 30.0
+
+
+async def read_body(request: Request[Any, Any, Any]) -> bytes:
+    """The request body, within ``BODY_TIMEOUT_S`` (the request's own timeout starts only once it is read)."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            return await request.body()
+    except TimeoutError:
+        raise BodyTimeoutError(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s") from None
+
+
 def status_of(exc: BaseException) -> int:
     """The HTTP status for a domain error; the order matters because the classes nest."""
     if isinstance(exc, UnknownPersonaError | AdapterNotFoundError | ModelNotFoundError):
@@ -78,12 +95,14 @@ def status_of(exc: BaseException) -> int:
         return 499  # nginx's "client closed request": nobody receives it, the metrics count it
     if isinstance(exc, UnsupportedMediaTypeError):
         return 415
+    if isinstance(exc, BodyTimeoutError):
+        return 408
     return 500
 
 
 def error_type(exc: BaseException) -> str:
     return {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
-            409: "adapter_conflict_error", 415: "invalid_request_error", 422: "adapter_error",
+            408: "timeout_error", 409: "adapter_conflict_error", 415: "invalid_request_error", 422: "adapter_error",
             429: "rate_limit_error", 502: "upstream_error", 503: "unavailable_error",
             504: "timeout_error"}.get(status_of(exc), "server_error")
 

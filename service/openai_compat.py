@@ -21,7 +21,7 @@ from litestar.response import Stream
 from persona_router.core.errors import InvalidRequestError, PersonaRouterError, UnknownPersonaError
 from persona_router.core.names import AUTO
 from persona_router.service.answering import Running
-from persona_router.service.http_errors import ModelNotFoundError, error_body
+from persona_router.service.http_errors import ModelNotFoundError, error_body, read_body
 from persona_router.service.protection import json_body_guard
 from persona_router.service.schemas import (
     AnswerRequest,
@@ -132,7 +132,7 @@ def _finish_reason(reason: str) -> str:
 @post("/v1/chat/completions", status_code=200, guards=[json_body_guard])
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
     state = service(request)
-    body = decode_body(await request.body(), ChatCompletionRequest)
+    body = decode_body(await read_body(request), ChatCompletionRequest)
     personas = list(state.pack.names)
     try:
         running = await state.answerer.start(to_input(body, personas), endpoint="chat")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -143,9 +144,15 @@ class ServiceSettings:
 
 
 def is_loopback(host: str) -> bool:
-    """True for names and addresses that only this machine can reach."""
+    """True for names and addresses that only this machine can reach: ``localhost`` and loopback addresses
+    (parsed: a prefix test would take the name ``127.example.com`` for one)."""
     name = host.strip("[]").lower()
-    return name in ("localhost", "::1") or name.startswith("127.")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def load_ab_splits(path: str | Path) -> tuple[SplitConfig, ...]:

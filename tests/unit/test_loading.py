@@ -172,14 +172,14 @@ def test_csv_headers_long_fields_and_boms(tmp_path: Path) -> None:
         list(iter_rows(twice))  # DictReader kept the last: the stray note would have been trained on
     spaced = tmp_path / "spaced.csv"
     spaced.write_text("persona ,question, answer\nstudent,Q?,A\n", encoding="utf-8")
-    assert list(iter_rows(spaced))[0][1] == {"persona": "student", "question": "Q?", "answer": "A"}
+    assert next(iter(iter_rows(spaced)))[1] == {"persona": "student", "question": "Q?", "answer": "A"}
     long = tmp_path / "long.csv"
     context = "word " * 30_000  # 150,000 characters: past the csv module's default field limit
     long.write_text(f'persona,question,answer,context\nstudent,Q?,A,"{context}"\n', encoding="utf-8")
-    assert list(iter_rows(long))[0][1]["context"] == context
+    assert next(iter(iter_rows(long)))[1]["context"] == context
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS[0]).encode("utf-8") + b"\n")
-    assert list(iter_rows(bom))[0][1]["persona"] == "student"
+    assert next(iter(iter_rows(bom)))[1]["persona"] == "student"
 
 
 def test_a_row_of_ours_with_an_extra_webscale_column_keeps_its_context(tmp_path: Path, pack: Any) -> None:

@@ -96,7 +96,7 @@ class FakeResidency:
     async def acquire(self, persona: str, version: int | None = None) -> Lease:
         wanted = self.live_version if version is None else version
         if wanted in self.broken:
-            raise AdapterError(f"{persona} version {wanted} is corrupt")
+            raise AdapterError(f"{persona} version {wanted} is corrupt", path=f"/srv/adapters/{persona}/{wanted}")
         return Lease(persona, wanted, f"{persona}@{wanted}")
 
 
@@ -116,7 +116,7 @@ def test_an_unusable_arm_keeps_its_users_in_that_arm() -> None:
     # Intention to treat: the candidate's failure stays in the candidate's count, served by the live version.
     assert assignment.arm == CANDIDATE and assignment.version == "1"
     assert lease is not None and lease.version == 2 and assignment.served == "2"
-    assert "unusable" in assignment.reason
+    assert "unusable" in assignment.reason and "/srv/adapters" not in assignment.reason  # the client sees it
     assert metrics.ab.get(persona="student", arm=CANDIDATE, adapter_version="2") == 1
     assert metrics.ab.get(persona="student", arm=CONTROL, adapter_version="2") == 0
     served = _lease(splits, config, _user_in(CONTROL, config))[0]

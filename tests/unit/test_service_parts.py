@@ -237,3 +237,34 @@ def test_background_training_resumes_and_keeps_the_servers_device(tmp_path: Any)
     command = BackgroundTrainer(settings, ("student",), extra=["--max-steps=1"]).command("student")
     assert "--resume" in command and command[-1] == "--max-steps=1"
     assert command[command.index("--device") + 1] == "cpu" and command[command.index("--quantization") + 1] == "fp32"
+
+
+def test_loopback_is_parsed_not_prefix_matched() -> None:
+    from persona_router.service.settings import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "LOCALHOST"))
+    assert not any(is_loopback(h) for h in ("127.example.com", "0.0.0.0", "10.0.0.1", "::", "localhost.evil"))
+
+
+def test_upstream_names_carry_no_credentials() -> None:
+    from persona_router.adapters.vllm_upstream import without_credentials
+
+    assert without_credentials("http://u:secret@10.0.0.5:8001") == "http://10.0.0.5:8001"
+    assert without_credentials("http://tok@[::1]:8001/v1") == "http://[::1]:8001/v1"
+    assert without_credentials("http://127.0.0.1:8001") == "http://127.0.0.1:8001"
+
+
+def test_a_body_that_does_not_arrive_is_a_408(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from persona_router.service import http_errors
+
+    class Trickle:
+        async def body(self) -> bytes:
+            await asyncio.sleep(10)
+            return b""
+
+    monkeypatch.setattr(http_errors, "BODY_TIMEOUT_S", 0.05)
+    with pytest.raises(http_errors.BodyTimeoutError) as info:
+        asyncio.run(http_errors.read_body(Trickle()))  # type: ignore[arg-type]
+    assert http_errors.status_of(info.value) == 408 and "did not arrive" in str(info.value)
