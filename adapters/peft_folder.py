@@ -69,3 +69,11 @@ def _tensor_names(path: Path) -> list[str]:
             return list(handle.keys())
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"corrupt {WEIGHTS_FILE} ({exc})", path=path) from exc
+
+
+def adapter_rank(folder: Path) -> int:
+    """The LoRA rank ``r`` in the folder's ``adapter_config.json``."""
+    try:
+        return int(json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["r"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdapterError(f"cannot read the LoRA rank ({exc})", path=folder) from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -83,12 +84,28 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context-chars", type=int, default=2000,
                         help="cut contexts to this many characters, as the original notebook did "
                         "(default: %(default)s)")
-    parser.add_argument("--bootstrap", type=int, default=5000, help="bootstrap resamples (default: %(default)s)")
+    parser.add_argument("--bootstrap", type=int, default=5000,
+                        help="bootstrap resamples, at least 100 (default: %(default)s)")
     parser.add_argument("--cochrane-pairs", type=int, default=200,
                         help="pairs for the judge's Cochrane check; 0 skips it (default: %(default)s)")
 
 
+# The settings' own field names, as the command line spells them (an error must name the option to change).
+_OPTIONS = {"n_boot": "--bootstrap", "max_batch": "--max-batch", "cochrane_pairs": "--cochrane-pairs",
+            "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
+            "limit": "--limit", "max_context_chars": "--max-context-chars", "engine": "--engine"}
+
+
 def _config(args: argparse.Namespace) -> Any:
+    from persona_router.core.errors import ConfigError
+
+    try:
+        return _build_config(args)
+    except ConfigError as exc:
+        raise ConfigError(exc.detail, path=exc.path, field=_OPTIONS.get(exc.field or "", exc.field)) from exc
+
+
+def _build_config(args: argparse.Namespace) -> Any:
     from persona_router.adapters.base_model import BaseModelConfig
     from persona_router.adapters.generation import SamplingConfig
     from persona_router.eval.pipeline import EvalConfig
@@ -112,11 +129,26 @@ def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]
 
 
 def _out_dir(args: argparse.Namespace, name: str) -> Path:
+    """The report folder, checked before any model loads: a run's answers must not be lost at the end to a
+    folder that cannot be written."""
     if args.out:
-        return Path(args.out).expanduser()
-    from persona_router.core.home import home_dir
+        out = Path(args.out).expanduser()
+    else:
+        from persona_router.core.home import home_dir
 
-    return home_dir() / "eval" / "reports" / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        out = home_dir() / "eval" / "reports" / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    _check_writable(out, field="--out" if args.out else "PERSONA_ROUTER_HOME")
+    return out
+
+
+def _check_writable(out: Path, *, field: str) -> None:
+    from persona_router.core.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder for the report", field=field)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the report under {existing}", field=field)
 
 
 def cmd_ab(args: argparse.Namespace) -> int:
@@ -131,9 +163,9 @@ def cmd_ab(args: argparse.Namespace) -> int:
     pack = load_pack(args.pack)
     pack.get(args.persona)
     config = _config(args)
+    out = _out_dir(args, f"ab-{args.persona}")
     configure_threads()
     report = run_ab(pack, args.persona, args.a, args.b, config, progress_bar)
-    out = _out_dir(args, f"ab-{args.persona}")
     write_report(report, out)
     for comparison in report["comparisons"]:
         print(comparison["verdict"])
@@ -152,10 +184,10 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
     pack = load_pack(args.pack)
     config = _config(args)
+    out = _out_dir(args, "matrix")
     configure_threads()
     report = run_matrix(pack, config, progress_bar, pins=args.use, items_kind=args.items,
                         system_prompt=args.system_prompt)
-    out = _out_dir(args, "matrix")
     write_report(report, out)
     for name, condition in report["conditions"].items():
         print(f"{name}: judge accuracy {condition['accuracy']:.3f} over {condition['n']} answers")

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from persona_router.adapters.offline_default import DEFAULT_BASE
 
@@ -118,14 +118,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.gpus} must be at least 1", field="--gpus")
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"{args.workers} must be at least 1", field="--workers")
-    if args.gpus is not None and args.gpus > 1 and not world().distributed:
-        _check_gpus(args.gpus, pick_device(args.device), visible_gpus())
-        return _launch_ranks(args.gpus)
+    # Everything that can be checked here is, before any rank starts: a bad option or persona is one clean
+    # error (exit 2), not one per rank under torch.distributed.run's traceback.
     config = build_train_config(args)
     pack = load_pack(args.pack)
     names = list(pack.names) if args.all else [pack.get(args.persona).name]
     jobs = plan_jobs(pack, names, data=args.data, eval_data=args.eval_data, eval_fraction=config.eval_fraction,
                      skip_missing=args.skip_missing)
+    if args.gpus is not None and args.gpus > 1 and not world().distributed:
+        _check_gpus(args.gpus, pick_device(args.device), visible_gpus())
+        return _launch_ranks(args.gpus, args.result_stream)
     base_config = BaseModelConfig(base=args.base, device=args.device, quantization=args.quantization)
     registry = AdapterRegistry(Path(args.adapters) if args.adapters else None)
     threads = configure_threads()
@@ -148,11 +150,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                 try:
                     outcomes.append(Outcome(index - 1, "", train_persona(job, config, base_config, registry,
                                                                          resume=args.resume)))
-                except PersonaRouterError as exc:
-                    if len(jobs) == 1:
+                except Exception as exc:  # as the parallel workers do: one failure (say out of memory) stops
+                    if len(jobs) == 1:    # only its persona, and the summary names it
                         raise
-                    log.error("%s did not train: %s; going on with the others", job.persona.name, exc)
-                    outcomes.append(Outcome(index - 1, "", error=str(exc)))
+                    log.error("%s did not train: %s; going on with the others", job.persona.name, exc,
+                              exc_info=not isinstance(exc, PersonaRouterError))
+                    error = str(exc) if isinstance(exc, PersonaRouterError) else f"{type(exc).__name__}: {exc}"
+                    outcomes.append(Outcome(index - 1, "", error=error))
     leave_process_group()
     if not world().is_main:
         return 0  # rank 0 reports
@@ -180,8 +184,10 @@ def _check_gpus(count: int, device: str, visible: list[str]) -> None:
                           f"{','.join(visible) or 'none'})", field="--gpus")
 
 
-def _launch_ranks(count: int) -> int:
-    """Run this same command as ``count`` ranks under ``torch.distributed.run`` (one process per GPU)."""
+def _launch_ranks(count: int, results: TextIO) -> int:
+    """Run this same command as ``count`` ranks under ``torch.distributed.run`` (one process per GPU); their
+    stdout is this command's result stream (with ``--json``, the real stdout, not stderr). A failed rank is
+    exit status 2, as a failed persona is in one process (its error is logged above)."""
     import subprocess
 
     argv, skip = [], False
@@ -195,7 +201,16 @@ def _launch_ranks(count: int) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}",
                "-m", "persona_router", *argv]
     log.info("starting %d ranks: %s", count, " ".join(command))
-    return subprocess.run(command, check=False).returncode
+    try:
+        stdout: TextIO | None = results if results.fileno() >= 0 else None
+    except (AttributeError, OSError, ValueError):  # an in-memory stream: the ranks keep this process's stdout
+        stdout = None
+    if stdout is not None:
+        stdout.flush()
+    code = subprocess.run(command, check=False, stdout=stdout).returncode
+    if code != 0:
+        log.error("a rank failed (torch.distributed.run exit status %d); its error is above", code)
+    return 0 if code == 0 else 2
 
 
 def cmd_style_shift(args: argparse.Namespace) -> int:

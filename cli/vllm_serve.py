@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--dtype", default="float32",
                         help="vLLM --dtype (default: %(default)s, which matches the in-process CPU engine in fp32, "
                         "`serve --quantization fp32`; use auto or bfloat16 on a GPU)")
-    parser.add_argument("--max-lora-rank", type=int, default=16, help="default: %(default)s")
+    parser.add_argument("--max-lora-rank", type=int, default=None,
+                        help="default: the largest LoRA rank among the pack's published adapters, rounded up to "
+                        "a rank vLLM accepts, at least 16 (vLLM refuses to start with a preloaded adapter above it)")
     parser.add_argument("--max-loras", type=int, default=4,
                         help="adapters in one batch (default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=2048, help="default: %(default)s")
@@ -62,6 +65,41 @@ def vllm_python(explicit: str | None = None) -> str:
     if os.environ.get(VLLM_PYTHON_ENV):
         return os.environ[VLLM_PYTHON_ENV]
     return str(DEFAULT_VENV_PYTHON.absolute()) if DEFAULT_VENV_PYTHON.is_file() else "python"
+
+
+# The ranks vLLM's --max-lora-rank accepts (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_python_checked(explicit: str | None) -> str:
+    """``vllm_python``, refused with a clean error when it is not there (exec would end in a traceback)."""
+    from persona_router.core.errors import ConfigError
+
+    python = vllm_python(explicit)
+    if shutil.which(python) is None:
+        raise ConfigError(f"{python!r} is not an executable Python; build the vLLM environment with `make vllm`, "
+                          f"or name its Python with --python or ${VLLM_PYTHON_ENV}", field="--python")
+    return python
+
+
+def max_lora_rank(adapters_dir: Path, personas: tuple[str, ...]) -> int:
+    """The smallest rank vLLM accepts (at least 16) that holds every published adapter of these personas: the
+    service may load any version into the server, and vLLM refuses one above its --max-lora-rank."""
+    from persona_router.adapters.peft_folder import adapter_rank
+    from persona_router.adapters.registry import AdapterRegistry
+    from persona_router.core.errors import AdapterError
+
+    registry = AdapterRegistry(adapters_dir)
+    ranks = [16]
+    on_disk = set(registry.personas())
+    for persona in (p for p in personas if p in on_disk):
+        for version in registry.versions(persona):
+            try:
+                ranks.append(adapter_rank(registry.path(persona, version)))
+            except AdapterError as exc:  # the service refuses it too
+                log.warning("%s version %d: %s", persona, version, exc)
+    largest = max(ranks)
+    return next((r for r in VLLM_LORA_RANKS if r >= largest), largest)
 
 
 def live_adapters(adapters_dir: Path, personas: tuple[str, ...]) -> dict[str, Path]:
@@ -122,9 +160,11 @@ def cmd_vllm_serve(args: argparse.Namespace) -> int:
     adapters_dir = (args.adapters or default_adapters_dir()).expanduser().resolve()
     preload = {} if args.no_preload else live_adapters(adapters_dir, pack.names)
     extra = [a for a in args.vllm_args if a != "--"]
-    command = vllm_command(vllm_python(args.python), resolved.folder, host=args.host, port=args.port,
+    rank = args.max_lora_rank if args.max_lora_rank is not None else max_lora_rank(adapters_dir, pack.names)
+    python = vllm_python(args.python) if args.print_command else vllm_python_checked(args.python)
+    command = vllm_command(python, resolved.folder, host=args.host, port=args.port,
                            served_name=args.base, adapters=preload, dtype=args.dtype,
-                           max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
+                           max_lora_rank=rank, max_loras=args.max_loras,
                            max_model_len=args.max_model_len, extra=extra)
     env = vllm_env(args.host)
     shown = {k: env[k] for k in sorted(env) if k.startswith(("VLLM_", "HF_HUB_OFFLINE"))}

@@ -10,7 +10,6 @@ shared batch, so it measures queueing and batching, not single-request speed.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_router.adapters.generation import Completion, SamplingConfig
+from persona_router.adapters.peft_folder import adapter_rank
 from persona_router.core.errors import AdapterError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,3 @@ def engine_max_rank(folders: Sequence[Path]) -> int:
     """The engine's ``max_rank`` for these adapters: their largest LoRA rank (8 without adapters). The
     engine's default (16) would refuse a higher-rank adapter, and a larger one would pad every adapter."""
     return max([adapter_rank(f) for f in folders] or [8])
-
-
-def adapter_rank(folder: Path) -> int:
-    """The LoRA rank ``r`` in the folder's ``adapter_config.json``."""
-    try:
-        return int(json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["r"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AdapterError(f"cannot read the LoRA rank ({exc})", path=folder) from exc

@@ -287,8 +287,13 @@ def train_judge(records: Sequence[QARecord], embed: Embed, *, embedder: str, emb
     key = judge_key(kept, embedder_fingerprint, c=c, seed=seed)
     folder = cache_dir / key if cache_dir is not None else None
     if folder is not None and (folder / "judge.json").is_file():
-        log.info("judge: using cached %s", folder)
-        return StyleJudge.load(folder)
+        try:
+            judge = StyleJudge.load(folder)
+        except DataError as exc:  # a damaged cache entry is refitted over, not an error on every later run
+            log.warning("judge: the cached %s is unusable (%s); fitting it again", folder, exc)
+        else:
+            log.info("judge: using cached %s", folder)
+            return judge
     texts = [r.answer for r in kept]
     judge = fit_judge(texts, [r.persona for r in kept], embed(texts), embedder=embedder, c=c, seed=seed)
     judge.meta["excluded_overlap"] = len(records) - len(kept)

@@ -63,6 +63,8 @@ class EvalConfig:
             raise ConfigError(f"{self.limit} must be >= 1", field="limit")
         if self.cochrane_pairs < 0:
             raise ConfigError(f"{self.cochrane_pairs} must be >= 0", field="cochrane_pairs")
+        if self.max_context_chars < 0:  # here, not after the judge is fitted and the base loaded
+            raise ConfigError(f"{self.max_context_chars} must be >= 0", field="max_context_chars")
 
     def to_json(self) -> dict[str, Any]:
         return {"base": self.base.base, "device": self.base.device, "quantization": self.base.quantization,

@@ -76,6 +76,11 @@ def test_auto_feature_set_and_heldout_accuracy(tmp_path: Path) -> None:
     cached = train_judge(records(10), fake_embed, embedder="fake", embedder_fingerprint="sha256:x",
                          cache_dir=tmp_path, exclude_answers=[STYLE["student"].format(i=0)])
     assert cached.meta["key"] == judge.meta["key"]
+    (tmp_path / judge.meta["key"] / "judge.npz").write_bytes(b"cut short")  # a damaged cache entry
+    refitted = train_judge(records(10), fake_embed, embedder="fake", embedder_fingerprint="sha256:x",
+                           cache_dir=tmp_path, exclude_answers=[STYLE["student"].format(i=0)])
+    np.testing.assert_allclose(refitted.coef, judge.coef)
+    assert StyleJudge.load(tmp_path / judge.meta["key"]).meta["key"] == judge.meta["key"]  # saved again
 
 
 def test_confusion_rows_are_truth() -> None:

@@ -92,3 +92,26 @@ def test_plots_are_readable_like_the_reports_beside_them(tmp_path: Path) -> None
     comparisons = _comparisons(StatsConfig(n_boot=200, seed=0))
     path = report.plot_differences([c for c in comparisons if c["n"]], ("A", "B"), tmp_path / "p.png")
     assert os.stat(path).st_mode & 0o777 == default_mode(folder=False)
+
+
+def test_eval_options_are_checked_before_the_run_and_named_as_typed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from persona_router.cli.main import main
+    from persona_router.eval import pipeline
+
+    def must_not_run(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the run started before its options were checked")
+
+    monkeypatch.setattr(pipeline, "run_ab", must_not_run)
+    monkeypatch.setattr(pipeline, "run_matrix", must_not_run)
+    a_file = tmp_path / "report.txt"
+    a_file.write_text("x", encoding="utf-8")
+    base = ["eval", "ab", "--persona", "student", "--a", "prompt", "--b", "base"]
+    assert main([*base, "--out", str(a_file)]) == 2
+    assert "field '--out'" in capsys.readouterr().err
+    assert main(["eval", "matrix", "--out", str(a_file)]) == 2
+    assert "field '--out'" in capsys.readouterr().err
+    assert main([*base, "--bootstrap", "50", "--out", str(tmp_path / "r")]) == 2
+    assert "field '--bootstrap'" in capsys.readouterr().err
+    assert main([*base, "--max-context-chars", "-1", "--out", str(tmp_path / "r")]) == 2
+    assert "field '--max-context-chars'" in capsys.readouterr().err

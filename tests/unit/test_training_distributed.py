@@ -86,6 +86,28 @@ def test_gpus_flag_relaunches_the_same_command_under_torchrun(monkeypatch: pytes
     assert command[5:] == ["-m", "persona_router", "train", "--persona", "student", "--max-steps", "3"]
 
 
+def test_gpus_flag_checks_before_any_rank_starts_and_a_failed_rank_is_status_2(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from persona_router.cli.main import main
+
+    for name in distributed.LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    codes: list[int] = []
+
+    def fake_run(command: list[str], check: bool = False, **kwargs: Any) -> Any:
+        return subprocess.CompletedProcess(command, codes.pop(0))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(base_model, "pick_device", lambda device: "cuda")
+    monkeypatch.setattr(parallel, "visible_gpus", lambda: ["0", "1"])
+    # An unknown persona: one clean error here, no ranks started (fake_run would fail on the empty list).
+    assert main(["train", "--persona", "nosuch", "--gpus", "2"]) == 2
+    assert "unknown persona 'nosuch'" in capsys.readouterr().err
+    codes.append(1)  # torch.distributed.run's status when a rank failed
+    monkeypatch.setattr(sys, "argv", ["persona-router", "train", "--persona", "student", "--gpus", "2"])
+    assert main(["train", "--persona", "student", "--gpus", "2"]) == 2
+
+
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
     assert parallel.visible_gpus() == ["2", "5"]
@@ -104,3 +126,26 @@ def test_gpus_beyond_those_visible_or_on_cpu_are_refused(monkeypatch: pytest.Mon
     monkeypatch.setattr(base_model, "pick_device", lambda device: "cpu")
     assert main(["train", "--persona", "student", "--gpus", "2", "--device", "cpu"]) == 2
     assert "this run is on cpu" in capsys.readouterr().err
+
+
+def test_train_all_one_at_a_time_goes_on_after_any_failure(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Out of memory on one persona (a RuntimeError, not a domain error) must not stop the others: the summary
+    names it and the status is 2, as with parallel workers."""
+    from persona_router.cli.main import main
+    from persona_router.core.errors import AdapterError
+    from persona_router.training import trainer
+
+    tried: list[str] = []
+
+    def failing(job: Any, *args: Any, **kwargs: Any) -> Any:
+        tried.append(job.persona.name)
+        if len(tried) == 1:
+            raise RuntimeError("CUDA out of memory")
+        raise AdapterError("diverged")
+
+    monkeypatch.setattr(trainer, "train_persona", failing)
+    assert main(["train", "--all", "--workers", "1", "--device", "cpu", "--max-steps", "1"]) == 2
+    assert len(tried) == 5  # every persona of the demo pack was tried
+    captured = capsys.readouterr()
+    assert "RuntimeError: CUDA out of memory" in captured.out + captured.err

@@ -105,6 +105,32 @@ def test_vllm_serve_prints_its_command(tmp_path: Path, tiny_model_dir: Path, cap
     assert f"--model {tiny_model_dir}" in out and "--port 8111" in out and out.rstrip().endswith("--max-num-seqs 4")
 
 
+def test_vllm_serve_sizes_its_lora_rank_and_checks_its_python(
+        tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank-32 adapter in the folder: vLLM would refuse to start at the old fixed --max-lora-rank 16."""
+    import json
+
+    from persona_router.adapters.registry import AdapterRegistry
+    from persona_router.cli.vllm_serve import max_lora_rank
+
+    from tests.unit.test_training_registry import stage
+
+    registry = AdapterRegistry(tmp_path)
+    staged = stage(registry)
+    (staged / "adapter_config.json").write_text(json.dumps({"r": 24}), encoding="utf-8")
+    registry.publish("student", staged)
+    assert max_lora_rank(tmp_path, ("student", "clinician")) == 32  # rounded up to a rank vLLM accepts
+    assert max_lora_rank(tmp_path, ("clinician",)) == 16  # never below the old default
+    monkeypatch.setenv("PERSONA_ROUTER_VLLM_PYTHON", "/opt/vllm/bin/python")
+    args = ["vllm-serve", "--base", str(tiny_model_dir), "--adapters", str(tmp_path)]
+    assert main([*args, "--print-command"]) == 0
+    assert "--max-lora-rank 32" in capsys.readouterr().out
+    assert main(args) == 2  # /opt/vllm/bin/python does not exist: a clean error, not exec's traceback
+    err = capsys.readouterr().err
+    assert "field '--python'" in err and "make vllm" in err
+
+
 def test_an_error_event_carrying_a_domain_failure_raises_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """The service answers a pool's refused request with the failure's status (400, 503, 422), and an
     error without one as a generation failure (500)."""
