@@ -54,15 +54,21 @@ def writable_pack_path(pack: str | Path | None) -> tuple[Path, bool]:
     return path, False
 
 
+def _read_for_edit(pack: str | Path | None) -> tuple[Path, bool, dict[str, Any], list[Any]]:
+    """(file to write, whether it is created from the demo pack, its raw table, its persona entries); called
+    under ``pack_lock``."""
+    path, from_demo = writable_pack_path(pack)
+    raw = _read_raw(demo_pack_path() if from_demo else path)
+    if from_demo:
+        raw["name"] = USER_PACK
+    return path, from_demo, raw, list(raw.get("personas") or [])
+
+
 def add_persona(entry: dict[str, Any], *, pack: str | Path | None = None, replace: bool = False) -> PackEdit:
     """Add ``entry`` (the fields of one ``[[personas]]`` table) to the pack; ``replace`` overwrites a
     persona of the same name, else that is an error."""
     with pack_lock(pack):
-        path, from_demo = writable_pack_path(pack)
-        raw = _read_raw(demo_pack_path() if from_demo else path)
-        if from_demo:
-            raw["name"] = USER_PACK
-        entries = list(raw.get("personas") or [])
+        path, from_demo, raw, entries = _read_for_edit(pack)
         name = entry.get("name")
         clash = [i for i, e in enumerate(entries) if isinstance(e, dict) and e.get("name") == name]
         if clash and not replace:
@@ -87,11 +93,7 @@ def add_persona(entry: dict[str, Any], *, pack: str | Path | None = None, replac
 def remove_persona(name: str, *, pack: str | Path | None = None) -> PackEdit:
     """Remove persona ``name``; the fallback persona cannot be removed."""
     with pack_lock(pack):
-        path, from_demo = writable_pack_path(pack)
-        raw = _read_raw(demo_pack_path() if from_demo else path)
-        if from_demo:
-            raw["name"] = USER_PACK
-        entries = list(raw.get("personas") or [])
+        path, from_demo, raw, entries = _read_for_edit(pack)
         kept = [e for e in entries if not (isinstance(e, dict) and e.get("name") == name)]
         if len(kept) == len(entries):
             valid = sorted(str(e.get("name")) for e in entries if isinstance(e, dict))
