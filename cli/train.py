@@ -54,8 +54,10 @@ def register(subparsers: Any) -> None:
     train.add_argument("--quantization", default="auto", choices=("auto", "nf4", "bf16", "fp16", "fp32"),
                        help="base weights (default: nf4 on CUDA, fp32 on CPU)")
     steps = train.add_mutually_exclusive_group()
-    steps.add_argument("--max-steps", type=int, default=None, help="optimizer steps per persona")
-    steps.add_argument("--epochs", type=float, default=None, help="passes over each persona's rows")
+    steps.add_argument("--max-steps", type=int, default=None, help="optimizer steps per persona (default: none; "
+                       "--epochs decides)")
+    steps.add_argument("--epochs", type=float, default=None, help="passes over each persona's rows (default: 1 on "
+                       "CUDA, 2 on CPU)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest complete checkpoint of an interrupted run with the same "
                        "settings; personas already published by that run are skipped")
@@ -64,11 +66,12 @@ def register(subparsers: Any) -> None:
     train.add_argument("--config", default=None, help="TOML or JSON file of training settings (see README)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any training setting, e.g. --set lora_r=8 (repeatable)")
-    for flag, kind, text in (("--learning-rate", float, "peak learning rate"),
-                             ("--batch-size", int, "per-device micro-batch"),
-                             ("--grad-accum", int, "gradient accumulation steps (per GPU with --gpus)"),
-                             ("--max-length", int, "tokens per example (contexts are cut to fit)"),
-                             ("--lora-r", int, "LoRA rank"), ("--seed", int, "random seed")):
+    for flag, kind, text in (("--learning-rate", float, "peak learning rate (default: 2e-4 on CUDA, 1e-3 on CPU)"),
+                             ("--batch-size", int, "per-device micro-batch (default: 2 on CUDA, 1 on CPU)"),
+                             ("--grad-accum", int, "gradient accumulation steps, per GPU with --gpus (default: 4)"),
+                             ("--max-length", int, "tokens per example, contexts cut to fit (default: 1024 on CUDA, "
+                              "512 on CPU)"),
+                             ("--lora-r", int, "LoRA rank (default: 16)"), ("--seed", int, "random seed (default: 0)")):
         train.add_argument(flag, type=kind, default=None, help=text)
     train.add_argument("--no-packing", dest="packing", action="store_false", default=None,
                        help="pad batches instead of packing examples")
