@@ -384,14 +384,16 @@ class Answerer:
         self.metrics.completion_tokens.observe(running.completion_tokens, persona=persona, adapter_version=version)
 
 
-def adapter_choice(raw: str | None) -> int | str:
-    """``AnswerRequest.adapter``: the live version (default), prompt-only, or a version number."""
-    if raw is None or raw == LIVE:
+def adapter_choice(raw: str | int | None) -> int | str:
+    """``AnswerRequest.adapter``: the live version (default), prompt-only, or a version number (a JSON number
+    or its digits in a string)."""
+    text = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw
+    if text is None or text == LIVE:
         return LIVE
-    if raw == PROMPT_ONLY:
+    if text == PROMPT_ONLY:
         return PROMPT_ONLY
-    if raw.isascii() and raw.isdigit() and int(raw) >= 1:
-        return int(raw)
+    if isinstance(text, str) and text.isascii() and text.isdigit() and int(text) >= 1:
+        return int(text)
     raise InvalidRequestError(f"{raw!r} is not an adapter choice; valid: {LIVE!r}, {PROMPT_ONLY!r} or a version "
                               "number such as '2'", field="adapter")
 

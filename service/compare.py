@@ -32,7 +32,7 @@ ARMS = 2
 
 class CompareArm(msgspec.Struct, forbid_unknown_fields=True):
     persona: str | None = None
-    adapter: str | None = None
+    adapter: str | int | None = None
 
 
 class CompareRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -95,6 +95,8 @@ def to_input(body: ChatCompletionRequest, personas: list[str]) -> AnswerRequest:
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     temperature = 0.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
+    if not 0.0 <= top_p <= 1.0:  # OpenAI's range, which takes 0 (SamplingConfig's own is (0, 1])
+        raise InvalidRequestError(f"{top_p} must be in [0, 1]", field="top_p")
     if top_p == 0.0:  # OpenAI's range includes 0: the smallest nucleus, the most likely token alone = greedy
         temperature, top_p = 0.0, 1.0
     # OpenAI takes any 64-bit seed, negative ones included; the engines take 0 .. 2**63 - 1.

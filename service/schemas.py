@@ -29,11 +29,11 @@ class AnswerRequest(msgspec.Struct, forbid_unknown_fields=True):
     top_p: float = 1.0
     seed: int | None = None
     user: str | None = None
-    stream: bool | None = None  # OpenAI's schema allows null (= false); proxies send it
+    stream: bool | None = None  # null = false, as on the OpenAI endpoint
     stop: list[str] | None = None  # stop strings: generation ends there, they are not part of the answer
     # Which adapter answers: omitted or "live" = the persona's live version (and its A/B split, if any),
-    # "none" = the system prompt alone, "3" = that version. The compare view sets it per arm.
-    adapter: str | None = None
+    # "none" = the system prompt alone, "3" (or 3) = that version. The compare view sets it per arm.
+    adapter: str | int | None = None
 
 
 class AdapterRef(msgspec.Struct):

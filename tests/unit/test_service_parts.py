@@ -142,6 +142,10 @@ def test_openai_values_in_its_own_ranges_are_taken() -> None:
     assert mapped.seed == 2**63 - 1  # folded into the engines' range, still deterministic per seed
     assert (mapped.temperature, mapped.top_p) == (0.0, 1.0)  # the smallest nucleus is the top token: greedy
     SamplingConfig(temperature=mapped.temperature, top_p=mapped.top_p, seed=mapped.seed)  # the engines accept it
+    beyond = decode_body(body.replace(b'"top_p": 0', b'"top_p": 1.5'), ChatCompletionRequest)
+    with pytest.raises(InvalidRequestError, match=r"must be in \[0, 1\]") as caught:  # the range it takes
+        to_input(beyond, ["student"])
+    assert caught.value.field == "top_p"
 
 
 @pytest.mark.parametrize(("persona", "version", "field"), [
@@ -175,15 +179,15 @@ def test_reference_engine_batches_only_compatible_sampling() -> None:
     assert key(temperature=0.7, seed=1) is None  # a seeded row runs alone so its seed reproduces
 
 
-@pytest.mark.parametrize("raw, expected", [(None, "live"), ("live", "live"), ("none", "none"), ("3", 3)])
-def test_adapter_choice(raw: str | None, expected: object) -> None:
+@pytest.mark.parametrize("raw, expected", [(None, "live"), ("live", "live"), ("none", "none"), ("3", 3), (3, 3)])
+def test_adapter_choice(raw: str | int | None, expected: object) -> None:
     from persona_router.service.answering import adapter_choice
 
     assert adapter_choice(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["0", "v2", "٢", "²", "-1", "", "latest"])
-def test_adapter_choice_refuses_anything_else(raw: str) -> None:
+@pytest.mark.parametrize("raw", ["0", "v2", "٢", "²", "-1", "", "latest", 0, -2, True])
+def test_adapter_choice_refuses_anything_else(raw: str | int) -> None:
     from persona_router.service.answering import adapter_choice
 
     with pytest.raises(InvalidRequestError, match="adapter choice") as caught:
