@@ -74,6 +74,15 @@ class RouterModelError(PersonaRouterError):
     """A fitted router that is missing, corrupt or was fitted with another embedder."""
 
 
+class StaleRouterError(RouterModelError):
+    """A fitted router that no longer matches its pack or embedder. ``reason`` is why, without the advice that
+    follows it in the message: a caller that refits, or that knows the router's own refit command, says its own."""
+
+    def __init__(self, reason: str, advice: str, *, path: str | Path | None = None) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}; {advice}", path=path)
+
+
 class InvalidRequestError(PersonaRouterError):
     """A request that fails validation (empty question, out-of-range parameter)."""
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from persona_router.core.atomic import file_stamp
-from persona_router.core.errors import ConfigError, DataError, RouterModelError, choices
+from persona_router.core.errors import ConfigError, DataError, RouterModelError, StaleRouterError, choices
 from persona_router.core.pack import DEMO_PACK, PersonaPack, load_pack
 from persona_router.core.records import RoutingRecord
 from persona_router.router.calibration import (
@@ -309,10 +309,8 @@ def _current_router(folder: Path, pack: PersonaPack, encoder: Encoder | None, ba
     try:
         router = PersonaRouter.load(folder, pack=pack, encoder=encoder)
     except RouterModelError as exc:
-        if say:
-            # Without the error's own "refit it: ..." advice: this is the refit.
-            log.warning("refitting the router (it was fitted with the default settings): %s",
-                        exc.detail.split("; refit it")[0])
+        if say:  # the reason without the error's own "refit it" advice: this is the refit
+            log.warning("refitting the router (it was fitted with the default settings): %s", _why(exc))
         return None
     fitted_on = getattr(router.encoder, "backend", "torch")
     if encoder is not None or fitted_on == backend:
@@ -331,9 +329,14 @@ def _custom_router(folder: Path, description: dict[str, Any], pack: PersonaPack,
         return PersonaRouter.load(folder, pack=pack, encoder=mine)
     except RouterModelError as exc:
         raise RouterModelError(
-            f"{exc.detail}. It was fitted with your own data or settings, so it is not refitted with the defaults "
+            f"{_why(exc)}. It was fitted with your own data or settings, so it is not refitted with the defaults "
             f"by itself; refit it: {refit_command(description, folder)} (or remove the folder to have it fitted "
             "with the default settings)", path=folder) from exc
+
+
+def _why(exc: RouterModelError) -> str:
+    """What is wrong with a saved router, without a stale one's generic advice (it drops the router's options)."""
+    return exc.reason if isinstance(exc, StaleRouterError) else exc.detail
 
 
 def fitted_with_defaults(description: dict[str, Any]) -> bool:

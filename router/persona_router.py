@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 from persona_router.core.atomic import atomic_dir, file_stamp, remove_stale_temps
-from persona_router.core.errors import InvalidRequestError, PackError, RouterModelError
+from persona_router.core.errors import InvalidRequestError, PackError, RouterModelError, StaleRouterError
 from persona_router.core.file_lock import file_lock
 from persona_router.core.home import home_dir
 from persona_router.core.pack import DEMO_PACK, PersonaPack, demo_pack_path, load_pack
@@ -198,10 +198,9 @@ class PersonaRouter:
             except RouterModelError:
                 if file_stamp(folder / ROUTER_FILE) == before:
                     raise
-                log.info("router %s was replaced while it was read; reading it again", folder)
-                continue
-            if file_stamp(folder / ROUTER_FILE) == before:
-                return router
+            else:
+                if file_stamp(folder / ROUTER_FILE) == before:
+                    return router
             log.info("router %s was replaced while it was read; reading it again", folder)
         raise RouterModelError("the router was replaced twice while it was read; load it again", path=folder)
 
@@ -223,16 +222,16 @@ class PersonaRouter:
                                    path=folder) from exc
         pack = _check_pack(pack, pack_info, folder) if pack is not None else _recorded_pack(pack_info, folder)
         if pack_hash(pack) != pack_info["hash"]:
-            raise RouterModelError(
+            raise StaleRouterError(
                 f"pack {pack.name!r} ({pack.source}) has changed personas since this router was fitted for pack "
-                f"{pack_info['name']!r}; refit it: persona-router fit-router --pack {pack_reference(pack)}",
+                f"{pack_info['name']!r}", f"refit it: persona-router fit-router --pack {pack_reference(pack)}",
                 path=folder)
         encoder = encoder or _load_router_encoder(folder, embedder_info)
         if encoder.fingerprint != embedder_info["fingerprint"]:
-            raise RouterModelError(
+            raise StaleRouterError(
                 f"the router was fitted with embedder {embedder_info['id']!r} ({embedder_info['fingerprint'][:19]}…) "
-                f"but the loaded embedder {encoder.model_id!r} is {encoder.fingerprint[:19]}…; refit it with "
-                "persona-router fit-router", path=folder)
+                f"but the loaded embedder {encoder.model_id!r} is {encoder.fingerprint[:19]}…",
+                "refit it with persona-router fit-router", path=folder)
         classifier = load_classifier(folder, classifier_info, len(labels), encoder.dimension)
         return cls(pack=pack, encoder=encoder, classifier=classifier, calibration=calibration, labels=labels,
                    info=description.get("fit", {}))
@@ -316,9 +315,9 @@ def _load_router_encoder(folder: Path, embedder_info: dict[str, Any]) -> Encoder
     # The export is self-contained, but a changed source model means the user now asks for another embedder.
     current = fingerprint_model_files(resolve_embedder(embedder_info["id"])[1])
     if current != encoder.source_fingerprint:
-        raise RouterModelError(
+        raise StaleRouterError(
             f"embedder {embedder_info['id']!r} changed since its {backend} export ({current[:19]}… now, "
-            f"{encoder.source_fingerprint[:19]}… exported); refit it with persona-router fit-router", path=folder)
+            f"{encoder.source_fingerprint[:19]}… exported)", "refit it with persona-router fit-router", path=folder)
     return encoder
 
 

@@ -48,6 +48,7 @@ def test_a_stale_custom_router_is_refused_not_overwritten(custom_router: Path) -
     message = str(info.value)
     assert "changed personas" in message and "not refitted with the defaults" in message
     assert "fit-router --pack" in message and "--data" in message and "utterances.jsonl" in message
+    assert message.count("refit it") == 1  # only the router's own command, not the generic one without --data
     assert (custom_router / "router.json").read_bytes() == before
 
 
