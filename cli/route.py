@@ -212,7 +212,7 @@ def _print_decision(out: TextIO, question: str, decision: dict[str, Any], *, as_
 
 
 def _read_questions(source: str) -> Iterator[Question]:
-    """A ``Question`` from each non-blank JSONL line, validated by line number."""
+    """A ``Question`` from each non-blank JSONL line; its JSON and field types checked by line number."""
     handle = sys.stdin if source == "-" else _open(source)
     try:
         for number, line in enumerate(handle, start=1):
@@ -226,7 +226,7 @@ def _read_questions(source: str) -> Iterator[Question]:
             if not isinstance(row, dict):
                 raise DataError("each line must be a JSON object", path=where)
             question, persona = row.get("question"), row.get("persona")
-            if not isinstance(question, str) or not question.strip():
+            if not isinstance(question, str):  # a blank one is refused with the rest, by _check_questions
                 raise DataError("must be a non-empty string", path=where, field="question")
             if persona is not None and not isinstance(persona, str):
                 raise DataError("must be a string or absent", path=where, field="persona")

@@ -53,6 +53,11 @@ def test_every_row_is_checked_before_anything_is_printed(my_router: Path, tmp_pa
     assert captured.out == ""
     assert f"{questions}:300" in captured.err and "unknown persona 'delta'" in captured.err
     assert "valid personas: alpha, beta, gamma" in captured.err
+    questions.write_text(json.dumps({"question": "alpha"}) + "\n" + json.dumps({"question": "  "}) + "\n",
+                         encoding="utf-8")
+    assert main(["route", "--json", "--router", str(my_router), "--input", str(questions)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"{questions}:2: field 'question': must be a non-empty string" in captured.err
 
 
 def test_blank_or_misnamed_arguments_are_named(my_router: Path, capsys: pytest.CaptureFixture[str]) -> None:
